@@ -1,0 +1,49 @@
+# histoflow: `make demo` and `make test` each do their own set-up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+DEMO_DIR := demo
+OUTDIR ?= results
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo demo-cohort test test-fast bench mlflow-ui install-profile lint clean
+
+# The venv is rebuilt when the pinned lock file changes.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo-cohort: $(STAMP)
+	$(BIN)/histoflow demo-cohort --out $(DEMO_DIR) --slides 16 --seed 7
+
+demo: demo-cohort
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --config samples=$(DEMO_DIR)/samples.tsv outdir=$(OUTDIR)
+	@$(BIN)/histoflow where --outdir $(OUTDIR)
+
+test: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/run_all.py
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(OUTDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+install-profile:
+	mkdir -p $(HOME)/.config/snakemake
+	rm -rf $(HOME)/.config/snakemake/slurm
+	cp -r profiles/slurm $(HOME)/.config/snakemake/slurm
+	@echo "installed: snakemake --profile slurm now finds $(HOME)/.config/snakemake/slurm"
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint -n --config samples=$(DEMO_DIR)/samples.tsv
+
+clean:
+	rm -rf $(OUTDIR) $(DEMO_DIR) .snakemake

@@ -1,0 +1,37 @@
+# histoflow: whole-slide images from download to an audited slide-level model.
+#   snakemake --cores 2                 the whole DAG (rule `all`)
+#   snakemake --cores 2 tiles           stop after tiling; other targets: download, slide_qc,
+#                                       tissue, tiles, features, ... (see README)
+# Logic lives in the `histoflow` package; this file only wires the stages together.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/slide_qc.smk"
+include: "workflow/rules/tissue.smk"
+include: "workflow/rules/tiles.smk"
+include: "workflow/rules/stain.smk"
+include: "workflow/rules/ssl_pretrain.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/split.smk"
+include: "workflow/rules/mil.smk"
+include: "workflow/rules/patch_classifier.smk"
+include: "workflow/rules/heatmaps.smk"
+include: "workflow/rules/lesions.smk"
+include: "workflow/rules/slide_features.smk"
+include: "workflow/rules/slide_classifier.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/mlflow.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        TARGETS,

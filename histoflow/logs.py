@@ -1,0 +1,48 @@
+"""Logging for rule scripts: everything a step says goes to its Snakemake log file."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"histoflow.{name.rsplit('.', 1)[-1]}")
+
+
+@contextlib.contextmanager
+def log_to(path: str | os.PathLike | None) -> Iterator[None]:
+    """Send logging, stdout and stderr (progress bars included) to ``path`` for the block."""
+    if not path:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1) as handle:
+        handler = logging.StreamHandler(handle)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+                yield
+        except Exception as err:  # the log keeps the whole story; Snakemake shows the one line
+            logging.getLogger("histoflow").exception("failed: %s", err)
+            raise
+        finally:
+            root.removeHandler(handler)
+
+
+def first_log(snakemake) -> str | None:
+    """The first log file of a rule, or None when the rule declares none."""
+    try:
+        return str(snakemake.log[0])
+    except (IndexError, AttributeError):
+        return None

@@ -1,0 +1,33 @@
+"""Shared test fixtures. Tests read as specifications of what users rely on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("HISTOFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real slides beside the project (developers and CI have them, users do not)."""
+    if not (SHARED_DATA / "slides").is_dir():
+        pytest.skip(f"real test slides not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def snakemake_exe() -> str:
+    exe = BIN / "snakemake"
+    return str(exe) if exe.exists() else (shutil.which("snakemake") or "snakemake")

@@ -1,0 +1,1 @@
+# Stage: features (see docs/interface.md).

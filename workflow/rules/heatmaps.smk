@@ -1,0 +1,1 @@
+# Stage: heatmaps (see docs/interface.md).

@@ -1,0 +1,1 @@
+# Stage: lesions (see docs/interface.md).

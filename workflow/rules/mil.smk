@@ -1,0 +1,1 @@
+# Stage: mil (see docs/interface.md).

@@ -1,0 +1,1 @@
+# Stage: mlflow (see docs/interface.md).

@@ -1,0 +1,1 @@
+# Stage: patch_classifier (see docs/interface.md).

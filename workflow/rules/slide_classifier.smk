@@ -1,0 +1,1 @@
+# Stage: slide_classifier (see docs/interface.md).

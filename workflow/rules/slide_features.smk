@@ -1,0 +1,1 @@
+# Stage: slide_features (see docs/interface.md).

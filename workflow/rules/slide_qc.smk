@@ -1,0 +1,42 @@
+# Stage: slide metadata / QC. One JSON per slide (vendor, levels, µm/px and where it came from,
+# objective power, associated images, size, md5), and one cohort table with status ok/skipped.
+
+
+rule slide_qc:
+    input:
+        manifest=out("downloads/{slide_id}.json"),
+    output:
+        slide=out("slides/{slide_id}.json"),
+    params:
+        sheet_mpp=lambda wc: sample(wc)["mpp"],
+        default_mpp=config["default_mpp"],
+        on_error=config["on_error"],
+    log:
+        log_path("slide_qc"),
+    script:
+        "../scripts/slide_qc.py"
+
+
+rule qc_table:
+    input:
+        slides=per_slide("slides/{slide_id}.json"),
+        tissue=per_slide("tissue/{slide_id}.json"),
+        tiles=per_slide("tiles/{slide_id}.parquet"),
+    output:
+        table=report(
+            out("qc/slides.tsv"),
+            caption="../report/qc_table.rst",
+            category="1. Slides and QC",
+        ),
+    log:
+        log_path("qc_table", "qc_table"),
+    script:
+        "../scripts/qc_table.py"
+
+
+rule qc:
+    input:
+        out("qc/slides.tsv"),
+
+
+TARGETS.append(out("qc/slides.tsv"))

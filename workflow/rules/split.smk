@@ -1,0 +1,1 @@
+# Stage: split (see docs/interface.md).

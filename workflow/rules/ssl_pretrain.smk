@@ -1,0 +1,1 @@
+# Stage: ssl_pretrain (see docs/interface.md).

@@ -1,0 +1,1 @@
+# Stage: stain (see docs/interface.md).

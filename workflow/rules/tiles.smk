@@ -1,0 +1,43 @@
+# Stage: tiling. A grid at each requested µm/px, read from the best pyramid level; tile
+# coordinates (level 0) go to one Parquet per slide. No tile images unless asked.
+
+
+rule tile_slide:
+    input:
+        slide=out("slides/{slide_id}.json"),
+        mask=out("tissue/{slide_id}.png"),
+        stats=out("tissue/{slide_id}.json"),
+    output:
+        tiles=out("tiles/{slide_id}.parquet"),
+    params:
+        settings=config["tiling"],
+        seed=config["seed"],
+        annotations=lambda wc: sample(wc)["annotations"],
+        on_error=config["on_error"],
+    log:
+        log_path("tile_slide"),
+    script:
+        "../scripts/tile_slide.py"
+
+
+rule export_tile_images:
+    input:
+        slide=out("slides/{slide_id}.json"),
+        tiles=out("tiles/{slide_id}.parquet"),
+    output:
+        images=directory(out("tile_images/{slide_id}")),
+    params:
+        image_format=config["tiling"]["export_images"],
+    log:
+        log_path("export_tile_images"),
+    script:
+        "../scripts/export_tile_images.py"
+
+
+rule tiles:
+    input:
+        per_slide("tiles/{slide_id}.parquet"),
+        per_slide("tile_images/{slide_id}") if config["tiling"]["export_images"] != "none" else [],
+
+
+TARGETS.extend(per_slide("tiles/{slide_id}.parquet"))

@@ -1,0 +1,13 @@
+from histoflow.logs import first_log, log_to
+from histoflow.tissue import detect_tissue_for_slide
+
+with log_to(first_log(snakemake)):
+    detect_tissue_for_slide(
+        slide_json=snakemake.input.slide,
+        mask_png=snakemake.output.mask,
+        geojson_path=snakemake.output.geojson,
+        overlay_path=snakemake.output.overlay,
+        stats_json=snakemake.output.stats,
+        settings=snakemake.params.settings,
+        on_error=snakemake.params.on_error,
+    )

@@ -1,0 +1,10 @@
+from histoflow.logs import first_log, log_to
+from histoflow.slide_qc import write_qc_table
+
+with log_to(first_log(snakemake)):
+    write_qc_table(
+        slide_jsons=list(snakemake.input.slides),
+        tissue_jsons=list(snakemake.input.tissue),
+        tile_tables=list(snakemake.input.tiles),
+        out_path=snakemake.output.table,
+    )

@@ -1,0 +1,14 @@
+from histoflow.logs import first_log, log_to
+from histoflow.tiling import tile_slide
+
+with log_to(first_log(snakemake)):
+    tile_slide(
+        slide_json=snakemake.input.slide,
+        mask_png=snakemake.input.mask,
+        tissue_json=snakemake.input.stats,
+        out_path=snakemake.output.tiles,
+        settings=snakemake.params.settings,
+        seed=snakemake.params.seed,
+        annotations=snakemake.params.annotations,
+        on_error=snakemake.params.on_error,
+    )
