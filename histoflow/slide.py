@@ -63,3 +63,47 @@ def read_rgb(slide, x: int, y: int, level: int, w: int, h: int, background: int 
     if alpha.min() < 255:
         rgb[alpha == 0] = background
     return rgb
+
+
+def read_level_downsampled(slide, level: int, factor: int, background: int = 255,
+                           chunk_px: int = 4096, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The whole of ``level`` shrunk by an integer ``factor`` (block mean), read in chunks of at
+    most ``chunk_px`` x ``chunk_px`` level px so memory stays bounded whatever the slide size.
+
+    Returns ``(rgb uint8 [h, w, 3], scanned bool [h, w])`` with h, w = ceil(level size / factor);
+    ``scanned`` is False where OpenSlide reports no image (alpha 0), which is filled with
+    ``background``. Edge blocks that overhang the level are averaged over their real pixels.
+    """
+    factor = max(1, int(factor))
+    width, height = slide.level_dimensions[level]
+    downsample = float(slide.level_downsamples[level])
+    out_w, out_h = -(-width // factor), -(-height // factor)
+    rgb = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    scanned = np.empty((out_h, out_w), dtype=bool)
+    step = max(factor, (chunk_px // factor) * factor)
+    boxes = [(x, y) for y in range(0, height, step) for x in range(0, width, step)]
+    iterator = boxes
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(boxes, desc=f"reading level {level} /{factor}", unit="chunk", mininterval=5)
+    for x, y in iterator:
+        w, h = min(step, width - x), min(step, height - y)
+        region = np.asarray(slide.read_region((int(round(x * downsample)), int(round(y * downsample))),
+                                              int(level), (int(w), int(h))))
+        alpha = region[..., 3]
+        chunk = region[..., :3].astype(np.float32)
+        chunk[alpha == 0] = background
+        valid = (alpha > 0).astype(np.float32)
+        if factor > 1:
+            ph, pw = -(-h // factor) * factor - h, -(-w // factor) * factor - w
+            if ph or pw:  # replicate the edge so partial blocks keep their own colour
+                chunk = np.pad(chunk, ((0, ph), (0, pw), (0, 0)), mode="edge")
+                valid = np.pad(valid, ((0, ph), (0, pw)), mode="edge")
+            bh, bw = chunk.shape[0] // factor, chunk.shape[1] // factor
+            chunk = chunk.reshape(bh, factor, bw, factor, 3).mean(axis=(1, 3))
+            valid = valid.reshape(bh, factor, bw, factor).mean(axis=(1, 3))
+        oy, ox = y // factor, x // factor
+        rgb[oy:oy + chunk.shape[0], ox:ox + chunk.shape[1]] = np.clip(np.rint(chunk), 0, 255).astype(np.uint8)
+        scanned[oy:oy + chunk.shape[0], ox:ox + chunk.shape[1]] = valid >= 0.5
+    return rgb, scanned

@@ -16,6 +16,11 @@ rule tile_slide:
         on_error=config["on_error"],
     log:
         log_path("tile_slide"),
+    # only the slide JSON and the low-resolution mask are read: light whatever the slide size
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     script:
         "../scripts/tile_slide.py"
 
@@ -30,6 +35,11 @@ rule export_tile_images:
         image_format=config["tiling"]["export_images"],
     log:
         log_path("export_tile_images"),
+    # reads every tile from the slide: I/O and JPEG bound, one tile in memory at a time
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=120,
     script:
         "../scripts/export_tile_images.py"
 

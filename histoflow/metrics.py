@@ -1,0 +1,310 @@
+"""Performance metrics (checklist item 11): slide-level metrics at a threshold chosen on
+validation data, calibration, patient-level bootstrap confidence intervals, fold summaries and
+DeLong's test for paired ROC curves. Pure functions on arrays; plots and files at the edges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+METRIC_NAMES = ("auc", "balanced_accuracy", "accuracy", "f1", "sensitivity", "specificity",
+                "ppv", "npv", "brier", "ece")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+    threshold_method: str = "youden"      # youden | f1 | fixed
+    fixed_threshold: float = 0.5
+    ece_bins: int = 10
+    seed: int = 1337
+
+    @classmethod
+    def from_config(cls, metrics: dict | None, seed: int = 1337) -> "MetricsSettings":
+        metrics = dict(metrics or {})
+        known = {k: metrics[k] for k in ("n_bootstrap", "ci", "threshold_method", "fixed_threshold", "ece_bins") if k in metrics}
+        return cls(seed=seed, **known)
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Mann-Whitney AUC with tie correction; NaN when only one class is present."""
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(p)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+    """ECE with equal-width probability bins: sum over bins of |accuracy - confidence| x share."""
+    y = np.asarray(y, dtype=float)
+    p = np.asarray(p, dtype=float)
+    if len(y) == 0:
+        return float("nan")
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(y[sel].mean() - p[sel].mean())
+    return float(ece)
+
+
+def _safe_div(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, ece_bins: int = 10) -> dict[str, float]:
+    """All slide-level metrics of probabilities ``p`` against 0/1 truth ``y`` at ``threshold``."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    pred = (p >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    sens = _safe_div(tp, tp + fn)
+    spec = _safe_div(tn, tn + fp)
+    ppv = _safe_div(tp, tp + fp)
+    return {
+        "auc": roc_auc(y, p),
+        "balanced_accuracy": float(np.nanmean([sens, spec])) if not (np.isnan(sens) and np.isnan(spec)) else float("nan"),
+        "accuracy": _safe_div(tp + tn, len(y)),
+        "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": ppv,
+        "npv": _safe_div(tn, tn + fn),
+        "brier": float(np.mean((p - y) ** 2)) if len(y) else float("nan"),
+        "ece": expected_calibration_error(y, p, ece_bins),
+    }
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, method: str = "youden", fixed: float = 0.5) -> float:
+    """Operating point chosen on validation data (never on the test set).
+
+    ``youden`` maximises sensitivity + specificity - 1, ``f1`` maximises F1; ties go to the
+    threshold nearest 0.5. Falls back to ``fixed`` when validation data has one class only.
+    """
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    if method == "fixed" or len(np.unique(y)) < 2:
+        return float(fixed)
+    candidates = np.unique(p)
+    best, best_score = float(fixed), -np.inf
+    for t in candidates:
+        m = binary_metrics(y, p, t)
+        score = (m["sensitivity"] + m["specificity"] - 1) if method == "youden" else m["f1"]
+        if score > best_score + 1e-12 or (abs(score - best_score) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)):
+            best, best_score = float(t), score
+    return best
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, patients: np.ndarray, threshold: float,
+                 n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
+                 ece_bins: int = 10) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of every metric, resampling *patients* with replacement (their slides are
+    correlated, so resampling slides would understate the uncertainty)."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
+    patients = np.asarray(patients)
+    uniq, inverse = np.unique(patients, return_inverse=True)
+    members = [np.nonzero(inverse == i)[0] for i in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    draws = {name: [] for name in METRIC_NAMES}
+    for _ in range(n_bootstrap):
+        chosen = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[i] for i in chosen])
+        m = binary_metrics(y[idx], p[idx], threshold, ece_bins)
+        for name in METRIC_NAMES:
+            draws[name].append(m[name])
+    alpha = (1 - ci) / 2
+    out = {}
+    for name, values in draws.items():
+        values = np.asarray(values, dtype=float)
+        values = values[~np.isnan(values)]
+        out[name] = (float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))) if len(values) else (float("nan"), float("nan"))
+    return out
+
+
+def _midrank(x: np.ndarray) -> np.ndarray:
+    return stats.rankdata(x)
+
+
+def delong_test(y: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> tuple[float, float, float]:
+    """DeLong's test for two correlated ROC AUCs on the same cases (fast form of Sun & Xu 2014).
+
+    Returns (auc1 - auc2, z, two-sided p-value)."""
+    y = np.asarray(y).astype(bool)
+    preds = np.vstack([np.asarray(p1, dtype=float), np.asarray(p2, dtype=float)])
+    pos, neg = preds[:, y], preds[:, ~y]
+    m, n = pos.shape[1], neg.shape[1]
+    if m < 2 or n < 2:
+        return float("nan"), float("nan"), float("nan")
+    tx = np.vstack([_midrank(r) for r in pos])
+    ty = np.vstack([_midrank(r) for r in neg])
+    tz = np.vstack([_midrank(r) for r in preds[:, np.r_[np.nonzero(y)[0], np.nonzero(~y)[0]]]])
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v01 = (tz[:, :m] - tx) / n
+    v10 = 1.0 - (tz[:, m:] - ty) / m
+    cov = np.cov(v01) / m + np.cov(v10) / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    diff = float(aucs[0] - aucs[1])
+    if var <= 0:
+        return diff, 0.0 if diff == 0 else float("inf"), 1.0 if diff == 0 else 0.0
+    z = diff / np.sqrt(var)
+    return diff, float(z), float(2 * stats.norm.sf(abs(z)))
+
+
+def evaluate_model(predictions: pd.DataFrame, settings: MetricsSettings) -> dict:
+    """Metrics of one model from its long predictions table (slide_id, patient_id, y, prob, fold,
+    role). Per fold: threshold chosen on that fold's validation slides, metrics on its test slides.
+    Pooled: every slide's out-of-fold test prediction, with the per-fold thresholds, and
+    patient-bootstrap CIs."""
+    folds = []
+    pooled = []
+    for fold, part in predictions.groupby("fold", sort=True):
+        val = part[part["role"] == "val"]
+        if val.empty or val["y"].nunique() < 2:
+            val = part[part["role"] == "train"]
+        threshold = choose_threshold(val["y"].to_numpy(), val["prob"].to_numpy(), settings.threshold_method, settings.fixed_threshold)
+        test = part[part["role"] == "test"]
+        if test.empty:
+            continue
+        m = binary_metrics(test["y"].to_numpy(), test["prob"].to_numpy(), threshold, settings.ece_bins)
+        folds.append({"fold": int(fold), "threshold": threshold, "n_test": int(len(test)), **m})
+        pooled.append(test.assign(threshold=threshold))
+    if not pooled:
+        raise ValueError("no test-role predictions: nothing to evaluate")
+    pooled = pd.concat(pooled, ignore_index=True)
+    y = pooled["y"].to_numpy()
+    # each slide is judged at its own fold's threshold: compare prob - threshold against 0
+    margin = pooled["prob"].to_numpy()
+    pred_at = (margin >= pooled["threshold"].to_numpy()).astype(float)
+    summary = binary_metrics(y, margin, 0.5, settings.ece_bins)
+    thresholded = binary_metrics(y, pred_at, 0.5, settings.ece_bins)
+    for name in ("balanced_accuracy", "accuracy", "f1", "sensitivity", "specificity", "ppv", "npv"):
+        summary[name] = thresholded[name]
+    shifted = np.clip(margin - pooled["threshold"].to_numpy() + 0.5, 0, 1)
+    ci = bootstrap_ci(y, shifted, pooled["patient_id"].to_numpy(), 0.5, settings.n_bootstrap, settings.ci,
+                      settings.seed, settings.ece_bins)
+    # AUC, Brier and ECE CIs must use the raw probabilities, not the threshold-shifted ones
+    raw_ci = bootstrap_ci(y, margin, pooled["patient_id"].to_numpy(), 0.5, settings.n_bootstrap, settings.ci,
+                          settings.seed, settings.ece_bins)
+    for name in ("auc", "brier", "ece"):
+        ci[name] = raw_ci[name]
+    fold_frame = pd.DataFrame(folds)
+    across = {name: (float(fold_frame[name].mean()), float(fold_frame[name].std(ddof=1)) if len(fold_frame) > 1 else 0.0)
+              for name in METRIC_NAMES}
+    return {"pooled": summary, "ci": ci, "folds": folds, "fold_mean_sd": across,
+            "n_slides": int(len(pooled)), "n_patients": int(pooled["patient_id"].nunique()),
+            "oof": pooled[["slide_id", "patient_id", "y", "prob", "fold", "threshold"]]}
+
+
+def compare_models(results: dict[str, dict]) -> pd.DataFrame:
+    """One comparison row per model; DeLong test of the best-AUC model against each other one on
+    the slides both scored out of fold."""
+    rows = []
+    best = max(results, key=lambda k: np.nan_to_num(results[k]["pooled"]["auc"], nan=-1))
+    best_oof = results[best]["oof"].set_index("slide_id")
+    for name, res in results.items():
+        row = {"model": name, "n_slides": res["n_slides"], "n_patients": res["n_patients"]}
+        for metric in METRIC_NAMES:
+            lo, hi = res["ci"][metric]
+            mean, sd = res["fold_mean_sd"][metric]
+            row[metric] = res["pooled"][metric]
+            row[f"{metric}_ci_low"] = lo
+            row[f"{metric}_ci_high"] = hi
+            row[f"{metric}_fold_mean"] = mean
+            row[f"{metric}_fold_sd"] = sd
+        if name == best:
+            row.update(delong_vs_best="(best)", delong_auc_diff=0.0, delong_p=float("nan"))
+        else:
+            other = res["oof"].set_index("slide_id")
+            common = best_oof.index.intersection(other.index)
+            diff, _z, pval = delong_test(best_oof.loc[common, "y"].to_numpy(), best_oof.loc[common, "prob"].to_numpy(),
+                                         other.loc[common, "prob"].to_numpy())
+            row.update(delong_vs_best=best, delong_auc_diff=diff, delong_p=pval)
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("auc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def load_predictions(paths: list[str]) -> pd.DataFrame:
+    """Concatenate prediction tables (slide_id, patient_id, y, prob, fold, role)."""
+    frames = [pd.read_csv(p, sep="\t", dtype={"slide_id": str, "patient_id": str}) for p in paths]
+    table = pd.concat(frames, ignore_index=True)
+    missing = {"slide_id", "patient_id", "y", "prob", "fold", "role"} - set(table.columns)
+    if missing:
+        raise ValueError(f"prediction tables {paths[:1]}... lack columns {sorted(missing)}")
+    return table
+
+
+def plot_curves(results: dict[str, dict], roc_png: str, pr_png: str, calibration_png: str, ece_bins: int = 10) -> None:
+    """ROC, precision-recall and calibration (reliability) plots of every model's out-of-fold predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from .io import atomic_path
+
+    figs = {name: plt.subplots(figsize=(5.5, 5)) for name in ("roc", "pr", "cal")}
+    for model, res in results.items():
+        oof = res["oof"]
+        y, p = oof["y"].to_numpy(), oof["prob"].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        figs["roc"][1].plot(fpr, tpr, label=f"{model} (AUC {res['pooled']['auc']:.3f})")
+        prec, rec, _ = precision_recall_curve(y, p)
+        figs["pr"][1].plot(rec, prec, label=model)
+        bins = np.minimum((p * ece_bins).astype(int), ece_bins - 1)
+        xs = [p[bins == b].mean() for b in range(ece_bins) if (bins == b).any()]
+        ys = [y[bins == b].mean() for b in range(ece_bins) if (bins == b).any()]
+        figs["cal"][1].plot(xs, ys, marker="o", label=f"{model} (ECE {res['pooled']['ece']:.3f})")
+    labels = {"roc": ("False positive rate", "True positive rate", "ROC (out-of-fold test slides)"),
+              "pr": ("Recall", "Precision", "Precision-recall"),
+              "cal": ("Mean predicted probability", "Fraction positive", "Calibration")}
+    for key, path in (("roc", roc_png), ("pr", pr_png), ("cal", calibration_png)):
+        fig, ax = figs[key]
+        if key in ("roc", "cal"):
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        xl, yl, title = labels[key]
+        ax.set(xlabel=xl, ylabel=yl, title=title, xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=7, loc="lower right" if key != "pr" else "lower left")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+
+
+def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_tsv: str, roc_png: str,
+                  pr_png: str, calibration_png: str, settings: dict | None, seed: int) -> None:
+    """Rule `metrics`: every model (MIL and feature-based) in one comparison table, with CIs,
+    fold spread, DeLong tests and plots."""
+    from .io import write_json, write_tsv
+    from .logs import get_logger
+
+    cfg = MetricsSettings.from_config(settings, seed)
+    results = {model: evaluate_model(load_predictions(paths), cfg) for model, paths in predictions.items()}
+    table = compare_models(results)
+    payload = {
+        "settings": {"n_bootstrap": cfg.n_bootstrap, "ci": cfg.ci, "threshold_method": cfg.threshold_method,
+                     "resampling_unit": "patient", "seed": cfg.seed},
+        "best_model": str(table.loc[0, "model"]),
+        "models": {model: {"pooled": res["pooled"], "ci": {k: list(v) for k, v in res["ci"].items()},
+                           "fold_mean_sd": {k: list(v) for k, v in res["fold_mean_sd"].items()},
+                           "folds": res["folds"], "n_slides": res["n_slides"], "n_patients": res["n_patients"]}
+                   for model, res in results.items()},
+        "comparison": table.to_dict("records"),
+    }
+    write_json(metrics_json, payload)
+    write_tsv(metrics_tsv, table)
+    plot_curves(results, roc_png, pr_png, calibration_png, cfg.ece_bins)
+    get_logger(__name__).info("best model %s (AUC %.3f)", payload["best_model"], table.loc[0, "auc"])

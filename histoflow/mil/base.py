@@ -1,0 +1,57 @@
+"""What every MIL model offers the trainer and the heatmap stage.
+
+A bag is the float tensor of one slide's tile features, shape [n_tiles, dim]. Every model maps
+it to ONE slide logit (binary task: positive_label vs the rest) and can explain it per tile:
+an attention weight (sums to 1 over the slide) and an instance probability in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class TileScores:
+    attention: torch.Tensor       # [n], >= 0, sums to 1
+    instance_prob: torch.Tensor   # [n], in [0, 1]
+
+
+def projector(in_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
+    """The shared first layer: encoder features -> a small embedding (most MIL papers do this)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+
+
+class MILModel(nn.Module):
+    """Base class: subclasses implement ``forward`` and ``tile_scores``.
+
+    ``training_loss`` is the bag BCE; models with an auxiliary objective (CLAM's instance
+    clustering, DSMIL's max-instance stream) override it.
+    """
+
+    name = "base"
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25):
+        super().__init__()
+        self.in_dim = in_dim
+        self.hidden_dim = hidden_dim
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tile_scores(self, x: torch.Tensor) -> TileScores:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss, slide logit) for one bag; ``y`` is 0./1., ``weight`` the class weight."""
+        logit = self(x)
+        return weight * F.binary_cross_entropy_with_logits(logit, y), logit
+
+
+def masked_softmax_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the tiles of one bag (an empty bag gives an empty vector)."""
+    return torch.softmax(scores, dim=0) if scores.numel() else scores

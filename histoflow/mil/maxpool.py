@@ -1,0 +1,29 @@
+"""Instance-level max pooling (mi-Net style): the slide is as positive as its most positive tile."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import MILModel, TileScores, masked_softmax_scores, projector
+
+
+class MaxPoolMIL(MILModel):
+    name = "max"
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25):
+        super().__init__(in_dim, hidden_dim, dropout)
+        self.fc = projector(in_dim, hidden_dim, dropout)
+        self.instance_classifier = nn.Linear(hidden_dim, 1)
+
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.instance_classifier(self.fc(x)).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.instance_logits(x).max()
+
+    def tile_scores(self, x: torch.Tensor) -> TileScores:
+        logits = self.instance_logits(x)
+        # softmax of the instance logits: a smooth stand-in for the one-hot argmax, so the
+        # heatmap shows the runner-up tiles too
+        return TileScores(attention=masked_softmax_scores(logits), instance_prob=torch.sigmoid(logits))

@@ -1,0 +1,326 @@
+"""Patient-level, label-stratified cross-validation splits.
+
+Slides of one patient (and, with ``preserve_site``, of one acquisition site) always land on
+the same side of every split: slide-level leakage inflates AUCs in pathology far more than any
+model choice. The split table is long format, one row per (slide, fold), so every downstream
+stage reads "which role does this slide play in fold k" with a filter, not a join.
+
+Folds are numbered from 0. Strategies:
+
+* ``kfold``: fold k tests on group k of a stratified K-way partition of the patients; a
+  stratified ``val_fraction`` share of the remaining patients is the validation set (early
+  stopping), the rest trains.
+* ``holdout``: one fixed, stratified ``test_fraction`` of the patients is the test set of every
+  fold; the rest is split into K inner train/val folds (val = inner group k).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("train", "val", "test")
+SPLIT_COLUMNS = ("slide_id", "patient_id", "label", "y", "site", "fold", "role")
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    strategy: str = "kfold"          # kfold | holdout
+    k: int = 5
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2       # holdout only
+    preserve_site: bool = False
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None) -> "SplitSettings":
+        section = dict(section or {})
+        known = {f for f in cls.__dataclass_fields__}
+        settings = cls(**{k: v for k, v in section.items() if k in known})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.strategy not in ("kfold", "holdout"):
+            raise InputError(f"config key 'split.strategy': {self.strategy!r} is not one of kfold, holdout")
+        if self.strategy == "kfold" and self.k < 2:
+            raise InputError("config key 'split.k': kfold needs k >= 2 (use strategy: holdout for a single split)")
+        if self.k < 1:
+            raise InputError("config key 'split.k': must be >= 1")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError("config key 'split.val_fraction': must be in [0, 1)")
+        if self.strategy == "holdout" and not 0 < self.test_fraction < 1:
+            raise InputError("config key 'split.test_fraction': must be in (0, 1) for strategy holdout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping units: patients, or connected patient/site components when sites must not be split.
+
+def _split_units(patients: pd.DataFrame, preserve_site: bool) -> np.ndarray:
+    """Map each patient (row of ``patients``) to the index of its indivisible unit.
+
+    With ``preserve_site`` a unit is a connected component of the patient-site graph, so a
+    patient with slides from two sites pulls both sites to the same side.
+    """
+    n = len(patients)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if preserve_site:
+        first_of_site: dict[str, int] = {}
+        for i, sites in enumerate(patients["sites"]):
+            for site in sites:
+                j = first_of_site.setdefault(site, i)
+                ri, rj = find(i), find(j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+    roots = [find(i) for i in range(n)]
+    _, unit = np.unique(roots, return_inverse=True)
+    return unit
+
+
+def _unit_counts(unit: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[n_units, 2] patient counts per class."""
+    counts = np.zeros((unit.max() + 1 if len(unit) else 0, 2), dtype=np.int64)
+    np.add.at(counts, (unit, y), 1)
+    return counts
+
+
+def _visit_order(counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Big units first (they are the hard ones to balance), random order among equals."""
+    shuffled = rng.permutation(len(counts))
+    sizes = counts.sum(1)[shuffled]
+    return shuffled[np.argsort(-sizes, kind="stable")]
+
+
+def assign_partitions(counts: np.ndarray, n_parts: int, rng: np.random.Generator) -> np.ndarray:
+    """Deal units with per-class counts ``counts`` [n, C] into ``n_parts`` stratified parts.
+
+    Greedy: each unit goes to the part whose class proportions it unbalances least
+    (for single-patient units this is a shuffled round-robin within each class).
+    """
+    totals = np.maximum(counts.sum(0), 1).astype(float)
+    load = np.zeros((n_parts, counts.shape[1]))
+    part = np.zeros(len(counts), dtype=np.int64)
+    for u in _visit_order(counts, rng):
+        after = load + counts[u]
+        # share of the unit's own classes after adding (weighted by its composition), then overall
+        # size: keeps every stratum and the part sizes even
+        cost = np.round((after / totals) @ counts[u], 9) * 1e6 + after.sum(1)
+        best = int(np.flatnonzero(cost == cost.min())[0])
+        part[u] = best
+        load[best] += counts[u]
+    return part
+
+
+def select_share(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Pick units holding about ``fraction`` of the patients of every class (boolean mask).
+
+    Each class keeps at least one patient on both sides when it has 3+ units, so a small
+    validation/test set is never single-class just by rounding.
+    """
+    chosen = np.zeros(len(counts), dtype=bool)
+    if fraction <= 0 or len(counts) == 0:
+        return chosen
+    target = fraction * counts.sum(0)
+    totals = np.maximum(counts.sum(0), 1)
+    picked = np.zeros(counts.shape[1])
+    order = _visit_order(counts, rng)[::-1]  # small units first: finer control of the share
+    for u in order:
+        before = np.abs(picked - target) / totals
+        after = np.abs(picked + counts[u] - target) / totals
+        if after.sum() < before.sum() - 1e-12:
+            chosen[u] = True
+            picked += counts[u]
+    for c in range(counts.shape[1]):
+        has_c = np.flatnonzero(counts[:, c] > 0)
+        if len(has_c) >= 3 and not chosen[has_c].any():
+            smallest = has_c[np.argmin(counts[has_c].sum(1))]
+            chosen[smallest] = True
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _patient_table(samples: pd.DataFrame, positive_label: str, preserve_site: bool) -> pd.DataFrame:
+    frame = samples.reset_index(drop=True).copy()
+    if "site" not in frame.columns:
+        frame["site"] = None
+    if preserve_site:
+        missing = frame.loc[frame["site"].isna() | (frame["site"].astype(str).str.strip() == ""), "slide_id"]
+        if len(missing):
+            raise InputError(f"split.preserve_site is true but slide {missing.iloc[0]!r} has no `site` in the samples "
+                             "sheet; fill the site column for every slide or set split.preserve_site: false")
+    frame["y"] = (frame["label"].astype(str) == str(positive_label)).astype(int)
+    patients = (frame.groupby("patient_id", sort=True)
+                .agg(y=("y", "max"), sites=("site", lambda s: sorted({str(v) for v in s if v is not None})))
+                .reset_index())
+    return patients
+
+
+def _check_two_classes(samples: pd.DataFrame, positive_label: str) -> None:
+    y = (samples["label"].astype(str) == str(positive_label))
+    if y.all() or not y.any():
+        seen = sorted(samples["label"].astype(str).unique())
+        raise InputError(f"positive_label {positive_label!r} leaves one class only (labels in the sheet: {seen}); "
+                         "set positive_label to one of them and make sure both classes are present")
+
+
+def make_splits(samples: pd.DataFrame, settings: SplitSettings, positive_label: str, seed: int) -> pd.DataFrame:
+    """The long split table: one row per (slide, fold) with role train/val/test.
+
+    ``samples`` needs slide_id, patient_id, label (site optional). Deterministic for a seed.
+    Raises InputError when a fold's train or test set would hold one class only.
+    """
+    settings.check()
+    _check_two_classes(samples, positive_label)
+    patients = _patient_table(samples, positive_label, settings.preserve_site)
+    unit = _split_units(patients, settings.preserve_site)
+    y = patients["y"].to_numpy()
+    counts = _unit_counts(unit, y)
+    n_units = len(counts)
+    rng = np.random.default_rng(seed)
+
+    roles_per_fold: list[np.ndarray] = []  # per fold: role of every unit
+    if settings.strategy == "kfold":
+        if settings.k > n_units:
+            raise InputError(f"split.k={settings.k} folds but only {n_units} patient groups; "
+                             f"set split.k <= {n_units} or add patients")
+        part = assign_partitions(counts, settings.k, rng)
+        for fold in range(settings.k):
+            role = np.full(n_units, "train", dtype=object)
+            role[part == fold] = "test"
+            rest = np.flatnonzero(part != fold)
+            val = select_share(counts[rest], settings.val_fraction, rng)
+            role[rest[val]] = "val"
+            roles_per_fold.append(role)
+    else:
+        test = select_share(counts, settings.test_fraction, rng)
+        rest = np.flatnonzero(~test)
+        if settings.k == 1:
+            inner = [select_share(counts[rest], settings.val_fraction, rng)]
+        else:
+            if settings.k > len(rest):
+                raise InputError(f"split.k={settings.k} inner folds but only {len(rest)} patient groups outside the "
+                                 f"test set; set split.k <= {len(rest)} or add patients")
+            inner_part = assign_partitions(counts[rest], settings.k, rng)
+            inner = [inner_part == f for f in range(settings.k)]
+        for val in inner:
+            role = np.full(n_units, "train", dtype=object)
+            role[test] = "test"
+            role[rest[val]] = "val"
+            roles_per_fold.append(role)
+
+    slides = samples.reset_index(drop=True)
+    slide_unit = slides["patient_id"].map(dict(zip(patients["patient_id"], unit))).to_numpy()
+    site = slides["site"] if "site" in slides.columns else pd.Series([None] * len(slides))
+    base = pd.DataFrame({
+        "slide_id": slides["slide_id"].astype(str).to_numpy(),
+        "patient_id": slides["patient_id"].astype(str).to_numpy(),
+        "label": slides["label"].astype(str).to_numpy(),
+        "y": (slides["label"].astype(str) == str(positive_label)).astype(np.int64).to_numpy(),
+        "site": site.where(site.notna(), "").astype(str).to_numpy(),
+    })
+    frames = []
+    for fold, role in enumerate(roles_per_fold):
+        part = base.copy()
+        part["fold"] = np.int64(fold)
+        part["role"] = role[slide_unit].astype(str)
+        frames.append(part)
+    table = pd.concat(frames, ignore_index=True)[list(SPLIT_COLUMNS)]
+    check_splits(table, preserve_site=settings.preserve_site)
+    return table
+
+
+def check_splits(table: pd.DataFrame, preserve_site: bool = False) -> None:
+    """Raise InputError unless every fold is leak-free and trainable.
+
+    * each slide appears exactly once per fold;
+    * no patient (and, with ``preserve_site``, no site) sits in two roles of one fold;
+    * train and test of every fold hold both classes.
+    """
+    for fold, part in table.groupby("fold", sort=True):
+        dup = part["slide_id"][part["slide_id"].duplicated()]
+        if len(dup):
+            raise InputError(f"split fold {fold}: slide {dup.iloc[0]!r} appears twice; regenerate splits.tsv")
+        keys = ["patient_id"] + (["site"] if preserve_site else [])
+        for key in keys:
+            roles = part.groupby(key)["role"].nunique()
+            leaked = roles[roles > 1]
+            if len(leaked):
+                raise InputError(f"split fold {fold}: {key} {leaked.index[0]!r} is in several roles "
+                                 f"({sorted(part.loc[part[key] == leaked.index[0], 'role'].unique())}); "
+                                 "regenerate splits.tsv with `snakemake split`")
+        for role in ("train", "test"):
+            ys = part.loc[part["role"] == role, "y"]
+            if ys.nunique() < 2:
+                have = "no slides" if ys.empty else f"only {'positive' if ys.iloc[0] else 'negative'} slides"
+                npat = part.loc[part["role"] == role, "patient_id"].nunique()
+                raise InputError(f"split fold {fold}: role '{role}' has {have} ({npat} patients); use fewer folds "
+                                 "(split.k) or a larger split.test_fraction, or add patients of the missing class")
+        if (part["role"] == "val").any() and part.loc[part["role"] == "val", "y"].nunique() < 2:
+            log.warning("split fold %s: validation set is single-class; early stopping will use the validation loss", fold)
+
+
+def split_summary(table: pd.DataFrame, settings: SplitSettings, seed: int, positive_label: str) -> dict:
+    """What split.json records: how the split was made and per-fold counts."""
+    folds: dict[str, dict] = {}
+    for fold, part in table.groupby("fold", sort=True):
+        folds[str(fold)] = {
+            role: {
+                "slides": int((part["role"] == role).sum()),
+                "patients": int(part.loc[part["role"] == role, "patient_id"].nunique()),
+                "positive_slides": int(part.loc[part["role"] == role, "y"].sum()),
+                "negative_slides": int((part.loc[part["role"] == role, "y"] == 0).sum()),
+            }
+            for role in ROLES
+        }
+    return {
+        **asdict(settings),
+        "seed": int(seed),
+        "positive_label": positive_label,
+        "n_folds": int(table["fold"].nunique()),
+        "n_slides": int(table["slide_id"].nunique()),
+        "n_patients": int(table["patient_id"].nunique()),
+        "folds": folds,
+    }
+
+
+def n_folds(settings: SplitSettings) -> int:
+    """How many folds a split config yields (known before any split is made: the DAG needs it)."""
+    return settings.k
+
+
+def read_splits(path: str | os.PathLike) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype={"slide_id": str, "patient_id": str, "label": str, "site": str},
+                       keep_default_na=False)
+
+
+def write_splits(samples: pd.DataFrame, settings: dict[str, Any] | SplitSettings, positive_label: str, seed: int,
+                 out_tsv: str | os.PathLike, out_json: str | os.PathLike) -> pd.DataFrame:
+    """Make the splits of a samples table and write splits.tsv + split.json atomically."""
+    from .io import write_json, write_tsv
+
+    if not isinstance(settings, SplitSettings):
+        settings = SplitSettings.from_config(settings)
+    table = make_splits(samples, settings, positive_label, seed)
+    summary = split_summary(table, settings, seed, positive_label)
+    write_tsv(out_tsv, table)
+    write_json(out_json, summary)
+    for fold, counts in summary["folds"].items():
+        log.info("fold %s: %s", fold, ", ".join(f"{r} {c['slides']} slides/{c['patients']} patients "
+                                                 f"({c['positive_slides']} pos)" for r, c in counts.items()))
+    return table

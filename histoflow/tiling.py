@@ -1,0 +1,519 @@
+"""Tiling: a grid of square tiles at one or several µm/px over the tissue of a slide.
+
+Only metadata is needed to tile: the slide JSON (size, levels, µm/px) and the tissue mask (a
+low-resolution PNG). The slide itself is opened only to export tile images or, later, by the
+feature extractor through :func:`read_tile`. Memory is therefore bounded by the mask size,
+whatever the slide size.
+
+Geometry (all coordinates at level 0):
+  * ``size0 = round(tile_px * target_mpp / mpp_x)``: tile side at level 0.
+  * ``stride0 = round((tile_px - overlap_px) * target_mpp / mpp_x)``: grid step.
+  * Tile ``(col, row)`` has top-left ``(col * stride0, row * stride0)``; only tiles lying
+    entirely inside the slide are made.
+  * Tiles are read from the coarsest level that is at least as fine as ``target_mpp``
+    (:func:`histoflow.slide.best_level_for_mpp`), ``read_w x read_h`` px at that level, then
+    downscaled to ``tile_px`` (never upscaled beyond :data:`MPP_TOLERANCE`).
+
+``tissue_fraction`` is the exact area fraction of the tile covered by the mask (bilinear
+interpolation of the mask's integral image is exact for a piecewise-constant mask), computed for
+all tiles at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import InputError, SlideError
+from .io import atomic_path, read_json, write_parquet
+from .logs import get_logger
+from .slide import best_level_for_mpp
+
+log = get_logger(__name__)
+
+# A level whose µm/px is within 2 % of the target serves it: scanner calibrations scatter by
+# about that much (0.2527 µm/px "40x" slides must serve a 0.25 request).
+MPP_TOLERANCE = 0.02
+
+IMAGE_FORMATS = {"jpeg": ".jpg", "png": ".png"}
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("slide_id", pa.string()),
+        ("x", pa.int64()),
+        ("y", pa.int64()),
+        ("read_level", pa.int16()),
+        ("read_w", pa.int32()),
+        ("read_h", pa.int32()),
+        ("target_mpp", pa.float64()),
+        ("tile_px", pa.int32()),
+        ("tissue_fraction", pa.float32()),
+        ("col", pa.int32()),
+        ("row", pa.int32()),
+        ("size0", pa.int32()),
+        ("annotation_fraction", pa.float32()),
+    ])
+
+
+TILE_COLUMNS = ("slide_id", "x", "y", "read_level", "read_w", "read_h", "target_mpp", "tile_px",
+                "tissue_fraction", "col", "row", "size0", "annotation_fraction")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    mpp: tuple[float, ...] = (0.5,)
+    tile_px: int = 256
+    overlap_px: int = 0
+    min_tissue_fraction: float = 0.5
+    max_tiles_per_slide: int | None = None
+    # share of the cap reserved for tiles overlapping annotations (when annotations are given)
+    annotation_share: float = 0.5
+    export_images: str = "none"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "TilingSettings":
+        cfg = dict(cfg or {})
+        mpp = cfg.get("mpp", [0.5])
+        mpp = tuple(float(m) for m in (mpp if isinstance(mpp, (list, tuple)) else [mpp]))
+        settings = cls(
+            mpp=mpp,
+            tile_px=int(cfg.get("tile_px", 256)),
+            overlap_px=int(cfg.get("overlap_px", 0)),
+            min_tissue_fraction=float(cfg.get("min_tissue_fraction", 0.5)),
+            max_tiles_per_slide=None if cfg.get("max_tiles_per_slide") is None else int(cfg["max_tiles_per_slide"]),
+            annotation_share=float(cfg.get("annotation_share", 0.5)),
+            export_images=str(cfg.get("export_images", "none")),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not self.mpp or any(m <= 0 for m in self.mpp):
+            raise InputError(f"config key 'tiling.mpp': {list(self.mpp)} must be a non-empty list of positive µm/px, e.g. [0.5]")
+        if len(set(self.mpp)) != len(self.mpp):
+            raise InputError(f"config key 'tiling.mpp': {list(self.mpp)} lists a resolution twice; give each µm/px once")
+        if self.tile_px < 1:
+            raise InputError(f"config key 'tiling.tile_px': {self.tile_px} must be >= 1 (e.g. 224 or 256)")
+        if not 0 <= self.overlap_px < self.tile_px:
+            raise InputError(f"config key 'tiling.overlap_px': {self.overlap_px} must be >= 0 and smaller than "
+                             f"tiling.tile_px ({self.tile_px})")
+        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+            raise InputError(f"config key 'tiling.min_tissue_fraction': {self.min_tissue_fraction} must be in [0, 1]")
+        if self.max_tiles_per_slide is not None and self.max_tiles_per_slide < 1:
+            raise InputError(f"config key 'tiling.max_tiles_per_slide': {self.max_tiles_per_slide} must be >= 1 or null")
+        if not 0.0 <= self.annotation_share <= 1.0:
+            raise InputError(f"config key 'tiling.annotation_share': {self.annotation_share} must be in [0, 1]")
+        if self.export_images not in ("none", *IMAGE_FORMATS):
+            raise InputError(f"config key 'tiling.export_images': {self.export_images!r} must be none, jpeg or png")
+
+
+# --------------------------------------------------------------------------------------------
+# Grid geometry (pure)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    target_mpp: float
+    tile_px: int
+    level: int            # pyramid level read
+    downsample: float     # level-0 px per px of that level
+    size0_x: int          # tile side at level 0
+    size0_y: int
+    stride0_x: int        # grid step at level 0
+    stride0_y: int
+    read_w: int           # px read at `level` before resizing to tile_px
+    read_h: int
+    n_cols: int
+    n_rows: int
+
+    @property
+    def n_tiles(self) -> int:
+        return self.n_cols * self.n_rows
+
+
+def grid_spec(width: int, height: int, mpp_x: float, mpp_y: float, level_downsamples, target_mpp: float,
+              tile_px: int, overlap_px: int = 0, slide_id: str = "?") -> GridSpec:
+    """The tile grid of one resolution. Raises SlideError when ``target_mpp`` is finer than the
+    slide's level 0 (that would need upsampling, which invents detail)."""
+    if target_mpp < mpp_x * (1.0 - MPP_TOLERANCE):
+        raise SlideError(slide_id, f"tiling.mpp {target_mpp:g} µm/px is finer than the slide's level 0 "
+                                   f"({mpp_x:g} µm/px); upsampling is refused: use tiling.mpp >= {mpp_x:.3g} "
+                                   "or remove this slide")
+    size0_x = max(1, int(round(tile_px * target_mpp / mpp_x)))
+    size0_y = max(1, int(round(tile_px * target_mpp / mpp_y)))
+    step_px = tile_px - overlap_px
+    stride0_x = max(1, int(round(step_px * target_mpp / mpp_x)))
+    stride0_y = max(1, int(round(step_px * target_mpp / mpp_y)))
+    choice = best_level_for_mpp(level_downsamples, mpp_x, target_mpp)
+    read_w = max(1, int(round(size0_x / choice.downsample)))
+    read_h = max(1, int(round(size0_y / choice.downsample)))
+    n_cols = (int(width) - size0_x) // stride0_x + 1 if width >= size0_x else 0
+    n_rows = (int(height) - size0_y) // stride0_y + 1 if height >= size0_y else 0
+    return GridSpec(target_mpp=float(target_mpp), tile_px=int(tile_px), level=choice.level,
+                    downsample=choice.downsample, size0_x=size0_x, size0_y=size0_y,
+                    stride0_x=stride0_x, stride0_y=stride0_y, read_w=read_w, read_h=read_h,
+                    n_cols=max(n_cols, 0), n_rows=max(n_rows, 0))
+
+
+def grid_coordinates(spec: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, y, col, row)`` of every grid tile, row-major (sorted by y then x)."""
+    rows, cols = np.divmod(np.arange(spec.n_tiles, dtype=np.int64), max(spec.n_cols, 1))
+    return cols * spec.stride0_x, rows * spec.stride0_y, cols, rows
+
+
+def integral_image(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table with a zero first row/column: ``S[i, j] = mask[:i, :j].sum()``."""
+    binary = (np.asarray(mask) > 0)
+    # int32 holds up to 2**31 mask px (a 46k x 46k mask): far above any sane mask size
+    dtype = np.int32 if binary.size < 2**31 else np.int64
+    table = np.zeros((binary.shape[0] + 1, binary.shape[1] + 1), dtype=dtype)
+    np.cumsum(binary, axis=0, dtype=dtype, out=table[1:, 1:])
+    np.cumsum(table[1:, 1:], axis=1, dtype=dtype, out=table[1:, 1:])
+    return table
+
+
+def _integral_at(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Integral of the mask over [0, u) x [0, v) (u along columns, v along rows) at fractional
+    mask coordinates: bilinear interpolation of the summed-area table, exact for a
+    piecewise-constant mask."""
+    h, w = table.shape[0] - 1, table.shape[1] - 1
+    u = np.clip(u, 0.0, w)
+    v = np.clip(v, 0.0, h)
+    j0 = np.minimum(np.floor(u).astype(np.int64), max(w - 1, 0))
+    i0 = np.minimum(np.floor(v).astype(np.int64), max(h - 1, 0))
+    a = u - j0
+    b = v - i0
+    s00 = table[i0, j0].astype(np.float64)
+    s01 = table[i0, j0 + 1]
+    s10 = table[i0 + 1, j0]
+    s11 = table[i0 + 1, j0 + 1]
+    return s00 + a * (s01 - s00) + b * (s10 - s00) + a * b * (s11 - s10 - s01 + s00)
+
+
+def box_fractions(table: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Fraction of each box (mask px, fractional allowed) covered by the mask; outside the mask
+    counts as background."""
+    x0, y0, x1, y1 = (np.asarray(a, dtype=np.float64) for a in (x0, y0, x1, y1))
+    area = (x1 - x0) * (y1 - y0)
+    inside = (_integral_at(table, x1, y1) - _integral_at(table, x0, y1)
+              - _integral_at(table, x1, y0) + _integral_at(table, x0, y0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(area > 0, inside / area, 0.0)
+    return np.clip(frac, 0.0, 1.0)
+
+
+def tissue_fractions(table: np.ndarray, scale_x: float, scale_y: float, x: np.ndarray, y: np.ndarray,
+                     size0_x: int, size0_y: int) -> np.ndarray:
+    """Tissue fraction of level-0 tiles ``(x, y, size0)`` from the mask's summed-area table;
+    ``scale_*`` = level-0 px per mask px."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return box_fractions(table, x / scale_x, y / scale_y, (x + size0_x) / scale_x, (y + size0_y) / scale_y)
+
+
+# --------------------------------------------------------------------------------------------
+# Annotations
+
+
+def load_annotations(path: str | os.PathLike | None, slide_id: str = "?"):
+    """Lesion polygons (level-0 px) from QuPath GeoJSON or ASAP XML as one shapely geometry
+    (excluded classes such as ASAP "_2" cut out, see :mod:`histoflow.annotations`), or None
+    when no file is given or it holds no polygon."""
+    if path is None or (isinstance(path, float) and math.isnan(path)) or str(path).strip() in ("", "None", "nan"):
+        return None
+    from .annotations import lesion_geometry, read_annotations
+
+    geom = lesion_geometry(read_annotations(path))
+    if geom.is_empty:
+        log.warning("slide %s: annotations file %s holds no lesion polygon", slide_id, path)
+        return None
+    return geom
+
+
+def annotation_fractions(geom, x: np.ndarray, y: np.ndarray, size0_x: int, size0_y: int) -> np.ndarray:
+    """Fraction of each level-0 tile covered by ``geom`` (exact polygon clipping, vectorised in
+    shapely's C loop; only tiles that touch the polygons are clipped)."""
+    import shapely
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    out = np.zeros(len(x), dtype=np.float64)
+    if geom is None or len(x) == 0:
+        return out
+    boxes = shapely.box(x, y, x + size0_x, y + size0_y)
+    shapely.prepare(geom)
+    hit = shapely.intersects(geom, boxes)
+    if hit.any():
+        out[hit] = shapely.area(shapely.intersection(boxes[hit], geom)) / float(size0_x * size0_y)
+    return np.clip(out, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def slide_seed(seed: int, slide_id: str) -> int:
+    """``seed`` + a stable hash of the slide id (Python's hash() changes per process)."""
+    return int(seed) + int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:4], "little")
+
+
+def sample_indices(n: int, cap: int | None, rng: np.random.Generator, priority: np.ndarray | None = None,
+                   priority_share: float = 0.5) -> np.ndarray:
+    """Indices of at most ``cap`` of ``n`` items, drawn without replacement, returned sorted.
+
+    With ``priority`` (bool per item, e.g. "overlaps an annotation"), up to
+    ``round(cap * priority_share)`` places go to priority items and the rest to the others;
+    places a stratum cannot fill go to the other stratum, so the cap is always used.
+    """
+    if cap is None or n <= cap:
+        return np.arange(n)
+    if priority is None or not priority.any() or priority.all():
+        return np.sort(rng.choice(n, size=cap, replace=False))
+    pri = np.flatnonzero(priority)
+    rest = np.flatnonzero(~priority)
+    n_pri = min(len(pri), int(round(cap * priority_share)))
+    n_rest = min(len(rest), cap - n_pri)
+    n_pri = min(len(pri), cap - n_rest)  # give unused places back to the priority stratum
+    picked = np.concatenate([rng.choice(pri, size=n_pri, replace=False),
+                             rng.choice(rest, size=n_rest, replace=False)])
+    return np.sort(picked)
+
+
+# --------------------------------------------------------------------------------------------
+# Table building (pure) and I/O
+
+
+def empty_tiles_table():
+    """A table with the full tiles schema and no rows (skipped slides, no tissue)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([], schema=_schema())
+
+
+def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_y: float, level_downsamples,
+                      mask: np.ndarray, scale_x: float, scale_y: float, settings: TilingSettings,
+                      seed: int = 0, annotations=None):
+    """All tiles of one slide at every ``settings.mpp`` as a pyarrow Table (sorted by
+    target_mpp in config order, then y, x) and a dict of per-resolution stats."""
+    import pyarrow as pa
+
+    table_sum = integral_image(mask)
+    rng = np.random.default_rng(slide_seed(seed, slide_id))
+    parts, stats = [], {}
+    for target in settings.mpp:
+        spec = grid_spec(width, height, mpp_x, mpp_y, level_downsamples, target, settings.tile_px,
+                         settings.overlap_px, slide_id)
+        x, y, col, row = grid_coordinates(spec)
+        frac = tissue_fractions(table_sum, scale_x, scale_y, x, y, spec.size0_x, spec.size0_y)
+        keep = np.flatnonzero(frac >= settings.min_tissue_fraction - 1e-9)
+        x, y, col, row, frac = x[keep], y[keep], col[keep], row[keep], frac[keep]
+        if annotations is not None:
+            ann = annotation_fractions(annotations, x, y, spec.size0_x, spec.size0_y)
+        else:
+            ann = np.full(len(x), np.nan)  # unknown, not "no lesion"
+        n_tissue = len(x)
+        pick = sample_indices(len(x), settings.max_tiles_per_slide, rng,
+                              (ann > 0) if annotations is not None else None, settings.annotation_share)
+        x, y, col, row, frac, ann = x[pick], y[pick], col[pick], row[pick], frac[pick], ann[pick]
+        n = len(x)
+        parts.append(pa.table({
+            "slide_id": pa.array([slide_id] * n, pa.string()),
+            "x": pa.array(x, pa.int64()),
+            "y": pa.array(y, pa.int64()),
+            "read_level": pa.array(np.full(n, spec.level, np.int16)),
+            "read_w": pa.array(np.full(n, spec.read_w, np.int32)),
+            "read_h": pa.array(np.full(n, spec.read_h, np.int32)),
+            "target_mpp": pa.array(np.full(n, spec.target_mpp, np.float64)),
+            "tile_px": pa.array(np.full(n, spec.tile_px, np.int32)),
+            "tissue_fraction": pa.array(frac.astype(np.float32)),
+            "col": pa.array(col.astype(np.int32)),
+            "row": pa.array(row.astype(np.int32)),
+            "size0": pa.array(np.full(n, spec.size0_x, np.int32)),
+            "annotation_fraction": pa.array(ann.astype(np.float32)),
+        }, schema=_schema()))
+        stats[f"{target:g}"] = {"level": spec.level, "size0": spec.size0_x, "stride0": spec.stride0_x,
+                                "read_w": spec.read_w, "grid": spec.n_tiles, "tissue": n_tissue, "kept": n}
+    table = pa.concat_tables(parts) if parts else empty_tiles_table()
+    return table, stats
+
+
+def _metadata(mpp_x, mpp_y, settings: TilingSettings, stats: dict, status: str, reason: str | None,
+              annotations: str | None) -> dict[str, str]:
+    return {
+        "histoflow.mpp_x": json.dumps(mpp_x),
+        "histoflow.mpp_y": json.dumps(mpp_y),
+        # one stride per resolution: {"0.5": 512, "2": 2048}
+        "histoflow.stride0": json.dumps({k: v["stride0"] for k, v in stats.items()}, sort_keys=True),
+        "histoflow.target_mpp": json.dumps(list(settings.mpp)),
+        "histoflow.tile_px": str(settings.tile_px),
+        "histoflow.overlap_px": str(settings.overlap_px),
+        "histoflow.min_tissue_fraction": json.dumps(settings.min_tissue_fraction),
+        "histoflow.max_tiles_per_slide": json.dumps(settings.max_tiles_per_slide),
+        "histoflow.annotations": json.dumps(annotations),
+        "histoflow.status": status,
+        "histoflow.reason": reason or "",
+    }
+
+
+def _clean_optional(value) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    value = str(value).strip()
+    return value or None
+
+
+def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int = 0, annotations=None,
+               on_error: str = "fail") -> dict:
+    """Tile one slide: read its metadata and tissue mask, write ``tiles/{slide_id}.parquet``.
+
+    A slide skipped upstream (status "skipped") gets an empty table with the full schema.
+    Returns the per-resolution stats (also logged).
+    """
+    from PIL import Image
+
+    start = time.perf_counter()
+    settings = settings if isinstance(settings, TilingSettings) else TilingSettings.from_config(settings)
+    meta = read_json(slide_json)
+    slide_id = str(meta.get("slide_id") or Path(slide_json).stem)
+    annotations = _clean_optional(annotations)
+    tissue = read_json(tissue_json) if tissue_json and Path(tissue_json).exists() else {}
+    mpp_x, mpp_y = meta.get("mpp_x"), meta.get("mpp_y")
+
+    def write_empty(reason: str) -> dict:
+        log.warning("slide %s: no tiles (%s)", slide_id, reason)
+        write_parquet(out_path, empty_tiles_table(), _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason, annotations))
+        return {}
+
+    if meta.get("status") != "ok":
+        return write_empty(f"slide skipped upstream: {meta.get('reason') or 'no reason given'}")
+    if tissue.get("status", "ok") != "ok":
+        return write_empty(f"tissue detection skipped: {tissue.get('reason') or 'no reason given'}")
+    if not mpp_x:
+        raise SlideError(slide_id, "has no µm/px (not in the file): fill the sheet's `mpp` column or set "
+                                   "`default_mpp` in config.yaml")
+    mpp_y = mpp_y or mpp_x
+    try:
+        with Image.open(mask_png) as img:
+            mask = np.asarray(img.convert("L")) > 127
+        scale_x = float(tissue.get("scale_x") or meta["width"] / mask.shape[1])
+        scale_y = float(tissue.get("scale_y") or meta["height"] / mask.shape[0])
+        geom = load_annotations(annotations, slide_id)
+    except (OSError, SlideError, InputError) as err:
+        if on_error == "skip":
+            return write_empty(f"{err}")
+        if isinstance(err, (SlideError, InputError)):
+            raise
+        raise SlideError(slide_id, f"tissue mask {str(mask_png)!r} cannot be read ({err}); delete it and "
+                                   "rerun the tissue stage") from None
+
+    table, stats = build_tiles_table(slide_id, int(meta["width"]), int(meta["height"]), float(mpp_x), float(mpp_y),
+                                     meta["level_downsamples"], mask, scale_x, scale_y, settings, seed, geom)
+    write_parquet(out_path, table, _metadata(float(mpp_x), float(mpp_y), settings, stats, "ok", None, annotations))
+    for mpp, st in stats.items():
+        log.info("slide %s @ %s µm/px: level %d, size0 %d px, %d grid tiles, %d with tissue >= %.2f, %d kept",
+                 slide_id, mpp, st["level"], st["size0"], st["grid"], st["tissue"],
+                 settings.min_tissue_fraction, st["kept"])
+    log.info("slide %s: %d tiles in %.3f s", slide_id, table.num_rows, time.perf_counter() - start)
+    return stats
+
+
+def read_tiles_table(path: str | os.PathLike):
+    """A tiles Parquet as a pandas DataFrame (all columns of the schema, in order). The schema
+    metadata (mpp_x, mpp_y, stride0, ...) is in ``frame.attrs["histoflow"]``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    for col in TILE_COLUMNS:  # files from before annotation_fraction existed
+        if col not in frame.columns:
+            frame[col] = np.float32(np.nan)
+    frame = frame[list(TILE_COLUMNS) + [c for c in frame.columns if c not in TILE_COLUMNS]]
+    raw = table.schema.metadata or {}
+    frame.attrs["histoflow"] = {k.decode()[len("histoflow."):]: v.decode() for k, v in raw.items()
+                                if k.decode().startswith("histoflow.")}
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tiles
+
+
+def read_tile(slide, row) -> np.ndarray:
+    """One tile as ``(tile_px, tile_px, 3)`` uint8 RGB: ``read_w x read_h`` px at ``read_level``
+    (level-0 corner ``x, y``), downscaled with a Lanczos filter when the level is finer than the
+    target. ``slide`` is an open OpenSlide; ``row`` any mapping/row with the tiles columns."""
+    from PIL import Image
+
+    from .slide import read_rgb
+
+    tile_px = int(row["tile_px"])
+    rgb = read_rgb(slide, int(row["x"]), int(row["y"]), int(row["read_level"]), int(row["read_w"]), int(row["read_h"]))
+    if rgb.shape[0] == tile_px and rgb.shape[1] == tile_px:
+        return rgb
+    resized = Image.fromarray(rgb).resize((tile_px, tile_px), Image.Resampling.LANCZOS)
+    return np.asarray(resized)
+
+
+def tile_image_name(slide_id: str, x: int, y: int, mpp: float, image_format: str) -> str:
+    return f"{slide_id}_{int(x)}_{int(y)}_{mpp:g}{IMAGE_FORMATS[image_format]}"
+
+
+def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpeg") -> int:
+    """Write every tile of the table as an image ``{out_dir}/{slide_id}_{x}_{y}_{mpp}.jpg|png``.
+
+    The folder appears complete or not at all (built beside it, then renamed). A skipped slide
+    gives an empty folder. Returns the number of images written.
+    """
+    import shutil
+    import tempfile
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .slide import open_slide
+
+    out_dir = Path(out_dir)
+    meta = read_json(slide_json)
+    slide_id = str(meta.get("slide_id") or Path(slide_json).stem)
+    frame = read_tiles_table(tiles_path)
+    if image_format not in IMAGE_FORMATS and image_format != "none":
+        raise InputError(f"config key 'tiling.export_images': {image_format!r} must be none, jpeg or png")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
+    try:
+        if len(frame) and image_format != "none" and meta.get("status") == "ok":
+            slide = open_slide(meta["path"], slide_id)
+            try:
+                for row in tqdm(frame.to_dict("records"), desc=f"tiles {slide_id}", unit="tile", mininterval=5):
+                    img = Image.fromarray(read_tile(slide, row))
+                    name = tile_image_name(slide_id, row["x"], row["y"], row["target_mpp"], image_format)
+                    if image_format == "jpeg":
+                        img.save(tmp / name, quality=90)
+                    else:
+                        img.save(tmp / name)
+            finally:
+                slide.close()
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n = len(list(out_dir.iterdir()))
+    log.info("slide %s: %d tile images in %s", slide_id, n, out_dir)
+    return n

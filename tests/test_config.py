@@ -1,0 +1,92 @@
+"""The config and the samples sheet: bad input is one line naming the row/field and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from histoflow.config import load_samples, validate_config, validate_samples
+from histoflow.errors import InputError
+
+
+def sheet(tmp_path: Path, rows: list[dict], name: str = "samples.tsv") -> Path:
+    path = tmp_path / name
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+@pytest.fixture
+def slide_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a.svs"
+    path.write_bytes(b"not really a slide")
+    return path
+
+
+def row(slide_id="s1", patient="p1", label="tumor", source="a.svs", **extra):
+    return {"slide_id": slide_id, "patient_id": patient, "label": label, "source": source, **extra}
+
+
+def test_defaults_are_filled_from_the_schema():
+    config = validate_config({"samples": "x.tsv"})
+    assert config["outdir"] == "results"
+    assert config["on_error"] == "fail"
+    assert config["tiling"]["tile_px"] == 256
+    assert config["default_mpp"] is None
+
+
+def test_bad_config_value_names_the_key():
+    with pytest.raises(InputError) as err:
+        validate_config({"samples": "x.tsv", "tiling": {"tile_px": 3}})
+    assert "tiling.tile_px" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_valid_sheet_resolves_relative_paths(tmp_path, slide_file):
+    path = sheet(tmp_path, [row(), row("s2", "p2", "normal", "https://example.org/b.svs", mpp="0.25")])
+    samples = load_samples({"samples": str(path)})
+    assert list(samples.index) == ["s1", "s2"]
+    assert samples.loc["s1", "source"] == str(slide_file.resolve())
+    assert samples.loc["s2", "mpp"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([row(), row()], "appears in rows"),
+        ([row(), row("s2", "p1", "normal")], "patient 'p1'"),
+        ([row("bad id!")], "slide 'bad id!'"),
+        ([row(source="missing.svs")], "does not exist"),
+        ([row(source="gdc:123")], "gdc:<file UUID>"),
+        ([row(mpp="fast")], "not a number"),
+    ],
+    ids=["duplicate-slide", "patient-two-labels", "bad-slide-id", "missing-file", "bad-gdc", "bad-mpp"],
+)
+def test_bad_sheet_gives_one_line_naming_the_problem(tmp_path, slide_file, rows, expected):
+    path = sheet(tmp_path, rows)
+    with pytest.raises(InputError) as err:
+        load_samples({"samples": str(path)})
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_columns_are_named(tmp_path):
+    path = tmp_path / "s.tsv"
+    path.write_text("slide_id\tsource\ns1\ta.svs\n")
+    with pytest.raises(InputError, match="patient_id, label"):
+        load_samples({"samples": str(path)})
+
+
+def test_snakemake_reports_a_bad_sheet_in_one_line(tmp_path, repo_root, snakemake_exe, slide_file):
+    path = sheet(tmp_path, [row(), row()])
+    result = subprocess.run(
+        [snakemake_exe, "-n", "--cores", "1", "--config", f"samples={path}", f"outdir={tmp_path}/out"],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("histoflow:")]
+    assert len(lines) == 1 and "appears in rows" in lines[0]
+    assert "Traceback" not in result.stderr
