@@ -33,7 +33,8 @@ COORD_TYPES = {"slide_id": "string", "x": "int64", "y": "int64", "target_mpp": "
                "tile_px": "int32", "size0": "int32", "col": "int32", "row": "int32"}
 FEATURE_METADATA = ("histoflow.encoder", "histoflow.dim", "histoflow.dtype", "histoflow.input_size",
                     "histoflow.stain_method", "histoflow.tta", "histoflow.mpp", "histoflow.n_tiles",
-                    "histoflow.dropped_tiles", "histoflow.dropped_decode", "histoflow.dropped_nonfinite")
+                    "histoflow.dropped_tiles", "histoflow.dropped_decode", "histoflow.dropped_nonfinite",
+                    "histoflow.encoder_weights")
 MPP_TOL = 1e-3  # relative: 0.5 and 0.5000001 are the same resolution
 
 
@@ -60,6 +61,8 @@ class FeatureSettings:
     tta: bool = False
     device: str = "auto"
     gpu: int = 0
+    weights_dir: str | None = None
+    allow_random_weights: bool = False
 
     @classmethod
     def from_config(cls, section: dict | None, tiling_mpp: Sequence[float] | None = None) -> "FeatureSettings":
@@ -168,38 +171,56 @@ class TileReader:
 
 
 class TileDataset:
-    """torch-style map dataset: index -> (uint8 tensor 3 x S x S, index, ok flag)."""
+    """torch-style map dataset: index -> (uint8 tensor 3 x S x S, index, ok flag).
 
-    def __init__(self, slide_path: str, slide_id: str, tiles: pd.DataFrame, out_px: int,
-                 normalizer=None):
-        cols = ["x", "y", "read_level", "read_w", "read_h"]
-        self.coords = tiles[cols].to_numpy(np.int64) if len(tiles) else np.zeros((0, 5), np.int64)
-        self.out_px = int(out_px)
+    Each tile is read as in the tiles table (``read_w x read_h`` at ``read_level`` -> ``tile_px``),
+    then prepared for the encoder as timm does: resized to ``input_size / crop_pct`` with the
+    encoder's interpolation, centre-cropped to ``input_size``, then stain-normalised.
+    """
+
+    def __init__(self, slide_path: str, slide_id: str, tiles: pd.DataFrame, input_size: int,
+                 normalizer=None, interpolation: str = "bilinear", crop_pct: float = 1.0):
+        cols = ["x", "y", "read_level", "read_w", "read_h", "tile_px"]
+        self.coords = tiles[cols].to_numpy(np.int64) if len(tiles) else np.zeros((0, 6), np.int64)
+        self.input_size = int(input_size)
+        self.resize_px = int(math.floor(input_size / crop_pct)) if crop_pct < 1 else self.input_size
+        self.interpolation = interpolation
         self.normalizer = normalizer
-        self.reader = TileReader(slide_path, slide_id, out_px)
-        self.failures: list[str] = []
+        self.reader = TileReader(slide_path, slide_id)
 
     def __len__(self) -> int:
         return len(self.coords)
 
+    def prepare(self, img) -> np.ndarray:
+        """A tile (PIL RGB, tile_px) -> uint8 H x W x 3 at the encoder's input size."""
+        from PIL import Image
+
+        if img.size != (self.resize_px, self.resize_px):
+            resample = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+                        "lanczos": Image.LANCZOS}.get(self.interpolation, Image.BILINEAR)
+            img = img.resize((self.resize_px, self.resize_px), resample)
+        if self.resize_px != self.input_size:
+            off = (self.resize_px - self.input_size) // 2
+            img = img.crop((off, off, off + self.input_size, off + self.input_size))
+        arr = np.asarray(img)
+        if self.normalizer is not None and self.normalizer.method != "none":
+            arr = self.normalizer.apply(arr)
+        return arr
+
     def __getitem__(self, i: int):
         import torch
 
-        x, y, level, w, h = (int(v) for v in self.coords[i])
+        x, y, level, w, h, tile_px = (int(v) for v in self.coords[i])
         try:
-            img = self.reader.read_pil(x, y, level, w, h, self.out_px)
-            arr = np.asarray(img)
-            if self.normalizer is not None and self.normalizer.method != "none":
-                arr = self.normalizer.apply(arr)
-            tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-            return tensor, i, True
+            arr = self.prepare(self.reader.read_pil(x, y, level, w, h, tile_px))
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), i, True
         except SlideError:
             raise  # the slide itself cannot be opened: not a per-tile problem
         except Exception as err:  # noqa: BLE001 - a corrupt tile is dropped and counted, not fatal
             log.warning("slide %r: tile at (%d, %d) level %d failed to decode: %s", self.reader.slide_id,
                         x, y, level, err)
             self.reader.reset()
-            return torch.zeros((3, self.out_px, self.out_px), dtype=torch.uint8), i, False
+            return torch.zeros((3, self.input_size, self.input_size), dtype=torch.uint8), i, False
 
 
 def _worker_init(worker_id: int) -> None:
@@ -365,7 +386,8 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     if encoder is None:
         from .encoders import load_encoder
 
-        encoder = load_encoder(encoder_name, ssl_checkpoint=ssl_checkpoint, device=device)
+        encoder = load_encoder(encoder_name, ssl_checkpoint=ssl_checkpoint, device=device,
+                               weights_dir=cfg.weights_dir, allow_random_weights=cfg.allow_random_weights)
     tiles = load_tiles(tiles_path, cfg.mpp) if meta_slide.get("status") == "ok" else pd.DataFrame()
     t0 = time.perf_counter()
     if len(tiles) == 0:
@@ -374,10 +396,12 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         log.warning("slide %r %s: writing an empty features table", slide_id, why)
         feats, ok = np.zeros((0, encoder.dim), np.float32), np.zeros(0, bool)
     else:
-        dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer)
+        dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer,
+                              getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0))
         feats, ok = extract_features(dataset, encoder, cfg.batch_size, cfg.num_workers, device, cfg.tta)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
-    out = feats.astype(cfg.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = feats.astype(cfg.dtype)
     finite = np.isfinite(out).all(axis=1)
     n_decode = int((~ok).sum())
     n_nonfinite = int((ok & ~finite).sum())
@@ -392,6 +416,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         "histoflow.tta": str(bool(cfg.tta)).lower(), "histoflow.mpp": str(cfg.mpp),
         "histoflow.n_tiles": str(len(tiles)), "histoflow.dropped_tiles": str(n_decode + n_nonfinite),
         "histoflow.dropped_decode": str(n_decode), "histoflow.dropped_nonfinite": str(n_nonfinite),
+        "histoflow.encoder_weights": str(getattr(encoder, "weights_source", "")),
     }
     write_parquet(out_path, table, metadata)
     elapsed = time.perf_counter() - t0

@@ -38,7 +38,7 @@ class StainSettings:
     method: str = "none"
     reference: str = "auto"          # tile image path, or "auto"
     n_reference_tiles: int = 64      # tiles sampled across the cohort when reference is auto
-    min_tissue_fraction: float = 0.6  # a reference candidate must be at least this much tissue
+    min_tissue_fraction: float = 0.5  # a reference candidate must be at least this much tissue
     beta: float = 0.15               # OD threshold separating tissue from background
     alpha: float = 1.0               # Macenko angle percentile (robust extremes)
     hed_jitter: float = 0.05         # sigma of stain augmentation (training-time views only)
@@ -107,23 +107,39 @@ def macenko_stain_matrix(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0
     return _order_he(np.stack([v1, v2]))
 
 
+def sparse_nmf(od: np.ndarray, init: np.ndarray, sparsity: float = 0.1, n_iter: int = 300) -> np.ndarray:
+    """Stains S (k x 3, unit rows) minimising ||OD - C S||^2 / 2 + sparsity * |C|_1 with C, S >= 0.
+
+    Multiplicative updates (Lee & Seung, with the L1 term in the C update); S rows are renormalised
+    every step so that the L1 penalty cannot be dodged by scaling S up and C down.
+    """
+    stains = np.asarray(init, np.float64).copy()
+    conc = np.clip(od @ np.linalg.pinv(stains), 1e-3, None)
+    for _ in range(n_iter):
+        conc *= (od @ stains.T) / (conc @ (stains @ stains.T) + sparsity + 1e-9)
+        stains *= (conc.T @ od) / ((conc.T @ conc) @ stains + 1e-9)
+        norms = np.maximum(np.linalg.norm(stains, axis=1, keepdims=True), 1e-12)
+        stains /= norms
+        conc *= norms.T
+    return stains
+
+
 def vahadane_stain_matrix(rgb: np.ndarray, beta: float = 0.15, sparsity: float = 0.1,
                           max_pixels: int = 4096, seed: int = 0) -> np.ndarray | None:
     """H and E OD unit vectors (2 x 3) by sparse non-negative factorisation (Vahadane et al.
-    2016): OD ~ C @ S with C >= 0 sparse (L1) and S >= 0; None when too little tissue."""
-    from sklearn.decomposition import NMF
+    2016): OD ~ C @ S with C >= 0 sparse (L1, lambda = 0.1) and S >= 0, started from the
+    Ruifrok-Johnston vectors; None when too little tissue.
 
+    Sparsity is what makes the answer the pure stains: a plain NMF is satisfied by any cone
+    that contains the data, a sparse one prefers the stains that explain pixels alone."""
     od = rgb_to_od(rgb).reshape(-1, 3)
     od = od[od.max(axis=1) > beta].astype(np.float64)
     if len(od) < 100:
         return None
     if len(od) > max_pixels:  # a seeded subsample keeps it fast and deterministic
-        od = od[np.random.default_rng(seed).choice(len(od), max_pixels, replace=False)]
-    model = NMF(n_components=2, init="nndsvda", alpha_W=sparsity, alpha_H=0.0,
-                l1_ratio=1.0, max_iter=400, random_state=seed)
-    model.fit(od)
-    stains = model.components_
-    if not np.all(np.isfinite(stains)) or np.any(np.linalg.norm(stains, axis=1) < 1e-8):
+        od = od[np.sort(np.random.default_rng(seed).choice(len(od), max_pixels, replace=False))]
+    stains = sparse_nmf(od, RUIFROK_HE, sparsity)
+    if not np.all(np.isfinite(stains)):
         return None
     return _order_he(stains)
 
@@ -246,6 +262,9 @@ def fit_normalizer(method: str, reference: np.ndarray, beta: float = 0.15, alpha
 # --------------------------------------------------------------------------- augmentation
 
 
+_SKIMAGE_OD_SCALE = float(-np.log(1e-6))
+
+
 def hed_jitter(rgb: np.ndarray, rng: np.random.Generator, sigma: float = 0.05) -> np.ndarray:
     """Stain augmentation (Tellez et al. 2018): in HED space each channel c becomes
     c * a + b with a ~ U(1 - sigma, 1 + sigma), b ~ U(-sigma, sigma); uint8 RGB in and out.
@@ -255,7 +274,9 @@ def hed_jitter(rgb: np.ndarray, rng: np.random.Generator, sigma: float = 0.05) -
     if sigma <= 0:
         return rgb
     a = rng.uniform(1 - sigma, 1 + sigma, size=3)
-    b = rng.uniform(-sigma, sigma, size=3)
+    # skimage's HED is OD / ln(1e6); the shift is drawn in OD units (as in Tellez et al.), else
+    # sigma 0.05 would add 0.7 OD and turn the glass pink
+    b = rng.uniform(-sigma, sigma, size=3) / _SKIMAGE_OD_SCALE
     hed = rgb2hed(rgb)
     out = hed2rgb(hed * a + b)
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
@@ -273,7 +294,7 @@ def tile_od_signature(rgb: np.ndarray, beta: float = 0.15) -> tuple[float, np.nd
     return frac, mean
 
 
-def choose_reference(tiles: Sequence[np.ndarray], beta: float = 0.15, min_tissue_fraction: float = 0.6) -> int:
+def choose_reference(tiles: Sequence[np.ndarray], beta: float = 0.15, min_tissue_fraction: float = 0.5) -> int:
     """Index of the most typical tissue tile: among tiles with enough tissue, the one whose
     mean OD (per channel, plus tissue fraction) is nearest the cohort median."""
     sigs = [tile_od_signature(t, beta) for t in tiles]

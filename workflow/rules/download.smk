@@ -1,6 +1,12 @@
 # Stage: download. Each slide's source (URL, gdc:<UUID>, local path) becomes a local file,
 # described by a manifest JSON (path to open, md5, size, seconds). Local files are linked.
 
+# Cluster compute nodes often have no internet, and a symlink needs no job: downloads run on
+# the submitting host. Cap parallel transfers with `--resources downloads=N`.
+localrules:
+    download_slide,
+    download,
+
 
 rule download_slide:
     output:
@@ -13,8 +19,10 @@ rule download_slide:
         on_error=config["on_error"],
     log:
         log_path("download_slide"),
+    threads: 1
     resources:
         downloads=1,
+        mem_mb=512,
     script:
         "../scripts/download_slide.py"
 
@@ -22,3 +30,6 @@ rule download_slide:
 rule download:
     input:
         per_slide("downloads/{slide_id}.json"),
+
+
+TARGETS.extend(per_slide("downloads/{slide_id}.json"))

@@ -1,1 +1,62 @@
-# Stage: features (see docs/interface.md).
+# Stage: features. For each encoder of features.encoders and each slide, the tiles at
+# features.mpp go through a DataLoader (workers read + stain-normalise) into batched inference;
+# one Parquet per (encoder, slide): features/{encoder_slug}/{slide_id}.parquet.
+import re
+
+from histoflow.encoders import encoder_slug
+from histoflow.features import check_feature_mpp
+
+try:
+    check_feature_mpp(config["features"]["mpp"], config["tiling"]["mpp"])
+    FEATURE_ENCODERS = {encoder_slug(name): name for name in config["features"]["encoders"]}
+except InputError as err:
+    sys.stderr.write(f"histoflow: {err}\n")
+    sys.exit(1)
+
+
+def ssl_checkpoint_input(wildcards):
+    """ssl:<arch> encoders are trained by rule ssl_pretrain: their checkpoint is an input."""
+    name = FEATURE_ENCODERS[wildcards.encoder]
+    return [out(f"ssl/{name[len('ssl:'):]}/encoder.pt")] if name.startswith("ssl:") else []
+
+
+def features_for(encoder_name):
+    """Per-slide features files of one encoder (for downstream stages)."""
+    return per_slide(f"features/{encoder_slug(encoder_name)}/{{slide_id}}.parquet")
+
+
+rule extract_features:
+    input:
+        slide=out("slides/{slide_id}.json"),
+        tiles=out("tiles/{slide_id}.parquet"),
+        stain=stain_json_input,
+        ssl_checkpoint=ssl_checkpoint_input,
+    output:
+        features=out("features/{encoder}/{slide_id}.parquet"),
+    params:
+        encoder_name=lambda wc: FEATURE_ENCODERS[wc.encoder],
+        settings=config["features"],
+        tiling_mpp=config["tiling"]["mpp"],
+        seed=config["seed"],
+    wildcard_constraints:
+        encoder="|".join(map(re.escape, FEATURE_ENCODERS)),
+    log:
+        log_path("extract_features", "{encoder}/{slide_id}"),
+    threads: config["features"]["num_workers"] + 1
+    resources:
+        mem_mb=config["features"]["mem_mb"],
+        runtime=config["features"]["runtime"],
+        gpu=config["features"]["gpu"],
+    script:
+        "../scripts/extract_features.py"
+
+
+FEATURE_FILES = [f for name in config["features"]["encoders"] for f in features_for(name)]
+
+
+rule features:
+    input:
+        FEATURE_FILES,
+
+
+TARGETS.extend(FEATURE_FILES)

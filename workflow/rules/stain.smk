@@ -1,1 +1,42 @@
-# Stage: stain (see docs/interface.md).
+# Stage: stain normalisation. One normaliser per cohort (Macenko, Reinhard or Vahadane), fitted
+# on a reference tile (given, or the most typical tissue tile of a seeded sample across slides)
+# and applied tile by tile while features are extracted. Method `none` builds nothing.
+
+STAIN_ON = config["stain"]["method"] != "none"
+
+
+def stain_json_input(wildcards=None):
+    """The cohort's stain.json for rules that normalise tiles (empty when stain.method is none)."""
+    return [out("stain/stain.json")] if STAIN_ON else []
+
+
+rule fit_stain:
+    input:
+        slides=per_slide("slides/{slide_id}.json"),
+        tiles=per_slide("tiles/{slide_id}.parquet"),
+    output:
+        stain=out("stain/stain.json"),
+        reference=report(
+            out("stain/reference.png"),
+            caption="../report/stain_reference.rst",
+            category="2. Tiles and features",
+        ),
+    params:
+        settings=config["stain"],
+        seed=config["seed"],
+        mpp=config["features"]["mpp"],
+    log:
+        log_path("fit_stain", "fit_stain"),
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/fit_stain.py"
+
+
+rule stain:
+    input:
+        stain_json_input(),
+
+
+TARGETS.extend(stain_json_input())

@@ -1,0 +1,327 @@
+"""The 11-item WSI analysis checklist: what was done, with which parameters, read back from the
+files the workflow wrote. One collector feeds both `checklist.md` and MLflow, so the report and
+the audit trail can never disagree."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from glob import glob
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import REPO_ROOT
+
+TITLES = {
+    1: "Hardware and software", 2: "Data source", 3: "Data splitting", 4: "Stain normalisation",
+    5: "Background removal (tissue detection)", 6: "Patch extraction and augmentation",
+    7: "Patch labelling", 8: "Patch classifier", 9: "Slide classifier (aggregation)",
+    10: "Lesion detection", 11: "Performance metrics",
+}
+PACKAGES = ("snakemake", "torch", "torchvision", "timm", "openslide-python", "openslide-bin", "pyvips",
+            "scikit-learn", "scikit-image", "shapely", "numpy", "pandas", "pyarrow", "mlflow")
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key)", re.I)
+
+
+@dataclass
+class ChecklistItem:
+    number: int
+    title: str
+    summary: list[str] = field(default_factory=list)      # sentences for checklist.md
+    params: dict[str, Any] = field(default_factory=dict)   # flat, logged as MLflow params
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)     # files to attach
+
+    @property
+    def key(self) -> str:
+        return f"{self.number:02d}_" + re.sub(r"[^a-z0-9]+", "_", self.title.lower()).strip("_")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Secrets never reach params, tags or artifacts: values under secret-looking keys are
+    replaced (names of variables/files that *hold* a secret are kept) and URLs lose credentials."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if key and SECRET_KEY.search(key) and not key.endswith(("_env", "_file")) and value not in (None, ""):
+        return "***"
+    if isinstance(value, str):
+        return redact_url(value)
+    return value
+
+
+def redact_url(text: str) -> str:
+    text = re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)
+    return re.sub(r"([?&](?:token|sig|signature|key|X-Amz-Signature|X-Amz-Credential)=)[^&\s]+", r"\1***", text, flags=re.I)
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def _read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _files(pattern: str) -> list[str]:
+    return sorted(glob(pattern, recursive=True))
+
+
+def hardware_software() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError):
+        ram_gb = float("nan")
+    gpus = []
+    try:
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # a broken CUDA install must not stop the audit
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", False
+    return {"cpu_model": cpu, "cpu_cores": os.cpu_count(), "ram_gb": round(ram_gb, 1),
+            "gpus": gpus or ["none"], "python": sys.version.split()[0], "platform": platform.platform(),
+            "workflow_commit": commit, "workflow_dirty": dirty, "versions": versions}
+
+
+def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[ChecklistItem]:
+    """Read every stage's outputs under ``outdir`` and describe the 11 checklist items."""
+    out = Path(outdir)
+    cfg = redact(config)
+    items = {n: ChecklistItem(n, t) for n, t in TITLES.items()}
+
+    # 1 hardware / software
+    hw = hardware_software()
+    it = items[1]
+    it.params = flatten("", {k: v for k, v in hw.items() if k != "versions"})
+    it.params.update({f"version.{k}": v for k, v in hw["versions"].items()})
+    it.summary.append(f"CPU {hw['cpu_model']} ({hw['cpu_cores']} cores), {hw['ram_gb']} GB RAM, GPU: {', '.join(hw['gpus'])}.")
+    it.summary.append(f"Python {hw['python']}, Snakemake {hw['versions']['snakemake']}, torch {hw['versions']['torch']}, "
+                      f"OpenSlide bin {hw['versions']['openslide-bin']}; workflow commit {hw['workflow_commit'][:12]}"
+                      + (" (with uncommitted changes)" if hw["workflow_dirty"] else "") + ".")
+
+    # 2 data source
+    it = items[2]
+    manifests = [_read_json(p) for p in _files(str(out / "downloads" / "*.json"))]
+    kinds = pd.Series([m.get("source_kind", "?") for m in manifests]).value_counts().to_dict() if manifests else {}
+    it.params = {"samples_sheet": samples_path, "n_slides": len(manifests), **{f"n_source_{k}": v for k, v in kinds.items()}}
+    secs = [m.get("download_seconds") or 0 for m in manifests]
+    it.metrics = {"download_seconds_total": float(sum(secs)), "n_slides": float(len(manifests))}
+    if manifests:
+        table = pd.DataFrame([{k: redact_url(str(m.get(k))) for k in ("slide_id", "source_kind", "source", "md5", "size_bytes", "download_seconds", "status")} for m in manifests])
+        sources_tsv = out / "mlflow" / "sources.tsv"
+        sources_tsv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(sources_tsv, sep="\t", index=False)
+        it.artifacts.append(str(sources_tsv))
+    if Path(samples_path).exists():
+        it.artifacts.append(samples_path)
+    qc = out / "qc" / "slides.tsv"
+    n_skipped = 0
+    if qc.exists():
+        qct = pd.read_csv(qc, sep="\t")
+        n_skipped = int((qct.get("status", pd.Series(dtype=str)) == "skipped").sum())
+        it.artifacts.append(str(qc))
+    it.params["n_skipped"] = n_skipped
+    it.summary.append(f"{len(manifests)} slides from {', '.join(f'{v} {k}' for k, v in kinds.items()) or 'no source'}; "
+                      f"md5 recorded per slide; {n_skipped} skipped by QC (reasons in qc/slides.tsv).")
+
+    # 3 splitting
+    it = items[3]
+    split_cfg = cfg.get("split", {})
+    split_json = _read_json(out / "splits" / "split.json")
+    it.params = flatten("split", split_cfg)
+    it.params["seed"] = cfg.get("seed")
+    it.params.update(flatten("split_result", {k: v for k, v in split_json.items() if not isinstance(v, (list, dict))}))
+    if (out / "splits" / "splits.tsv").exists():
+        it.artifacts.append(str(out / "splits" / "splits.tsv"))
+    it.artifacts += [p for p in [str(out / "splits" / "split.json")] if Path(p).exists()]
+    it.summary.append(f"Patient-level, label-stratified splits ({split_json.get('strategy', split_cfg.get('strategy', 'kfold'))}, "
+                      f"k={split_json.get('k', split_cfg.get('k', '?'))}, seed {cfg.get('seed')}); no patient in two roles of one fold.")
+
+    # 4 normalisation
+    it = items[4]
+    stain = _read_json(out / "stain" / "stain.json")
+    it.params = flatten("stain", cfg.get("stain", {}))
+    it.params.update(flatten("stain_fit", {k: v for k, v in stain.items() if not isinstance(v, (list, dict))}))
+    it.artifacts += [p for p in (str(out / "stain" / "stain.json"), str(out / "stain" / "reference.png")) if Path(p).exists()]
+    it.summary.append(f"Stain normalisation: {cfg.get('stain', {}).get('method', 'none')}"
+                      + (f", reference {stain.get('reference', stain.get('reference_source', '?'))}, fitted matrix in stain/stain.json." if stain else "."))
+
+    # 5 background removal
+    it = items[5]
+    tissue = [_read_json(p) for p in _files(str(out / "tissue" / "*.json"))]
+    areas = [t.get("tissue_area_mm2") or 0.0 for t in tissue]
+    methods = pd.Series([t.get("method", "?") for t in tissue]).value_counts().to_dict() if tissue else {}
+    it.params = flatten("tissue", cfg.get("tissue", {}))
+    it.metrics = {"tissue_area_mm2_mean": float(sum(areas) / len(areas)) if areas else 0.0,
+                  "tissue_area_mm2_total": float(sum(areas))}
+    it.metrics.update({f"tissue_area_mm2.{t.get('slide_id')}": float(t.get("tissue_area_mm2") or 0.0) for t in tissue})
+    it.artifacts += _files(str(out / "tissue" / "*.overlay.jpg"))[:50]
+    it.summary.append(f"Tissue masks on a ~{cfg.get('tissue', {}).get('mask_mpp')} µm/px level ({', '.join(f'{v} {k}' for k, v in methods.items())}); "
+                      f"mean tissue area {it.metrics['tissue_area_mm2_mean']:.2f} mm² per slide.")
+
+    # 6 patch extraction
+    it = items[6]
+    counts = {}
+    for p in _files(str(out / "tiles" / "*.parquet")):
+        try:
+            import pyarrow.parquet as pq
+
+            counts[Path(p).stem] = pq.ParquetFile(p).metadata.num_rows
+        except Exception:
+            counts[Path(p).stem] = 0
+    it.params = flatten("tiling", cfg.get("tiling", {}))
+    it.params.update(flatten("features", {k: v for k, v in cfg.get("features", {}).items() if k in ("encoders", "mpp", "tta", "dtype")}))
+    it.params.update(flatten("augmentation", {"ssl": cfg.get("ssl", {}), "stain_augment": cfg.get("stain", {}).get("augment")}))
+    it.metrics = {"n_tiles_total": float(sum(counts.values()))}
+    it.metrics.update({f"n_tiles.{k}": float(v) for k, v in counts.items()})
+    tcfg = cfg.get("tiling", {})
+    it.summary.append(f"Tiles of {tcfg.get('tile_px')} px at {tcfg.get('mpp')} µm/px, overlap {tcfg.get('overlap_px')} px, "
+                      f"min tissue fraction {tcfg.get('min_tissue_fraction')}: {sum(counts.values())} tiles in {len(counts)} slides; "
+                      f"features {cfg.get('features', {}).get('encoders')} (TTA {cfg.get('features', {}).get('tta')}).")
+
+    # 7 patch labelling
+    it = items[7]
+    it.params = flatten("patch_labels", cfg.get("patch_labels", {}))
+    label_counts = out / "patch_labels" / "counts.tsv"
+    sources = _read_json(out / "tile_probs" / "sources.json")
+    if label_counts.exists():
+        lc = pd.read_csv(label_counts, sep="\t")
+        for col in lc.columns:
+            if col not in ("slide_id",) and pd.api.types.is_numeric_dtype(lc[col]):
+                it.metrics[f"labels.{col}"] = float(lc[col].sum())
+        it.artifacts.append(str(label_counts))
+        it.summary.append("Tile labels from annotation polygons by overlap fraction: "
+                          + ", ".join(f"{k.split('.', 1)[1]} {int(v)}" for k, v in it.metrics.items()) + ".")
+    else:
+        it.summary.append("No annotations: no tile labels; tumour probabilities come from MIL instance scores.")
+    if sources:
+        it.params.update(flatten("tile_prob_sources", sources))
+
+    # 8 patch classifier
+    it = items[8]
+    it.params = flatten("patch_classifier", cfg.get("patch_classifier", {}))
+    pc = [(_read_json(p), p) for p in _files(str(out / "patch_classifier" / "fold*" / "metrics.json"))]
+    for m, p in pc:
+        fold = Path(p).parent.name
+        for k, v in flatten("", m).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                it.metrics[f"{fold}.{k}"] = float(v)
+        it.artifacts.append(p)
+    it.summary.append(f"Patch classifier {cfg.get('patch_classifier', {}).get('model', 'n/a')} on frozen features, trained per fold on "
+                      f"train-role slides only ({len(pc)} folds)." if pc else "No patch classifier (no annotations).")
+
+    # 9 slide classifier: MIL + classic
+    it = items[9]
+    it.params = flatten("mil", cfg.get("mil", {}))
+    it.params.update(flatten("slide_features", cfg.get("slide_features", {})))
+    it.params.update(flatten("slide_classifier", cfg.get("slide_classifier", {})))
+    it.artifacts += _files(str(out / "mil" / "*" / "curves.png"))
+    models = sorted({Path(p).parent.name for p in _files(str(out / "mil" / "*" / "predictions.tsv"))})
+    classic = sorted({f"{Path(p).parent.name}@{Path(p).parent.parent.name}" for p in _files(str(out / "slide_classifier" / "*" / "*" / "predictions.tsv"))})
+    it.summary.append(f"MIL models: {', '.join(models) or 'none'}; feature-based slide classifiers: {', '.join(classic) or 'none'}; "
+                      "training curves per fold in nested MLflow runs.")
+
+    # 10 lesion detection
+    it = items[10]
+    it.params = flatten("lesions", cfg.get("lesions", {}))
+    for p in _files(str(out / "lesions" / "*" / "metrics.json")):
+        src = Path(p).parent.name
+        for k, v in flatten("", _read_json(p)).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                it.metrics[f"{src}.{k}"] = float(v)
+        it.artifacts.append(p)
+        it.artifacts += [q for q in _files(str(Path(p).parent / "*.png"))][:5]
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in it.metrics.items() if k.split(".")[-1] in ("froc", "froc_score", "dice", "mean_dice", "n_lesions"))
+    it.summary.append(f"Threshold + connected components on tile probabilities; {summary or 'no lesion metrics'}.")
+
+    # 11 metrics
+    it = items[11]
+    mj = _read_json(out / "metrics" / "metrics.json")
+    it.params = flatten("metrics", {**cfg.get("metrics", {}), **mj.get("settings", {})})
+    for model, res in mj.get("models", {}).items():
+        for k, v in res.get("pooled", {}).items():
+            if v is not None:
+                it.metrics[f"{model}.{k}"] = float(v)
+        for k, (lo, hi) in res.get("ci", {}).items():
+            if lo is not None:
+                it.metrics[f"{model}.{k}_ci_low"] = float(lo)
+                it.metrics[f"{model}.{k}_ci_high"] = float(hi)
+    it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("metrics.json", "metrics.tsv", "roc.png", "pr.png", "calibration.png")) if Path(p).exists()]
+    if mj:
+        best = mj.get("best_model")
+        b = mj["models"].get(best, {})
+        ci = b.get("ci", {}).get("auc", [None, None])
+        auc = b.get("pooled", {}).get("auc")
+        auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
+        ci_txt = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci[0] is not None else "n/a"
+        it.summary.append(f"{len(mj.get('models', {}))} models compared on out-of-fold test slides; best {best}: AUC {auc_txt} "
+                          f"(95% patient-bootstrap CI {ci_txt}); threshold chosen on validation; "
+                          f"{mj.get('settings', {}).get('n_bootstrap')} resamples; DeLong vs best in metrics.tsv.")
+    else:
+        it.summary.append("Metrics not computed yet.")
+    return [items[n] for n in sorted(items)]
+
+
+def render_checklist(items: list[ChecklistItem]) -> str:
+    lines = ["# WSI analysis checklist", "",
+             "What this run did for each item of the checklist, read back from its outputs.", ""]
+    for it in items:
+        lines.append(f"## {it.number}. {it.title}")
+        lines += [f"- {s}" for s in it.summary]
+        if it.params:
+            shown = list(it.params.items())[:25]
+            lines.append("")
+            lines.append("| parameter | value |")
+            lines.append("|---|---|")
+            lines += [f"| `{k}` | {v} |" for k, v in shown]
+            if len(it.params) > len(shown):
+                lines.append(f"| ... | {len(it.params) - len(shown)} more in MLflow |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_checklist(outdir: str, config: dict, samples_path: str, out_path: str) -> None:
+    """Rule `checklist`: {outdir}/checklist.md."""
+    from .io import write_text
+
+    write_text(out_path, render_checklist(collect_checklist(outdir, config, samples_path)))

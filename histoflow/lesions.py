@@ -1,0 +1,357 @@
+"""Lesion detection on tile-probability maps, and its evaluation: CAMELYON16 lesion-level FROC
+and pixel Dice on the tile grid.
+
+Detection: (optionally Gaussian-smoothed) probability map >= threshold, 8-connected components,
+each a lesion polygon (level-0 px) with area (µm²), max and mean probability. Its detection point
+for FROC is the centre of its most probable tile, scored by that probability.
+
+FROC (CAMELYON16): ground-truth lesions closer than ``merge_distance_um`` (75 µm) merge, done as
+in the challenge's evaluation code by dilating each by half that distance. A detection inside a
+lesion hits it (only a lesion's best hit counts, further hits are neither TP nor FP); inside an
+isolated-tumour-cell lesion (longest axis < ``itc_um``, 275 µm) it is ignored; elsewhere it is a
+false positive. Average FPs per slide are over every slide with ground truth (normal + tumour);
+sensitivity is interpolated at 0.25, 0.5, 1, 2, 4, 8 FPs/slide; the FROC score is their mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from shapely.geometry import Point, Polygon, box
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import unary_union
+
+from .annotations import lesion_geometry, polygons_of, qupath_feature, read_annotations, write_feature_collection
+from .heatmaps import GridGeometry, grid_geometry, rasterize
+from .errors import InputError
+from .io import atomic_path, read_json, write_json, write_tsv
+from .patch_labels import PatchLabelSettings, overlap_fractions
+from .tile_probs import read_slide_probs
+
+log = logging.getLogger("histoflow.lesions")
+
+LESION_CLASS = ("Tumor", (220, 20, 60))
+FROC_FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass(frozen=True)
+class LesionSettings:
+    threshold: float = 0.5
+    smooth_sigma: float = 0.0          # Gaussian sigma in tiles; 0 = no smoothing
+    min_area_um2: float = 0.0          # smaller components are dropped
+    merge_distance_um: float = 75.0    # CAMELYON16: GT lesions closer than this are one lesion
+    itc_um: float = 275.0              # CAMELYON16: GT lesions with a shorter longest axis are ignored
+    gt_overlap: float = 0.5            # a tile is ground-truth tumour for Dice at this lesion overlap
+    fp_rates: tuple[float, ...] = FROC_FP_RATES
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> "LesionSettings":
+        cfg = {k: v for k, v in (cfg or {}).items() if k in cls.__dataclass_fields__}
+        if "fp_rates" in cfg:
+            cfg["fp_rates"] = tuple(float(r) for r in cfg["fp_rates"])
+        return cls(**cfg)
+
+
+@dataclass
+class Lesion:
+    label: int
+    cells: np.ndarray          # [k, 2] (row, col) of the component's tiles
+    n_tiles: int
+    max_prob: float
+    mean_prob: float
+    peak: tuple[int, int]      # (row, col) of the most probable tile
+
+
+def smooth_map(grid: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing that ignores cells without a tile (NaN): normalised convolution, so
+    the tissue border is not dragged towards 0."""
+    if sigma <= 0:
+        return grid.copy()
+    from scipy.ndimage import gaussian_filter
+
+    valid = np.isfinite(grid)
+    num = gaussian_filter(np.where(valid, grid, 0.0).astype(np.float64), sigma, mode="constant")
+    den = gaussian_filter(valid.astype(np.float64), sigma, mode="constant")
+    out = np.where(valid, num / np.maximum(den, 1e-12), np.nan)
+    return out.astype(np.float32)
+
+
+def detect_lesions(grid: np.ndarray, threshold: float, sigma: float = 0.0, min_tiles: int = 1) -> tuple[np.ndarray, list[Lesion]]:
+    """Label map (0 = background) and lesions: 8-connected components of smooth(grid) >= threshold.
+    max/mean probability are of the unsmoothed map (what the tiles actually scored)."""
+    from skimage.measure import label as cc_label
+
+    smoothed = smooth_map(grid, sigma)
+    mask = np.nan_to_num(smoothed, nan=-np.inf) >= threshold
+    labels = cc_label(mask, connectivity=2).astype(np.int32)
+    lesions: list[Lesion] = []
+    raw = np.nan_to_num(grid, nan=-np.inf)
+    for lab in range(1, int(labels.max()) + 1):
+        cells = np.argwhere(labels == lab)
+        if len(cells) < min_tiles:
+            labels[labels == lab] = 0
+            continue
+        vals = raw[cells[:, 0], cells[:, 1]]
+        k = int(np.argmax(vals))
+        lesions.append(Lesion(label=lab, cells=cells, n_tiles=len(cells), max_prob=float(vals[k]),
+                              mean_prob=float(vals.mean()), peak=(int(cells[k, 0]), int(cells[k, 1]))))
+    return labels, lesions
+
+
+def cells_polygon(cells: np.ndarray, geom: GridGeometry) -> BaseGeometry:
+    """Union of the grid cells (row, col) as a level-0 (Multi)Polygon; row runs merged first."""
+    boxes = []
+    for r in np.unique(cells[:, 0]):
+        cols = np.sort(cells[cells[:, 0] == r, 1])
+        breaks = np.nonzero(np.diff(cols) > 1)[0]
+        starts = np.concatenate([[cols[0]], cols[breaks + 1]])
+        ends = np.concatenate([cols[breaks], [cols[-1]]])
+        for c0, c1 in zip(starts, ends):
+            boxes.append(box(geom.x0 + c0 * geom.stride0, geom.y0 + r * geom.stride0,
+                             geom.x0 + (c1 + 1) * geom.stride0, geom.y0 + (r + 1) * geom.stride0))
+    return unary_union(boxes)
+
+
+def cell_area_um2(geom: GridGeometry, mpp_x: float, mpp_y: float) -> float:
+    return (geom.stride0 * mpp_x) * (geom.stride0 * mpp_y)
+
+
+# --- ground truth ------------------------------------------------------------------------------
+
+def longest_axis(poly: BaseGeometry) -> float:
+    """Longest side of the minimum rotated rectangle (level-0 px): the lesion's length."""
+    if poly.is_empty:
+        return 0.0
+    rect = poly.minimum_rotated_rectangle
+    if not isinstance(rect, Polygon):
+        return float(rect.length)
+    xs, ys = rect.exterior.coords.xy
+    sides = np.hypot(np.diff(xs), np.diff(ys))
+    return float(sides.max())
+
+
+def evaluation_lesions(gt: BaseGeometry, mpp: float, merge_distance_um: float = 75.0,
+                       itc_um: float = 275.0) -> tuple[list[BaseGeometry], list[bool]]:
+    """Evaluation regions (dilated by merge_distance/2, merged) and whether each is an ITC
+    (longest axis of the undilated tumour inside it < itc_um)."""
+    parts = polygons_of(gt)
+    if not parts:
+        return [], []
+    grow = merge_distance_um / 2.0 / mpp
+    merged = polygons_of(unary_union([p.buffer(grow) for p in parts]))
+    itc = []
+    for region in merged:
+        inside = unary_union([p for p in parts if p.intersects(region)])
+        itc.append(longest_axis(inside) * mpp < itc_um)
+    return merged, itc
+
+
+def match_detections(points: np.ndarray, regions: Sequence[BaseGeometry], itc: Sequence[bool]) -> np.ndarray:
+    """For each detection point (x, y): index of the evaluation lesion containing it, -1 outside
+    every lesion (false positive), -2 inside an ITC lesion (ignored)."""
+    hits = np.full(len(points), -1, dtype=np.int64)
+    for i, (x, y) in enumerate(np.asarray(points, dtype=float).reshape(-1, 2)):
+        p = Point(x, y)
+        for j, region in enumerate(regions):
+            if region.covers(p):
+                hits[i] = -2 if itc[j] else j
+                break
+    return hits
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """2|A∩B| / (|A| + |B|); 1.0 when both are empty (nothing to find, nothing found)."""
+    pred = np.asarray(pred, bool)
+    truth = np.asarray(truth, bool)
+    denom = int(pred.sum()) + int(truth.sum())
+    return 1.0 if denom == 0 else 2.0 * int((pred & truth).sum()) / denom
+
+
+@dataclass
+class SlideEval:
+    """What FROC needs from one slide with ground truth."""
+
+    slide_id: str
+    scores: np.ndarray         # detection scores
+    hits: np.ndarray           # match_detections output
+    n_lesions: int             # evaluation lesions that are not ITC
+
+
+def froc(slides: Sequence[SlideEval], fp_rates: Sequence[float] = FROC_FP_RATES) -> dict[str, Any]:
+    """FROC curve (average FPs per slide vs lesion sensitivity over all thresholds), sensitivity at
+    ``fp_rates`` by linear interpolation (as the CAMELYON16 script), and their mean (FROC score)."""
+    n_slides = len(slides)
+    total_lesions = sum(s.n_lesions for s in slides)
+    fp_scores, lesion_scores = [], []
+    for s in slides:
+        scores, hits = np.asarray(s.scores, float), np.asarray(s.hits)
+        fp_scores.extend(scores[hits == -1].tolist())
+        for j in np.unique(hits[hits >= 0]):
+            lesion_scores.append(float(scores[hits == j].max()))  # a lesion counts once, at its best hit
+    if n_slides == 0 or total_lesions == 0:
+        return {"available": False, "reason": "no slide with ground truth" if n_slides == 0 else
+                "no ground-truth lesion (all normal or ITC)", "n_slides": n_slides, "n_lesions": total_lesions}
+    fp_scores_a, lesion_scores_a = np.asarray(fp_scores), np.asarray(lesion_scores)
+    thresholds = np.unique(np.concatenate([fp_scores_a, lesion_scores_a]))[::-1]
+    fps = [0.0] + [float((fp_scores_a >= t).sum()) / n_slides for t in thresholds]
+    sens = [0.0] + [float((lesion_scores_a >= t).sum()) / total_lesions for t in thresholds]
+    curve = pd.DataFrame({"fp": fps, "sens": sens}).groupby("fp", as_index=False)["sens"].max()
+    at = np.interp(np.asarray(fp_rates, float), curve["fp"].to_numpy(), curve["sens"].to_numpy())
+    return {"available": True, "n_slides": n_slides, "n_lesions": total_lesions,
+            "n_detections": int(sum(len(s.scores) for s in slides)),
+            "fp_rates": [float(r) for r in fp_rates], "sensitivity": [float(v) for v in at],
+            "froc_score": float(np.mean(at)),
+            "curve": {"thresholds": [None] + [float(t) for t in thresholds], "avg_fp": fps, "sensitivity": sens}}
+
+
+# --- per slide and cohort (rule entry points) ------------------------------------------------
+
+def _has(value) -> bool:
+    return bool(value) and not (isinstance(value, float) and np.isnan(value))
+
+
+def lesions_for_slide(slide_id: str, source: str, prob_paths: list[str], slide_json: str, annotations: str | None,
+                      slide_label: str, positive_label: str, cohort_has_annotations: bool, settings: dict | LesionSettings,
+                      label_settings: dict | PatchLabelSettings, out_geojson: str | os.PathLike,
+                      out_json: str | os.PathLike) -> dict:
+    """``lesions/{source}/{slide_id}.geojson`` (lesion polygons) and ``.json`` (detections and
+    their ground-truth matches for FROC, Dice counts)."""
+    settings = settings if isinstance(settings, LesionSettings) else LesionSettings.from_config(settings)
+    label_settings = label_settings if isinstance(label_settings, PatchLabelSettings) else \
+        PatchLabelSettings.from_config(label_settings)
+    meta = read_json(slide_json)
+    positive = str(slide_label) == str(positive_label)
+    record: dict[str, Any] = {"slide_id": slide_id, "source": source, "label": str(slide_label), "status": "ok",
+                              "settings": asdict(settings)}
+    frame, fold, role = read_slide_probs(prob_paths, slide_id)
+    if meta.get("status") == "skipped" or frame.empty:
+        record.update(status="skipped" if meta.get("status") == "skipped" else "no_tiles", reason=meta.get("reason"),
+                      gt_available=False, detections=[], n_lesions_detected=0)
+        write_feature_collection(out_geojson, [])
+        write_json(out_json, record)
+        return record
+    if not meta.get("mpp_x"):
+        raise InputError(f"slide {slide_id!r}: slides/{slide_id}.json has no mpp_x, so lesion areas in µm² are "
+                         "unknown; give the sheet's `mpp` column or config default_mpp")
+    mpp_x = float(meta["mpp_x"])
+    mpp_y = float(meta.get("mpp_y") or mpp_x)
+    geom = grid_geometry(frame)
+    shape = (geom.n_rows, geom.n_cols)
+    grid = rasterize(frame["col"], frame["row"], frame["prob"], shape)
+    cell_um2 = cell_area_um2(geom, mpp_x, mpp_y)
+    min_tiles = max(1, int(np.ceil(settings.min_area_um2 / cell_um2 - 1e-9))) if settings.min_area_um2 > 0 else 1
+    labels, lesions = detect_lesions(grid, settings.threshold, settings.smooth_sigma, min_tiles)
+    index = rasterize(frame["col"], frame["row"], np.arange(len(frame)), shape, fill=-1).astype(np.int64)
+    features, detections = [], []
+    for les in lesions:
+        t = frame.iloc[index[les.peak]]
+        px, py = float(t["x"] + t["size0"] / 2.0), float(t["y"] + t["size0"] / 2.0)
+        area = les.n_tiles * cell_um2
+        features.append(qupath_feature(cells_polygon(les.cells, geom), "annotation", LESION_CLASS[0], LESION_CLASS[1],
+                                       {"area_um2": area, "max_prob": les.max_prob, "mean_prob": les.mean_prob,
+                                        "n_tiles": les.n_tiles, "peak_x": px, "peak_y": py},
+                                       name=f"lesion {len(features) + 1}"))
+        detections.append({"x": px, "y": py, "score": les.max_prob, "area_um2": area, "n_tiles": les.n_tiles,
+                           "mean_prob": les.mean_prob})
+    record.update(fold=fold, role=role, n_tiles=len(frame), n_lesions_detected=len(lesions),
+                  detected_area_um2=float(sum(d["area_um2"] for d in detections)),
+                  max_prob=float(np.nanmax(grid)), cell_area_um2=cell_um2)
+    # ground truth: the slide's annotations; a negative slide is lesion-free when the cohort is annotated
+    gt = None
+    if not positive and (cohort_has_annotations or _has(annotations)):
+        gt = Polygon()
+    elif positive and _has(annotations):
+        gt = lesion_geometry(read_annotations(annotations), label_settings.positive_classes, label_settings.exclude_classes)
+    record["gt_available"] = gt is not None
+    if gt is not None:
+        regions, itc = evaluation_lesions(gt, (mpp_x + mpp_y) / 2.0, settings.merge_distance_um, settings.itc_um)
+        hits = match_detections(np.array([[d["x"], d["y"]] for d in detections]).reshape(-1, 2), regions, itc)
+        for d, h in zip(detections, hits):
+            d["hit"] = int(h)
+        overlap = overlap_fractions(frame["x"].to_numpy(), frame["y"].to_numpy(), frame["size0"].to_numpy(), gt)
+        truth = rasterize(frame["col"], frame["row"], overlap >= settings.gt_overlap, shape, fill=0) > 0
+        pred = labels > 0
+        record.update(n_gt_lesions=int(sum(not i for i in itc)), n_gt_itc=int(sum(itc)),
+                      gt_area_um2=float(gt.area * mpp_x * mpp_y), dice=dice(pred, truth),
+                      dice_intersection=int((pred & truth).sum()), dice_pred=int(pred.sum()), dice_truth=int(truth.sum()))
+    record["detections"] = detections
+    write_feature_collection(out_geojson, features)
+    write_json(out_json, record)
+    log.info("%s: %d lesions (fold %s, %s), GT %s", slide_id, len(lesions), fold, role,
+             "available" if gt is not None else "not available")
+    return record
+
+
+def plot_froc(result: dict, out_png: str | os.PathLike, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    if result.get("available"):
+        c = result["curve"]
+        ax.plot(c["avg_fp"], c["sensitivity"], drawstyle="default", color="tab:red", label="FROC")
+        ax.scatter(result["fp_rates"], result["sensitivity"], color="black", zorder=3,
+                   label=f"FROC score {result['froc_score']:.3f}")
+        ax.set_xscale("symlog", linthresh=0.25)
+        ax.set_xlim(0, max(8.0, max(c["avg_fp"]) * 1.05))
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, f"FROC not available:\n{result.get('reason')}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("average false positives per slide")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+PER_SLIDE_COLUMNS = ["slide_id", "label", "status", "fold", "role", "n_tiles", "n_lesions_detected", "detected_area_um2",
+                     "max_prob", "gt_available", "n_gt_lesions", "n_gt_itc", "gt_area_um2", "n_tp", "n_fp", "dice"]
+
+
+def summarize_lesions(slide_jsons: list[str], source: str, settings: dict | LesionSettings, out_metrics: str | os.PathLike,
+                      out_tsv: str | os.PathLike, out_png: str | os.PathLike) -> dict:
+    """``lesions/{source}/metrics.json`` (FROC, Dice), ``per_slide.tsv``, ``froc.png``."""
+    settings = settings if isinstance(settings, LesionSettings) else LesionSettings.from_config(settings)
+    records = [read_json(p) for p in slide_jsons]
+    evals, rows = [], []
+    for r in records:
+        dets = r.get("detections", [])
+        row = {k: r.get(k) for k in PER_SLIDE_COLUMNS}
+        if r.get("gt_available"):
+            hits = np.array([d["hit"] for d in dets], dtype=np.int64)
+            evals.append(SlideEval(r["slide_id"], np.array([d["score"] for d in dets], float), hits, int(r["n_gt_lesions"])))
+            row["n_tp"] = int(len(np.unique(hits[hits >= 0])))
+            row["n_fp"] = int((hits == -1).sum())
+        rows.append(row)
+    result = froc(evals, settings.fp_rates)
+    with_gt = [r for r in records if r.get("gt_available")]
+    dice_info: dict[str, Any] = {"available": bool(with_gt)}
+    if with_gt:
+        inter = sum(r["dice_intersection"] for r in with_gt)
+        denom = sum(r["dice_pred"] + r["dice_truth"] for r in with_gt)
+        tumour = [r["dice"] for r in with_gt if r["dice_truth"] > 0]
+        dice_info.update(pooled=1.0 if denom == 0 else 2.0 * inter / denom,
+                         mean_all_slides=float(np.mean([r["dice"] for r in with_gt])),
+                         mean_tumour_slides=float(np.mean(tumour)) if tumour else None,
+                         n_slides=len(with_gt), n_tumour_slides=len(tumour))
+    else:
+        dice_info["reason"] = "no slide with ground truth (add `annotations` to the samples sheet)"
+    metrics = {"source": source, "settings": asdict(settings), "n_slides": len(records),
+               "n_slides_with_gt": len(with_gt), "n_lesions_detected": int(sum(r.get("n_lesions_detected", 0) for r in records)),
+               "froc": result, "dice": dice_info}
+    write_json(out_metrics, metrics)
+    write_tsv(out_tsv, pd.DataFrame(rows, columns=PER_SLIDE_COLUMNS))
+    plot_froc(result, out_png, f"lesion FROC ({source})")
+    return metrics

@@ -1,0 +1,54 @@
+"""DSMIL: dual-stream MIL (Li, Li & Eliceiri, CVPR 2021).
+
+Stream 1 classifies every tile and max-pools (finds the critical instance). Stream 2 attends
+to every tile by its similarity to that critical instance in a learned query space, and
+classifies the attention-pooled embedding. Training sums both streams' losses; the slide
+logit is their average.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import MILModel, TileScores, projector
+
+
+class DSMIL(MILModel):
+    name = "dsmil"
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, query_dim: int = 128):
+        super().__init__(in_dim, hidden_dim, dropout)
+        self.fc = projector(in_dim, hidden_dim, dropout)
+        self.instance_classifier = nn.Linear(hidden_dim, 1)
+        self.query = nn.Sequential(nn.Linear(hidden_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh())
+        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+        self.bag_classifier = nn.Linear(hidden_dim, 1)
+        self.query_dim = query_dim
+
+    def streams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(instance logits [n], attention [n], bag-stream logit)."""
+        h = self.fc(x)
+        inst = self.instance_classifier(h).squeeze(-1)
+        q = self.query(h)
+        critical = q[torch.argmax(inst)]
+        # distance-based attention: similarity to the critical instance, scaled like dot-product attention
+        attn = torch.softmax(q @ critical / math.sqrt(self.query_dim), dim=0)
+        bag = self.bag_classifier(attn @ self.value(h)).squeeze(-1)
+        return inst, attn, bag
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inst, _, bag = self.streams(x)
+        return 0.5 * (inst.max() + bag)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inst, _, bag = self.streams(x)
+        loss = 0.5 * F.binary_cross_entropy_with_logits(inst.max(), y) + 0.5 * F.binary_cross_entropy_with_logits(bag, y)
+        return weight * loss, 0.5 * (inst.max() + bag)
+
+    def tile_scores(self, x: torch.Tensor) -> TileScores:
+        inst, attn, _ = self.streams(x)
+        return TileScores(attention=attn, instance_prob=torch.sigmoid(inst))

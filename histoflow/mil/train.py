@@ -1,0 +1,396 @@
+"""Training, early stopping, scoring and collection of MIL models, one (model, fold) per job.
+
+One bag (slide) per optimisation step, as in the MIL papers: bags differ in size by orders of
+magnitude and padding them into batches wastes memory. Huge slides are capped at
+``max_tiles_train`` random tiles per step (a fresh subset every epoch, which also acts as
+augmentation); validation and inference always see the full bag.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+
+from ..errors import InputError
+from . import MODELS, MILModel, build_model
+from .data import Bag, feature_dim, load_bags
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("slide_id", "patient_id", "label", "y", "prob", "fold", "role", "n_tiles")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr")
+TILE_SCORE_COLUMNS = ("slide_id", "x", "y", "col", "row", "size0", "target_mpp", "fold", "role", "attention", "instance_prob")
+
+
+@dataclass(frozen=True)
+class MILSettings:
+    models: tuple[str, ...] = ("abmil",)
+    encoder: str | None = None
+    epochs: int = 50
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    patience: int = 10
+    min_epochs: int = 5
+    monitor: str = "loss"            # loss | auc (validation metric for early stopping)
+    max_tiles_train: int = 4096
+    hidden_dim: int = 128
+    dropout: float = 0.25
+    balance: str = "weights"         # weights | sampler
+    device: str = "auto"
+    gpu: int = 0
+    threads: int = 4
+    clam_sb: dict = field(default_factory=dict)
+    transmil: dict = field(default_factory=dict)
+    dsmil: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None) -> "MILSettings":
+        section = dict(section or {})
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in section.items() if k in known}
+        if "models" in values:
+            values["models"] = tuple(values["models"])
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for name in self.models:
+            if name not in MODELS:
+                raise InputError(f"config key 'mil.models': unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if self.balance not in ("weights", "sampler"):
+            raise InputError(f"config key 'mil.balance': {self.balance!r} is not weights or sampler")
+        if self.monitor not in ("loss", "auc"):
+            raise InputError(f"config key 'mil.monitor': {self.monitor!r} is not loss or auc")
+
+    def model_options(self, name: str) -> dict[str, Any]:
+        return dict(getattr(self, name, {}) or {})
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
+    """Seed python/numpy/torch, ask torch for deterministic kernels, return a seeded generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    # warn_only: a few CUDA kernels have no deterministic variant; on CPU everything here has one
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.Generator().manual_seed(seed)
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC, NaN when only one class is present (e.g. a tiny validation set)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    keep = ~np.isnan(np.asarray(score, dtype=float))
+    if len(np.unique(y[keep])) < 2:
+        return float("nan")
+    return float(roc_auc_score(y[keep], np.asarray(score)[keep]))
+
+
+@dataclass
+class FitResult:
+    model: MILModel
+    history: pd.DataFrame
+    best_epoch: int
+
+
+def _as_tensor(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(features)).to(device=device, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def predict_logits(model: MILModel, bags: Sequence[np.ndarray], device: torch.device | str = "cpu") -> np.ndarray:
+    """Slide logits on full bags (NaN for an empty bag)."""
+    device = torch.device(device)
+    model.eval()
+    out = np.full(len(bags), np.nan)
+    for i, bag in enumerate(bags):
+        if len(bag):
+            out[i] = float(model(_as_tensor(bag, device)).cpu())
+    return out
+
+
+def predict_proba(model: MILModel, bags: Sequence[np.ndarray], device: torch.device | str = "cpu") -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-predict_logits(model, bags, device)))
+
+
+@torch.inference_mode()
+def tile_scores(model: MILModel, bag: np.ndarray, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(attention summing to 1, instance probability in [0, 1]) per tile of a full bag."""
+    if not len(bag):
+        return np.zeros(0), np.zeros(0)
+    model.eval()
+    scores = model.tile_scores(_as_tensor(bag, torch.device(device)))
+    att = scores.attention.double().cpu().numpy()
+    return att / max(att.sum(), 1e-300), scores.instance_prob.double().clamp(0, 1).cpu().numpy()
+
+
+def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int],
+        val_bags: Sequence[np.ndarray], val_y: Sequence[int], settings: MILSettings, seed: int,
+        device: str | torch.device = "cpu", progress: bool = True) -> FitResult:
+    """Train one model; keep the weights of the best validation epoch (early stopping).
+
+    Without a validation set the last epoch is kept. Deterministic for a seed on CPU.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    keep = [i for i, b in enumerate(train_bags) if len(b)]
+    train_bags = [train_bags[i] for i in keep]
+    train_y = np.asarray(train_y, dtype=np.int64)[keep]
+    if len(np.unique(train_y)) < 2:
+        raise InputError("MIL training set holds one class only; use fewer folds (split.k) or add patients")
+    vkeep = [i for i, b in enumerate(val_bags) if len(b)]
+    val_bags = [val_bags[i] for i in vkeep]
+    val_y = np.asarray(val_y, dtype=np.int64)[vkeep]
+
+    gen = seed_everything(seed)
+    dim = int(np.asarray(train_bags[0]).shape[1])
+    model = build_model(model_name, dim, settings.hidden_dim, settings.dropout, settings.model_options(model_name)).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * len(train_bags)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(steps, 1), eta_min=settings.lr * 0.01)
+
+    counts = np.bincount(train_y, minlength=2).astype(float)
+    # class weighting: each class contributes half of the loss; sampler: each class half of the steps
+    class_weight = counts.sum() / (2.0 * counts) if settings.balance == "weights" else np.ones(2)
+    sample_weight = torch.tensor((1.0 / counts)[train_y], dtype=torch.double)
+
+    rows, best_state, best_key, best_epoch, stale = [], None, None, 0, 0
+    epochs = tqdm(range(1, settings.epochs + 1), desc=f"train {model_name}", unit="epoch", disable=not progress)
+    for epoch in epochs:
+        model.train()
+        if settings.balance == "sampler":
+            order = torch.multinomial(sample_weight, len(train_bags), replacement=True, generator=gen)
+        else:
+            order = torch.randperm(len(train_bags), generator=gen)
+        losses = []
+        for i in order.tolist():
+            bag = train_bags[i]
+            if len(bag) > settings.max_tiles_train:
+                pick = torch.randperm(len(bag), generator=gen)[: settings.max_tiles_train].sort().values.numpy()
+                bag = np.asarray(bag)[pick]
+            x = _as_tensor(bag, device)
+            y = torch.tensor(float(train_y[i]), device=device)
+            w = torch.tensor(float(class_weight[train_y[i]]), device=device)
+            loss, _ = model.training_loss(x, y, w)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            losses.append(float(loss.detach().cpu()))
+        val_loss, val_auc = float("nan"), float("nan")
+        if len(val_bags):
+            logits = predict_logits(model, val_bags, device)
+            val_loss = float(F.binary_cross_entropy_with_logits(torch.tensor(logits), torch.tensor(val_y, dtype=torch.float64)))
+            val_auc = roc_auc(val_y, logits)
+        rows.append((epoch, float(np.mean(losses)), val_loss, val_auc, optimiser.param_groups[0]["lr"]))
+        epochs.set_postfix(train_loss=f"{rows[-1][1]:.3f}", val_loss=f"{val_loss:.3f}", val_auc=f"{val_auc:.3f}")
+        if not len(val_bags):
+            continue
+        # lower is better; AUC ties (frequent on small validation sets) are broken by the loss
+        use_auc = settings.monitor == "auc" and not np.isnan(val_auc)
+        key = (-val_auc, val_loss) if use_auc else (val_loss,)
+        if best_key is None or key < best_key:
+            best_key, best_epoch, stale = key, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= settings.patience and epoch >= settings.min_epochs:
+                log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(rows)
+    model.eval()
+    history = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+    return FitResult(model=model, history=history, best_epoch=best_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O edges: one (model, fold) job, and the per-model collection.
+
+def fold_seed(seed: int, fold: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
+
+
+def save_checkpoint(path: str | os.PathLike, result: FitResult, model_name: str, settings: MILSettings,
+                    extra: dict[str, Any]) -> None:
+    from ..io import atomic_path
+
+    payload = {
+        "model": model_name,
+        "in_dim": result.model.in_dim,
+        "hidden_dim": settings.hidden_dim,
+        "dropout": settings.dropout,
+        "options": settings.model_options(model_name),
+        "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "best_epoch": result.best_epoch,
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[MILModel, dict[str, Any]]:
+    """The trained model (eval mode) and the checkpoint's metadata (fold, encoder, seed, ...)."""
+    payload = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(payload["model"], payload["in_dim"], payload["hidden_dim"], payload["dropout"], payload["options"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta
+
+
+def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.PathLike], model_name: str, fold: int,
+               settings: dict[str, Any] | MILSettings, seed: int, encoder: str,
+               out_checkpoint: str | os.PathLike, out_history: str | os.PathLike,
+               out_predictions: str | os.PathLike, out_tile_scores: str | os.PathLike,
+               threads: int = 1) -> pd.DataFrame:
+    """Train ``model_name`` on fold ``fold`` and score every slide of the cohort with it.
+
+    Writes the checkpoint, history.tsv, predictions.tsv (all slides, with their role in this
+    fold) and tile_scores.parquet (all tiles of all slides); returns the predictions.
+    """
+    from tqdm.auto import tqdm
+
+    from ..io import write_parquet, write_tsv
+    from ..splits import read_splits
+
+    if not isinstance(settings, MILSettings):
+        settings = MILSettings.from_config(settings)
+    fold = int(fold)
+    splits = read_splits(splits_tsv)
+    part = splits[splits["fold"] == fold].reset_index(drop=True)
+    if part.empty:
+        raise InputError(f"fold {fold} is not in {splits_tsv}; regenerate it with `snakemake split` (split.k changed?)")
+    seed_everything(seed, threads)
+    bags = load_bags(feature_paths, dtype="float16")
+    missing = [s for s in part["slide_id"] if s not in bags]
+    if missing:
+        raise InputError(f"slide {missing[0]!r} is in {splits_tsv} but has no features file; re-run `snakemake split features`")
+    feature_dim(bags)
+    device = resolve_device(settings.device)
+
+    def select(role: str) -> tuple[list[np.ndarray], np.ndarray]:
+        rows = part[part["role"] == role]
+        return [bags[s].features for s in rows["slide_id"]], rows["y"].to_numpy()
+
+    empty = [s for s in part["slide_id"] if not len(bags[s])]
+    if empty:
+        log.warning("%d slide(s) without tiles (skipped upstream) are left out of training: %s", len(empty), ", ".join(empty[:10]))
+    train_x, train_y = select("train")
+    val_x, val_y = select("val")
+    log.info("fold %d %s: %d train / %d val bags, device %s", fold, model_name, len(train_x), len(val_x), device)
+    result = fit(model_name, train_x, train_y, val_x, val_y, settings, fold_seed(seed, fold), device)
+    log.info("best epoch %d of %d", result.best_epoch, len(result.history))
+
+    probs = predict_proba(result.model, [bags[s].features for s in part["slide_id"]], device)
+    predictions = part[["slide_id", "patient_id", "label", "y"]].copy()
+    predictions["prob"] = probs
+    predictions["fold"] = fold
+    predictions["role"] = part["role"]
+    predictions["n_tiles"] = [len(bags[s]) for s in part["slide_id"]]
+    predictions = predictions[list(PREDICTION_COLUMNS)]
+
+    frames = []
+    for slide_id, role in tqdm(list(zip(part["slide_id"], part["role"])), desc="tile scores", unit="slide"):
+        bag = bags[slide_id]
+        att, inst = tile_scores(result.model, bag.features, device)
+        frame = pd.DataFrame({c: bag.coords[c].to_numpy() for c in ("slide_id", "x", "y", "col", "row", "size0", "target_mpp")})
+        frame["slide_id"] = slide_id
+        frame["fold"], frame["role"] = fold, role
+        frame["attention"], frame["instance_prob"] = att, inst
+        frames.append(frame)
+    scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TILE_SCORE_COLUMNS))
+    scores = scores.astype({"slide_id": str, "x": "int64", "y": "int64", "col": "int32", "row": "int32", "size0": "int32",
+                            "target_mpp": "float64", "fold": "int32", "role": str, "attention": "float32",
+                            "instance_prob": "float32"})[list(TILE_SCORE_COLUMNS)]
+
+    test_auc = roc_auc(predictions.loc[predictions["role"] == "test", "y"].to_numpy(),
+                       predictions.loc[predictions["role"] == "test", "prob"].to_numpy())
+    log.info("fold %d %s: test AUC %.3f", fold, model_name, test_auc)
+    save_checkpoint(out_checkpoint, result, model_name, settings,
+                    {"fold": fold, "seed": int(seed), "encoder": encoder, "test_auc": test_auc})
+    write_tsv(out_history, result.history)
+    write_tsv(out_predictions, predictions)
+    write_parquet(out_tile_scores, scores, metadata={"histoflow.model": model_name, "histoflow.fold": str(fold),
+                                                     "histoflow.encoder": encoder})
+    return predictions
+
+
+def plot_curves(histories: dict[int, pd.DataFrame], title: str, out_png: str | os.PathLike) -> None:
+    """Loss (train solid, validation dashed) and validation AUC per fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+    for i, (fold, hist) in enumerate(sorted(histories.items())):
+        c = colours(i % 10)
+        ax_loss.plot(hist["epoch"], hist["train_loss"], color=c, label=f"fold {fold} train")
+        ax_loss.plot(hist["epoch"], hist["val_loss"], color=c, linestyle="--", label=f"fold {fold} val")
+        ax_auc.plot(hist["epoch"], hist["val_auc"], color=c, label=f"fold {fold}")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
+    ax_auc.set(xlabel="epoch", ylabel="validation AUC", ylim=(0, 1.02), title=f"{title}: validation AUC")
+    ax_loss.legend(fontsize=7, ncol=2)
+    ax_auc.legend(fontsize=7)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def collect_model(model_name: str, prediction_paths: Sequence[str | os.PathLike], history_paths: Sequence[str | os.PathLike],
+                  out_predictions: str | os.PathLike, out_curves: str | os.PathLike,
+                  out_summary: str | os.PathLike) -> pd.DataFrame:
+    """Out-of-fold predictions (test rows of every fold), training curves and AUC summary of one model."""
+    from ..io import write_json, write_tsv
+
+    preds = pd.concat([pd.read_csv(p, sep="\t", dtype={"slide_id": str, "patient_id": str, "label": str})
+                       for p in prediction_paths], ignore_index=True)
+    oof = preds[preds["role"] == "test"].sort_values(["fold", "slide_id"]).reset_index(drop=True)
+    # history paths come in fold order (the rule expands fold=0..K-1)
+    histories = {i: pd.read_csv(p, sep="\t") for i, p in enumerate(history_paths)}
+    per_fold = {str(f): roc_auc(g["y"].to_numpy(), g["prob"].to_numpy()) for f, g in oof.groupby("fold")}
+    # holdout: every fold scores the same test slides; the ensemble is their mean probability
+    mean_prob = oof.groupby(["slide_id", "y"], as_index=False)["prob"].mean()
+    summary = {
+        "model": model_name,
+        "n_folds": len(prediction_paths),
+        "n_test_rows": int(len(oof)),
+        "n_test_slides": int(oof["slide_id"].nunique()),
+        "auc_pooled": roc_auc(oof["y"].to_numpy(), oof["prob"].to_numpy()),
+        "auc_per_fold": per_fold,
+        "auc_fold_mean": float(np.nanmean(list(per_fold.values()))) if per_fold else float("nan"),
+        "auc_mean_prob": roc_auc(mean_prob["y"].to_numpy(), mean_prob["prob"].to_numpy()),
+        "epochs_run": {str(f): int(len(h)) for f, h in histories.items()},
+    }
+    write_tsv(out_predictions, oof)
+    plot_curves(histories, model_name, out_curves)
+    write_json(out_summary, summary)
+    log.info("%s: out-of-fold AUC %.3f over %d test slides", model_name, summary["auc_pooled"], summary["n_test_slides"])
+    return oof

@@ -1,0 +1,251 @@
+"""Slide metadata and QC: what every later stage needs to know about a slide, checked once.
+
+Per slide: vendor, format, size, pyramid, µm/px and where it came from, objective power,
+associated images, file size and md5. The µm/px is the one number everything physical
+(tile size, tissue area, lesion size) depends on, so it is resolved in a fixed order
+(slide metadata, TIFF resolution tags, sheet `mpp`, config `default_mpp`) and checked for
+plausibility: generic TIFFs often carry a 72 dpi placeholder (352.8 µm/px) that must not be
+mistaken for a real resolution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import HistoflowError, SlideError
+from .io import read_json, write_json
+
+log = logging.getLogger("histoflow.slide_qc")
+
+MPP_MIN, MPP_MAX = 0.05, 20.0          # µm/px a slide can plausibly have at level 0
+TIFF_UNIT_UM = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0}
+
+SLIDE_FIELDS = ("slide_id", "status", "reason", "path", "vendor", "format", "width", "height", "level_count",
+                "level_dimensions", "level_downsamples", "mpp_x", "mpp_y", "mpp_source", "objective_power",
+                "associated_images", "file_size_bytes", "md5")
+
+
+def _number(value: Any) -> float | None:
+    """A float from a sheet/config/property value; None for empty, NaN or non-numbers."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) or number <= 0 else number
+
+
+def plausible_mpp(mpp: float | None) -> bool:
+    return mpp is not None and MPP_MIN <= mpp <= MPP_MAX
+
+
+def mpp_from_properties(props: Mapping[str, str]) -> tuple[float | None, float | None, str | None]:
+    """(mpp_x, mpp_y, source) from OpenSlide properties: ``openslide.mpp-*`` ("slide"), else the
+    TIFF XResolution/YResolution tags with their unit ("tiff_resolution"), else (None, None, None)."""
+    mx, my = _number(props.get("openslide.mpp-x")), _number(props.get("openslide.mpp-y"))
+    if mx and my:
+        return mx, my, "slide"
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    rx, ry = _number(props.get("tiff.XResolution")), _number(props.get("tiff.YResolution"))
+    if unit in TIFF_UNIT_UM and rx and ry:
+        return TIFF_UNIT_UM[unit] / rx, TIFF_UNIT_UM[unit] / ry, "tiff_resolution"
+    return None, None, None
+
+
+def resolve_mpp(slide_id: str, props: Mapping[str, str], sheet_mpp: Any = None,
+                default_mpp: Any = None) -> tuple[float, float, str, dict[str, Any]]:
+    """µm/px at level 0 and its source: the slide's own (if plausible), else the sheet's `mpp`,
+    else config `default_mpp`. Raises a one-line SlideError naming the slide and both options.
+
+    An implausible slide value (outside 0.05-20 µm/px) is treated as missing and reported in the
+    returned notes; an implausible sheet or config value is an error (it is a typo to fix)."""
+    notes: dict[str, Any] = {}
+    mx, my, source = mpp_from_properties(props)
+    sheet, default = _number(sheet_mpp), _number(default_mpp)
+    if sheet_mpp not in (None, "") and sheet is None and not (isinstance(sheet_mpp, float) and math.isnan(sheet_mpp)):
+        raise SlideError(slide_id, f"sheet mpp {sheet_mpp!r} is not a positive number; fix the `mpp` column")
+    if source and plausible_mpp(mx) and plausible_mpp(my):
+        if sheet and abs(sheet - mx) / mx > 0.1:
+            log.warning("slide %s: sheet mpp %.4g differs from the slide's %.4g µm/px; using the slide's", slide_id, sheet, mx)
+            notes["sheet_mpp_ignored"] = sheet
+        return mx, my, source, notes
+    if source:
+        notes["slide_mpp_rejected"] = [mx, my]
+        log.warning("slide %s: %s gives implausible %.4g x %.4g µm/px (outside %g-%g, e.g. a 72 dpi placeholder); ignoring it",
+                    slide_id, source, mx, my, MPP_MIN, MPP_MAX)
+    for value, name, where in ((sheet, "sheet", "the samples sheet's `mpp` column"),
+                               (default, "default_mpp", "config `default_mpp`")):
+        if value is None:
+            continue
+        if not plausible_mpp(value):
+            raise SlideError(slide_id, f"{where} gives {value:g} µm/px, outside the plausible {MPP_MIN}-{MPP_MAX} µm/px "
+                                       "(0.25 is 40x, 0.5 is 20x); correct it")
+        return value, value, name, notes
+    found = f"the slide's own {mx:.4g} µm/px is implausible" if source else "the slide carries no µm/px"
+    raise SlideError(slide_id, f"{found}; give it in the samples sheet's `mpp` column or set config "
+                               "`default_mpp` (µm/px at level 0, e.g. 0.25 for 40x, 0.5 for 20x)")
+
+
+def file_md5(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _objective_power(props: Mapping[str, str]) -> float | None:
+    value = _number(props.get("openslide.objective-power"))
+    if value is None:
+        value = _number(props.get("aperio.AppMag"))
+    return value
+
+
+def _check_readable(slide, slide_id: str, name: str) -> None:
+    """Decode a patch of the coarsest level: a slide whose header opens but whose tiles are
+    corrupt fails here, not hours later in tiling."""
+    level = slide.level_count - 1
+    w, h = slide.level_dimensions[level]
+    ds = slide.level_downsamples[level]
+    pw, ph = min(w, 512), min(h, 512)
+    x, y = (w - pw) // 2, (h - ph) // 2
+    try:
+        slide.read_region((int(x * ds), int(y * ds)), level, (pw, ph))
+    except Exception as err:  # openslide.OpenSlideError and decoder errors
+        raise SlideError(slide_id, f"{name!r} opens but its image data cannot be decoded ({err}); the file is corrupt: "
+                                   "re-download it or set on_error: skip") from None
+
+
+def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None, default_mpp: Any = None,
+                   md5: str | None = None) -> dict[str, Any]:
+    """The slides/{id}.json record of a readable slide (raises SlideError otherwise)."""
+    import openslide
+
+    from .slide import open_slide
+
+    path = Path(path)
+    slide = open_slide(path, slide_id)
+    try:
+        _check_readable(slide, slide_id, path.name)
+        props = dict(slide.properties)
+        mpp_x, mpp_y, mpp_source, notes = resolve_mpp(slide_id, props, sheet_mpp, default_mpp)
+        if abs(mpp_x - mpp_y) / mpp_x > 0.05:
+            log.warning("slide %s: anisotropic pixels (%.4g x %.4g µm/px)", slide_id, mpp_x, mpp_y)
+        record: dict[str, Any] = {
+            "slide_id": slide_id, "status": "ok", "reason": "", "path": str(path.resolve()),
+            "vendor": props.get("openslide.vendor") or openslide.OpenSlide.detect_format(str(path)),
+            "format": path.suffix.lower().lstrip("."),
+            "width": int(slide.dimensions[0]), "height": int(slide.dimensions[1]),
+            "level_count": int(slide.level_count),
+            "level_dimensions": [[int(w), int(h)] for w, h in slide.level_dimensions],
+            "level_downsamples": [float(d) for d in slide.level_downsamples],
+            "mpp_x": mpp_x, "mpp_y": mpp_y, "mpp_source": mpp_source,
+            "objective_power": _objective_power(props),
+            "associated_images": sorted(slide.associated_images.keys()),
+            "file_size_bytes": path.stat().st_size,
+            "md5": md5 or file_md5(path),
+            "quickhash": props.get("openslide.quickhash-1"),
+            **notes,
+        }
+    finally:
+        slide.close()
+    return record
+
+
+def skipped_record(slide_id: str, reason: str, path: str | None = None) -> dict[str, Any]:
+    """A slides/{id}.json for a slide the cohort goes on without (on_error: skip)."""
+    record: dict[str, Any] = {key: None for key in SLIDE_FIELDS}
+    record.update({"slide_id": slide_id, "status": "skipped", "reason": reason, "path": path,
+                   "level_count": 0, "level_dimensions": [], "level_downsamples": [], "associated_images": []})
+    return record
+
+
+def write_slide_metadata(slide_id: str, manifest_path, out_path, sheet_mpp=None, default_mpp=None,
+                         on_error: str = "fail") -> dict[str, Any]:
+    """Rule `slide_qc`: read the download manifest, open the slide, write slides/{id}.json.
+
+    A failed download, an unopenable/corrupt slide or an unresolvable µm/px raises a one-line
+    SlideError, or with ``on_error: skip`` writes a record with status "skipped" and the reason."""
+    manifest = read_json(manifest_path)
+    path = manifest.get("path")
+    try:
+        if manifest.get("status", "ok") != "ok":
+            raise SlideError(slide_id, f"download failed ({manifest.get('reason') or 'no reason given'}); fix the "
+                                       "`source` in the samples sheet, or set on_error: skip to go on without it")
+        if not path:
+            raise SlideError(slide_id, f"download manifest {str(manifest_path)!r} names no file to open; re-run the download")
+        record = slide_metadata(slide_id, path, sheet_mpp, default_mpp, md5=manifest.get("md5"))
+    except HistoflowError as err:
+        if on_error != "skip":
+            raise
+        log.error("%s; skipped (on_error: skip)", err)
+        record = skipped_record(slide_id, str(err), path)
+    write_json(out_path, record)
+    if record["status"] == "ok":
+        log.info("slide %s: %s %dx%d, %d levels, %.4g µm/px (%s), %s", slide_id, record["vendor"], record["width"],
+                 record["height"], record["level_count"], record["mpp_x"], record["mpp_source"],
+                 f"{record['objective_power']:g}x" if record["objective_power"] else "objective unknown")
+    return record
+
+
+def _tile_counts(path) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["target_mpp"])
+    except Exception:  # missing file, empty table without the column: no tiles
+        return {}
+    counts: dict[str, int] = {}
+    for mpp in table.column("target_mpp").to_pylist():
+        key = f"n_tiles_{mpp:g}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path) -> "Any":
+    """Rule `qc_table`: one row per slide (status, reason, metadata, tissue area, tiles per µm/px)
+    to qc/slides.tsv. Inputs are matched by slide_id, so order does not matter; missing tissue or
+    tile outputs give empty cells / zero counts."""
+    import pandas as pd
+
+    from .io import write_tsv
+
+    tissue = {}
+    for p in tissue_jsons:
+        record = read_json(p)
+        tissue[record.get("slide_id") or Path(p).name.split(".")[0]] = record
+    tiles = {Path(p).name[: -len(".parquet")]: _tile_counts(p) for p in tile_tables}
+    rows = []
+    for p in slide_jsons:
+        s = read_json(p)
+        sid = s["slide_id"]
+        t = tissue.get(sid, {})
+        reason = s.get("reason") or (t.get("reason") if t.get("status") == "skipped" else "") or ""
+        row = {
+            "slide_id": sid,
+            "status": "skipped" if s.get("status") != "ok" or t.get("status") == "skipped" else "ok",
+            "reason": reason.replace("\t", " ").replace("\n", " "),
+            **{k: s.get(k) for k in ("vendor", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
+                                     "mpp_source", "objective_power", "file_size_bytes", "md5")},
+            "tissue_method": t.get("method"),
+            "tissue_area_mm2": t.get("tissue_area_mm2"),
+            "pen_fraction": t.get("pen_fraction"),
+        }
+        row.update(tiles.get(sid, {}))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    tile_cols = sorted((c for c in frame.columns if c.startswith("n_tiles_")), key=lambda c: float(c[8:]))
+    for c in tile_cols:
+        frame[c] = frame[c].fillna(0).astype("int64")
+    if len(frame):
+        frame = frame.sort_values("slide_id", kind="stable")
+    write_tsv(out_path, frame)
+    n_skip = int((frame["status"] != "ok").sum()) if len(frame) else 0
+    log.info("qc table: %d slide(s), %d skipped", len(frame), n_skip)
+    return frame

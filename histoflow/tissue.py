@@ -1,0 +1,396 @@
+"""Tissue detection on a low-resolution view of the slide (never a whole level-0 read).
+
+Brightfield (H&E, IHC): tissue is coloured and darker than the glass, so a pixel is tissue when
+its HSV saturation is above an Otsu threshold AND its grey level is below ``white_threshold``.
+Fluorescence (DAPI, ...): the background is dark and signal bright, so Otsu runs on intensity and
+tissue is the bright side. ``method: auto`` decides from the brightness of the thumbnail (its
+border and overall median) and the stats JSON records which method ran and whether it was
+detected, so a wrong guess is visible rather than silent.
+
+Sizes (closing radius, smallest object, smallest hole) are in µm / µm² and converted with the
+µm/px of the mask, so the same config behaves the same on 20x and 40x scans.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import HistoflowError, InputError, SlideError
+from .io import atomic_path, read_json, write_json
+from .slide import best_level_for_mpp, nearest_level_for_mpp, open_slide, read_level_downsampled
+
+log = logging.getLogger("histoflow.tissue")
+
+METHODS = ("auto", "brightfield", "fluorescence")
+TISSUE_COLOR = (0, 160, 0)
+OVERLAY_MAX_PX = 1024
+
+
+@dataclass(frozen=True)
+class TissueSettings:
+    """Config section ``tissue`` (defaults = the schema's)."""
+
+    method: str = "auto"
+    mask_mpp: float = 8.0
+    white_threshold: float = 220.0
+    median_px: int = 5
+    closing_um: float = 50.0
+    min_object_um2: float = 50000.0
+    min_hole_um2: float = 20000.0
+    remove_pen: bool = True
+    min_saturation: float = 0.05     # Otsu on saturation is clipped to [min, max] (0-1): blank glass stays
+    max_saturation: float = 0.15     # empty, and a slide that is all tissue keeps its pale (eosin, fat-rich) parts
+    pen_dilate_um: float = 30.0      # ink edges bleed; grow the pen mask by this much
+
+    @classmethod
+    def from_config(cls, section: dict | None) -> "TissueSettings":
+        section = dict(section or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise InputError(f"config key 'tissue.{unknown[0]}' is not a tissue setting (known: {', '.join(sorted(known))})")
+        settings = cls(**section)
+        if settings.method not in METHODS:
+            raise InputError(f"config key 'tissue.method': {settings.method!r} is not one of {', '.join(METHODS)}")
+        if settings.mask_mpp <= 0:
+            raise InputError("config key 'tissue.mask_mpp' must be > 0 µm/px (8-16 is typical)")
+        return settings
+
+
+@dataclass
+class TissueResult:
+    mask: np.ndarray                 # bool, tissue after cleaning and pen removal
+    pen: np.ndarray                  # bool, ink pixels removed from the mask
+    method: str                      # brightfield | fluorescence
+    method_detected: bool            # True when `auto` chose the method
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pen_fraction(self) -> float:
+        """Ink pixels as a fraction of (tissue + ink) pixels: how much of the section pen covered."""
+        denom = int(self.mask.sum()) + int(self.pen.sum())
+        return float(self.pen.sum()) / denom if denom else 0.0
+
+
+# ---------------------------------------------------------------- pure array functions
+
+def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees 0-360), saturation (0-1), value (0-1) as float32 (skimage's rgb2hsv is float64:
+    too much memory for large masks)."""
+    rgb = np.asarray(rgb, dtype=np.float32) / 255.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v = rgb.max(axis=-1)
+    c = v - rgb.min(axis=-1)
+    s = np.where(v > 0, c / np.maximum(v, 1e-6), 0.0).astype(np.float32)
+    safe_c = np.maximum(c, 1e-6)
+    h = np.where(v == r, ((g - b) / safe_c) % 6.0,
+                 np.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0)) * 60.0
+    h = np.where(c > 0, h, 0.0).astype(np.float32)
+    return h, s, v
+
+
+def grey(rgb: np.ndarray) -> np.ndarray:
+    """Luma (ITU-R 601) as float32 0-255."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def detect_method(rgb: np.ndarray, scanned: np.ndarray | None = None) -> tuple[str, dict[str, float]]:
+    """``fluorescence`` when the thumbnail is dark (border median and overall median grey both
+    low: glass is black under fluorescence, white under brightfield), else ``brightfield``."""
+    g = grey(rgb)
+    valid = np.ones(g.shape, bool) if scanned is None else np.asarray(scanned, bool)
+    if not valid.any():
+        return "brightfield", {"border_median": float("nan"), "overall_median": float("nan")}
+    h, w = g.shape
+    bh, bw = max(1, h // 20), max(1, w // 20)
+    border = np.zeros(g.shape, bool)
+    border[:bh], border[-bh:], border[:, :bw], border[:, -bw:] = True, True, True, True
+    border &= valid
+    border_median = float(np.median(g[border])) if border.any() else float(np.median(g[valid]))
+    overall_median = float(np.median(g[valid]))
+    method = "fluorescence" if border_median < 80 and overall_median < 100 else "brightfield"
+    return method, {"border_median": border_median, "overall_median": overall_median}
+
+
+def otsu(values: np.ndarray) -> float:
+    """Otsu threshold of a 1-D sample; the midpoint when the sample is constant."""
+    from skimage.filters import threshold_otsu
+
+    values = np.asarray(values).ravel()
+    if values.size == 0:
+        return 0.0
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-6:
+        return hi
+    return float(threshold_otsu(values))
+
+
+def _median(channel: np.ndarray, size: int) -> np.ndarray:
+    if size <= 1:
+        return channel
+    from scipy.ndimage import median_filter
+
+    return median_filter(channel, size=size, mode="nearest")
+
+
+def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: np.ndarray | None = None,
+                           exclude: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """Saturation above Otsu (clipped to [``min_saturation``, ``max_saturation``]) and grey below
+    ``white_threshold``. ``exclude`` (e.g. ink) is left out of the Otsu sample: saturated pen would
+    pull the threshold above real tissue."""
+    _, s, _ = hsv(rgb)
+    sat = _median((s * 255).astype(np.uint8), settings.median_px)
+    g = _median(np.clip(grey(rgb), 0, 255).astype(np.uint8), settings.median_px)
+    valid = np.ones(sat.shape, bool) if scanned is None else np.asarray(scanned, bool)
+    sample = valid & ~exclude if exclude is not None and (valid & ~exclude).any() else valid
+    t = otsu(sat[sample]) if sample.any() else 255.0
+    t = min(max(t, settings.min_saturation * 255), settings.max_saturation * 255)
+    mask = (sat > t) & (g < settings.white_threshold) & valid
+    return mask, {"saturation_threshold": t / 255.0, "white_threshold": float(settings.white_threshold)}
+
+
+def fluorescence_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: np.ndarray | None = None
+                            ) -> tuple[np.ndarray, dict[str, float]]:
+    """Intensity (brightest channel, so any fluorophore counts) above its Otsu threshold, computed
+    on log intensity: fluorescence spans decades, and linear Otsu keeps only the brightest nuclei."""
+    intensity = _median(np.asarray(rgb).max(axis=-1).astype(np.uint8), settings.median_px)
+    valid = np.ones(intensity.shape, bool) if scanned is None else np.asarray(scanned, bool)
+    t = float(np.expm1(otsu(np.log1p(intensity[valid].astype(np.float32))))) if valid.any() else 255.0
+    # a blank dark slide: Otsu splits noise; require signal clearly above the background level
+    background = float(np.percentile(intensity[valid], 5)) if valid.any() else 0.0
+    t = max(t, background + 8.0)
+    return (intensity > t) & valid, {"intensity_threshold": t, "background_level": background}
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Marker ink by colour (H&E is purple to pink, hue 240-360°): green/cyan (hue 90-180°), blue
+    (hue 180-230° and bright: dense haematoxylin has that hue too but is dark) and red (within 15°
+    of pure red and saturation > 0.8: eosin is pinker and paler, red cells less saturated).
+    Black ink is not detected: at thumbnail scale it looks like dense haematoxylin."""
+    h, s, v = hsv(rgb)
+    green = (h >= 90) & (h < 180) & (s > 0.2) & (v > 0.15)
+    blue = (h >= 180) & (h < 230) & (s > 0.3) & (v > 0.6)
+    red = ((h >= 345) | (h <= 15)) & (s > 0.8) & (v > 0.3)
+    return green | blue | red
+
+
+def um2_to_px(area_um2: float, mpp: float) -> int:
+    return int(math.ceil(area_um2 / (mpp * mpp)))
+
+
+def clean_mask(mask: np.ndarray, mpp: float, closing_um: float, min_object_um2: float,
+               min_hole_um2: float) -> np.ndarray:
+    """Close gaps (disk of ``closing_um`` diameter), drop objects and fill holes smaller than the
+    given areas (µm², converted with ``mpp`` µm/px)."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk, remove_small_holes, remove_small_objects
+
+    mask = np.asarray(mask, bool)
+    radius = int(round(closing_um / mpp / 2))
+    if radius >= 1:
+        # pad so closing does not erode regions at the image border
+        padded = np.pad(mask, radius, mode="constant")
+        mask = ndi.binary_closing(padded, disk(radius))[radius:-radius, radius:-radius]
+    min_obj = um2_to_px(min_object_um2, mpp)
+    if min_obj > 1:
+        mask = remove_small_objects(mask, max_size=min_obj - 1)
+    min_hole = um2_to_px(min_hole_um2, mpp)
+    if min_hole > 1:
+        mask = remove_small_holes(mask, max_size=min_hole - 1)
+    return mask
+
+
+def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
+                        scanned: np.ndarray | None = None) -> TissueResult:
+    """Tissue mask of an RGB thumbnail at ``mpp`` µm/px (pure: arrays in, arrays out)."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    rgb = np.asarray(rgb, dtype=np.uint8)[..., :3]
+    detected = settings.method == "auto"
+    info: dict[str, float] = {}
+    if detected:
+        method, info = detect_method(rgb, scanned)
+    else:
+        method = settings.method
+    if method == "fluorescence":
+        raw, thr = fluorescence_foreground(rgb, settings, scanned)
+        pen = np.zeros(raw.shape, bool)  # ink colours mean nothing under fluorescence
+    else:
+        core = pen_mask(rgb) if settings.remove_pen else None
+        raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core)
+        pen = np.zeros(raw.shape, bool)
+        if core is not None:
+            ink = core
+            r = int(round(settings.pen_dilate_um / mpp))
+            if r >= 1 and core.any():
+                ink = ndi.binary_dilation(core, disk(r))
+            # report as pen what the ink took away: the ink itself and the tissue-like halo around it
+            pen = ink & (raw | core)
+            raw = raw & ~ink
+    mask = clean_mask(raw, mpp, settings.closing_um, settings.min_object_um2, settings.min_hole_um2)
+    if pen.any():
+        mask &= ~pen  # hole filling must not give the ink back
+        mask = clean_mask(mask, mpp, 0.0, settings.min_object_um2, 0.0)
+    return TissueResult(mask=mask, pen=pen, method=method, method_detected=detected, thresholds={**info, **thr})
+
+
+def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = None,
+                  max_px: int = OVERLAY_MAX_PX) -> np.ndarray:
+    """The thumbnail with the tissue outline in green and removed ink tinted magenta (uint8 RGB),
+    resized so its longer side is at most ``max_px`` (and at least 256 for tiny slides)."""
+    from PIL import Image
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    h, w = mask.shape
+    scale = min(max_px / max(h, w), max(1.0, 256 / max(h, w)))
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    img = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).resize(size, Image.BILINEAR)).copy()
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    if pen is not None and pen.any():
+        p = np.asarray(Image.fromarray(pen.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        img[p] = (0.5 * img[p] + 0.5 * np.array([255, 0, 255])).astype(np.uint8)
+    edge = m & ~ndi.binary_erosion(m, disk(1), border_value=0)
+    edge = ndi.binary_dilation(edge, disk(1)) if max(size) >= 400 else edge
+    img[edge] = (0, 255, 0)
+    return img
+
+
+# ---------------------------------------------------------------- level choice and slide I/O
+
+@dataclass(frozen=True)
+class MaskSource:
+    level: int
+    factor: int          # integer shrink applied to the level
+    mpp: float           # µm/px of the mask
+    scale: float         # level-0 px per mask px
+
+
+def choose_mask_source(level_downsamples, mpp0: float, mask_mpp: float) -> MaskSource:
+    """The pyramid level nearest ``mask_mpp`` when one is within x1.5 of it; otherwise the coarsest
+    finer level shrunk by an integer factor (read in bounded chunks, never as one level-0 image)."""
+    nearest = nearest_level_for_mpp(level_downsamples, mpp0, mask_mpp)
+    if mask_mpp / 1.5 <= nearest.mpp <= mask_mpp * 1.5:
+        return MaskSource(nearest.level, 1, nearest.mpp, nearest.downsample)
+    base = best_level_for_mpp(level_downsamples, mpp0, mask_mpp)
+    factor = max(1, int(round(mask_mpp / base.mpp)))
+    return MaskSource(base.level, factor, base.mpp * factor, base.downsample * factor)
+
+
+def source_level(meta: dict, settings: TissueSettings) -> int:
+    return choose_mask_source(meta["level_downsamples"], float(meta["mpp_x"]), settings.mask_mpp).level \
+        if meta.get("level_downsamples") else 0
+
+
+def read_thumbnail(slide, mpp0: float, mask_mpp: float, background: int = 255
+                   ) -> tuple[np.ndarray, np.ndarray, MaskSource]:
+    source = choose_mask_source(slide.level_downsamples, mpp0, mask_mpp)
+    rgb, scanned = read_level_downsampled(slide, source.level, source.factor, background=background, progress=True)
+    return rgb, scanned, source
+
+
+def _write_png(path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", optimize=True)
+
+
+def _write_jpeg(path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="JPEG", quality=90)
+
+
+def _write_empty(slide_id: str, mask_png, geojson_path, overlay_path, stats_json, settings: TissueSettings,
+                 reason: str) -> None:
+    from .geojson import polygons_to_feature_collection, write_geojson
+
+    _write_png(mask_png, np.zeros((1, 1), np.uint8))
+    write_geojson(geojson_path, polygons_to_feature_collection([], "Tissue", TISSUE_COLOR))
+    placeholder = np.full((64, 64, 3), 200, np.uint8)
+    placeholder[np.eye(64, dtype=bool) | np.eye(64, dtype=bool)[::-1]] = (160, 0, 0)  # a grey card crossed out
+    _write_jpeg(overlay_path, placeholder)
+    write_json(stats_json, {
+        "slide_id": slide_id, "status": "skipped", "reason": reason, "method": None, "method_detected": False,
+        "mask_level": None, "mask_width": 0, "mask_height": 0, "mask_mpp": None, "scale_x": None, "scale_y": None,
+        "tissue_area_mm2": 0.0, "tissue_fraction": 0.0, "n_regions": 0, "pen_fraction": 0.0,
+        "params": asdict(settings)})
+
+
+def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, stats_json,
+                            settings: dict | TissueSettings, on_error: str = "fail") -> dict:
+    """Rule `detect_tissue`: mask PNG (255 = tissue), QuPath GeoJSON (level-0 px), overlay JPEG and
+    stats JSON for one slide. A skipped slide (or, with ``on_error: skip``, one that fails here)
+    gets valid empty outputs with status "skipped"."""
+    from .geojson import mask_to_polygons, polygons_to_feature_collection, write_geojson
+
+    if not isinstance(settings, TissueSettings):
+        settings = TissueSettings.from_config(settings)
+    meta = read_json(slide_json)
+    slide_id = meta.get("slide_id") or Path(slide_json).stem
+    if meta.get("status") != "ok":
+        reason = meta.get("reason") or "slide skipped upstream"
+        log.warning("slide %s is skipped upstream (%s): writing empty tissue outputs", slide_id, reason)
+        _write_empty(slide_id, mask_png, geojson_path, overlay_path, stats_json, settings, reason)
+        return {"status": "skipped"}
+    try:
+        mpp_x, mpp_y = float(meta["mpp_x"]), float(meta["mpp_y"])
+        slide = open_slide(meta["path"], slide_id)
+        try:
+            # fluorescence backgrounds are black: fill unscanned areas to match once we know
+            rgb, scanned, source = read_thumbnail(slide, mpp_x, settings.mask_mpp)
+        except HistoflowError:
+            raise
+        except Exception as err:  # OpenSlide decode errors mid-read
+            raise SlideError(slide_id, f"{Path(meta['path']).name!r}: cannot read level {source_level(meta, settings)} "
+                                       f"for the tissue mask: {err} (corrupt tiles?); re-download it or set "
+                                       "on_error: skip") from None
+        finally:
+            slide.close()
+    except HistoflowError as err:
+        if on_error != "skip":
+            raise
+        log.error("%s; skipped (on_error: skip)", err)
+        _write_empty(slide_id, mask_png, geojson_path, overlay_path, stats_json, settings, str(err))
+        return {"status": "skipped"}
+
+    result = compute_tissue_mask(rgb, source.mpp, settings, scanned)
+    if result.method == "fluorescence":
+        rgb = rgb.copy()
+        rgb[~scanned] = 0
+    ds = source.scale
+    scale_x = scale_y = ds  # pyramid downsamples are the same along x and y
+    mask_mpp_x, mask_mpp_y = mpp_x * scale_x, mpp_y * scale_y
+    area_mm2 = float(result.mask.sum()) * mask_mpp_x * mask_mpp_y / 1e6
+    polys = mask_to_polygons(result.mask, scale_x, scale_y)
+    props = [{"area_mm2": p.area * mpp_x * mpp_y / 1e6} for p in polys]
+    _write_png(mask_png, result.mask.astype(np.uint8) * 255)
+    write_geojson(geojson_path, polygons_to_feature_collection(polys, "Tissue", TISSUE_COLOR, "annotation", props))
+    _write_jpeg(overlay_path, overlay_image(rgb, result.mask, result.pen))
+    h, w = result.mask.shape
+    stats = {
+        "slide_id": slide_id, "status": "ok", "reason": "",
+        "method": result.method, "method_detected": result.method_detected,
+        "mask_level": source.level, "mask_factor": source.factor,
+        "mask_width": w, "mask_height": h, "mask_mpp": mask_mpp_x, "mask_mpp_y": mask_mpp_y,
+        "scale_x": scale_x, "scale_y": scale_y,
+        "tissue_area_mm2": area_mm2, "tissue_fraction": float(result.mask.mean()),
+        "n_regions": len(polys), "pen_fraction": result.pen_fraction,
+        "thresholds": result.thresholds, "params": asdict(settings),
+    }
+    write_json(stats_json, stats)
+    log.info("slide %s: %s%s, %.2f mm² tissue in %d region(s), pen %.1f%%, mask %dx%d at %.2f µm/px (level %d /%d)",
+             slide_id, result.method, " (detected)" if result.method_detected else "", area_mm2, len(polys),
+             100 * result.pen_fraction, w, h, mask_mpp_x, source.level, source.factor)
+    return stats

@@ -1,0 +1,309 @@
+"""Tissue detection and the shared GeoJSON helpers: what users rely on when they open the mask,
+the overlay or the polygons in QuPath."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from histoflow.geojson import mask_to_polygons, polygons_to_feature_collection, read_polygons, write_geojson
+from histoflow.io import write_json
+from histoflow.slide_qc import write_slide_metadata
+from histoflow.tissue import (TissueSettings, choose_mask_source, clean_mask, compute_tissue_mask,
+                              detect_method, detect_tissue_for_slide, overlay_image, pen_mask)
+
+RNG = np.random.default_rng(0)
+SETTINGS = TissueSettings()
+
+
+def ellipse(shape, cy, cx, ry, rx) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def he_image(tissue: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Glass ~(238, 236, 240) with noise; tissue a pink/purple H&E mixture with texture."""
+    rng = np.random.default_rng(seed)
+    h, w = tissue.shape
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = (238, 236, 240)
+    mix = rng.uniform(0, 1, (h, w, 1)).astype(np.float32)
+    pink, purple = np.array([225, 150, 190], np.float32), np.array([140, 90, 170], np.float32)
+    img[tissue] = (mix * purple + (1 - mix) * pink)[tissue]
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+# ---------------------------------------------------------------- pure mask functions
+
+def test_otsu_mask_recovers_tissue_on_synthetic_he():
+    truth = ellipse((200, 300), 100, 150, 60, 100)
+    res = compute_tissue_mask(he_image(truth), mpp=8.0, settings=SETTINGS)
+    assert res.method == "brightfield" and res.method_detected
+    assert iou(res.mask, truth) > 0.95
+    assert not res.mask[:20].any()  # glass stays background
+
+
+def test_blank_glass_gives_an_empty_mask():
+    res = compute_tissue_mask(he_image(np.zeros((150, 150), bool)), mpp=8.0, settings=SETTINGS)
+    assert not res.mask.any()
+
+
+def test_pale_white_regions_are_background_even_if_slightly_tinted():
+    img = he_image(np.zeros((100, 100), bool))
+    img[30:70, 30:70] = (235, 215, 235)  # faint pink, grey > 220: mounting-medium tint, not tissue
+    assert not compute_tissue_mask(img, 8.0, replace(SETTINGS, min_object_um2=0)).mask.any()
+
+
+def test_pen_removal_removes_a_green_stroke():
+    truth = ellipse((200, 300), 100, 150, 60, 100)
+    img = he_image(truth)
+    stroke = np.zeros_like(truth)
+    stroke[90:100, 10:290] = True   # across glass and tissue
+    img[stroke] = (40, 150, 110)     # green marker
+    kept = compute_tissue_mask(img, 8.0, replace(SETTINGS, remove_pen=False))
+    removed = compute_tissue_mask(img, 8.0, SETTINGS)
+    assert kept.mask[stroke].mean() > 0.9           # without removal, ink counts as tissue
+    assert removed.mask[stroke].mean() < 0.02       # with removal it is gone ...
+    assert removed.pen[stroke].mean() > 0.95 and 0 < removed.pen_fraction < 0.3
+    assert iou(removed.mask, truth & ~stroke) > 0.85  # ... and the tissue is kept
+
+
+def test_ink_colours_and_he_colours():
+    colours = np.array([[[40, 150, 110], [30, 60, 200], [200, 20, 25],        # green, blue, red ink
+                         [225, 150, 190], [140, 90, 170], [60, 40, 110], [200, 60, 90]]], np.uint8)  # H&E, RBC
+    assert pen_mask(colours)[0].tolist() == [True, True, True, False, False, False, False]
+
+
+def test_small_objects_and_holes_are_removed_by_area_in_um2():
+    mask = np.zeros((200, 200), bool)
+    mask[20:50, 20:50] = True            # 900 px
+    mask[100:190, 100:190] = True
+    mask[140:150, 140:150] = False       # 100 px hole
+    # at 8 µm/px: 900 px = 57,600 µm² (kept), hole 6,400 µm² (filled)
+    out8 = clean_mask(mask, 8.0, 0, min_object_um2=50_000, min_hole_um2=20_000)
+    assert out8[20:50, 20:50].all() and out8[140:150, 140:150].all()
+    # at 7 µm/px the same 900 px is 44,100 µm² < 50,000: removed; same config, physical sizes
+    out7 = clean_mask(mask, 7.0, 0, min_object_um2=50_000, min_hole_um2=2_000)
+    assert not out7[20:50, 20:50].any() and not out7[140:150, 140:150].any()
+
+
+def test_fluorescence_is_detected_and_bright_signal_is_tissue():
+    truth = ellipse((200, 300), 110, 160, 60, 100)
+    rng = np.random.default_rng(1)
+    img = np.zeros((200, 300, 3), np.float32)
+    img[..., 2] = rng.normal(5, 2, truth.shape)
+    img[..., 2][truth] = rng.uniform(40, 200, truth.sum())  # DAPI: blue nuclei on black
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    method, evidence = detect_method(img)
+    assert method == "fluorescence" and evidence["border_median"] < 80
+    assert detect_method(he_image(truth))[0] == "brightfield"
+    res = compute_tissue_mask(img, 8.0, SETTINGS)
+    assert res.method == "fluorescence" and res.method_detected
+    assert iou(res.mask, truth) > 0.9
+    forced = compute_tissue_mask(img, 8.0, replace(SETTINGS, method="fluorescence"))
+    assert forced.method == "fluorescence" and not forced.method_detected
+
+
+def test_settings_reject_unknown_keys_with_the_key_named():
+    with pytest.raises(Exception, match="tissue.white_treshold"):
+        TissueSettings.from_config({"white_treshold": 200})
+
+
+# ---------------------------------------------------------------- level choice
+
+def test_mask_uses_the_pyramid_level_nearest_mask_mpp():
+    src = choose_mask_source([1, 4, 16, 64], mpp0=0.5, mask_mpp=8.0)
+    assert (src.level, src.factor, src.mpp, src.scale) == (2, 1, 8.0, 16)
+
+
+def test_without_a_near_level_the_coarsest_finer_level_is_shrunk():
+    single = choose_mask_source([1], mpp0=0.25, mask_mpp=8.0)
+    assert (single.level, single.factor, single.mpp) == (0, 32, 8.0)
+    gap = choose_mask_source([1, 4, 128], mpp0=0.25, mask_mpp=8.0)  # 1 and 32 µm/px only
+    assert (gap.level, gap.factor, gap.scale) == (1, 8, 32)
+
+
+# ---------------------------------------------------------------- GeoJSON helpers
+
+def test_polygons_preserve_area_holes_and_level0_scale():
+    mask = np.zeros((60, 80), bool)
+    mask[10:50, 10:70] = True
+    mask[20:30, 20:30] = False            # hole
+    mask[22:28, 22:28] = True             # island in the hole
+    polys = mask_to_polygons(mask, scale_x=16, scale_y=16)
+    assert len(polys) == 2
+    big, island = polys
+    assert len(big.interiors) == 1
+    assert big.area == pytest.approx((40 * 60 - 100) * 256, rel=0.01)
+    assert island.area == pytest.approx(36 * 256, rel=0.05)
+    assert big.bounds == pytest.approx((160, 160, 1120, 800))  # pixel edges at level 0
+
+
+def test_min_area_drops_specks():
+    mask = np.zeros((50, 50), bool)
+    mask[5:30, 5:30] = True
+    mask[40:42, 40:42] = True
+    assert len(mask_to_polygons(mask, 1, 1, min_area_px=10)) == 1
+
+
+def test_feature_collection_is_qupath_shaped_and_round_trips(tmp_path):
+    mask = np.zeros((40, 40), bool)
+    mask[5:15, 5:15] = mask[20:35, 20:35] = True
+    polys = mask_to_polygons(mask, 4, 4)
+    fc = polygons_to_feature_collection(polys, ["Tumor", "Stroma"], [(200, 0, 0), (0, 0, 200)], "detection",
+                                        [{"prob": 0.9, "model": "abmil"}, {"prob": 0.1, "model": "abmil"}])
+    assert fc["type"] == "FeatureCollection"
+    props = fc["features"][0]["properties"]
+    assert props["objectType"] == "detection" and props["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
+    assert props["measurements"] == {"prob": 0.9} and props["model"] == "abmil"
+    path = tmp_path / "x.geojson"
+    write_geojson(path, fc)
+    back = read_polygons(path)
+    assert [c for _, c in back] == ["Tumor", "Stroma"]
+    assert [p.area for p, _ in back] == pytest.approx([p.area for p in polys], rel=1e-3)
+
+
+def test_read_polygons_accepts_bare_feature_lists_and_multipolygons(tmp_path):
+    square = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
+    shifted = [[x + 20, y] for x, y in square]
+    data = [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[square], [shifted]]},
+             "properties": {"classification": {"name": "Tumor"}}},
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}, "properties": {}}]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    assert [(p.area, c) for p, c in read_polygons(path)] == [(100.0, "Tumor"), (100.0, "Tumor")]
+
+
+def test_empty_mask_gives_valid_empty_collection():
+    assert mask_to_polygons(np.zeros((5, 5), bool)) == []
+    assert polygons_to_feature_collection([]) == {"type": "FeatureCollection", "features": []}
+
+
+def test_overlay_draws_green_outline_and_magenta_pen():
+    truth = ellipse((100, 100), 50, 50, 30, 30)
+    pen = np.zeros_like(truth)
+    pen[5:10, 5:60] = True
+    img = overlay_image(he_image(truth), truth, pen)
+    assert img.shape[0] >= 256 and img.dtype == np.uint8
+    assert ((img == (0, 255, 0)).all(-1)).sum() > 100
+    assert ((img[..., 0] > 200) & (img[..., 1] < 150) & (img[..., 2] > 200)).sum() > 100
+
+
+# ---------------------------------------------------------------- the rule's function on slides
+
+def run_rule(tmp_path: Path, slide_json: Path, settings=None, on_error="fail", name="s") -> tuple[dict, dict]:
+    paths = {k: tmp_path / f"{name}.{k}" for k in ("png", "geojson", "overlay.jpg", "json")}
+    detect_tissue_for_slide(slide_json, paths["png"], paths["geojson"], paths["overlay.jpg"], paths["json"],
+                            settings or {}, on_error)
+    return json.loads(paths["json"].read_text()), paths
+
+
+def slide_json(tmp_path: Path, slide_id: str, path: Path, sheet_mpp=None) -> Path:
+    manifest = tmp_path / f"{slide_id}.manifest.json"
+    write_json(manifest, {"slide_id": slide_id, "status": "ok", "path": str(path)})
+    out = tmp_path / f"{slide_id}.slide.json"
+    write_slide_metadata(slide_id, manifest, out, sheet_mpp, None, "skip")
+    return out
+
+
+def test_skipped_slide_gives_valid_empty_outputs(tmp_path):
+    sj = tmp_path / "gone.json"
+    write_json(sj, {"slide_id": "gone", "status": "skipped", "reason": "download failed"})
+    stats, paths = run_rule(tmp_path, sj)
+    assert stats["status"] == "skipped" and stats["tissue_area_mm2"] == 0 and stats["reason"] == "download failed"
+    assert np.asarray(Image.open(paths["png"])).max() == 0
+    assert json.loads(paths["geojson"].read_text()) == {"type": "FeatureCollection", "features": []}
+    assert Image.open(paths["overlay.jpg"]).size[0] > 0
+
+
+def test_corrupt_slide_at_tissue_stage_fails_or_skips(tmp_path, openslide_fixtures):
+    sj = tmp_path / "bad.json"
+    write_json(sj, {"slide_id": "bad", "status": "ok", "path": str(openslide_fixtures / "unreadable.svs"),
+                    "mpp_x": 0.5, "mpp_y": 0.5})
+    with pytest.raises(Exception, match="'bad'"):
+        run_rule(tmp_path, sj)
+    stats, _ = run_rule(tmp_path, sj, on_error="skip")
+    assert stats["status"] == "skipped" and "unreadable.svs" in stats["reason"]
+
+
+def test_cmu_slide_outputs_agree_and_are_deterministic(tmp_path, shared_data):
+    sj = slide_json(tmp_path, "cmu", shared_data / "slides" / "CMU-1-Small-Region.svs")
+    stats, paths = run_rule(tmp_path, sj, name="a")
+    mask = np.asarray(Image.open(paths["png"]))
+    assert stats["method"] == "brightfield" and mask.shape == (stats["mask_height"], stats["mask_width"])
+    assert stats["mask_mpp"] == pytest.approx(8.0, rel=0.05) and 0.2 < stats["tissue_fraction"] < 0.6
+    polys = read_polygons(paths["geojson"])
+    assert polys and all(c == "Tissue" for _, c in polys)
+    minx = min(p.bounds[0] for p, _ in polys)
+    maxx = max(p.bounds[2] for p, _ in polys)
+    assert 0 <= minx and maxx <= 2220 + stats["scale_x"]  # level-0 px, inside the slide
+    area_mm2 = sum(p.area for p, _ in polys) * 0.499 ** 2 / 1e6
+    assert area_mm2 == pytest.approx(stats["tissue_area_mm2"], rel=0.05)
+    _, again = run_rule(tmp_path, sj, name="b")
+    for key in ("png", "geojson"):
+        assert paths[key].read_bytes() == again[key].read_bytes()
+
+
+def test_fluorescence_dapi_ndpi_is_detected_with_a_sensible_mask(tmp_path, shared_data):
+    sj = slide_json(tmp_path, "dapi", shared_data / "slides" / "fluorescence-DAPI.ndpi")
+    stats, _ = run_rule(tmp_path, sj)
+    assert stats["method"] == "fluorescence" and stats["method_detected"] is True
+    assert stats["mask_level"] > 0                     # a pyramid level, not level 0
+    assert 0.15 < stats["tissue_fraction"] < 0.85      # neither everything nor nothing
+
+
+INK = {
+    "green": lambda a: (a[..., 1] > a[..., 0] + 40) & (a[..., 1] > a[..., 2] - 10),
+    "red": lambda a: (a[..., 0] > 150) & (a[..., 1] < 50) & (a[..., 2] < 60),
+    "blue": lambda a: (a[..., 2] > a[..., 0] + 60) & (a[..., 2] > 150),
+}
+
+
+@pytest.mark.parametrize("name,ink", [("tcga-green-pen.png", "green"), ("tcga-red-pen.png", "red"),
+                                      ("wsi-blue-pen.png", "blue"), ("diagnostic-slide-thumb-rgb.png", "green"),
+                                      ("diagnostic-slide-thumb-rgb.png", "red")])
+def test_pen_marked_thumbnails_lose_their_ink(shared_data, name, ink):
+    rgb = np.asarray(Image.open(shared_data / "thumbnails" / name).convert("RGB"))
+    inked = INK[ink](rgb)
+    assert inked.mean() > 0.005
+    res = compute_tissue_mask(rgb, 8.0, replace(SETTINGS, min_object_um2=0))
+    assert res.mask[inked].mean() < 0.05
+    assert res.mask.mean() > 0.2 and res.pen_fraction > 0
+
+
+def test_thumbnail_without_pen_keeps_its_tissue(shared_data):
+    rgb = np.asarray(Image.open(shared_data / "thumbnails" / "tcga-lung-rgb.png").convert("RGB"))
+    res = compute_tissue_mask(rgb, 8.0, SETTINGS)
+    assert res.pen_fraction < 0.02 and res.mask.mean() > 0.6
+
+
+# ---------------------------------------------------------------- demo cohort ground truth
+
+@pytest.fixture(scope="module")
+def demo_cohort(tmp_path_factory):
+    demo = pytest.importorskip("histoflow.demo", reason="histoflow.demo (demo cohort generator) not available yet")
+    out = tmp_path_factory.mktemp("demo")
+    demo.make_demo_cohort(out, n_slides=4, seed=7, small=True, progress=False)
+    return out
+
+
+def test_tissue_iou_against_demo_ground_truth(tmp_path, demo_cohort):
+    for tiff in sorted((demo_cohort / "slides").glob("*.tiff")):
+        sid = tiff.stem
+        stats, paths = run_rule(tmp_path, slide_json(tmp_path, sid, tiff), name=sid)
+        mask = np.asarray(Image.open(paths["png"])) > 0
+        truth = np.asarray(Image.open(demo_cohort / "truth" / f"{sid}.tissue.png")) > 0
+        # both at downsample ~16; the pyramid rounds the last column differently
+        assert abs(mask.shape[0] - truth.shape[0]) <= 1 and abs(mask.shape[1] - truth.shape[1]) <= 1
+        h, w = min(mask.shape[0], truth.shape[0]), min(mask.shape[1], truth.shape[1])
+        assert iou(mask[:h, :w], truth[:h, :w]) >= 0.9, sid

@@ -1,0 +1,123 @@
+"""End to end: a small demo cohort through download -> slide_qc -> tissue -> tiles with Snakemake."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TILE_COLUMNS = ["slide_id", "x", "y", "read_level", "read_w", "read_h", "target_mpp", "tile_px",
+                "tissue_fraction", "col", "row", "size0"]
+
+
+def snakemake(targets: list[str], configfile: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    exe = BIN / "snakemake"
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
+    cmd = [str(exe) if exe.exists() else "snakemake", "--cores", "2", *targets,
+           "--configfile", "config.yaml", str(configfile), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def write_config(path: Path, samples: Path, outdir: Path, **over) -> Path:
+    cfg = {"samples": str(samples), "outdir": str(outdir),
+           "tiling": {"mpp": [0.5, 2.0], "tile_px": 128, "min_tissue_fraction": 0.5}}
+    cfg.update(over)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    demo = pytest.importorskip("histoflow.demo", reason="histoflow.demo (demo cohort generator) not built yet")
+    for module in ("download", "slide_qc", "tissue"):
+        pytest.importorskip(f"histoflow.{module}", reason=f"histoflow.{module} not built yet")
+    root = tmp_path_factory.mktemp("ingest")
+    sheet = Path(demo.make_demo_cohort(root / "demo", 3, 11, small=True))
+    return root, sheet
+
+
+@pytest.fixture(scope="module")
+def tiled(cohort):
+    root, sheet = cohort
+    outdir = root / "results"
+    configfile = write_config(root / "e2e.yaml", sheet, outdir)
+    proc = snakemake(["tiles"], configfile)
+    check(proc)
+    return outdir, sheet, configfile
+
+
+def test_every_slide_gets_a_tile_table_with_tiles_and_the_schema(tiled):
+    outdir, sheet, _ = tiled
+    slides = pd.read_csv(sheet, sep="\t", dtype=str)["slide_id"].tolist()
+    assert len(slides) >= 3
+    for slide_id in slides:
+        path = outdir / "tiles" / f"{slide_id}.parquet"
+        table = pq.read_table(path)
+        assert table.schema.names[:len(TILE_COLUMNS)] == TILE_COLUMNS
+        frame = table.to_pandas()
+        assert len(frame) > 0, f"{slide_id}: no tiles"
+        assert set(frame["target_mpp"]) == {0.5, 2.0}
+        assert (frame["slide_id"] == slide_id).all() and (frame["tissue_fraction"] >= 0.5).all()
+        meta = table.schema.metadata
+        assert float(meta[b"histoflow.mpp_x"]) > 0
+        slide = pd.read_json(outdir / "slides" / f"{slide_id}.json", typ="series")
+        assert (frame["x"] + frame["size0"] <= int(slide["width"])).all()
+        assert (frame["y"] + frame["size0"] <= int(slide["height"])).all()
+
+
+def test_second_run_has_nothing_to_do(tiled):
+    outdir, _, configfile = tiled
+    before = {p: p.stat().st_mtime_ns for p in (outdir / "tiles").glob("*.parquet")}
+    proc = snakemake(["tiles"], configfile)
+    check(proc)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in (outdir / "tiles").glob("*.parquet")}
+
+
+def test_qc_target_writes_the_cohort_table(tiled):
+    outdir, sheet, configfile = tiled
+    check(snakemake(["qc"], configfile))
+    qc = pd.read_csv(outdir / "qc" / "slides.tsv", sep="\t")
+    slides = pd.read_csv(sheet, sep="\t", dtype=str)["slide_id"].tolist()
+    assert sorted(qc["slide_id"]) == sorted(slides)
+    assert (qc["status"] == "ok").all()
+
+
+def test_corrupt_slide_is_skipped_with_a_reason_and_the_rest_goes_on(cohort, tmp_path):
+    root, sheet = cohort
+    garbage = tmp_path / "broken.tiff"
+    garbage.write_bytes(b"II*\x00" + np.random.default_rng(0).bytes(20_000))  # a TIFF header, then noise
+    frame = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+    first = frame.iloc[0]
+    broken = {c: "" for c in frame.columns}
+    broken.update(slide_id="broken-01", patient_id="patient-broken", label=first["label"], source=str(garbage))
+    if "mpp" in frame.columns:
+        broken["mpp"] = "0.5"
+    frame = pd.concat([frame, pd.DataFrame([broken])], ignore_index=True)
+    # sources of the demo rows are relative to the demo folder: keep the sheet there
+    bad_sheet = sheet.parent / "samples_with_broken.tsv"
+    frame.to_csv(bad_sheet, sep="\t", index=False)
+    outdir = tmp_path / "results"
+    configfile = write_config(tmp_path / "skip.yaml", bad_sheet, outdir, on_error="skip")
+    check(snakemake(["qc"], configfile))
+    qc = pd.read_csv(outdir / "qc" / "slides.tsv", sep="\t", keep_default_na=False).set_index("slide_id")
+    assert qc.loc["broken-01", "status"] == "skipped"
+    assert len(str(qc.loc["broken-01", "reason"])) > 0
+    assert (qc.drop(index="broken-01")["status"] == "ok").all()
+    tiles = pq.read_table(outdir / "tiles" / "broken-01.parquet")
+    assert tiles.num_rows == 0 and tiles.schema.names[:len(TILE_COLUMNS)] == TILE_COLUMNS

@@ -1,0 +1,13 @@
+from histoflow.logs import first_log, log_to
+from histoflow.stain import fit_stain_for_cohort
+
+with log_to(first_log(snakemake)):
+    fit_stain_for_cohort(
+        slide_jsons=list(snakemake.input.slides),
+        tile_tables=list(snakemake.input.tiles),
+        out_json=snakemake.output.stain,
+        out_png=snakemake.output.reference,
+        settings=snakemake.params.settings,
+        seed=snakemake.params.seed,
+        mpp=snakemake.params.mpp,
+    )
