@@ -258,6 +258,14 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it.artifacts += _files(str(out / "mil" / "*" / "curves.png"))
     models = sorted({Path(p).parent.name for p in _files(str(out / "mil" / "*" / "predictions.tsv"))})
     classic = sorted({f"{Path(p).parent.name}@{Path(p).parent.parent.name}" for p in _files(str(out / "slide_classifier" / "*" / "*" / "predictions.tsv"))})
+    it.params["mil_models_run"] = json.dumps(models)
+    it.params["slide_classifiers_run"] = json.dumps(classic)
+    for hist in _files(str(out / "mil" / "*" / "fold*" / "history.tsv")):
+        h = pd.read_csv(hist, sep="\t")
+        model, fold = Path(hist).parent.parent.name, Path(hist).parent.name
+        it.metrics[f"{model}.{fold}.epochs"] = float(len(h))
+        if "val_auc" in h and h["val_auc"].notna().any():
+            it.metrics[f"{model}.{fold}.best_val_auc"] = float(h["val_auc"].max())
     it.summary.append(f"MIL models: {', '.join(models) or 'none'}; feature-based slide classifiers: {', '.join(classic) or 'none'}; "
                       "training curves per fold in nested MLflow runs.")
 
@@ -299,6 +307,8 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
                           f"{mj.get('settings', {}).get('n_bootstrap')} resamples; DeLong vs best in metrics.tsv.")
     else:
         it.summary.append("Metrics not computed yet.")
+    for it in items.values():
+        it.params.setdefault("status", "done" if (it.metrics or it.artifacts) else "not run in this workflow")
     return [items[n] for n in sorted(items)]
 
 

@@ -194,6 +194,11 @@ def write_slide_metadata(slide_id: str, manifest_path, out_path, sheet_mpp=None,
     return record
 
 
+QC_COLUMNS = ["slide_id", "status", "reason", "vendor", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
+              "mpp_source", "objective_power", "file_size_bytes", "md5", "tissue_method", "tissue_area_mm2",
+              "pen_fraction"]
+
+
 def _tile_counts(path) -> dict[str, int]:
     import pyarrow.parquet as pq
 
@@ -239,7 +244,7 @@ def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path) -> "Any":
         }
         row.update(tiles.get(sid, {}))
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=QC_COLUMNS) if not rows else pd.DataFrame(rows)
     tile_cols = sorted((c for c in frame.columns if c.startswith("n_tiles_")), key=lambda c: float(c[8:]))
     for c in tile_cols:
         frame[c] = frame[c].fillna(0).astype("int64")

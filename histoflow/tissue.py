@@ -59,6 +59,9 @@ class TissueSettings:
         settings = cls(**section)
         if settings.method not in METHODS:
             raise InputError(f"config key 'tissue.method': {settings.method!r} is not one of {', '.join(METHODS)}")
+        if not 0 <= settings.min_saturation <= settings.max_saturation <= 1:
+            raise InputError("config keys 'tissue.min_saturation' <= 'tissue.max_saturation' must lie in 0-1 "
+                             f"(got {settings.min_saturation}, {settings.max_saturation})")
         if settings.mask_mpp <= 0:
             raise InputError("config key 'tissue.mask_mpp' must be > 0 µm/px (8-16 is typical)")
         return settings
@@ -171,13 +174,13 @@ def fluorescence_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: 
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
-    """Marker ink by colour (H&E is purple to pink, hue 240-360°): green/cyan (hue 90-180°), blue
-    (hue 180-230° and bright: dense haematoxylin has that hue too but is dark) and red (within 15°
+    """Marker ink by colour (H&E is purple to pink, hue 240-360°): green/teal (hue 90-195°), blue
+    (hue 195-230° and bright: dense haematoxylin has that hue too but is dark) and red (within 15°
     of pure red and saturation > 0.8: eosin is pinker and paler, red cells less saturated).
     Black ink is not detected: at thumbnail scale it looks like dense haematoxylin."""
     h, s, v = hsv(rgb)
-    green = (h >= 90) & (h < 180) & (s > 0.2) & (v > 0.15)
-    blue = (h >= 180) & (h < 230) & (s > 0.3) & (v > 0.6)
+    green = (h >= 90) & (h < 195) & (s > np.where(h < 180, 0.2, 0.4)) & (v > 0.15)
+    blue = (h >= 195) & (h < 230) & (s > 0.3) & (v > 0.6)
     red = ((h >= 345) | (h <= 15)) & (s > 0.8) & (v > 0.3)
     return green | blue | red
 

@@ -1,1 +1,36 @@
-# Stage: heatmaps (see docs/interface.md).
+# Stage: heatmaps. Per slide and tile-probability source: the held-out (test-fold) probabilities
+# (and MIL attention) over the thumbnail, and the tiles as QuPath detections.
+import re
+
+
+rule heatmap:
+    input:
+        probs=lambda wc: tile_prob_files(wc.source),
+        slide=out("slides/{slide_id}.json"),
+        tissue_mask=out("tissue/{slide_id}.png"),
+        tissue_stats=out("tissue/{slide_id}.json"),
+    output:
+        png=out("heatmaps/{source}/{slide_id}.png"),
+        geojson=out("heatmaps/{source}/{slide_id}.geojson"),
+    params:
+        settings=config["heatmaps"],
+    wildcard_constraints:
+        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
+    log:
+        log_path("heatmap", "{source}/{slide_id}"),
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    script:
+        "../scripts/heatmap.py"
+
+
+HEATMAP_FILES = [f for s in TILE_PROB_SOURCES for f in per_slide(f"heatmaps/{s}/{{slide_id}}.png")]
+
+
+rule heatmaps:
+    input:
+        HEATMAP_FILES,
+
+
+TARGETS.extend(HEATMAP_FILES)

@@ -1,1 +1,56 @@
-# Stage: lesions (see docs/interface.md).
+# Stage: lesions. Threshold + 8-connected components on each slide's held-out probability map ->
+# lesion polygons; against annotations, CAMELYON16 lesion-level FROC and tile-grid Dice.
+import re
+
+
+rule detect_lesions:
+    input:
+        probs=lambda wc: tile_prob_files(wc.source),
+        slide=out("slides/{slide_id}.json"),
+    output:
+        geojson=out("lesions/{source}/{slide_id}.geojson"),
+        record=out("lesions/{source}/{slide_id}.json"),
+    params:
+        annotations=lambda wc: sample(wc)["annotations"],
+        label=lambda wc: sample(wc)["label"],
+        positive_label=config["positive_label"],
+        cohort_has_annotations=HAS_ANNOTATIONS,
+        settings=config["lesions"],
+        label_settings=config["patch_labels"],
+    wildcard_constraints:
+        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
+    log:
+        log_path("detect_lesions", "{source}/{slide_id}"),
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    script:
+        "../scripts/detect_lesions.py"
+
+
+rule lesion_metrics:
+    input:
+        records=lambda wc: per_slide(f"lesions/{wc.source}/{{slide_id}}.json"),
+    output:
+        metrics=out("lesions/{source}/metrics.json"),
+        per_slide=out("lesions/{source}/per_slide.tsv"),
+        froc=report(out("lesions/{source}/froc.png"), category="Lesions", labels={"source": "{source}"}),
+    params:
+        settings=config["lesions"],
+    wildcard_constraints:
+        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
+    log:
+        log_path("lesion_metrics", "{source}"),
+    script:
+        "../scripts/lesion_metrics.py"
+
+
+LESION_FILES = [out(f"lesions/{s}/{name}") for s in TILE_PROB_SOURCES for name in ("metrics.json", "per_slide.tsv", "froc.png")]
+
+
+rule lesions:
+    input:
+        LESION_FILES,
+
+
+TARGETS.extend(LESION_FILES)

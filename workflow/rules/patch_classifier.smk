@@ -1,1 +1,133 @@
-# Stage: patch_classifier (see docs/interface.md).
+# Stage: patch_classifier. Tile labels from annotation polygons (patch_labels), a tile classifier
+# per fold on frozen features, and the unified tumour probability per tile (tile_probs/{source})
+# that heatmaps, lesions and slide features read. Sources: patch_classifier (needs annotations)
+# and mil-<model> (MIL instance probabilities); tile_probs.sources: auto picks (see docs/lesions.md).
+from histoflow.tile_probs import resolve_sources
+
+PC_CFG = config["patch_classifier"]
+PC_ENCODER = PC_CFG["encoder"] or config["features"]["encoders"][0]
+N_FOLDS = int(config.get("split", {}).get("k", 5))
+HAS_ANNOTATIONS = bool(samples["annotations"].notna().any())
+_mil_cfg = config.get("mil", {}) or {}
+MIL_MODELS = list(_mil_cfg.get("models") or ([_mil_cfg["model"]] if _mil_cfg.get("model") else []))
+try:
+    TILE_PROB_SOURCES, TILE_PROB_REASON = resolve_sources(config["tile_probs"]["sources"], HAS_ANNOTATIONS, MIL_MODELS)
+except InputError as err:
+    sys.stderr.write(f"histoflow: {err}\n")
+    sys.exit(1)
+
+
+def tile_prob_files(source):
+    """Every fold's tile-probability table of one source (for heatmaps, lesions, slide features)."""
+    return expand(out("tile_probs/{source}/fold{fold}.parquet"), source=source, fold=range(N_FOLDS))
+
+
+wildcard_constraints:
+    fold=r"\d+",
+
+
+rule patch_labels:
+    input:
+        slide=out("slides/{slide_id}.json"),
+        tiles=out("tiles/{slide_id}.parquet"),
+    output:
+        labels=out("patch_labels/{slide_id}.parquet"),
+    params:
+        annotations=lambda wc: sample(wc)["annotations"],
+        label=lambda wc: sample(wc)["label"],
+        positive_label=config["positive_label"],
+        settings=config["patch_labels"],
+    log:
+        log_path("patch_labels"),
+    script:
+        "../scripts/patch_labels.py"
+
+
+rule patch_label_counts:
+    input:
+        labels=per_slide("patch_labels/{slide_id}.parquet"),
+    output:
+        counts=out("patch_labels/counts.tsv"),
+    log:
+        log_path("patch_label_counts", "cohort"),
+    script:
+        "../scripts/patch_label_counts.py"
+
+
+rule train_patch_classifier:
+    input:
+        splits=out("splits/splits.tsv"),
+        features=features_for(PC_ENCODER),
+        labels=per_slide("patch_labels/{slide_id}.parquet"),
+    output:
+        model=out("patch_classifier/fold{fold}/model.joblib"),
+        metrics=out("patch_classifier/fold{fold}/metrics.json"),
+    params:
+        settings=PC_CFG,
+        seed=config["seed"],
+    log:
+        log_path("train_patch_classifier", "fold{fold}"),
+    threads: 2
+    resources:
+        mem_mb=PC_CFG["mem_mb"],
+        runtime=PC_CFG["runtime"],
+    script:
+        "../scripts/train_patch_classifier.py"
+
+
+rule tile_probs_patch_classifier:
+    input:
+        model=out("patch_classifier/fold{fold}/model.joblib"),
+        splits=out("splits/splits.tsv"),
+        features=features_for(PC_ENCODER),
+    output:
+        probs=out("tile_probs/patch_classifier/fold{fold}.parquet"),
+    log:
+        log_path("tile_probs", "patch_classifier/fold{fold}"),
+    threads: 1
+    resources:
+        mem_mb=PC_CFG["mem_mb"],
+    script:
+        "../scripts/tile_probs_patch_classifier.py"
+
+
+rule tile_probs_mil:
+    input:
+        scores=out("mil/{model}/fold{fold}/tile_scores.parquet"),
+    output:
+        probs=out("tile_probs/mil-{model}/fold{fold}.parquet"),
+    log:
+        log_path("tile_probs", "mil-{model}/fold{fold}"),
+    script:
+        "../scripts/tile_probs_mil.py"
+
+
+rule tile_prob_sources:
+    output:
+        sources=out("tile_probs/sources.json"),
+    params:
+        sources=TILE_PROB_SOURCES,
+        reason=TILE_PROB_REASON,
+        has_annotations=HAS_ANNOTATIONS,
+        mil_models=MIL_MODELS,
+    log:
+        log_path("tile_prob_sources", "cohort"),
+    script:
+        "../scripts/tile_prob_sources.py"
+
+
+PATCH_CLASSIFIER_FILES = (
+    [out("patch_labels/counts.tsv")]
+    + expand(out("patch_classifier/fold{fold}/metrics.json"), fold=range(N_FOLDS))
+    if HAS_ANNOTATIONS else []
+)
+TILE_PROB_FILES = [out("tile_probs/sources.json")] + [f for s in TILE_PROB_SOURCES for f in tile_prob_files(s)]
+
+
+rule patch_classifier:
+    input:
+        PATCH_CLASSIFIER_FILES,
+        TILE_PROB_FILES,
+
+
+TARGETS.extend(PATCH_CLASSIFIER_FILES + TILE_PROB_FILES)

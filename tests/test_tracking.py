@@ -1,0 +1,167 @@
+"""MLflow audit trail: every checklist item is in the store, models and folds are nested runs,
+secrets never reach it, re-logging is idempotent, an unreachable server is not fatal, and the UI
+shows the run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from histoflow.checklist import TITLES
+from histoflow.io import write_json
+from histoflow.metrics import write_metrics
+from histoflow.tracking import init_store, log_workflow
+
+SECRET = "gdc-secret-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def finished_outdir(tmp_path_factory) -> Path:
+    """A results folder as a finished run leaves it (predictions, histories, splits, QC)."""
+    out = tmp_path_factory.mktemp("results")
+    rng = np.random.default_rng(0)
+    rows = []
+    for fold in range(3):
+        for i in range(12):
+            role = "test" if i % 3 == fold else ("val" if i % 3 == (fold + 1) % 3 else "train")
+            rows.append({"slide_id": f"s{i}", "patient_id": f"p{i}", "label": "tumor" if i % 2 else "normal",
+                         "y": i % 2, "fold": fold, "role": role, "prob": float(np.clip(0.2 + 0.6 * (i % 2) + rng.normal(0, 0.1), 0, 1))})
+    preds = pd.DataFrame(rows)
+    for fold in range(3):
+        fold_dir = out / "mil" / "abmil" / f"fold{fold}"
+        fold_dir.mkdir(parents=True)
+        preds[preds["fold"] == fold].to_csv(fold_dir / "predictions.tsv", sep="\t", index=False)
+        pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [0.7, 0.5, 0.4], "val_loss": [0.7, 0.6, 0.5],
+                      "val_auc": [0.6, 0.8, 0.9]}).to_csv(fold_dir / "history.tsv", sep="\t", index=False)
+    preds[preds["role"] == "test"].to_csv(out / "mil" / "abmil" / "predictions.tsv", sep="\t", index=False)
+    paths = [str(out / "mil" / "abmil" / f"fold{f}" / "predictions.tsv") for f in range(3)]
+    write_metrics({"abmil": paths}, str(out / "metrics" / "metrics.json"), str(out / "metrics" / "metrics.tsv"),
+                  str(out / "metrics" / "roc.png"), str(out / "metrics" / "pr.png"), str(out / "metrics" / "calibration.png"),
+                  {"n_bootstrap": 50}, seed=1)
+    (out / "splits").mkdir()
+    preds[["slide_id", "patient_id", "label", "y", "fold", "role"]].to_csv(out / "splits" / "splits.tsv", sep="\t", index=False)
+    write_json(out / "splits" / "split.json", {"strategy": "kfold", "k": 3, "seed": 1})
+    write_json(out / "downloads" / "s0.json", {"slide_id": "s0", "source_kind": "gdc", "source": "gdc:x",
+                                               "md5": "0" * 32, "download_seconds": 1.5, "status": "ok"})
+    (out / "qc").mkdir()
+    pd.DataFrame({"slide_id": ["s0"], "status": ["ok"], "tissue_area_mm2": [12.0]}).to_csv(out / "qc" / "slides.tsv", sep="\t", index=False)
+    return out
+
+
+def config_for(out: Path, **mlflow) -> dict:
+    return {"samples": "samples.tsv", "seed": 1, "mlflow": {"experiment": "histoflow-test", **mlflow},
+            "download": {"gdc_token_env": "GDC_TOKEN", "token": SECRET},
+            "tiling": {"mpp": [0.5], "tile_px": 256}, "split": {"k": 3}}
+
+
+@pytest.fixture(scope="module")
+def logged(finished_outdir):
+    config = config_for(finished_outdir)
+    init_store(str(finished_outdir), config, str(finished_outdir / "mlflow" / "store.json"))
+    status = log_workflow(str(finished_outdir), config, "samples.tsv", str(finished_outdir / "mlflow" / "logged.json"))
+    return finished_outdir, config, status
+
+
+def client_for(out: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+
+
+def test_every_checklist_item_is_in_the_parent_run(logged):
+    out, _config, status = logged
+    assert status["status"] == "logged"
+    run = client_for(out).get_run(status["run_id"])
+    tags, params = run.data.tags, run.data.params
+    for number, title in TITLES.items():
+        assert any(k.startswith(f"checklist.{number:02d}_") for k in tags), f"item {number} ({title}) missing"
+        assert f"c{number:02d}.status" in params
+    assert "c01.cpu_model" in params and "c01.version.snakemake" in params
+    assert params["c03.seed"] == "1"
+    assert run.data.metrics["c09.abmil.fold0.best_val_auc"] == pytest.approx(0.9)
+    assert "c11.abmil.auc" in run.data.metrics and "c11.abmil.auc_ci_low" in run.data.metrics
+    artifacts = [a.path for a in client_for(out).list_artifacts(status["run_id"], "checklist/11_performance_metrics")]
+    assert any(p.endswith("roc.png") for p in artifacts)
+
+
+def test_models_and_folds_are_nested_runs_with_training_curves(logged):
+    out, _config, status = logged
+    client = client_for(out)
+    exp = client.get_experiment_by_name("histoflow-test")
+    runs = client.search_runs([exp.experiment_id])
+    model_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == status["run_id"]]
+    assert [r.data.tags["histoflow.model"] for r in model_runs] == ["abmil"]
+    folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == model_runs[0].info.run_id]
+    assert len(folds) == 3
+    history = client.get_metric_history(folds[0].info.run_id, "val_auc")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+
+
+def test_secrets_never_reach_the_store(logged):
+    out, _config, _status = logged
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+
+
+def test_logging_the_same_result_twice_makes_no_second_run(logged):
+    out, config, status = logged
+    again = log_workflow(str(out), config, "samples.tsv", str(out / "mlflow" / "again.json"))
+    assert again["run_id"] == status["run_id"]
+
+
+def test_unreachable_server_leaves_results_pending_not_failed(finished_outdir, tmp_path):
+    config = config_for(finished_outdir, tracking_uri="http://127.0.0.1:9")
+    status = log_workflow(str(finished_outdir), config, "samples.tsv", str(tmp_path / "status.json"))
+    assert status["status"] == "pending"
+    assert (tmp_path / "status.json").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_mlflow_ui_lists_the_run_and_its_metrics(logged, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Debian package chromium not installed (CI installs it)")
+    out, _config, status = logged
+    port = _free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{out / 'mlflow.db'}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import requests
+
+        for _ in range(120):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not start")
+        exp_id = status["experiment_id"]
+        url = f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{status['run_id']}"
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=30000",
+                              "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        assert status["run_id"][:8] in dom or "histoflow" in dom
+        assert "c11.abmil.auc" in dom
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,14 @@
+from histoflow.logs import first_log, log_to
+from histoflow.patch_classifier import train_patch_classifier
+
+with log_to(first_log(snakemake)):
+    train_patch_classifier(
+        splits_path=snakemake.input.splits,
+        fold=int(snakemake.wildcards.fold),
+        feature_paths=list(snakemake.input.features),
+        label_paths=list(snakemake.input.labels),
+        settings=snakemake.params.settings,
+        seed=snakemake.params.seed,
+        model_out=snakemake.output.model,
+        metrics_out=snakemake.output.metrics,
+    )
