@@ -110,20 +110,83 @@ def load_tiles(path: str | os.PathLike, mpp: float) -> pd.DataFrame:
     return frame.sort_values(["read_level", "y", "x"], kind="stable").reset_index(drop=True)
 
 
+class JpegTiles:
+    """Direct access to the JPEG tiles of a TIFF-based pyramid (generic TIFF, SVS, ...).
+
+    A tile request that coincides with one stored JPEG tile (same level, aligned, same size,
+    inside the image) is served by decoding that tile's bytes with PIL: no OpenSlide region
+    assembly, no ARGB -> RGBA -> RGB conversions (about 2x faster than ``read_region``).
+    Levels are matched to TIFF pages by size; ``None`` is returned for anything else, and the
+    caller falls back to OpenSlide.
+    """
+
+    def __init__(self, path: str, level_dimensions, level_downsamples):
+        import tifffile
+
+        self._file = open(path, "rb")
+        self._fd = self._file.fileno()
+        self.levels: dict[int, dict] = {}
+        with tifffile.TiffFile(path) as tif:
+            pages = [p for p in tif.pages if getattr(p, "is_tiled", False) and p.compression == 7
+                     and p.samplesperpixel == 3 and p.planarconfig == 1 and p.bitspersample == 8]
+            for level, (w, h) in enumerate(level_dimensions):
+                page = next((p for p in pages if (p.imagewidth, p.imagelength) == (w, h)), None)
+                if page is None:
+                    continue
+                tables = page.jpegtables or b""
+                self.levels[level] = dict(
+                    width=w, height=h, tw=page.tilewidth, th=page.tilelength, ds=float(level_downsamples[level]),
+                    ntx=-(-w // page.tilewidth), offsets=np.asarray(page.dataoffsets, np.int64),
+                    counts=np.asarray(page.databytecounts, np.int64),
+                    prefix=tables[:-2] if tables.endswith(b"\xff\xd9") else b"")
+
+    def read(self, x: int, y: int, level: int, w: int, h: int):
+        import io
+
+        from PIL import Image
+
+        lv = self.levels.get(level)
+        if lv is None or w != lv["tw"] or h != lv["th"]:
+            return None
+        lx, ly = x / lv["ds"], y / lv["ds"]
+        if lx != int(lx) or ly != int(ly):
+            return None
+        lx, ly = int(lx), int(ly)
+        if lx % w or ly % h or lx + w > lv["width"] or ly + h > lv["height"]:
+            return None
+        i = (ly // h) * lv["ntx"] + lx // w
+        if lv["counts"][i] == 0:  # sparse TIFF: tile not scanned
+            return None
+        data = os.pread(self._fd, int(lv["counts"][i]), int(lv["offsets"][i]))
+        if lv["prefix"]:  # abbreviated stream: splice the shared tables in after SOI
+            data = lv["prefix"] + data[2:]
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img if img.mode == "RGB" and img.size == (w, h) else None
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class TileReader:
     """Reads tiles of one slide as uint8 RGB; one instance (one OpenSlide handle) per process.
 
     ``read`` takes a tiles-table row (x, y, read_level, read_w, read_h, tile_px); the region is
     read at ``read_level`` and resized to ``out_px`` (default: the row's ``tile_px``) with
-    PIL's ``reduce`` for integer factors (box filter, fast) and antialiased bilinear otherwise.
-    Transparent (unscanned) pixels become white.
+    PIL's ``reduce`` for integer factors (box filter, fast) and Lanczos otherwise (as
+    ``histoflow.tiling.read_tile``). Transparent (unscanned) pixels become white.
+    Aligned requests on JPEG-tiled TIFF pyramids take the ``JpegTiles`` fast path, enabled only
+    after it reproduced OpenSlide's pixels on a probe tile of the slide.
     """
 
-    def __init__(self, path: str | os.PathLike, slide_id: str = "?", out_px: int | None = None):
+    def __init__(self, path: str | os.PathLike, slide_id: str = "?", out_px: int | None = None,
+                 fast_jpeg: bool = True):
         self.path = str(path)
         self.slide_id = slide_id
         self.out_px = out_px
+        self.fast_jpeg = fast_jpeg
         self._slide = None
+        self._jpeg: JpegTiles | None | bool = None  # None: not tried yet; False: not available
 
     @property
     def slide(self):
@@ -133,12 +196,45 @@ class TileReader:
             self._slide = open_slide(self.path, self.slide_id)
         return self._slide
 
+    @property
+    def jpeg(self) -> JpegTiles | None:
+        if self._jpeg is None:
+            self._jpeg = self._open_jpeg() or False
+        return self._jpeg or None
+
+    def _open_jpeg(self) -> JpegTiles | None:
+        if not self.fast_jpeg:
+            return None
+        try:
+            tiles = JpegTiles(self.path, self.slide.level_dimensions, self.slide.level_downsamples)
+        except Exception:  # noqa: BLE001 - not a TIFF, or one tifffile cannot parse: OpenSlide only
+            return None
+        for level, lv in sorted(tiles.levels.items()):
+            # probe the tile at the image centre: same pixels as OpenSlide, or no fast path
+            tx = (lv["width"] // 2 // lv["tw"]) * lv["tw"]
+            ty = (lv["height"] // 2 // lv["th"]) * lv["th"]
+            x0, y0 = int(round(tx * lv["ds"])), int(round(ty * lv["ds"]))
+            try:
+                fast = tiles.read(x0, y0, level, lv["tw"], lv["th"])
+                ref = self._read_openslide(x0, y0, level, lv["tw"], lv["th"])
+            except Exception:  # noqa: BLE001
+                fast = None
+            if fast is None or np.abs(np.asarray(fast, np.int16) - np.asarray(ref, np.int16)).max() > 2:
+                tiles.levels.pop(level)
+        if not tiles.levels:
+            tiles.close()
+            return None
+        return tiles
+
     def close(self) -> None:
         if self._slide is not None:
             self._slide.close()
             self._slide = None
+        if self._jpeg:
+            self._jpeg.close()
+        self._jpeg = None
 
-    def read_pil(self, x: int, y: int, level: int, w: int, h: int, out_px: int):
+    def _read_openslide(self, x: int, y: int, level: int, w: int, h: int):
         from PIL import Image
 
         img = self.slide.read_region((int(x), int(y)), int(level), (int(w), int(h)))
@@ -146,28 +242,35 @@ class TileReader:
             # OpenSlide gives alpha 0 outside the scanned area: composite on white
             bg = Image.new("RGB", img.size, (255, 255, 255))
             bg.paste(img, mask=img.getchannel("A"))
-            img = bg
-        else:
-            img = img.convert("RGB")
+            return bg
+        return img.convert("RGB")
+
+    def read_pil(self, x: int, y: int, level: int, w: int, h: int, out_px: int):
+        from PIL import Image
+
+        img = self.jpeg.read(x, y, level, w, h) if self.jpeg is not None else None
+        if img is None:
+            img = self._read_openslide(x, y, level, w, h)
         if img.size != (out_px, out_px):
             fx, fy = img.size[0] / out_px, img.size[1] / out_px
             if fx == fy and fx == int(fx) and fx > 1:
                 img = img.reduce(int(fx))
             else:
-                img = img.resize((out_px, out_px), Image.BILINEAR)
+                img = img.resize((out_px, out_px), Image.LANCZOS)
         return img
 
-    def read(self, row: dict) -> np.ndarray:
+    def read(self, row) -> np.ndarray:
         out_px = int(self.out_px or row["tile_px"])
         return np.asarray(self.read_pil(row["x"], row["y"], row["read_level"], row["read_w"],
                                         row["read_h"], out_px))
 
     def reset(self) -> None:
-        # an OpenSlide handle is unusable after a read error: reopen it for the next tile
+        # an OpenSlide handle is unusable after a read error, and a forked worker must not share
+        # its parent's: (re)open lazily on the next read
         try:
             self.close()
         except Exception:  # noqa: BLE001 - the handle is already broken
-            self._slide = None
+            self._slide, self._jpeg = None, None
 
 
 class TileDataset:

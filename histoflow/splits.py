@@ -309,13 +309,15 @@ def read_splits(path: str | os.PathLike) -> pd.DataFrame:
                        keep_default_na=False)
 
 
-def write_splits(samples: pd.DataFrame, settings: dict[str, Any] | SplitSettings, positive_label: str, seed: int,
+def write_splits(samples: pd.DataFrame | list[dict[str, Any]], settings: dict[str, Any] | SplitSettings, positive_label: str, seed: int,
                  out_tsv: str | os.PathLike, out_json: str | os.PathLike) -> pd.DataFrame:
     """Make the splits of a samples table and write splits.tsv + split.json atomically."""
     from .io import write_json, write_tsv
 
     if not isinstance(settings, SplitSettings):
         settings = SplitSettings.from_config(settings)
+    if not isinstance(samples, pd.DataFrame):
+        samples = pd.DataFrame(list(samples))
     table = make_splits(samples, settings, positive_label, seed)
     summary = split_summary(table, settings, seed, positive_label)
     write_tsv(out_tsv, table)

@@ -251,3 +251,17 @@ def test_reader_matches_the_tiling_stage_reader_on_a_real_slide(shared_data):
     with openslide.OpenSlide(str(path)) as slide:
         theirs = read_tile(slide, row)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_fast_jpeg_path_gives_openslide_pixels_and_falls_back_when_unaligned(cohort):
+    import openslide
+
+    root, _ = cohort
+    reader = F.TileReader(root / "s1.tiff")
+    assert reader.jpeg is not None and 1 in reader.jpeg.levels  # the fast path is on for this pyramid
+    with openslide.OpenSlide(str(root / "s1.tiff")) as slide:
+        for x, y, level, w in [(512, 256, 1, 256), (0, 0, 0, 256), (100, 60, 1, 256), (512, 512, 1, 64)]:
+            ours = np.asarray(reader.read_pil(x, y, level, w, w, w))
+            plain = np.asarray(slide.read_region((x, y), level, (w, w)).convert("RGB"))
+            np.testing.assert_array_equal(ours, plain)
+    assert reader.jpeg.read(100, 60, 1, 256, 256) is None  # unaligned: served by OpenSlide

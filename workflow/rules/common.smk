@@ -1,4 +1,5 @@
 # Shared wiring: config/sample validation, output paths, input functions.
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ try:
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
     sys.exit(1)
+
+# Jobs (local, SLURM or in per-rule conda envs) import histoflow from this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
 
 OUTDIR = config["outdir"]
 SLIDES = list(samples["slide_id"])

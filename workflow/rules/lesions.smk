@@ -19,6 +19,8 @@ rule detect_lesions:
         label_settings=config["patch_labels"],
     wildcard_constraints:
         source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
+        # only sheet slides, so lesions/{source}/metrics.json is never read as a slide's record
+        slide_id="|".join(map(re.escape, SLIDES)),
     log:
         log_path("detect_lesions", "{source}/{slide_id}"),
     resources:

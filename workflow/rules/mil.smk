@@ -1,1 +1,66 @@
-# Stage: mil (see docs/interface.md).
+# Stage: multiple-instance learning. One job per (model, fold): train with early stopping on
+# the fold's validation patients, then score every slide and tile of the cohort with that
+# fold's model (heatmaps read tile_scores.parquet). collect_mil gathers the out-of-fold
+# (test-role) predictions and training curves per model. The fold count comes from config
+# (split.k), so the DAG is known before any split or checkpoint exists.
+from histoflow.mil.data import feature_slug
+
+MIL_ENCODER = config["mil"]["encoder"] or config["features"]["encoders"][0]
+MIL_FEATURES = per_slide(f"features/{feature_slug(MIL_ENCODER)}/{{slide_id}}.parquet")
+MIL_FOLDS = list(range(config["split"]["k"]))
+MIL_MODELS = list(config["mil"]["models"])
+
+
+rule train_mil:
+    input:
+        splits=out("splits/splits.tsv"),
+        features=MIL_FEATURES,
+    output:
+        checkpoint=out("mil/{model}/fold{fold}/checkpoint.pt"),
+        history=out("mil/{model}/fold{fold}/history.tsv"),
+        predictions=out("mil/{model}/fold{fold}/predictions.tsv"),
+        tile_scores=out("mil/{model}/fold{fold}/tile_scores.parquet"),
+    params:
+        settings=config["mil"],
+        seed=config["seed"],
+        encoder=MIL_ENCODER,
+    wildcard_constraints:
+        model="|".join(MIL_MODELS),
+        fold=r"\d+",
+    log:
+        log_path("train_mil", "{model}/fold{fold}"),
+    threads: config["mil"]["threads"]
+    resources:
+        mem_mb=config["mil"]["mem_mb"],
+        runtime=config["mil"]["runtime"],
+        gpu=config["mil"]["gpu"],
+    script:
+        "../scripts/train_mil.py"
+
+
+rule collect_mil:
+    input:
+        predictions=expand(out("mil/{{model}}/fold{fold}/predictions.tsv"), fold=MIL_FOLDS),
+        histories=expand(out("mil/{{model}}/fold{fold}/history.tsv"), fold=MIL_FOLDS),
+    output:
+        predictions=out("mil/{model}/predictions.tsv"),
+        curves=report(out("mil/{model}/curves.png"), caption="../report/mil_curves.rst", category="3. Slide models",
+                      subcategory="{model}"),
+        summary=out("mil/{model}/summary.json"),
+    wildcard_constraints:
+        model="|".join(MIL_MODELS),
+    log:
+        log_path("collect_mil", "{model}"),
+    script:
+        "../scripts/collect_mil.py"
+
+
+MIL_TARGETS = expand(out("mil/{model}/{name}"), model=MIL_MODELS, name=["predictions.tsv", "curves.png", "summary.json"])
+
+
+rule mil:
+    input:
+        MIL_TARGETS,
+
+
+TARGETS.extend(MIL_TARGETS)

@@ -1,1 +1,27 @@
-# Stage: split (see docs/interface.md).
+# Stage: split. Patient-level, label-stratified folds from the samples sheet alone (no slide
+# needs to exist), so the fold count and every fold's roles are fixed before any training.
+
+
+rule make_splits:
+    input:
+        sheet=config["samples"],
+    output:
+        splits=out("splits/splits.tsv"),
+        summary=out("splits/split.json"),
+    params:
+        samples=samples[["slide_id", "patient_id", "label", "site"]].to_dict("records"),
+        settings=config["split"],
+        positive_label=config["positive_label"],
+        seed=config["seed"],
+    log:
+        log_path("make_splits", "splits"),
+    script:
+        "../scripts/make_splits.py"
+
+
+rule split:
+    input:
+        out("splits/splits.tsv"),
+
+
+TARGETS.append(out("splits/splits.tsv"))
