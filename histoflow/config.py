@@ -136,6 +136,7 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
 
     resolved = []
     for i, row in enumerate(table.to_dict("records"), start=1):
+        row = {k: _clean_cell(v) for k, v in row.items()}
         source = row["source"]
         kind = source_kind(source)
         if kind == "local":
@@ -157,7 +158,8 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
             row["annotations"] = str(ann.resolve())
         row["source"] = source
         resolved.append(row)
-    return pd.DataFrame(resolved).set_index("slide_id", drop=False)
+    # object dtype keeps missing cells as None (pandas 3 would turn them into NaN strings)
+    return pd.DataFrame(resolved, dtype=object).set_index("slide_id", drop=False)
 
 
 def source_kind(source: str) -> str:

@@ -200,7 +200,7 @@ def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float) -> 
         if free.max() < 3:
             break
         r = min(r, free.max() / 1.3)
-        cand = np.argwhere(free >= r * 1.3)
+        cand = np.argwhere(free >= r * 1.3 - 1e-3)   # tolerance: r may equal max/1.3
         cy, cx = cand[rng.integers(len(cand))]
         a, b = r * rng.uniform(0.8, 1.2), r * rng.uniform(0.7, 1.1)
         theta = rng.uniform(0, np.pi)
@@ -280,7 +280,7 @@ def disc_field(shape: tuple[int, int], cx: float, cy: float, r: float, soft: flo
 # Level-0 textures: fibres and nuclei
 # --------------------------------------------------------------------------------------------
 
-def fibre_texture(rng: np.random.Generator, size: int, angle: float, blur_sigma: float = 0.0) -> np.ndarray:
+def fibre_texture(rng: np.random.Generator, size: int, angle: float) -> np.ndarray:
     """Periodic (size x size) collagen-fibre texture in [0, 1]: noise filtered in the Fourier
     domain to be long along ``angle`` and thin across it; periodic so it tiles seamlessly."""
     f = np.fft.fftfreq(size).astype(np.float32)
@@ -288,8 +288,6 @@ def fibre_texture(rng: np.random.Generator, size: int, angle: float, blur_sigma:
     along = fx * np.cos(angle) + fy * np.sin(angle)
     across = -fx * np.sin(angle) + fy * np.cos(angle)
     filt = np.exp(-(along / 0.012) ** 2 - ((np.abs(across) - 0.045) / 0.035) ** 2)
-    if blur_sigma > 0:
-        filt = filt * np.exp(-2 * (np.pi * blur_sigma) ** 2 * (fx ** 2 + fy ** 2))
     spec = np.fft.fft2(rng.standard_normal((size, size)))
     tex = np.real(np.fft.ifft2(spec * filt)).astype(np.float32)
     tex /= tex.std() + 1e-6
@@ -310,7 +308,7 @@ def _blob(rng: np.random.Generator, size: int, rx: float, ry: float, theta: floa
     return cover, r
 
 
-def nucleus_sprites(rng: np.random.Generator, kind: str, n: int, blur_sigma: float = 0.0) -> np.ndarray:
+def nucleus_sprites(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
     """A bank of ``n`` haematoxylin-density sprites (n, S, S).
 
     normal: small, dark, uniform nuclei: spindle fibroblasts and round lymphocytes (~7 µm).
@@ -341,10 +339,7 @@ def nucleus_sprites(rng: np.random.Generator, kind: str, n: int, blur_sigma: flo
                 yy, xx = np.mgrid[0:size, 0:size]
                 dens += 0.8 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.3 ** 2)) * cover
             dens *= rng.uniform(0.75, 1.45)            # hyper/hypochromasia
-        dens = np.clip(dens, 0, None)
-        if blur_sigma > 0:
-            dens = ndi.gaussian_filter(dens, blur_sigma)
-        bank[i] = dens
+        bank[i] = np.clip(dens, 0, None)
     return bank
 
 

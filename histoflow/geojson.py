@@ -38,6 +38,7 @@ def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.
     the outline within a quarter pixel; 0 keeps every vertex). Regions inside holes become separate polygons. Order is deterministic
     (largest first).
     """
+    from shapely import STRtree
     from shapely.geometry import Polygon
     from shapely.validation import make_valid
     from skimage.measure import find_contours
@@ -66,16 +67,15 @@ def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.
         rings.append(Polygon(ring.exterior))
     # Nesting depth by containment: even depth = region outline, odd = hole of its parent.
     rings.sort(key=lambda r: -r.area)
+    # the spatial index keeps this fast for masks with thousands of regions (heatmaps)
+    tree = STRtree(rings)
     parent: list[int | None] = []
     depth: list[int] = []
     for i, ring in enumerate(rings):
-        p = None
-        point = ring.representative_point()
-        for j in range(i - 1, -1, -1):  # smallest enclosing ring = the nearest earlier in area order
-            # outlines never cross, so one interior point decides containment
-            if rings[j].contains(point):
-                p = j
-                break
+        # outlines never cross, so one interior point decides containment; the enclosing ring
+        # is the smallest one (latest in area order) before i that contains it
+        hits = [int(j) for j in tree.query(ring.representative_point(), predicate="within") if j < i]
+        p = max(hits) if hits else None
         parent.append(p)
         depth.append(0 if p is None else depth[p] + 1)
     holes: dict[int, list] = {}

@@ -66,7 +66,7 @@ def read_rgb(slide, x: int, y: int, level: int, w: int, h: int, background: int 
 
 
 def read_level_downsampled(slide, level: int, factor: int, background: int = 255,
-                           chunk_px: int = 4096, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                           chunk_px: int = 2048, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The whole of ``level`` shrunk by an integer ``factor`` (block mean), read in chunks of at
     most ``chunk_px`` x ``chunk_px`` level px so memory stays bounded whatever the slide size.
 

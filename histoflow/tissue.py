@@ -249,13 +249,13 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
 def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = None,
                   max_px: int = OVERLAY_MAX_PX) -> np.ndarray:
     """The thumbnail with the tissue outline in green and removed ink tinted magenta (uint8 RGB),
-    resized so its longer side is at most ``max_px`` (and at least 256 for tiny slides)."""
+    resized so its longer side is at most ``max_px`` (and at least 512 for tiny slides)."""
     from PIL import Image
     from scipy import ndimage as ndi
     from skimage.morphology import disk
 
     h, w = mask.shape
-    scale = min(max_px / max(h, w), max(1.0, 256 / max(h, w)))
+    scale = min(max_px / max(h, w), max(1.0, 512 / max(h, w)))
     size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
     img = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).resize(size, Image.BILINEAR)).copy()
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0

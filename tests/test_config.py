@@ -90,3 +90,13 @@ def test_snakemake_reports_a_bad_sheet_in_one_line(tmp_path, repo_root, snakemak
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("histoflow:")]
     assert len(lines) == 1 and "appears in rows" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_optional_cells_left_empty_are_none(tmp_path, slide_file):
+    ann = tmp_path / "a.geojson"
+    ann.write_text("{}")
+    path = sheet(tmp_path, [row(annotations="a.geojson"), row("s2", "p2", "normal", annotations="")])
+    samples = load_samples({"samples": str(path)})
+    assert samples.loc["s1", "annotations"] == str(ann.resolve())
+    assert samples.loc["s2", "annotations"] is None
+    assert samples.loc["s2", "mpp"] is None

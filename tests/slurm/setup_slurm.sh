@@ -4,7 +4,7 @@
 #
 #   tests/slurm/setup_slurm.sh          install (if needed) and start; idempotent
 #   tests/slurm/setup_slurm.sh status   say whether the cluster answers (exit 0) or not (exit 1)
-#   tests/slurm/setup_slurm.sh stop     stop the daemons this script starts
+#   tests/slurm/setup_slurm.sh stop     stop the SLURM daemons this script starts
 #
 # Environment: HISTOFLOW_SLURM_STATE (default /var/spool/histoflow-slurm) holds spool and pid
 # files, HISTOFLOW_SLURM_LOGS (default /var/log/histoflow-slurm) the daemons' logs,
@@ -32,32 +32,63 @@ wait_for() {
     die "$what did not come up (see $LOG_DIR/)"
 }
 
+running() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
 cluster_ready() {
     # controller answers, the node accepts jobs, and accounting (sacct) works
+    command -v scontrol >/dev/null || return 1
     scontrol ping 2>/dev/null | grep -q "is UP" || return 1
     sinfo -h -n localhost -o %T 2>/dev/null | grep -Eq "^(idle|mixed|allocated|completing)" || return 1
     sacct -n -X -o JobID --starttime now-1minutes >/dev/null 2>&1 || return 1
 }
 
-stop_all() {
-    for pidfile in "$STATE_DIR/slurmd.pid" "$STATE_DIR/slurmctld.pid" "$STATE_DIR/slurmdbd.pid"; do
-        if [[ -s "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-            kill "$(cat "$pidfile")" && say "stopped $(basename "$pidfile" .pid)"
-        fi
+stop_daemons() {
+    for d in "$@"; do
+        if running "$STATE_DIR/$d.pid"; then kill "$(cat "$STATE_DIR/$d.pid")" && say "stopped $d"; fi
+    done
+    for _ in $(seq 30); do
+        local alive=0
+        for d in "$@"; do running "$STATE_DIR/$d.pid" && alive=1; done
+        (( alive )) || return 0
+        sleep 1
     done
 }
 
 case "${1:-start}" in
     status) if cluster_ready; then say "running"; sinfo; exit 0; else say "not running"; exit 1; fi ;;
-    stop) stop_all; exit 0 ;;
+    stop) stop_daemons slurmd slurmctld slurmdbd; exit 0 ;;
     start) ;;
     *) die "unknown command '$1' (use: start, status, stop)" ;;
 esac
 
-if cluster_ready; then
+# --- configuration (rendered first: a running cluster with an outdated config is restarted) --
+CPUS="$(nproc)"
+TOTAL_MB="$(free -m | awk '/^Mem:/ {print $2}')"
+REAL_MEMORY=$(( TOTAL_MB - MEM_MARGIN_MB ))
+(( REAL_MEMORY >= 1024 )) || die "only ${TOTAL_MB} MB of memory: SLURM needs at least $(( 1024 + MEM_MARGIN_MB )) MB"
+DEF_MEM_PER_CPU=$(( REAL_MEMORY / CPUS < 1024 ? REAL_MEMORY / CPUS : 1024 ))
+mkdir -p "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR" "$CONF_DIR"
+DB_PASS_FILE="$STATE_DIR/db_pass"
+[[ -s "$DB_PASS_FILE" ]] || (umask 077; head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$DB_PASS_FILE")
+DB_PASS="$(cat "$DB_PASS_FILE")"
+render() {
+    sed -e "s#@STATE_DIR@#$STATE_DIR#g" -e "s#@LOG_DIR@#$LOG_DIR#g" -e "s#@CPUS@#$CPUS#g" \
+        -e "s#@REAL_MEMORY@#$REAL_MEMORY#g" -e "s#@DEF_MEM_PER_CPU@#$DEF_MEM_PER_CPU#g" \
+        -e "s#@DB_PASS@#$DB_PASS#g" "$1"
+}
+conf_current() {
+    cmp -s <(render "$HERE/slurm.conf.in") "$CONF_DIR/slurm.conf" &&
+        cmp -s <(render "$HERE/gres.conf.in") "$CONF_DIR/gres.conf"
+}
+
+if cluster_ready && conf_current; then
     say "already running"; sinfo; exit 0
 fi
 [[ $(id -u) -eq 0 ]] || die "run as root (it installs Debian packages and starts system daemons)"
+if ! conf_current; then
+    # node definitions (CPUs, memory, GRES) are only read when the daemons start
+    stop_daemons slurmd slurmctld
+fi
 
 # --- packages ---------------------------------------------------------------------------
 missing=()
@@ -70,8 +101,6 @@ if (( ${#missing[@]} )); then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-
-mkdir -p "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR" "$CONF_DIR"
 
 # --- munge (authentication between SLURM daemons and commands) -------------------------
 if [[ ! -s /etc/munge/munge.key ]]; then
@@ -97,9 +126,6 @@ if ! db_ping >/dev/null 2>&1; then
     (cd / && nohup mysqld_safe --user=mysql --bind-address=127.0.0.1 >"$LOG_DIR/mysqld_safe.log" 2>&1 &)
     wait_for mariadb 60 db_ping
 fi
-DB_PASS_FILE="$STATE_DIR/db_pass"
-[[ -s "$DB_PASS_FILE" ]] || (umask 077; head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$DB_PASS_FILE")
-DB_PASS="$(cat "$DB_PASS_FILE")"
 mariadb --protocol=socket <<SQL
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
 ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
@@ -108,25 +134,15 @@ GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
 FLUSH PRIVILEGES;
 SQL
 
-# --- configuration ------------------------------------------------------------------------
-CPUS="$(nproc)"
-TOTAL_MB="$(free -m | awk '/^Mem:/ {print $2}')"
-REAL_MEMORY=$(( TOTAL_MB - MEM_MARGIN_MB ))
-(( REAL_MEMORY >= 1024 )) || die "only ${TOTAL_MB} MB of memory: SLURM needs at least $(( 1024 + MEM_MARGIN_MB )) MB"
-DEF_MEM_PER_CPU=$(( REAL_MEMORY / CPUS < 1024 ? REAL_MEMORY / CPUS : 1024 ))
-render() {
-    sed -e "s#@STATE_DIR@#$STATE_DIR#g" -e "s#@LOG_DIR@#$LOG_DIR#g" -e "s#@CPUS@#$CPUS#g" \
-        -e "s#@REAL_MEMORY@#$REAL_MEMORY#g" -e "s#@DEF_MEM_PER_CPU@#$DEF_MEM_PER_CPU#g" \
-        -e "s#@DB_PASS@#$DB_PASS#g" "$1"
-}
+# --- configuration files -----------------------------------------------------------------
 render "$HERE/slurm.conf.in" >"$CONF_DIR/slurm.conf"
-chmod 644 "$CONF_DIR/slurm.conf"
+render "$HERE/gres.conf.in" >"$CONF_DIR/gres.conf"
+chmod 644 "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"
 (umask 077; render "$HERE/slurmdbd.conf.in" >"$CONF_DIR/slurmdbd.conf")
 chmod 600 "$CONF_DIR/slurmdbd.conf"   # slurmdbd refuses a readable file (it holds the DB password)
-say "node localhost: CPUs=$CPUS RealMemory=${REAL_MEMORY} MB DefMemPerCPU=${DEF_MEM_PER_CPU} MB"
+say "node localhost: CPUs=$CPUS RealMemory=${REAL_MEMORY} MB DefMemPerCPU=${DEF_MEM_PER_CPU} MB Gres=gpu:1 (counted only)"
 
 # --- daemons ------------------------------------------------------------------------------
-running() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if ! running "$STATE_DIR/slurmdbd.pid"; then
     say "starting slurmdbd"
     slurmdbd
@@ -139,8 +155,6 @@ sacctmgr -i add user root account="$ACCOUNT" defaultaccount="$ACCOUNT" >/dev/nul
 if ! running "$STATE_DIR/slurmctld.pid"; then
     say "starting slurmctld"
     slurmctld
-else
-    scontrol reconfigure >/dev/null
 fi
 wait_for slurmctld 60 bash -c "scontrol ping | grep -q 'is UP'"
 if ! running "$STATE_DIR/slurmd.pid"; then

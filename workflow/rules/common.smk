@@ -44,7 +44,8 @@ def log_path(rule_name, name="{slide_id}"):
 
 def sample(wildcards):
     """The samples-sheet row of a slide, as a dict."""
-    return samples.loc[wildcards.slide_id].to_dict()
+    return {k: (None if (not isinstance(v, str) and pd.isna(v)) else v)
+            for k, v in samples.loc[wildcards.slide_id].to_dict().items()}
 
 
 def per_slide(pattern):

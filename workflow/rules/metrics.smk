@@ -1,1 +1,34 @@
-# Stage: metrics (see docs/interface.md).
+# Stage: metrics. Every model, MIL and feature-based, in one comparison table with patient-level
+# bootstrap CIs, fold mean ± SD and DeLong tests; ROC, PR and calibration plots.
+
+
+def model_predictions():
+    """Model name -> its per-fold prediction tables (all roles, so thresholds come from validation)."""
+    models = {f"mil-{m}": expand(out("mil/{model}/fold{fold}/predictions.tsv"), model=m, fold=range(N_FOLDS))
+              for m in MIL_MODELS}
+    for source in TILE_PROB_SOURCES:
+        for clf in SLIDE_CLASSIFIERS:
+            models[f"{clf}@{source}"] = [out(f"slide_classifier/{source}/{clf}/predictions.tsv")]
+    return models
+
+
+rule metrics:
+    input:
+        [p for paths in model_predictions().values() for p in paths],
+    output:
+        json=out("metrics/metrics.json"),
+        tsv=report(out("metrics/metrics.tsv"), caption="../report/metrics.rst", category="4. Metrics"),
+        roc=report(out("metrics/roc.png"), caption="../report/roc.rst", category="4. Metrics"),
+        pr=report(out("metrics/pr.png"), caption="../report/pr.rst", category="4. Metrics"),
+        calibration=report(out("metrics/calibration.png"), caption="../report/calibration.rst", category="4. Metrics"),
+    params:
+        predictions=model_predictions(),
+        settings=config["metrics"],
+        seed=config["seed"],
+    log:
+        log_path("metrics", "metrics"),
+    script:
+        "../scripts/metrics.py"
+
+
+TARGETS.append(out("metrics/metrics.json"))

@@ -1,0 +1,139 @@
+"""Patient-level splits: what a user relies on to trust a cross-validated AUC."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from histoflow.errors import InputError
+from histoflow.splits import SplitSettings, check_splits, make_splits, read_splits, write_splits
+
+
+def cohort(n_patients: int = 12, extra_slides: int = 4, n_sites: int = 4) -> pd.DataFrame:
+    """16 slides of 12 patients (the demo's size): half tumour, some patients with two slides."""
+    rows = []
+    for p in range(n_patients):
+        label = "tumor" if p % 2 == 0 else "normal"
+        for s in range(2 if p < extra_slides else 1):
+            rows.append({"slide_id": f"P{p:02d}-{s}", "patient_id": f"P{p:02d}", "label": label,
+                         "site": f"site{p % n_sites}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("strategy", ["kfold", "holdout"])
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_no_patient_ever_sits_in_two_roles_of_one_fold(strategy, k):
+    table = make_splits(cohort(), SplitSettings(strategy=strategy, k=k), "tumor", seed=1)
+    assert table["fold"].nunique() == k
+    for _, part in table.groupby("fold"):
+        assert part.groupby("patient_id")["role"].nunique().max() == 1
+        assert part["slide_id"].is_unique and len(part) == 16
+    check_splits(table)  # the public check agrees
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_kfold_tests_every_patient_exactly_once_and_keeps_classes_balanced(k):
+    samples = cohort()
+    table = make_splits(samples, SplitSettings(k=k), "tumor", seed=3)
+    test = table[table["role"] == "test"]
+    assert sorted(test["slide_id"]) == sorted(samples["slide_id"])  # out-of-fold predictions cover the cohort
+    per_fold = test.drop_duplicates("patient_id").groupby("fold")["y"].agg(["sum", "count"])
+    # 6 positive patients over k folds: stratification gives each fold floor/ceil of 6/k positives
+    assert per_fold["sum"].min() >= 6 // k and per_fold["sum"].max() <= -(-6 // k)
+    assert per_fold["count"].max() - per_fold["count"].min() <= 1
+    for fold, part in table.groupby("fold"):
+        for role in ("train", "test"):
+            assert set(part.loc[part["role"] == role, "y"]) == {0, 1}, (fold, role)
+
+
+def test_validation_share_is_stratified_and_taken_from_non_test_patients():
+    table = make_splits(cohort(24, extra_slides=0), SplitSettings(k=3, val_fraction=0.25), "tumor", seed=0)
+    for _, part in table.groupby("fold"):
+        val = part[part["role"] == "val"]
+        non_test = part[part["role"] != "test"]
+        assert len(val) == pytest.approx(0.25 * len(non_test), abs=1)
+        assert set(val["y"]) == {0, 1}
+
+
+def test_holdout_keeps_one_fixed_test_set_with_inner_folds():
+    table = make_splits(cohort(20, extra_slides=0), SplitSettings(strategy="holdout", k=3, test_fraction=0.2),
+                        "tumor", seed=5)
+    tests = [frozenset(p.loc[p["role"] == "test", "patient_id"]) for _, p in table.groupby("fold")]
+    assert len(set(tests)) == 1 and len(tests[0]) == 4
+    vals = [set(p.loc[p["role"] == "val", "patient_id"]) for _, p in table.groupby("fold")]
+    assert all(v and not (v & tests[0]) for v in vals)
+    assert set.union(*vals) == set(table["patient_id"]) - tests[0]  # inner CV: every non-test patient validates once
+    assert sum(len(v) for v in vals) == len(set.union(*vals))
+
+
+def test_preserve_site_puts_every_site_on_one_side():
+    samples = cohort(24, extra_slides=0, n_sites=6)
+    table = make_splits(samples, SplitSettings(k=3, preserve_site=True), "tumor", seed=2)
+    for _, part in table.groupby("fold"):
+        assert part.groupby("site")["role"].nunique().max() == 1
+    check_splits(table, preserve_site=True)
+
+
+def test_a_patient_spanning_two_sites_pulls_both_sites_together():
+    samples = cohort(24, extra_slides=0, n_sites=6)
+    samples.loc[len(samples)] = {"slide_id": "P00-x", "patient_id": "P00", "label": "tumor", "site": "site1"}
+    table = make_splits(samples, SplitSettings(k=2, preserve_site=True), "tumor", seed=2)
+    for _, part in table.groupby("fold"):
+        assert part.loc[part["site"].isin(["site0", "site1"]), "role"].nunique() == 1
+
+
+def test_preserve_site_without_a_site_column_is_a_one_line_error():
+    samples = cohort().drop(columns="site")
+    with pytest.raises(InputError, match="site") as err:
+        make_splits(samples, SplitSettings(k=3, preserve_site=True), "tumor", seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_a_fold_without_positives_in_test_names_fold_role_and_fix():
+    samples = cohort()
+    samples.loc[samples["patient_id"].isin(["P00", "P02", "P04", "P06"]), "label"] = "normal"  # 2 tumour patients left
+    with pytest.raises(InputError) as err:
+        make_splits(samples, SplitSettings(k=3), "tumor", seed=0)
+    msg = str(err.value)
+    assert "fold" in msg and "'test'" in msg and "split.k" in msg and "\n" not in msg
+
+
+def test_a_positive_label_absent_from_the_sheet_is_refused():
+    with pytest.raises(InputError, match="positive_label"):
+        make_splits(cohort(), SplitSettings(k=3), "TUMOUR", seed=0)
+
+
+def test_check_splits_catches_a_patient_leaking_into_two_roles():
+    table = make_splits(cohort(), SplitSettings(k=3), "tumor", seed=0)
+    fold0 = table.index[table["fold"] == 0]
+    two_slide = table.loc[fold0][table.loc[fold0, "patient_id"] == "P00"].index
+    table.loc[two_slide[0], "role"] = "train"
+    table.loc[two_slide[1], "role"] = "test"
+    with pytest.raises(InputError, match="P00"):
+        check_splits(table)
+
+
+def test_same_seed_same_split_and_another_seed_another():
+    a = make_splits(cohort(), SplitSettings(k=4), "tumor", seed=11)
+    b = make_splits(cohort().sample(frac=1, random_state=0), SplitSettings(k=4), "tumor", seed=11)
+    c = make_splits(cohort(), SplitSettings(k=4), "tumor", seed=12)
+    key = ["fold", "slide_id"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
+    assert not a.sort_values(key)["role"].reset_index(drop=True).equals(c.sort_values(key)["role"].reset_index(drop=True))
+
+
+def test_write_splits_saves_the_long_table_and_a_summary(tmp_path):
+    write_splits(cohort().to_dict("records"), {"k": 3, "val_fraction": 0.2}, "tumor", 7,
+                 tmp_path / "splits.tsv", tmp_path / "split.json")
+    table = read_splits(tmp_path / "splits.tsv")
+    assert list(table.columns) == ["slide_id", "patient_id", "label", "y", "site", "fold", "role"]
+    assert len(table) == 16 * 3 and set(table["role"]) == {"train", "val", "test"}
+    summary = json.loads((tmp_path / "split.json").read_text())
+    assert summary["strategy"] == "kfold" and summary["seed"] == 7 and summary["n_folds"] == 3
+    for fold, counts in summary["folds"].items():
+        part = table[table["fold"] == int(fold)]
+        assert sum(c["slides"] for c in counts.values()) == 16
+        assert counts["test"]["positive_slides"] == int(part.loc[part["role"] == "test", "y"].sum())

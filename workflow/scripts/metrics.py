@@ -1,0 +1,14 @@
+from histoflow.logs import first_log, log_to
+from histoflow.metrics import write_metrics
+
+with log_to(first_log(snakemake)):
+    write_metrics(
+        predictions=dict(snakemake.params.predictions),
+        metrics_json=snakemake.output.json,
+        metrics_tsv=snakemake.output.tsv,
+        roc_png=snakemake.output.roc,
+        pr_png=snakemake.output.pr,
+        calibration_png=snakemake.output.calibration,
+        settings=snakemake.params.settings,
+        seed=snakemake.params.seed,
+    )
