@@ -20,11 +20,17 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
-demo-cohort: $(STAMP)
+SMK := PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --configfile config.yaml $(DEMO_DIR)/config.yaml --config outdir=$(OUTDIR)
+
+# The demo cohort is built once (deterministic from the seed); `make clean` removes it.
+$(DEMO_DIR)/samples.tsv: | $(STAMP)
 	$(BIN)/histoflow demo-cohort --out $(DEMO_DIR) --slides 16 --seed 7
 
+demo-cohort: $(STAMP) $(DEMO_DIR)/samples.tsv
+
 demo: demo-cohort
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --config samples=$(DEMO_DIR)/samples.tsv outdir=$(OUTDIR)
+	$(SMK) --cores $(CORES)
+	$(SMK) --report $(OUTDIR)/report.html
 	@$(BIN)/histoflow where --outdir $(OUTDIR)
 
 test: $(STAMP)
@@ -42,8 +48,8 @@ install-profile:
 	cp -r profiles/slurm $(HOME)/.config/snakemake/slurm
 	@echo "installed: snakemake --profile slurm now finds $(HOME)/.config/snakemake/slurm"
 
-lint: $(STAMP)
-	$(BIN)/snakemake --lint -n --config samples=$(DEMO_DIR)/samples.tsv
+lint: demo-cohort
+	$(SMK) --lint -n
 
 clean:
 	rm -rf $(OUTDIR) $(DEMO_DIR) .snakemake

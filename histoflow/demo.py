@@ -48,7 +48,7 @@ MPP = 0.5                       # µm/px at level 0 (a 20x scan)
 MASK_DS = 16                    # field maps and truth masks: one px per 16 level-0 px
 DEFAULT_SIZE = (8000, 6000)     # 4 x 3 mm: the whole demo DAG runs in minutes on a CPU
 SMALL_SIZE = (3000, 2400)       # 1.5 x 1.2 mm, for CI tests
-STRIP_ROWS = 512                # level-0 rows synthesised at once (~100 MB of temporaries at 8000 px)
+STRIP_ROWS = 256                # level-0 rows synthesised at once (~100 MB of temporaries at 8000 px)
 JPEG_Q = 85
 TUMOR, NORMAL = "tumor", "normal"
 POSITIVE_CLASS = "Tumor"
@@ -369,8 +369,8 @@ def stamp(out: np.ndarray, y0: int, pts: np.ndarray, sprite_idx: np.ndarray, ban
     tlx = np.floor(p[:, 0]).astype(np.int64) - half
     tly = np.floor(p[:, 1]).astype(np.int64) - half - y0
     oy, ox = np.mgrid[0:size, 0:size]
-    for start in range(0, len(p), 2048):     # bounded temporaries for crowded strips
-        sl = slice(start, start + 2048)
+    for start in range(0, len(p), 512):      # bounded temporaries for crowded strips
+        sl = slice(start, start + 512)
         xs = tlx[sl, None] + ox.ravel()[None, :]
         ys = tly[sl, None] + oy.ravel()[None, :]
         wts = bank[sprite_idx[lo:hi][sl]].reshape(len(xs), -1)
@@ -534,23 +534,18 @@ def _render_strip(y0, y1, width, up, alpha, emod, les, fib_w, tex_a, tex_b, tex_
                   banks, ink, ink_od, bubble, noise_tile, od_h=OD_H, od_e=OD_E) -> np.ndarray:
     sh = y1 - y0
     a = up.strip(alpha, y0, y1)
-    od_bg = np.tile(noise_tile, (sh // noise_tile.shape[0] + 2, width // noise_tile.shape[1] + 2))
-    oy = y0 % noise_tile.shape[0]
-    od_bg = od_bg[oy:oy + sh, :width] + OD_BACKGROUND
-    od = np.repeat(od_bg[:, :, None], 3, axis=2)
+    rows, cols = np.arange(y0, y1), np.arange(width)
+    od = np.empty((sh, width, 3), np.float32)
+    od[...] = (_wrap(noise_tile, rows, cols) + OD_BACKGROUND)[:, :, None]
     if a is not None:
         # the low-res alpha is blurry; a real section ends within a few µm
         a = np.clip((a - 0.5) * 3.0 + 0.5, 0, 1)
-        t = tex_a.shape[0]
-        reps = (sh // t + 2, width // t + 2)
-        ty = y0 % t
-        ta = np.tile(tex_a, reps)[ty:ty + sh, :width]
-        tb = np.tile(tex_b, reps)[ty:ty + sh, :width]
+        ta, tb = _wrap(tex_a, rows, cols), _wrap(tex_b, rows, cols)
         w = up.strip(fib_w, y0, y1)
         tex = tb + (ta - tb) * w if w is not None else tb
         bl = up.strip(blur_lr, y0, y1) if blur_lr is not None else None
         if bl is not None:
-            tex = tex + (np.tile(tex_blur, reps)[ty:ty + sh, :width] - tex) * bl
+            tex = tex + (_wrap(tex_blur, rows, cols) - tex) * bl
         e = up.strip(emod, y0, y1) * a
         l = up.strip(les, y0, y1)
         eos = e * (0.30 + 0.50 * tex)
@@ -575,6 +570,11 @@ def _render_strip(y0, y1, width, up, alpha, emod, les, fib_w, tex_a, tex_b, tex_
     rgb *= 255.0
     np.clip(rgb, 0, 255, out=rgb)
     return (rgb + 0.5).astype(np.uint8)
+
+
+def _wrap(tile: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """A periodic texture tile read at (rows, cols), exactly the strip's size (no big np.tile)."""
+    return tile[(rows % tile.shape[0])[:, None], (cols % tile.shape[1])[None, :]]
 
 
 def _jitter_vector(v: np.ndarray, rng: np.random.Generator, amount: float = 0.06) -> np.ndarray:

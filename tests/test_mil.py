@@ -52,8 +52,8 @@ def data():
 
 
 def quick_settings(model: str, **kw) -> MILSettings:
-    epochs = 8 if model == "transmil" else 12
-    base = dict(models=(model,), epochs=epochs, lr=2e-3, patience=100, hidden_dim=DIM, dropout=0.1,
+    epochs = 5 if model == "transmil" else 8
+    base = dict(models=(model,), epochs=epochs, lr=5e-3, patience=100, hidden_dim=DIM, dropout=0.1,
                 transmil={"attention": "full", "heads": 4})
     base.update(kw)
     return MILSettings(**base)

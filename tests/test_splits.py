@@ -137,3 +137,22 @@ def test_write_splits_saves_the_long_table_and_a_summary(tmp_path):
         part = table[table["fold"] == int(fold)]
         assert sum(c["slides"] for c in counts.values()) == 16
         assert counts["test"]["positive_slides"] == int(part.loc[part["role"] == "test", "y"].sum())
+
+
+@pytest.mark.e2e
+def test_snakemake_split_target_writes_the_split_from_the_sheet_alone(tmp_path, repo_root, snakemake_exe):
+    """`snakemake split` needs no slide: the sheet's URLs are never fetched."""
+    import subprocess
+
+    sheet = tmp_path / "samples.tsv"
+    frame = cohort()
+    frame["source"] = [f"http://127.0.0.1:9/{s}.svs" for s in frame["slide_id"]]
+    frame.to_csv(sheet, sep="\t", index=False)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"samples: {sheet}\noutdir: {tmp_path / 'out'}\nsplit: {{k: 3, strategy: holdout}}\n")
+    proc = subprocess.run([snakemake_exe, "--cores", "1", "split", "--configfile", str(repo_root / "config.yaml"), str(cfg)],
+                          cwd=repo_root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = read_splits(tmp_path / "out" / "splits" / "splits.tsv")
+    assert table["fold"].nunique() == 3 and len(table) == 48
+    assert json.loads((tmp_path / "out" / "splits" / "split.json").read_text())["strategy"] == "holdout"

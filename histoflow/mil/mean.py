@@ -24,5 +24,5 @@ class MeanPoolMIL(MILModel):
         n = h.shape[0]
         # the bag classifier applied to each tile: the tile's own vote, since the bag logit is
         # exactly the mean of these logits (the classifier is linear)
-        return TileScores(attention=torch.full((n,), 1.0 / max(n, 1)),
+        return TileScores(attention=torch.full((n,), 1.0 / max(n, 1), device=h.device),
                           instance_prob=torch.sigmoid(self.classifier(h).squeeze(-1)))

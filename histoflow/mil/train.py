@@ -84,6 +84,8 @@ def resolve_device(device: str) -> torch.device:
 
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     """Seed python/numpy/torch, ask torch for deterministic kernels, return a seeded generator."""
+    # cuBLAS is only deterministic with a fixed workspace; must be set before the first CUDA matmul
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
