@@ -101,6 +101,20 @@ def test_tissue_fraction_equals_brute_force_area_at_non_integer_scale():
     assert box_fractions(integral_image(np.ones((4, 4))), [2.0], [0.0], [6.0], [4.0])[0] == pytest.approx(0.5)
 
 
+def test_tile_tissue_fraction_matches_the_dense_summed_area_table_at_any_scale():
+    rng = np.random.default_rng(1)
+    mask = rng.random((41, 67)) > 0.5
+    table = integral_image(mask)
+    for scale, size0, stride in ((16.0, 64, 48), (12.3, 100, 77), (40.0, 512, 512), (7.0, 7, 7)):
+        spec_w, spec_h = int(67 * scale) + 300, int(41 * scale) + 300  # grid runs past the mask
+        xs, ys = np.meshgrid(np.arange(0, spec_w - size0, stride), np.arange(0, spec_h - size0, stride))
+        x, y = xs.ravel(), ys.ravel()
+        got = tissue_fractions(mask, scale, scale, x, y, size0, size0)
+        want = box_fractions(table, x / scale, y / scale, (x + size0) / scale, (y + size0) / scale)
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        assert got.max() <= 1.0 and got.min() >= 0.0
+
+
 def test_min_tissue_fraction_keeps_exactly_the_tiles_at_or_above_it(tmp_path):
     mask = np.zeros((100, 100), bool)
     mask[:, :50] = True          # left half tissue
@@ -109,7 +123,7 @@ def test_min_tissue_fraction_keeps_exactly_the_tiles_at_or_above_it(tmp_path):
     _, tiles = run_tiling(tmp_path, mask, 10_000, 10_000, settings)
     spec = grid_spec(10_000, 10_000, 0.25, 0.25, DOWNSAMPLES, 0.5, 256)
     x, y, _, _ = grid_coordinates(spec)
-    frac = tissue_fractions(integral_image(mask), 100.0, 100.0, x, y, 512, 512)
+    frac = tissue_fractions(mask, 100.0, 100.0, x, y, 512, 512)
     assert len(tiles) == int((frac >= 0.5).sum()) > 0
     assert (tiles["tissue_fraction"] >= 0.5).all()
     assert tiles["x"].max() == 5120  # the boundary tile (380 of 512 px on tissue) and nothing beyond

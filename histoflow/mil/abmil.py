@@ -34,7 +34,7 @@ class GatedAttentionMIL(MILModel):
         self.classifier = nn.Linear(hidden_dim, 1)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.fc(x)
+        h = self.fc(self.standardise(x))
         return h, masked_softmax_scores(self.attention(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,17 @@ class MILModel(nn.Module):
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.dropout = dropout
+        # per-dimension statistics of the training tiles (saved in the checkpoint): encoders
+        # differ in feature scale by orders of magnitude, standardising makes lr defaults portable
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.feature_mean) / self.feature_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

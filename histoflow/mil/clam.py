@@ -43,7 +43,7 @@ class CLAMSB(MILModel):
         self.subtyping = subtyping
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.fc(x)
+        h = self.fc(self.standardise(x))
         return h, masked_softmax_scores(self.attention(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

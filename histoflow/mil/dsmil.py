@@ -31,7 +31,7 @@ class DSMIL(MILModel):
 
     def streams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(instance logits [n], attention [n], bag-stream logit)."""
-        h = self.fc(x)
+        h = self.fc(self.standardise(x))
         inst = self.instance_classifier(h).squeeze(-1)
         q = self.query(h)
         critical = q[torch.argmax(inst)]

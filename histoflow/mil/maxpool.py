@@ -17,7 +17,7 @@ class MaxPoolMIL(MILModel):
         self.instance_classifier = nn.Linear(hidden_dim, 1)
 
     def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.instance_classifier(self.fc(x)).squeeze(-1)
+        return self.instance_classifier(self.fc(self.standardise(x))).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.instance_logits(x).max()

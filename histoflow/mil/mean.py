@@ -17,10 +17,10 @@ class MeanPoolMIL(MILModel):
         self.classifier = nn.Linear(hidden_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.fc(x).mean(0)).squeeze(-1)
+        return self.classifier(self.fc(self.standardise(x)).mean(0)).squeeze(-1)
 
     def tile_scores(self, x: torch.Tensor) -> TileScores:
-        h = self.fc(x)
+        h = self.fc(self.standardise(x))
         n = h.shape[0]
         # the bag classifier applied to each tile: the tile's own vote, since the bag logit is
         # exactly the mean of these logits (the classifier is linear)

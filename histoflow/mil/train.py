@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from . import MODELS, MILModel, build_model
-from .data import Bag, feature_dim, load_bags
+from .data import feature_dim, load_bags
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,19 @@ def tile_scores(model: MILModel, bag: np.ndarray, device: torch.device | str = "
     return att / max(att.sum(), 1e-300), scores.instance_prob.double().clamp(0, 1).cpu().numpy()
 
 
+def feature_stats(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std over every tile of ``bags`` (streamed in float64)."""
+    total, sq, n = 0.0, 0.0, 0
+    for bag in bags:
+        b = np.asarray(bag, dtype=np.float64)
+        total = total + b.sum(0)
+        sq = sq + np.square(b).sum(0)
+        n += len(b)
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean**2, 0.0))
+    return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+
+
 def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int],
         val_bags: Sequence[np.ndarray], val_y: Sequence[int], settings: MILSettings, seed: int,
         device: str | torch.device = "cpu", progress: bool = True) -> FitResult:
@@ -166,7 +179,9 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
 
     gen = seed_everything(seed)
     dim = int(np.asarray(train_bags[0]).shape[1])
-    model = build_model(model_name, dim, settings.hidden_dim, settings.dropout, settings.model_options(model_name)).to(device)
+    model = build_model(model_name, dim, settings.hidden_dim, settings.dropout, settings.model_options(model_name))
+    model.set_feature_stats(*feature_stats(train_bags))
+    model = model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * len(train_bags)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(steps, 1), eta_min=settings.lr * 0.01)

@@ -133,7 +133,7 @@ class TransMIL(MILModel):
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens after the TPT [1 + side^2, dim], input of layer 2), for a bag of n tiles."""
-        h = self.fc(x)
+        h = self.fc(self.standardise(x))
         n = h.shape[0]
         side = max(math.ceil(math.sqrt(n)), 1)
         extra = side * side - n
