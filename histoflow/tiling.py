@@ -497,8 +497,8 @@ def read_tiles_table(path: str | os.PathLike):
 
 def read_tile(slide, row) -> np.ndarray:
     """One tile as ``(tile_px, tile_px, 3)`` uint8 RGB: ``read_w x read_h`` px at ``read_level``
-    (level-0 corner ``x, y``), downscaled with a Lanczos filter when the level is finer than the
-    target. ``slide`` is an open OpenSlide; ``row`` any mapping/row with the tiles columns."""
+    (level-0 corner ``x, y``), downscaled to ``tile_px`` (box mean for integer factors, Lanczos
+    otherwise) when the level is finer than the target. ``slide`` is an open OpenSlide; ``row`` any mapping/row with the tiles columns."""
     from PIL import Image
 
     from .slide import read_rgb
@@ -507,8 +507,13 @@ def read_tile(slide, row) -> np.ndarray:
     rgb = read_rgb(slide, int(row["x"]), int(row["y"]), int(row["read_level"]), int(row["read_w"]), int(row["read_h"]))
     if rgb.shape[0] == tile_px and rgb.shape[1] == tile_px:
         return rgb
-    resized = Image.fromarray(rgb).resize((tile_px, tile_px), Image.Resampling.LANCZOS)
-    return np.asarray(resized)
+    img = Image.fromarray(rgb)
+    h, w = rgb.shape[:2]
+    if w == h and w % tile_px == 0:
+        # exact integer factor (pyramid level twice as fine, the common case): a box mean is the
+        # correct anti-aliasing filter and several times faster than Lanczos
+        return np.asarray(img.reduce(w // tile_px))
+    return np.asarray(img.resize((tile_px, tile_px), Image.Resampling.LANCZOS))
 
 
 def tile_image_name(slide_id: str, x: int, y: int, mpp: float, image_format: str) -> str:
@@ -559,3 +564,80 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     n = len(list(out_dir.iterdir()))
     log.info("slide %s: %d tile images in %s", slide_id, n, out_dir)
     return n
+
+
+# --------------------------------------------------------------------------------------------
+# Preview
+
+
+def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, max_px: int = 1600) -> np.ndarray:
+    """The tile grid over a slide thumbnail, one panel per resolution (uint8 RGB): outlines
+    coloured by tissue fraction (viridis), tiles on annotations tinted red. ``background`` covers
+    the whole slide (``width x height`` level-0 px)."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    bg = Image.fromarray(np.asarray(background, np.uint8)).convert("RGB")
+    scale = min(1.0, max_px / max(bg.size)) if max(bg.size) else 1.0
+    if scale < 1.0:
+        bg = bg.resize((max(1, int(bg.width * scale)), max(1, int(bg.height * scale))), Image.Resampling.BILINEAR)
+    sx, sy = bg.width / max(width, 1), bg.height / max(height, 1)
+    cmap = colormaps["viridis"]
+    mpps = list(dict.fromkeys(tiles["target_mpp"].tolist())) or [None]
+    panels = []
+    for mpp in mpps:
+        panel = bg.copy()
+        tint = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+        draw, tint_draw = ImageDraw.Draw(panel), ImageDraw.Draw(tint)
+        sel = tiles if mpp is None else tiles[tiles["target_mpp"] == mpp]
+        if len(sel):
+            x0 = (sel["x"].to_numpy() * sx).astype(int)
+            y0 = (sel["y"].to_numpy() * sy).astype(int)
+            x1 = ((sel["x"].to_numpy() + sel["size0"].to_numpy()) * sx).astype(int) - 1
+            y1 = ((sel["y"].to_numpy() + sel["size0"].to_numpy()) * sy).astype(int) - 1
+            colours = (cmap(sel["tissue_fraction"].to_numpy(np.float64))[:, :3] * 255).astype(int)
+            lesion = np.nan_to_num(sel["annotation_fraction"].to_numpy(np.float64)) > 0
+            for i in range(len(sel)):  # drawing only: thousands of rectangles take milliseconds
+                if lesion[i]:
+                    tint_draw.rectangle((x0[i], y0[i], x1[i], y1[i]), fill=(255, 0, 0, 90))
+                draw.rectangle((x0[i], y0[i], max(x0[i], x1[i]), max(y0[i], y1[i])), outline=tuple(colours[i]))
+        panel = Image.alpha_composite(panel.convert("RGBA"), tint).convert("RGB")
+        # PIL's default font is ASCII only: "um/px"
+        label = ("no tiles" if mpp is None else
+                 f"{mpp:g} um/px: {len(sel)} tiles (outline: tissue fraction, viridis; red: on annotations)")
+        header = Image.new("RGB", (panel.width, 18), (255, 255, 255))
+        ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
+        framed = Image.new("RGB", (panel.width, panel.height + 18), (255, 255, 255))
+        framed.paste(header, (0, 0))
+        framed.paste(panel, (0, 18))
+        panels.append(framed)
+    gap = 8
+    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), max(p.height for p in panels)),
+                    (255, 255, 255))
+    offset = 0
+    for p in panels:
+        out.paste(p, (offset, 0))
+        offset += p.width + gap
+    return np.asarray(out)
+
+
+def write_tile_preview(slide_json, tiles_path, overlay_jpg, out_path, max_px: int = 1600) -> None:
+    """Rule `tile_preview`: the tile grid drawn over the tissue overlay (for the report and for a
+    quick look at what will be extracted). A skipped slide gets a small blank image."""
+    from PIL import Image
+
+    meta = read_json(slide_json)
+    tiles = read_tiles_table(tiles_path)
+    width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
+    background = None
+    if meta.get("status") == "ok" and overlay_jpg and Path(overlay_jpg).exists() and width and height:
+        with Image.open(overlay_jpg) as img:
+            background = np.asarray(img.convert("RGB"))
+    if background is None:
+        background = np.full((256, 256, 3), 255, np.uint8)
+        width = width or 256
+        height = height or 256
+    image = tile_preview_image(background, tiles, width, height, max_px)
+    with atomic_path(out_path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=90)
+    log.info("slide %s: tile preview %s (%d x %d px)", meta.get("slide_id"), out_path, image.shape[1], image.shape[0])

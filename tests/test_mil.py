@@ -143,6 +143,13 @@ def test_balanced_sampler_trains_on_an_imbalanced_cohort(data):
     assert roc_auc(data["test_y"], predict_proba(result.model, data["test"])) >= 0.8
 
 
+def test_learning_does_not_depend_on_the_encoder_feature_scale(data):
+    """Encoders differ in feature scale (ResNet means ~10, ViT ~0.1): training standardises."""
+    scaled = lambda bags: [(b.astype(np.float32) * 40 + 200).astype(np.float16) for b in bags]  # noqa: E731
+    result = fit("abmil", scaled(data["train"]), data["train_y"], [], [], quick_settings("abmil"), seed=0, progress=False)
+    assert roc_auc(data["test_y"], predict_proba(result.model, scaled(data["test"]))) >= 0.85
+
+
 def test_single_class_training_set_is_refused(data):
     neg = [b for b, y in zip(data["train"], data["train_y"]) if y == 0]
     with pytest.raises(InputError, match="one class"):

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -94,7 +93,7 @@ def test_tissue_fraction_equals_brute_force_area_at_non_integer_scale():
             / ((round(c * 10) - round(a * 10)) * (round(d * 10) - round(b * 10)))
             if round(c * 10) <= 370 and round(d * 10) <= 530 else None
             for a, b, c, d in zip(y0, x0, y1, x1)]
-    for g, w, xx1, yy1 in zip(got, want, x1, y1):
+    for g, w in zip(got, want):
         if w is not None:
             assert g == pytest.approx(w, abs=1e-9)
     # beyond the mask counts as background: a box half outside is at most half tissue
@@ -323,3 +322,29 @@ def test_real_svs_tiles_read_back_as_tissue(tmp_path, shared_data):
     assert row.read_w == 449 and tile.shape == (224, 224, 3)
     assert tile.mean() < 215  # stained tissue, not white glass
     slide.close()
+
+
+def test_preview_draws_one_panel_per_resolution_over_the_thumbnail(tmp_path):
+    from histoflow.tiling import write_tile_preview
+
+    mask = np.zeros((40, 50), bool)
+    mask[10:30, 10:40] = True
+    out, tiles = run_tiling(tmp_path, mask, 5000, 4000, {"mpp": [0.5, 2.0], "tile_px": 128})
+    overlay = tmp_path / "overlay.jpg"
+    Image.fromarray(np.full((400, 500, 3), 230, np.uint8)).save(overlay)
+    preview = tmp_path / "preview.jpg"
+    write_tile_preview(tmp_path / "s1.slide.json", out, overlay, preview)
+    img = np.asarray(Image.open(preview))
+    assert img.shape[1] == 2 * 500 + 8 and img.shape[0] == 400 + 18   # two panels side by side
+    panel = img[18:, :500].astype(int)
+    # outlines are drawn inside the tissue box only (grey background elsewhere)
+    assert np.abs(panel[120:280, 110:390] - 230).max() > 40
+    assert np.abs(panel[:80, :80] - 230).max() < 20
+
+
+def test_preview_of_a_skipped_slide_is_a_blank_image(tmp_path):
+    from histoflow.tiling import write_tile_preview
+
+    out, _ = run_tiling(tmp_path, np.ones((4, 4), bool), 1000, 1000, {"mpp": [0.5]}, status="skipped")
+    write_tile_preview(tmp_path / "s1.slide.json", out, tmp_path / "missing.jpg", tmp_path / "p.jpg")
+    assert Image.open(tmp_path / "p.jpg").size[0] >= 256

@@ -78,6 +78,7 @@ def test_every_slide_gets_a_tile_table_with_tiles_and_the_schema(tiled):
         slide = pd.read_json(outdir / "slides" / f"{slide_id}.json", typ="series")
         assert (frame["x"] + frame["size0"] <= int(slide["width"])).all()
         assert (frame["y"] + frame["size0"] <= int(slide["height"])).all()
+        assert (outdir / "tiles" / f"{slide_id}.preview.jpg").stat().st_size > 0
 
 
 def test_second_run_has_nothing_to_do(tiled):

@@ -44,10 +44,31 @@ rule export_tile_images:
         "../scripts/export_tile_images.py"
 
 
+rule tile_preview:
+    input:
+        slide=out("slides/{slide_id}.json"),
+        tiles=out("tiles/{slide_id}.parquet"),
+        overlay=out("tissue/{slide_id}.overlay.jpg"),
+    output:
+        preview=report(
+            out("tiles/{slide_id}.preview.jpg"),
+            caption="../report/tile_preview.rst",
+            category="1. Slides and QC",
+            subcategory="Tile grids",
+            labels={"slide": "{slide_id}"},
+        ),
+    log:
+        log_path("tile_preview"),
+    script:
+        "../scripts/tile_preview.py"
+
+
 rule tiles:
     input:
         per_slide("tiles/{slide_id}.parquet"),
+        per_slide("tiles/{slide_id}.preview.jpg"),
         per_slide("tile_images/{slide_id}") if config["tiling"]["export_images"] != "none" else [],
 
 
 TARGETS.extend(per_slide("tiles/{slide_id}.parquet"))
+TARGETS.extend(per_slide("tiles/{slide_id}.preview.jpg"))
