@@ -116,20 +116,28 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def worker_histoflow(slide: Path, out: Path, mask_mpp: float | None = None) -> dict:
+def histoflow_config(mask_mpp: float | None = None) -> dict:
+    """The ``tissue`` and ``tiling`` sections with the schema's defaults filled in, exactly as the
+    workflow fills them. Done in the parent: in the workflow Snakemake (not the rule's process)
+    loads the config and hands the rule its ``params``, so the worker must not pay for it."""
+    sys.path.insert(0, str(REPO))
+    from histoflow.config import _fill_defaults, load_schema
+
+    cfg = {"tissue": {} if mask_mpp is None else {"mask_mpp": mask_mpp},
+           "tiling": {"mpp": [TARGET_MPP], "tile_px": TILE_PX, "min_tissue_fraction": MIN_COVERAGE}}
+    _fill_defaults(cfg, load_schema("config"))
+    return {"tissue": cfg["tissue"], "tiling": cfg["tiling"]}
+
+
+def worker_histoflow(slide: Path, out: Path, cfg: dict) -> dict:
     t0 = time.perf_counter()
     from histoflow import slide_qc, tiling, tissue
     from histoflow.io import write_json
     # what the stages import lazily is start-up too (each rule script is a fresh process)
-    for module in ("openslide", "PIL.Image", "scipy.ndimage", "skimage.filters", "skimage.measure",
-                   "skimage.morphology", "shapely", "pyarrow.parquet", "tqdm"):
+    for module in ("openslide", "PIL.Image", "pyvips", "skimage.measure._find_contours", "shapely",
+                   "pyarrow.parquet", "tqdm"):
         importlib.import_module(module)
     import_s = time.perf_counter() - t0
-
-    cfg = {"tissue": {} if mask_mpp is None else {"mask_mpp": mask_mpp}, "tiling": {"mpp": [TARGET_MPP], "tile_px": TILE_PX, "min_tissue_fraction": MIN_COVERAGE}}
-    from histoflow.config import load_schema, _fill_defaults  # defaults exactly as the workflow fills them
-    schema = load_schema("config")
-    _fill_defaults(cfg, schema)
     # the download stage hashes the file while fetching it; slide_qc reuses the manifest's md5
     manifest = out / "downloads" / "bench.json"
     write_json(manifest, {"slide_id": "bench", "status": "ok", "reason": None, "source_kind": "local",
@@ -229,12 +237,12 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", choices=["histoflow", "hs2p"])
     parser.add_argument("--slide")
     parser.add_argument("--out")
-    parser.add_argument("--mask-mpp", type=float, help="histoflow worker: tissue.mask_mpp (default: config default)")
+    parser.add_argument("--config", help="histoflow worker: the tissue/tiling config as JSON (filled by the parent)")
     args = parser.parse_args(argv)
 
     if args.worker:
         if args.worker == "histoflow":
-            result = worker_histoflow(Path(args.slide), Path(args.out), args.mask_mpp)
+            result = worker_histoflow(Path(args.slide), Path(args.out), json.loads(args.config))
         else:
             result = worker_hs2p(Path(args.slide), Path(args.out))
         print(json.dumps(result), flush=True)
@@ -252,8 +260,8 @@ def main(argv=None) -> int:
 
     # histoflow with the config defaults, and with the mask at hs2p's segmentation resolution
     # (downsample 64 = 16 µm/px here) to show what the tissue-mask resolution costs
-    tools = {"histoflow": (Path(sys.executable), "histoflow", ()),
-             "histoflow_mask16": (Path(sys.executable), "histoflow", ("--mask-mpp", "16")),
+    tools = {"histoflow": (Path(sys.executable), "histoflow", ("--config", json.dumps(histoflow_config()))),
+             "histoflow_mask16": (Path(sys.executable), "histoflow", ("--config", json.dumps(histoflow_config(16.0)))),
              "hs2p": (hs2p_python, "hs2p", ())}
     runs: dict[str, list[dict]] = {name: [] for name in tools}
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:

@@ -227,7 +227,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     if label_counts.exists():
         lc = pd.read_csv(label_counts, sep="\t")
         for col in lc.columns:
-            if col not in ("slide_id",) and pd.api.types.is_numeric_dtype(lc[col]):
+            if col.startswith("n_") and pd.api.types.is_numeric_dtype(lc[col]):
                 it.metrics[f"labels.{col}"] = float(lc[col].sum())
         it.artifacts.append(str(label_counts))
         it.summary.append("Tile labels from annotation polygons by overlap fraction: "
@@ -279,7 +279,8 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
                 it.metrics[f"{src}.{k}"] = float(v)
         it.artifacts.append(p)
         it.artifacts += [q for q in _files(str(Path(p).parent / "*.png"))][:5]
-    summary = ", ".join(f"{k} {v:.3f}" for k, v in it.metrics.items() if k.split(".")[-1] in ("froc", "froc_score", "dice", "mean_dice", "n_lesions"))
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in it.metrics.items()
+                        if k.split(".")[-1] in ("froc_score", "pooled", "mean_tumour_slides", "n_lesions", "n_lesions_detected"))
     it.summary.append(f"Threshold + connected components on tile probabilities; {summary or 'no lesion metrics'}.")
 
     # 11 metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -83,42 +84,37 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
     """Check the samples sheet row by row and as a cohort; return it indexed by ``slide_id``.
 
     Each problem raises InputError naming the row (1-based, header excluded), the slide and the fix.
+    Checks run column-wise (a 10,000-slide sheet is validated in well under a second); only a row
+    flagged as bad goes through the full per-row check that words the error, so the message is the
+    one a row-by-row validation would give for the first bad row.
     """
-    import jsonschema
-
     sheet = str(sheet_path)
     missing = [c for c in SAMPLE_COLUMNS if c not in frame.columns]
     if missing:
         raise InputError(f"samples sheet {sheet!r} lacks column(s) {', '.join(missing)}: "
                          f"it needs {', '.join(SAMPLE_COLUMNS)} (tab-separated, with a header line)")
     schema = load_schema("samples")
-    validator = jsonschema.Draft202012Validator(schema)
-    sheet_dir = Path(sheet).resolve().parent
-    rows = []
-    for i, raw in enumerate(frame.to_dict("records"), start=1):
-        row = {k: _clean_cell(v) for k, v in raw.items()}
-        slide = row.get("slide_id") or f"<row {i}>"
-        if row.get("mpp") is not None:
-            try:
-                row["mpp"] = float(row["mpp"])
-            except ValueError:
-                raise InputError(f"samples sheet {sheet!r} row {i} (slide {slide!r}): mpp {row['mpp']!r} is not a number "
-                                 "(give µm/px at level 0, e.g. 0.25, or leave it empty)") from None
-        for err in validator.iter_errors(row):
-            field = _field_path(err)
-            if field == "slide_id" and err.validator == "pattern":
-                fix = "use only letters, digits, '.', '_' and '-' (it becomes a file name)"
-            elif err.validator == "required":
-                fix = "fill in every required column: " + ", ".join(SAMPLE_COLUMNS)
-            else:
-                fix = "correct the cell"
-            raise InputError(f"samples sheet {sheet!r} row {i} (slide {slide!r}), field '{field}': {err.message}; {fix}")
-        rows.append(row)
-    table = pd.DataFrame(rows)
+    names = [str(c) for c in frame.columns]
+    columns = {name: [_clean_cell(v) for v in frame.iloc[:, j].tolist()] for j, name in enumerate(names)}
+    n_rows = len(frame)
+
+    bad_rows = _mpp_unparsable_rows(columns.get("mpp"))
+    if "mpp" in columns:
+        # the row check below raises for the unparsable ones, which are never used
+        columns["mpp"] = [v if v is None or i in bad_rows else float(v) for i, v in enumerate(columns["mpp"])]
+    bad_rows |= _schema_flagged_rows(columns, n_rows, schema)
+    if bad_rows:
+        validator = _samples_validator(schema)
+        for i in sorted(bad_rows):
+            _check_row(dict(zip(names, frame.iloc[[i]].to_dict("records")[0].values())), i + 1, sheet, validator)
+
+    if "mpp" in columns:
+        columns["mpp"] = [_clean_cell(v) for v in columns["mpp"]]   # a "nan" cell means empty
     for col in OPTIONAL_COLUMNS:
-        if col not in table.columns:
-            table[col] = None
-    table["label"] = table["label"].astype(str)
+        if col not in columns:
+            columns[col] = [None] * n_rows
+    columns["label"] = [str(v) for v in columns["label"]]
+    table = pd.DataFrame(columns, dtype=object)
 
     dup = table["slide_id"][table["slide_id"].duplicated()]
     if len(dup):
@@ -134,32 +130,138 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
         raise InputError(f"samples sheet {sheet!r}: patient {patient!r} has slides labelled {seen}; "
                          "all slides of one patient must share one label (splits are by patient)")
 
-    resolved = []
-    for i, row in enumerate(table.to_dict("records"), start=1):
-        row = {k: _clean_cell(v) for k, v in row.items()}
-        source = row["source"]
+    sheet_dir = os.path.dirname(os.path.realpath(sheet))
+    dir_cache: dict[str, str] = {}
+    sources = []
+    for i, (slide, source) in enumerate(zip(columns["slide_id"], columns["source"]), start=1):
         kind = source_kind(source)
         if kind == "local":
-            local = Path(source).expanduser()
-            if not local.is_absolute():
-                local = (sheet_dir / local)
-            source = str(local.resolve())
-            if check_local_files and not local.exists():
-                raise InputError(f"samples sheet {sheet!r} row {i} (slide {row['slide_id']!r}): local source "
-                                 f"{row['source']!r} does not exist; fix the path (relative paths are read "
+            local = _absolute(source, sheet_dir)
+            if check_local_files and not os.path.exists(local):
+                raise InputError(f"samples sheet {sheet!r} row {i} (slide {slide!r}): local source "
+                                 f"{source!r} does not exist; fix the path (relative paths are read "
                                  "from the sheet's folder) or give an http(s):// URL or gdc:<UUID>")
-        elif kind == "gdc" and not re.fullmatch(r"gdc:[0-9a-fA-F-]{36}", source):
-            raise InputError(f"samples sheet {sheet!r} row {i} (slide {row['slide_id']!r}): {source!r} is not "
+            source = _realpath(local, dir_cache)
+        elif kind == "gdc" and not _GDC_RE.fullmatch(source):
+            raise InputError(f"samples sheet {sheet!r} row {i} (slide {slide!r}): {source!r} is not "
                              "gdc:<file UUID> (36 characters, e.g. gdc:2f6b6a8e-...)")
-        if row.get("annotations"):
-            ann = Path(row["annotations"]).expanduser()
-            if not ann.is_absolute():
-                ann = sheet_dir / ann
-            row["annotations"] = str(ann.resolve())
-        row["source"] = source
-        resolved.append(row)
+        sources.append(source)
+    columns["source"] = sources
+    columns["annotations"] = [_realpath(_absolute(a, sheet_dir), dir_cache) if a else None
+                              for a in columns["annotations"]]
     # object dtype keeps missing cells as None (pandas 3 would turn them into NaN strings)
-    return pd.DataFrame(resolved, dtype=object).set_index("slide_id", drop=False)
+    return pd.DataFrame(columns, dtype=object).set_index("slide_id", drop=False)
+
+
+_GDC_RE = re.compile(r"gdc:[0-9a-fA-F-]{36}")
+# Top-level keywords the column-wise check understands; any other makes every row go through
+# jsonschema (slow but exact), so a schema edit can never be silently skipped.
+_ROW_KEYWORDS = {"$schema", "$id", "title", "description", "type", "properties", "required"}
+
+
+def _samples_validator(schema: dict):
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _mpp_unparsable_rows(values: list | None) -> set[int]:
+    bad = set()
+    for i, v in enumerate(values or ()):
+        if v is not None:
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                bad.add(i)
+    return bad
+
+
+def _schema_flagged_rows(columns: dict[str, list], n_rows: int, schema: dict) -> set[int]:
+    """Rows (0-based) that may violate the row schema, checked one column at a time.
+
+    Each property's sub-schema is checked by jsonschema once per distinct value, which is what
+    ``properties`` does row by row; a row is flagged if any of its cells fails.
+    """
+    import jsonschema
+
+    if set(schema) - _ROW_KEYWORDS or schema.get("type", "object") != "object":
+        return set(range(n_rows))
+    if any(key not in columns for key in schema.get("required", ())):
+        return set(range(n_rows))
+    flagged: set[int] = set()
+    for name, sub in schema.get("properties", {}).items():
+        if name not in columns:
+            continue
+        check = jsonschema.Draft202012Validator(sub).is_valid
+        verdict: dict[tuple, bool] = {}
+        for i, value in enumerate(columns[name]):
+            try:
+                key = (type(value), value)   # 1, 1.0 and True differ for JSON Schema
+                ok = verdict.get(key)
+                if ok is None:
+                    ok = verdict[key] = check(value)
+            except TypeError:   # an unhashable cell (a frame built in Python): check it alone
+                ok = check(value)
+            if not ok:
+                flagged.add(i)
+    return flagged
+
+
+def _check_row(raw: dict, i: int, sheet: str, validator) -> None:
+    """The full check of one row (1-based ``i``): raises InputError worded for the user."""
+    row = {k: _clean_cell(v) for k, v in raw.items()}
+    slide = row.get("slide_id") or f"<row {i}>"
+    if row.get("mpp") is not None:
+        try:
+            row["mpp"] = float(row["mpp"])
+        except (TypeError, ValueError):
+            raise InputError(f"samples sheet {sheet!r} row {i} (slide {slide!r}): mpp {row['mpp']!r} is not a number "
+                             "(give µm/px at level 0, e.g. 0.25, or leave it empty)") from None
+    for err in validator.iter_errors(row):
+        field = _field_path(err)
+        if field == "slide_id" and err.validator == "pattern":
+            fix = "use only letters, digits, '.', '_' and '-' (it becomes a file name)"
+        elif err.validator == "required":
+            fix = "fill in every required column: " + ", ".join(SAMPLE_COLUMNS)
+        else:
+            fix = "correct the cell"
+        raise InputError(f"samples sheet {sheet!r} row {i} (slide {slide!r}), field '{field}': {err.message}; {fix}")
+
+
+def _absolute(path: str, base_dir: str) -> str:
+    """``path`` with ~ expanded, relative paths read from ``base_dir``."""
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+def _realpath(path: str, dir_cache: dict[str, str], depth: int = 0) -> str:
+    """``os.path.realpath`` with the parent folders' resolution cached across calls.
+
+    realpath lstat()s every component of every path; a cohort's slides share a few folders, so
+    resolving each folder once and then only the file name is the same answer at a fraction of
+    the system calls. Paths with '..' (whose meaning depends on symlinks) use plain realpath.
+    """
+    if depth > 32 or ".." in path.split(os.sep):
+        return os.path.realpath(path)
+    path = os.path.normpath(path)
+    head, tail = os.path.split(path)
+    if not tail:
+        return os.path.realpath(path)
+    real_head = dir_cache.get(head)
+    if real_head is None:
+        real_head = dir_cache[head] = os.path.realpath(head)
+    full = os.path.join(real_head, tail)
+    try:
+        is_link = stat.S_ISLNK(os.lstat(full).st_mode)
+    except OSError:
+        return full   # missing: realpath (non-strict) keeps the name as it is
+    if not is_link:
+        return full
+    try:
+        target = os.readlink(full)
+    except OSError:
+        return os.path.realpath(full)
+    return _realpath(os.path.join(real_head, target), dir_cache, depth + 1)
 
 
 def source_kind(source: str) -> str:

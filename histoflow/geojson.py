@@ -20,12 +20,13 @@ from .io import atomic_path
 OBJECT_TYPES = ("annotation", "detection")
 
 
-def _ring_to_level0(contour: np.ndarray, scale_x: float, scale_y: float, offset: float) -> list[tuple[float, float]]:
+def _ring_to_level0(contour: np.ndarray, scale_x: float, scale_y: float, offset: float) -> np.ndarray:
     # find_contours gives (row, col) through pixel centres; pixel i's centre is at (i + 0.5) * scale
     # in level-0 px, so a mask px covers [i*scale, (i+1)*scale).
     rows = contour[:, 0] - offset
     cols = contour[:, 1] - offset
-    return list(zip(((cols + 0.5) * scale_x).tolist(), ((rows + 0.5) * scale_y).tolist()))
+    # an (n, 2) array: shapely builds rings from arrays ~10x faster than from lists of tuples
+    return np.column_stack(((cols + 0.5) * scale_x, (rows + 0.5) * scale_y))
 
 
 def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0, min_area_px: float = 0.0,
@@ -102,7 +103,11 @@ def _scale(poly, scale_x: float, scale_y: float):
 
 
 def _rounded_coords(coords: Iterable[Sequence[float]], ndigits: int) -> list[list[float]]:
-    return [[round(float(x), ndigits), round(float(y), ndigits)] for x, y, *_ in coords]
+    import shapely
+
+    # Python's round (correctly rounded), over plain floats from one array -> list conversion
+    xy = shapely.get_coordinates(coords) if hasattr(coords, "geom_type") else np.asarray(coords, float)[:, :2]
+    return [[round(x, ndigits), round(y, ndigits)] for x, y in xy.tolist()]
 
 
 def polygon_to_geometry(poly, ndigits: int = 2) -> dict:
@@ -112,8 +117,8 @@ def polygon_to_geometry(poly, ndigits: int = 2) -> dict:
                 "coordinates": [polygon_to_geometry(p, ndigits)["coordinates"] for p in poly.geoms]}
     if poly.geom_type != "Polygon":
         raise ValueError(f"expected a Polygon or MultiPolygon, got {poly.geom_type}")
-    rings = [_rounded_coords(poly.exterior.coords, ndigits)]
-    rings += [_rounded_coords(r.coords, ndigits) for r in poly.interiors]
+    rings = [_rounded_coords(poly.exterior, ndigits)]
+    rings += [_rounded_coords(r, ndigits) for r in poly.interiors]
     return {"type": "Polygon", "coordinates": rings}
 
 

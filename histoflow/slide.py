@@ -73,6 +73,8 @@ def read_level_downsampled(slide, level: int, factor: int, background: int = 255
     Returns ``(rgb uint8 [h, w, 3], scanned bool [h, w])`` with h, w = ceil(level size / factor);
     ``scanned`` is False where OpenSlide reports no image (alpha 0), which is filled with
     ``background``. Edge blocks that overhang the level are averaged over their real pixels.
+    Integer maths throughout (uint8 in, uint32 block sums): float chunks cost ~9x the result's
+    memory on a large mask.
     """
     factor = max(1, int(factor))
     width, height = slide.level_dimensions[level]
@@ -83,27 +85,36 @@ def read_level_downsampled(slide, level: int, factor: int, background: int = 255
     step = max(factor, (chunk_px // factor) * factor)
     boxes = [(x, y) for y in range(0, height, step) for x in range(0, width, step)]
     iterator = boxes
-    if progress:
+    if progress and len(boxes) > 1:
         from tqdm import tqdm
 
         iterator = tqdm(boxes, desc=f"reading level {level} /{factor}", unit="chunk", mininterval=5)
+    n = factor * factor
     for x, y in iterator:
         w, h = min(step, width - x), min(step, height - y)
         region = np.asarray(slide.read_region((int(round(x * downsample)), int(round(y * downsample))),
                                               int(level), (int(w), int(h))))
         alpha = region[..., 3]
-        chunk = region[..., :3].astype(np.float32)
-        chunk[alpha == 0] = background
-        valid = (alpha > 0).astype(np.float32)
-        if factor > 1:
-            ph, pw = -(-h // factor) * factor - h, -(-w // factor) * factor - w
-            if ph or pw:  # replicate the edge so partial blocks keep their own colour
-                chunk = np.pad(chunk, ((0, ph), (0, pw), (0, 0)), mode="edge")
-                valid = np.pad(valid, ((0, ph), (0, pw)), mode="edge")
-            bh, bw = chunk.shape[0] // factor, chunk.shape[1] // factor
-            chunk = chunk.reshape(bh, factor, bw, factor, 3).mean(axis=(1, 3))
-            valid = valid.reshape(bh, factor, bw, factor).mean(axis=(1, 3))
+        chunk = region[..., :3]
+        holes = alpha == 0
+        if holes.any():
+            chunk = chunk.copy()
+            chunk[holes] = background
         oy, ox = y // factor, x // factor
-        rgb[oy:oy + chunk.shape[0], ox:ox + chunk.shape[1]] = np.clip(np.rint(chunk), 0, 255).astype(np.uint8)
-        scanned[oy:oy + chunk.shape[0], ox:ox + chunk.shape[1]] = valid >= 0.5
+        if factor == 1:
+            rgb[oy:oy + h, ox:ox + w] = chunk
+            scanned[oy:oy + h, ox:ox + w] = ~holes
+            continue
+        ph, pw = -(-h // factor) * factor - h, -(-w // factor) * factor - w
+        if ph or pw:  # replicate the edge so partial blocks keep their own colour
+            chunk = np.pad(chunk, ((0, ph), (0, pw), (0, 0)), mode="edge")
+            holes = np.pad(holes, ((0, ph), (0, pw)), mode="edge")
+        bh, bw = chunk.shape[0] // factor, chunk.shape[1] // factor
+        sums = chunk.reshape(bh, factor, bw, factor, 3).sum(axis=(1, 3), dtype=np.uint32)
+        # round half to even like np.rint of the float mean
+        mean, rest = np.divmod(sums, n)
+        mean += (2 * rest > n) | ((2 * rest == n) & (mean % 2 == 1))
+        rgb[oy:oy + bh, ox:ox + bw] = mean.astype(np.uint8)
+        n_holes = holes.reshape(bh, factor, bw, factor).sum(axis=(1, 3), dtype=np.uint32)
+        scanned[oy:oy + bh, ox:ox + bw] = 2 * n_holes <= n     # scanned where >= half the block is
     return rgb, scanned

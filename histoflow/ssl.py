@@ -51,7 +51,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 class SSLSettings:
     arch: str = "resnet-tiny"
     method: str = "simclr"
-    epochs: int = 15
+    epochs: int = 8
     batch_size: int = 128
     max_tiles: int = 2048
     image_px: int = 64
@@ -159,15 +159,16 @@ def _hed_matrices(device, dtype):
 
 def hed_jitter_batch(x, a, b):
     """HED stain jitter of ``x`` (N x 3 x H x W in [0, 1]): each HED channel c -> c * a + b with
-    per-image ``a``, ``b`` (N x 3). The same transform as :func:`histoflow.stain.hed_jitter`
-    (scikit-image's Ruifrok-Johnston deconvolution)."""
+    per-image ``a``, ``b`` (N x 3), ``b`` in optical-density units. The same transform as
+    :func:`histoflow.stain.hed_jitter` (scikit-image's Ruifrok-Johnston deconvolution, whose HED
+    values are OD / ln(1e6): the shift is rescaled, else 0.05 would add 0.7 OD)."""
     import torch
 
     hed_from_rgb, rgb_from_hed = _hed_matrices(x.device, x.dtype)
     log_adjust = math.log(1e-6)
     rgb = x.clamp(min=1e-6).permute(0, 2, 3, 1)                      # N H W 3
     hed = ((torch.log(rgb) / log_adjust) @ hed_from_rgb).clamp(min=0)
-    hed = hed * a[:, None, None, :] + b[:, None, None, :]
+    hed = hed * a[:, None, None, :] + b[:, None, None, :] / -log_adjust
     out = torch.exp(-(hed * -log_adjust) @ rgb_from_hed).clamp(0, 1)
     return out.permute(0, 3, 1, 2).contiguous()
 

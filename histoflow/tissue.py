@@ -46,7 +46,7 @@ class TissueSettings:
     min_hole_um2: float = 20000.0
     remove_pen: bool = True
     min_saturation: float = 0.05     # Otsu on saturation is clipped to [min, max] (0-1): blank glass stays
-    max_saturation: float = 0.15     # empty, and a slide that is all tissue keeps its pale (eosin, fat-rich) parts
+    max_saturation: float = 0.10     # empty, and pale tissue (eosin, fat, faint edges: ~0.1) is kept when Otsu lands high
     pen_dilate_um: float = 30.0      # ink edges bleed; grow the pen mask by this much
 
     @classmethod
@@ -83,20 +83,38 @@ class TissueResult:
 
 
 # ---------------------------------------------------------------- pure array functions
+# Whole-image operations run in libvips (pyvips): uint8 in, uint8 out, streamed in small tiles,
+# so a 3125 x 2500 mask costs a few MB of temporaries instead of float copies of the image.
+
+HUE_SCALE = 255.0 / 360.0        # libvips HSV: hue 0-255 for 0-360°
+
+
+def _vips(array: np.ndarray):
+    import pyvips
+
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.view(np.uint8)
+    return pyvips.Image.new_from_array(np.ascontiguousarray(array))
+
+
+def _numpy(image) -> np.ndarray:
+    out = image.numpy()
+    return out
+
 
 def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue (degrees 0-360), saturation (0-1), value (0-1) as float32 (skimage's rgb2hsv is float64:
-    too much memory for large masks)."""
-    rgb = np.asarray(rgb, dtype=np.float32) / 255.0
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    c = v - rgb.min(axis=-1)
-    s = np.where(v > 0, c / np.maximum(v, 1e-6), 0.0).astype(np.float32)
-    safe_c = np.maximum(c, 1e-6)
-    h = np.where(v == r, ((g - b) / safe_c) % 6.0,
-                 np.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0)) * 60.0
-    h = np.where(c > 0, h, 0.0).astype(np.float32)
-    return h, s, v
+    """Hue, saturation, value as uint8 planes (libvips' sRGB -> HSV): hue 0-255 for 0-360°
+    (x :data:`HUE_SCALE`), saturation (max - min) / max and value max, both 0-255."""
+    rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
+    if rgb.size == 0:
+        z = np.zeros(rgb.shape[:2], np.uint8)
+        return z, z, z
+    import pyvips
+
+    planes = _numpy(pyvips.Image.new_from_array(rgb, interpretation="srgb").colourspace("hsv"))
+    planes = planes.reshape(rgb.shape)
+    return planes[..., 0], planes[..., 1], planes[..., 2]
 
 
 def grey(rgb: np.ndarray) -> np.ndarray:
@@ -108,55 +126,108 @@ def grey(rgb: np.ndarray) -> np.ndarray:
 def detect_method(rgb: np.ndarray, scanned: np.ndarray | None = None) -> tuple[str, dict[str, float]]:
     """``fluorescence`` when the thumbnail is dark (border median and overall median grey both
     low: glass is black under fluorescence, white under brightfield), else ``brightfield``."""
-    g = grey(rgb)
-    valid = np.ones(g.shape, bool) if scanned is None else np.asarray(scanned, bool)
+    rgb = np.asarray(rgb)
+    h, w = rgb.shape[:2]
+    valid = np.ones((h, w), bool) if scanned is None else np.asarray(scanned, bool)
     if not valid.any():
         return "brightfield", {"border_median": float("nan"), "overall_median": float("nan")}
-    h, w = g.shape
-    bh, bw = max(1, h // 20), max(1, w // 20)
+    # medians of a 1-in-4 subsample: a decision between black and white glass needs no more,
+    # and float grey of a whole large thumbnail is 4 bytes/px
+    step = 4 if h * w > 1 << 20 else 1
+    g = grey(rgb[::step, ::step])
+    sub = valid[::step, ::step]
+    sh, sw = g.shape
+    bh, bw = max(1, sh // 20), max(1, sw // 20)
     border = np.zeros(g.shape, bool)
     border[:bh], border[-bh:], border[:, :bw], border[:, -bw:] = True, True, True, True
-    border &= valid
-    border_median = float(np.median(g[border])) if border.any() else float(np.median(g[valid]))
-    overall_median = float(np.median(g[valid]))
+    border &= sub
+    if not sub.any():
+        sub = valid[:1, :1] if valid[0, 0] else np.zeros_like(sub)
+    overall_median = float(np.median(g[sub])) if sub.any() else float("nan")
+    border_median = float(np.median(g[border])) if border.any() else overall_median
     method = "fluorescence" if border_median < 80 and overall_median < 100 else "brightfield"
     return method, {"border_median": border_median, "overall_median": overall_median}
 
 
 def otsu(values: np.ndarray) -> float:
-    """Otsu threshold of a 1-D sample; the midpoint when the sample is constant."""
-    from skimage.filters import threshold_otsu
-
+    """Otsu threshold of a 1-D sample; the midpoint when the sample is constant. Integer samples
+    use one bin per value (exact for uint8 planes), others 256 bins over their range (as
+    skimage's ``threshold_otsu``, without importing skimage)."""
     values = np.asarray(values).ravel()
     if values.size == 0:
         return 0.0
-    lo, hi = float(values.min()), float(values.max())
-    if hi - lo < 1e-6:
-        return hi
-    return float(threshold_otsu(values))
+    lo, hi = values.min(), values.max()
+    if float(hi) - float(lo) < 1e-6:
+        return float(hi)
+    if np.issubdtype(values.dtype, np.integer) and int(hi) - int(lo) < 65536:
+        hist = np.bincount((values - lo).astype(np.intp), minlength=int(hi) - int(lo) + 1).astype(np.float64)
+        centers = np.arange(int(lo), int(hi) + 1, dtype=np.float64)
+    else:
+        hist, edges = np.histogram(values, bins=256, range=(float(lo), float(hi)))
+        hist = hist.astype(np.float64)
+        centers = (edges[:-1] + edges[1:]) / 2
+    w1 = np.cumsum(hist)
+    w2 = np.cumsum(hist[::-1])[::-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m1 = np.cumsum(hist * centers) / w1
+        m2 = (np.cumsum((hist * centers)[::-1]) / w2[::-1])[::-1]
+    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
+    return float(centers[int(np.nanargmax(between))])
+
+
+def majority(mask: np.ndarray, size: int) -> np.ndarray:
+    """Median filter of a binary mask (``size`` x ``size``, edges replicated): True where more
+    than half the window is. Median filtering commutes with thresholding, so
+    ``majority(x > t) == median(x) > t``: a grey-level median followed by a threshold costs one
+    integer box sum instead of a rank filter."""
+    mask = np.asarray(mask, bool)
+    if size <= 1 or mask.size == 0:
+        return mask
+    import pyvips
+
+    r = size // 2
+    h, w = mask.shape
+    img = _vips(mask).embed(r, r, w + 2 * r, h + 2 * r, extend="copy")
+    ones = pyvips.Image.new_from_array([[1] * (2 * r + 1)])
+    # separable integer box sum; True pixels are 1 so the sum counts them
+    total = img.convsep(ones, precision="integer")
+    out = _numpy((total > ((2 * r + 1) ** 2) // 2).crop(r, r, w, h))
+    return out.reshape(h, w) > 0
 
 
 def _median(channel: np.ndarray, size: int) -> np.ndarray:
-    if size <= 1:
+    """Grey-level median (libvips rank filter, edges replicated), uint8 in and out."""
+    channel = np.asarray(channel, np.uint8)
+    if size <= 1 or channel.size == 0:
         return channel
-    from scipy.ndimage import median_filter
-
-    return median_filter(channel, size=size, mode="nearest")
+    r = size // 2
+    h, w = channel.shape
+    img = _vips(channel).embed(r, r, w + 2 * r, h + 2 * r, extend="copy")
+    return _numpy(img.median(2 * r + 1).crop(r, r, w, h)).reshape(h, w)
 
 
 def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: np.ndarray | None = None,
-                           exclude: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+                           exclude: np.ndarray | None = None, planes: tuple | None = None
+                           ) -> tuple[np.ndarray, dict[str, float]]:
     """Saturation above Otsu (clipped to [``min_saturation``, ``max_saturation``]) and grey below
-    ``white_threshold``. ``exclude`` (e.g. ink) is left out of the Otsu sample: saturated pen would
-    pull the threshold above real tissue."""
-    _, s, _ = hsv(rgb)
-    sat = _median((s * 255).astype(np.uint8), settings.median_px)
-    g = _median(np.clip(grey(rgb), 0, 255).astype(np.uint8), settings.median_px)
-    valid = np.ones(sat.shape, bool) if scanned is None else np.asarray(scanned, bool)
+    ``white_threshold``, each after a ``median_px`` median. ``exclude`` (e.g. ink) is left out
+    of the Otsu sample: saturated pen would pull the threshold above real tissue. ``planes``: the
+    image's :func:`hsv`, when the caller already has it (pen removal does)."""
+    rgb = np.asarray(rgb, np.uint8)[..., :3]
+    _, s, _ = planes if planes is not None else hsv(rgb)
+    valid = np.ones(s.shape, bool) if scanned is None else np.asarray(scanned, bool)
     sample = valid & ~exclude if exclude is not None and (valid & ~exclude).any() else valid
-    t = otsu(sat[sample]) if sample.any() else 255.0
+    t = otsu(s[sample]) if sample.any() else 255.0
     t = min(max(t, settings.min_saturation * 255), settings.max_saturation * 255)
-    mask = (sat > t) & (g < settings.white_threshold) & valid
+    coloured = majority(s > t, settings.median_px)
+    # integer luma: floor(grey) < w  <=>  1000 * grey < 1000 * ceil(w)
+    white = int(math.ceil(settings.white_threshold))
+    if rgb.size:
+        luma = _vips(np.ascontiguousarray(rgb)).recomb([[299, 587, 114]]) < 1000 * white
+        dark = _numpy(luma).reshape(s.shape) > 0
+    else:
+        dark = np.zeros(s.shape, bool)
+    mask = coloured & majority(dark, settings.median_px) & valid
     return mask, {"saturation_threshold": t / 255.0, "white_threshold": float(settings.white_threshold)}
 
 
@@ -164,24 +235,42 @@ def fluorescence_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: 
                             ) -> tuple[np.ndarray, dict[str, float]]:
     """Intensity (brightest channel, so any fluorophore counts) above its Otsu threshold, computed
     on log intensity: fluorescence spans decades, and linear Otsu keeps only the brightest nuclei."""
-    intensity = _median(np.asarray(rgb).max(axis=-1).astype(np.uint8), settings.median_px)
+    rgb = np.asarray(rgb, np.uint8)
+    intensity = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    intensity = _median(intensity, settings.median_px)
     valid = np.ones(intensity.shape, bool) if scanned is None else np.asarray(scanned, bool)
-    t = float(np.expm1(otsu(np.log1p(intensity[valid].astype(np.float32))))) if valid.any() else 255.0
+    if valid.any():
+        # log1p of uint8 takes 256 values: Otsu on a per-value histogram, no float image
+        counts = np.bincount(intensity[valid].ravel(), minlength=256)
+        t = float(np.expm1(otsu(np.repeat(np.log1p(np.arange(256, dtype=np.float32)), counts))))
+        background = float(np.percentile(intensity[valid], 5))
+    else:
+        t, background = 255.0, 0.0
     # a blank dark slide: Otsu splits noise; require signal clearly above the background level
-    background = float(np.percentile(intensity[valid], 5)) if valid.any() else 0.0
     t = max(t, background + 8.0)
     return (intensity > t) & valid, {"intensity_threshold": t, "background_level": background}
 
 
-def pen_mask(rgb: np.ndarray) -> np.ndarray:
+def _deg(degrees: float) -> float:
+    return degrees * HUE_SCALE
+
+
+def pen_mask(rgb: np.ndarray, planes: tuple | None = None) -> np.ndarray:
     """Marker ink by colour (H&E is purple to pink, hue 240-360°): green/teal (hue 90-195°), blue
     (hue 195-230° and bright: dense haematoxylin has that hue too but is dark) and red (within 15°
     of pure red and saturation > 0.8: eosin is pinker and paler, red cells less saturated).
-    Black ink is not detected: at thumbnail scale it looks like dense haematoxylin."""
-    h, s, v = hsv(rgb)
-    green = (h >= 90) & (h < 195) & (s > np.where(h < 180, 0.2, 0.4)) & (v > 0.15)
-    blue = (h >= 195) & (h < 230) & (s > 0.3) & (v > 0.6)
-    red = ((h >= 345) | (h <= 15)) & (s > 0.8) & (v > 0.3)
+    Black ink is not detected: at thumbnail scale it looks like dense haematoxylin.
+    ``planes``: the image's :func:`hsv` when already computed. Integer thresholds on the uint8
+    planes (x >= a <=> x >= ceil(a); x > a <=> x > floor(a))."""
+    h, s, v = planes if planes is not None else hsv(rgb)
+    ge = lambda x, a: x >= math.ceil(a)
+    gt = lambda x, a: x > math.floor(a)
+    lt = lambda x, a: x < math.ceil(a)
+    le = lambda x, a: x <= math.floor(a)
+    any_ink = gt(s, 0.2 * 255)              # every ink rule needs at least this saturation
+    green = ge(h, _deg(90)) & lt(h, _deg(195)) & np.where(lt(h, _deg(180)), any_ink, gt(s, 0.4 * 255)) & gt(v, 0.15 * 255)
+    blue = ge(h, _deg(195)) & lt(h, _deg(230)) & gt(s, 0.3 * 255) & gt(v, 0.6 * 255)
+    red = (ge(h, _deg(345)) | le(h, _deg(15))) & gt(s, 0.8 * 255) & gt(v, 0.3 * 255)
     return green | blue | red
 
 
@@ -189,34 +278,72 @@ def um2_to_px(area_um2: float, mpp: float) -> int:
     return int(math.ceil(area_um2 / (mpp * mpp)))
 
 
+def disk(radius: int) -> np.ndarray:
+    """Disk structuring element (x² + y² <= r², as skimage's ``disk``), uint8 0/1."""
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return (xx * xx + yy * yy <= radius * radius).astype(np.uint8)
+
+
+def _morph(mask: np.ndarray, radius: int, op: str, pad: bool = False) -> np.ndarray:
+    """Binary dilation/erosion/closing by a disk with libvips ``morph`` (outside = background)."""
+    mask = np.asarray(mask, bool)
+    if radius < 1 or mask.size == 0:
+        return mask
+    import pyvips
+
+    # morph masks: 255 = must be set, 128 = don't care
+    se = pyvips.Image.new_from_array((np.where(disk(radius) > 0, 255, 128)).tolist())
+    h, w = mask.shape
+    img = _vips(mask.astype(np.uint8) * 255)
+    r = radius
+    img = img.embed(r, r, w + 2 * r, h + 2 * r, extend="black")
+    if op == "close":
+        img = img.morph(se, "dilate").morph(se, "erode")
+    else:
+        img = img.morph(se, op)
+    return _numpy(img.crop(r, r, w, h)).reshape(h, w) > 0
+
+
+def _labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-connected regions of equal value (tissue and background alike, libvips
+    ``labelregions``): labels, pixel count per label, and whether each label is tissue."""
+    img = _vips(mask.astype(np.uint8))
+    label_img = img.labelregions().copy_memory()
+    # per-label pixel count and tissue count in libvips (threaded C), not numpy gathers
+    counts = _numpy((img * 0 + 1).hist_find_indexed(label_img)).ravel().astype(np.int64)
+    is_fg = _numpy(img.hist_find_indexed(label_img)).ravel() > 0
+    return _numpy(label_img).reshape(mask.shape), counts, is_fg
+
+
 def clean_mask(mask: np.ndarray, mpp: float, closing_um: float, min_object_um2: float,
                min_hole_um2: float) -> np.ndarray:
     """Close gaps (disk of ``closing_um`` diameter), drop objects and fill holes smaller than the
-    given areas (µm², converted with ``mpp`` µm/px)."""
-    from scipy import ndimage as ndi
-    from skimage.morphology import disk, remove_small_holes, remove_small_objects
-
+    given areas (µm², converted with ``mpp`` µm/px). Objects and holes are 4-connected."""
     mask = np.asarray(mask, bool)
     radius = int(round(closing_um / mpp / 2))
     if radius >= 1:
-        # pad so closing does not erode regions at the image border
-        padded = np.pad(mask, radius, mode="constant")
-        mask = ndi.binary_closing(padded, disk(radius))[radius:-radius, radius:-radius]
-    min_obj = um2_to_px(min_object_um2, mpp)
+        # padded with background so closing does not erode regions at the image border
+        mask = _morph(mask, radius, "close")
+    min_obj, min_hole = um2_to_px(min_object_um2, mpp), um2_to_px(min_hole_um2, mpp)
+    if mask.size == 0 or (min_obj <= 1 and min_hole <= 1):
+        return mask
+    labels, counts, is_fg = _labels(mask)
     if min_obj > 1:
-        mask = remove_small_objects(mask, max_size=min_obj - 1)
-    min_hole = um2_to_px(min_hole_um2, mpp)
+        small = is_fg & (counts < min_obj)
+        if small.any():
+            mask = mask & ~small[labels]
+            if min_hole > 1:  # a dropped speck merges with the background around it: relabel
+                labels, counts, is_fg = _labels(mask)
     if min_hole > 1:
-        mask = remove_small_holes(mask, max_size=min_hole - 1)
+        holes = ~is_fg & (counts < min_hole)
+        if holes.any():
+            mask = mask | holes[labels]
     return mask
 
 
 def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
                         scanned: np.ndarray | None = None) -> TissueResult:
     """Tissue mask of an RGB thumbnail at ``mpp`` µm/px (pure: arrays in, arrays out)."""
-    from scipy import ndimage as ndi
-    from skimage.morphology import disk
-
     rgb = np.asarray(rgb, dtype=np.uint8)[..., :3]
     detected = settings.method == "auto"
     info: dict[str, float] = {}
@@ -228,14 +355,16 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
         raw, thr = fluorescence_foreground(rgb, settings, scanned)
         pen = np.zeros(raw.shape, bool)  # ink colours mean nothing under fluorescence
     else:
-        core = pen_mask(rgb) if settings.remove_pen else None
-        raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core)
+        planes = hsv(rgb)  # once, shared by pen detection and the saturation threshold
+        core = pen_mask(rgb, planes) if settings.remove_pen else None
+        raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core, planes=planes)
+        del planes
         pen = np.zeros(raw.shape, bool)
         if core is not None:
             ink = core
             r = int(round(settings.pen_dilate_um / mpp))
             if r >= 1 and core.any():
-                ink = ndi.binary_dilation(core, disk(r))
+                ink = _morph(core, r, "dilate")
             # report as pen what the ink took away: the ink itself and the tissue-like halo around it
             pen = ink & (raw | core)
             raw = raw & ~ink
@@ -246,24 +375,33 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
     return TissueResult(mask=mask, pen=pen, method=method, method_detected=detected, thresholds={**info, **thr})
 
 
+def _cross(mask: np.ndarray, op, outside: bool) -> np.ndarray:
+    """Erosion (``np.logical_and``) or dilation (``np.logical_or``) by the 3 x 3 cross (disk of
+    radius 1), pixels outside the image being ``outside``: four shifted views, no filter call."""
+    padded = np.pad(mask, 1, constant_values=outside)
+    out = mask.copy()
+    for view in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        op(out, view, out=out)
+    return out
+
+
 def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = None,
                   max_px: int = OVERLAY_MAX_PX) -> np.ndarray:
     """The thumbnail with the tissue outline in green and removed ink tinted magenta (uint8 RGB),
     resized so its longer side is at most ``max_px`` (and at least 512 for tiny slides)."""
     from PIL import Image
-    from scipy import ndimage as ndi
-    from skimage.morphology import disk
 
     h, w = mask.shape
     scale = min(max_px / max(h, w), max(1.0, 512 / max(h, w)))
     size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    img = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).resize(size, Image.BILINEAR)).copy()
+    # reducing_gap: integer box reduction first, then bilinear (same look, a fraction of the time)
+    img = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).resize(size, Image.BILINEAR, reducing_gap=2.0)).copy()
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
     if pen is not None and pen.any():
         p = np.asarray(Image.fromarray(pen.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
         img[p] = (0.5 * img[p] + 0.5 * np.array([255, 0, 255])).astype(np.uint8)
-    edge = m & ~ndi.binary_erosion(m, disk(1), border_value=0)
-    edge = ndi.binary_dilation(edge, disk(1)) if max(size) >= 400 else edge
+    edge = m & ~_cross(m, np.logical_and, False)   # pixels with a background 4-neighbour
+    edge = _cross(edge, np.logical_or, False) if max(size) >= 400 else edge
     img[edge] = (0, 255, 0)
     return img
 
@@ -302,10 +440,10 @@ def read_thumbnail(slide, mpp0: float, mask_mpp: float, background: int = 255
 
 
 def _write_png(path, array: np.ndarray) -> None:
-    from PIL import Image
-
+    # libvips' PNG writer (libspng) at zlib level 6: ~10x faster than PIL's optimize=True for a
+    # binary mask, within ~30 % of its size
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", optimize=True)
+        _vips(np.ascontiguousarray(array, np.uint8)).pngsave(str(tmp), compression=6)
 
 
 def _write_jpeg(path, array: np.ndarray) -> None:

@@ -1,4 +1,6 @@
 # Shared wiring: config/sample validation, output paths, input functions.
+import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -13,8 +15,9 @@ from histoflow.errors import InputError
 try:
     validate_config(config)
     validate(config, schema="../schemas/config.schema.yaml")
+    # load_samples validates every row against workflow/schemas/samples.schema.yaml (column-wise:
+    # snakemake.utils.validate on the table would re-check 10,000 rows one by one, ~1 s)
     samples = load_samples(config)
-    validate(samples.astype(object).where(samples.notna(), None), schema="../schemas/samples.schema.yaml")
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
     sys.exit(1)
@@ -42,12 +45,69 @@ def log_path(rule_name, name="{slide_id}"):
     return f"{OUTDIR}/logs/{rule_name}/{name}.log"
 
 
+# Input functions and params run once per job (~8 jobs per slide): at 10,000 slides they must be
+# dict look-ups, not DataFrame indexing (samples.loc costs ~100 µs a call).
+SAMPLE_ROWS = {
+    row["slide_id"]: {k: (None if (not isinstance(v, str) and pd.isna(v)) else v) for k, v in row.items()}
+    for row in samples.to_dict("records")
+}
+
+
+def cheap_input_function(func):
+    """Mark an input/params function so Snakemake does not re-inspect its signature per job.
+
+    Snakemake calls inspect.signature on every input/params function of every job to find which
+    arguments it takes (~10 µs each, ~100k calls for a 10,000-slide DAG); Snakemake's own helpers
+    (snakemake.ioutils) pre-set that answer with overwrite_function_params, as we do here.
+    """
+    try:
+        from snakemake.common import overwrite_function_params
+    except ImportError:   # a Snakemake without it: the function still works, just slower
+        return func
+    overwrite_function_params(func, inspect.signature(func).parameters)
+    return func
+
+
 def sample(wildcards):
-    """The samples-sheet row of a slide, as a dict."""
-    return {k: (None if (not isinstance(v, str) and pd.isna(v)) else v)
-            for k, v in samples.loc[wildcards.slide_id].to_dict().items()}
+    """The samples-sheet row of a slide, as a dict (missing cells are None); a copy, so a
+    caller may change it and params may pickle it."""
+    return dict(SAMPLE_ROWS[wildcards.slide_id])
+
+
+def slide_field(column):
+    """A params function giving one column of the slide's samples-sheet row:
+    `params: mpp=slide_field("mpp")` (cheaper per job than `lambda wc: sample(wc)["mpp"]`)."""
+
+    def field(wildcards):
+        return SAMPLE_ROWS[wildcards.slide_id][column]
+
+    field.__name__ = f"slide_field_{column}"
+    return cheap_input_function(field)
+
+
+def by_wildcard(name, func):
+    """An input function `wc -> func(wc.<name>)`, computed once per wildcard value:
+    `probs=by_wildcard("source", tile_prob_files)` instead of `lambda wc: tile_prob_files(wc.source)`,
+    which would rebuild the list for every slide's job."""
+    cache = {}
+
+    def per_value(wildcards):
+        value = getattr(wildcards, name)
+        if value not in cache:
+            cache[value] = func(value)
+        found = cache[value]
+        return list(found) if isinstance(found, list) else found
+
+    per_value.__name__ = f"by_{name}_{getattr(func, '__name__', 'function')}"
+    return cheap_input_function(per_value)
+
+
+@functools.lru_cache(maxsize=None)
+def _per_slide(path):
+    return tuple(expand(path, slide_id=SLIDES))
 
 
 def per_slide(pattern):
-    """Expand a per-slide output pattern over every slide of the sheet."""
-    return expand(out(pattern), slide_id=SLIDES)
+    """Expand a per-slide output pattern over every slide of the sheet (a new list each call;
+    the expansion itself is cached, so input functions may call it per job)."""
+    return list(_per_slide(out(pattern)))

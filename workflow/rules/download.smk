@@ -12,8 +12,8 @@ rule download_slide:
     output:
         manifest=out("downloads/{slide_id}.json"),
     params:
-        source=lambda wc: sample(wc)["source"],
-        md5=lambda wc: sample(wc)["md5"],
+        source=slide_field("source"),
+        md5=slide_field("md5"),
         dest_dir=lambda wc: out(f"downloads/{wc.slide_id}"),
         settings=config["download"],
         on_error=config["on_error"],

@@ -5,7 +5,7 @@ import re
 
 rule heatmap:
     input:
-        probs=lambda wc: tile_prob_files(wc.source),
+        probs=by_wildcard("source", tile_prob_files),
         slide=out("slides/{slide_id}.json"),
         tissue_mask=out("tissue/{slide_id}.png"),
         tissue_stats=out("tissue/{slide_id}.json"),

@@ -5,14 +5,14 @@ import re
 
 rule detect_lesions:
     input:
-        probs=lambda wc: tile_prob_files(wc.source),
+        probs=by_wildcard("source", tile_prob_files),
         slide=out("slides/{slide_id}.json"),
     output:
         geojson=out("lesions/{source}/{slide_id}.geojson"),
         record=out("lesions/{source}/{slide_id}.json"),
     params:
-        annotations=lambda wc: sample(wc)["annotations"],
-        label=lambda wc: sample(wc)["label"],
+        annotations=slide_field("annotations"),
+        label=slide_field("label"),
         positive_label=config["positive_label"],
         cohort_has_annotations=HAS_ANNOTATIONS,
         settings=config["lesions"],

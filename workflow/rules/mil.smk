@@ -3,10 +3,10 @@
 # fold's model (heatmaps read tile_scores.parquet). collect_mil gathers the out-of-fold
 # (test-role) predictions and training curves per model. The fold count comes from config
 # (split.k), so the DAG is known before any split or checkpoint exists.
-from histoflow.mil.data import feature_slug
+from histoflow.encoders import encoder_slug
 
 MIL_ENCODER = config["mil"]["encoder"] or config["features"]["encoders"][0]
-MIL_FEATURES = per_slide(f"features/{feature_slug(MIL_ENCODER)}/{{slide_id}}.parquet")
+MIL_FEATURES = per_slide(f"features/{encoder_slug(MIL_ENCODER)}/{{slide_id}}.parquet")
 MIL_FOLDS = list(range(config["split"]["k"]))
 MIL_MODELS = list(config["mil"]["models"])
 

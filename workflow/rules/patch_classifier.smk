@@ -33,8 +33,8 @@ rule patch_labels:
     output:
         labels=out("patch_labels/{slide_id}.parquet"),
     params:
-        annotations=lambda wc: sample(wc)["annotations"],
-        label=lambda wc: sample(wc)["label"],
+        annotations=slide_field("annotations"),
+        label=slide_field("label"),
         positive_label=config["positive_label"],
         settings=config["patch_labels"],
     log:

@@ -8,7 +8,7 @@ rule slide_qc:
     output:
         slide=out("slides/{slide_id}.json"),
     params:
-        sheet_mpp=lambda wc: sample(wc)["mpp"],
+        sheet_mpp=slide_field("mpp"),
         default_mpp=config["default_mpp"],
         on_error=config["on_error"],
     log:

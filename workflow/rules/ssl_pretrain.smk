@@ -1,1 +1,40 @@
-# Stage: ssl_pretrain (see docs/interface.md).
+# Stage: ssl_pretrain. A small encoder trained with SimCLR on the cohort's own tiles, so the
+# workflow runs offline with no pretrained weights (features.encoders: [ssl:<arch>]).
+# Checkpoint: {outdir}/ssl/{arch}/encoder.pt (+ training.tsv / training.png curves).
+
+# The archs that feature extraction asks for; `snakemake ssl_pretrain` alone trains ssl.arch.
+SSL_ARCHS = sorted({e[len("ssl:"):] for e in config["features"]["encoders"] if e.startswith("ssl:")})
+
+
+rule train_ssl_encoder:
+    input:
+        slides=per_slide("slides/{slide_id}.json"),
+        tiles=per_slide("tiles/{slide_id}.parquet"),
+    output:
+        checkpoint=out("ssl/{arch}/encoder.pt"),
+        curve=out("ssl/{arch}/training.tsv"),
+        plot=out("ssl/{arch}/training.png"),
+    params:
+        settings=config["ssl"],
+        seed=config["seed"],
+        default_mpp=config["features"]["mpp"],
+    wildcard_constraints:
+        arch=r"[A-Za-z0-9._-]+",
+    log:
+        log_path("ssl_pretrain", "{arch}"),
+    threads: config["ssl"]["threads"]
+    resources:
+        mem_mb=config["ssl"]["mem_mb"],
+        runtime=config["ssl"]["runtime"],
+        gpu=config["ssl"]["gpus"],
+    script:
+        "../scripts/ssl_pretrain.py"
+
+
+rule ssl_pretrain:
+    input:
+        expand(out("ssl/{arch}/{name}"), arch=SSL_ARCHS or [config["ssl"]["arch"]],
+               name=["encoder.pt", "training.tsv", "training.png"]),
+
+
+TARGETS.extend(expand(out("ssl/{arch}/training.png"), arch=SSL_ARCHS))

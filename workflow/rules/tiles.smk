@@ -12,7 +12,7 @@ rule tile_slide:
     params:
         settings=config["tiling"],
         seed=config["seed"],
-        annotations=lambda wc: sample(wc)["annotations"],
+        annotations=slide_field("annotations"),
         on_error=config["on_error"],
     log:
         log_path("tile_slide"),
