@@ -246,9 +246,14 @@ def test_demo_config_layers_on_the_main_config(cohort, repo_root):
     assert demo["samples"] == str(cohort / "samples.tsv")
     assert demo["tiling"]["mpp"] == [1.0] and demo["tiling"]["tile_px"] == 224
     assert demo["tiling"]["min_tissue_fraction"] == 0.5
-    merged = {**main, **demo, "tiling": {**main.get("tiling", {}), **demo["tiling"]},
-              "features": {**main.get("features", {}), **demo["features"]}}
-    validate_config(merged)   # schema-valid as snakemake will see it
+    # the demo runs offline with no pretrained weights: its encoder is trained on its own tiles
+    assert demo["features"]["encoders"] == ["ssl:resnet-tiny"]
+    assert "abmil" in demo["mil"]["models"]    # gated attention MIL (Ilse et al.) is compared
+    from snakemake.utils import update_config
+
+    merged = dict(main)
+    update_config(merged, demo)   # what a second --configfile does: nested keys merge
+    validate_config(merged)       # schema-valid as snakemake will see it
 
 
 def test_cli_demo_cohort_without_annotations_and_where(tmp_path, capsys):

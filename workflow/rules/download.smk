@@ -23,6 +23,8 @@ rule download_slide:
     resources:
         downloads=1,
         mem_mb=512,
+    conda:
+        "../../envs/slides.yaml"
     script:
         "../scripts/download_slide.py"
 

@@ -47,6 +47,8 @@ rule extract_features:
         mem_mb=config["features"]["mem_mb"],
         runtime=config["features"]["runtime"],
         gpu=config["features"]["gpu"],
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/extract_features.py"
 

@@ -21,6 +21,8 @@ rule heatmap:
     resources:
         mem_mb=4000,
         runtime=20,
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/heatmap.py"
 

@@ -26,6 +26,8 @@ rule detect_lesions:
     resources:
         mem_mb=4000,
         runtime=20,
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/detect_lesions.py"
 
@@ -43,6 +45,8 @@ rule lesion_metrics:
         source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
     log:
         log_path("lesion_metrics", "{source}"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/lesion_metrics.py"
 

@@ -27,6 +27,8 @@ rule metrics:
         seed=config["seed"],
     log:
         log_path("metrics", "metrics"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/metrics.py"
 

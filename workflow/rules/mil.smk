@@ -34,6 +34,8 @@ rule train_mil:
         mem_mb=config["mil"]["mem_mb"],
         runtime=config["mil"]["runtime"],
         gpu=config["mil"]["gpu"],
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/train_mil.py"
 
@@ -51,6 +53,8 @@ rule collect_mil:
         model="|".join(MIL_MODELS),
     log:
         log_path("collect_mil", "{model}"),
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/collect_mil.py"
 

@@ -10,6 +10,8 @@ rule mlflow_init:
         config=config,
     log:
         log_path("mlflow_init", "mlflow_init"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/mlflow_init.py"
 
@@ -28,6 +30,8 @@ rule mlflow_log:
         force=False,
     log:
         log_path("mlflow_log", "mlflow_log"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/mlflow_log.py"
 
@@ -45,6 +49,8 @@ rule mlflow_sync:
         force=False,
     log:
         log_path("mlflow_sync", "mlflow_sync"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/mlflow_log.py"
 

@@ -39,6 +39,8 @@ rule patch_labels:
         settings=config["patch_labels"],
     log:
         log_path("patch_labels"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/patch_labels.py"
 
@@ -50,6 +52,8 @@ rule patch_label_counts:
         counts=out("patch_labels/counts.tsv"),
     log:
         log_path("patch_label_counts", "cohort"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/patch_label_counts.py"
 
@@ -71,6 +75,8 @@ rule train_patch_classifier:
     resources:
         mem_mb=PC_CFG["mem_mb"],
         runtime=PC_CFG["runtime"],
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/train_patch_classifier.py"
 
@@ -87,6 +93,8 @@ rule tile_probs_patch_classifier:
     threads: 1
     resources:
         mem_mb=PC_CFG["mem_mb"],
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/tile_probs_patch_classifier.py"
 
@@ -98,6 +106,8 @@ rule tile_probs_mil:
         probs=out("tile_probs/mil-{model}/fold{fold}.parquet"),
     log:
         log_path("tile_probs", "mil-{model}/fold{fold}"),
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/tile_probs_mil.py"
 
@@ -112,6 +122,8 @@ rule tile_prob_sources:
         mil_models=MIL_MODELS,
     log:
         log_path("tile_prob_sources", "cohort"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/tile_prob_sources.py"
 

@@ -18,6 +18,8 @@ rule checklist:
         samples=config["samples"],
     log:
         log_path("checklist", "checklist"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/checklist.py"
 

@@ -18,6 +18,8 @@ rule slide_classifier:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/slide_classifier.py"
 

@@ -16,6 +16,8 @@ rule slide_features:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/slide_features.py"
 

@@ -13,6 +13,8 @@ rule slide_qc:
         on_error=config["on_error"],
     log:
         log_path("slide_qc"),
+    conda:
+        "../../envs/slides.yaml"
     script:
         "../scripts/slide_qc.py"
 
@@ -30,6 +32,8 @@ rule qc_table:
         ),
     log:
         log_path("qc_table", "qc_table"),
+    conda:
+        "../../envs/slides.yaml"
     script:
         "../scripts/qc_table.py"
 

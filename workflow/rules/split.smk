@@ -15,6 +15,8 @@ rule make_splits:
         seed=config["seed"],
     log:
         log_path("make_splits", "splits"),
+    conda:
+        "../../envs/report.yaml"
     script:
         "../scripts/make_splits.py"
 

@@ -27,6 +27,8 @@ rule train_ssl_encoder:
         mem_mb=config["ssl"]["mem_mb"],
         runtime=config["ssl"]["runtime"],
         gpu=config["ssl"]["gpus"],
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/ssl_pretrain.py"
 

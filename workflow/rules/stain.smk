@@ -30,6 +30,8 @@ rule fit_stain:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../../envs/torch.yaml"
     script:
         "../scripts/fit_stain.py"
 

@@ -21,6 +21,8 @@ rule tile_slide:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../../envs/slides.yaml"
     script:
         "../scripts/tile_slide.py"
 
@@ -40,6 +42,8 @@ rule export_tile_images:
     resources:
         mem_mb=2000,
         runtime=120,
+    conda:
+        "../../envs/slides.yaml"
     script:
         "../scripts/export_tile_images.py"
 
@@ -59,6 +63,8 @@ rule tile_preview:
         ),
     log:
         log_path("tile_preview"),
+    conda:
+        "../../envs/slides.yaml"
     script:
         "../scripts/tile_preview.py"
 

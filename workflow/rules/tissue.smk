@@ -20,6 +20,8 @@ rule detect_tissue:
         on_error=config["on_error"],
     log:
         log_path("detect_tissue"),
+    conda:
+        "../../envs/slides.yaml"
     script:
         "../scripts/detect_tissue.py"
 

@@ -1,0 +1,99 @@
+"""The workflow's shape as users and cluster admins rely on it: thin rules, one conda env per
+rule (`--software-deployment-method conda`) pinned like the venv, one rule file per stage."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RULES = REPO / "workflow" / "rules"
+SCRIPTS = REPO / "workflow" / "scripts"
+
+
+def _rules_with_scripts() -> dict[str, tuple[str, str | None, Path]]:
+    """rule name -> (script, conda env or None, rule file), parsed from the rule files."""
+    found = {}
+    for smk in sorted(RULES.glob("*.smk")):
+        rule = conda = None
+        lines = smk.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if m := re.match(r"^rule (\w+):", line):
+                rule, conda = m.group(1), None
+            elif line.strip() == "conda:" and rule:
+                conda = lines[i + 1].strip().strip('"')
+            elif line.strip() == "script:" and rule:
+                found[rule] = (lines[i + 1].strip().strip('"'), conda, smk)
+    return found
+
+
+def _pip_pins(env: dict) -> dict[str, str]:
+    pins = {}
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            for spec in dep.get("pip", []):
+                name, _, version = spec.partition("==")
+                pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_every_script_rule_names_an_existing_conda_env():
+    rules = _rules_with_scripts()
+    assert len(rules) >= 25
+    for rule, (script, conda, smk) in rules.items():
+        assert conda, f"rule {rule} ({smk.name}) has no conda: directive"
+        assert (smk.parent / conda).resolve().is_file(), f"rule {rule}: {conda} does not exist"
+        assert (smk.parent / script).resolve().is_file(), f"rule {rule}: {script} does not exist"
+
+
+def test_conda_envs_pin_the_same_versions_as_the_venv():
+    """A run with --software-deployment-method conda computes with the versions the tests ran."""
+    lock = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, _, version = line.strip().partition("==")
+            lock[name.lower().replace("_", "-")] = version
+    for env_file in sorted((REPO / "envs").glob("*.yaml")):
+        env = yaml.safe_load(env_file.read_text())
+        assert "python=3.11" in env["dependencies"], env_file.name
+        for name, version in _pip_pins(env).items():
+            assert lock.get(name) == version, f"{env_file.name}: {name}=={version}, lock has {lock.get(name)}"
+
+
+def test_torch_rules_get_the_torch_env_and_ingest_rules_the_light_one():
+    rules = _rules_with_scripts()
+    for rule in ("extract_features", "train_ssl_encoder", "train_mil"):
+        assert rules[rule][1].endswith("envs/torch.yaml"), rule
+    for rule in ("slide_qc", "detect_tissue", "tile_slide"):
+        assert rules[rule][1].endswith("envs/slides.yaml"), rule
+    assert "torch" not in _pip_pins(yaml.safe_load((REPO / "envs" / "slides.yaml").read_text()))
+
+
+def test_rule_scripts_only_unpack_snakemake_and_call_histoflow():
+    """A script imports from histoflow only, and its body is one `with log_to(...)` around calls
+    of histoflow functions: the logic lives in the package, where it is unit-tested."""
+    for script in sorted(SCRIPTS.glob("*.py")):
+        tree = ast.parse(script.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                assert module.split(".")[0] in ("histoflow", "__future__"), f"{script.name} imports {module}"
+            else:
+                assert isinstance(node, (ast.With, ast.Expr, ast.Assign)), \
+                    f"{script.name}: {ast.dump(node)[:80]} (logic belongs in histoflow/)"
+        for node in ast.walk(tree):
+            assert not isinstance(node, (ast.For, ast.While, ast.FunctionDef, ast.ClassDef)), \
+                f"{script.name} has a {type(node).__name__}: move it into histoflow/"
+
+
+def test_one_rule_file_per_stage():
+    stages = {"download", "slide_qc", "tissue", "tiles", "stain", "ssl_pretrain", "features", "split",
+              "mil", "patch_classifier", "heatmaps", "lesions", "slide_features", "slide_classifier",
+              "metrics", "mlflow", "report"}
+    assert stages <= {p.stem for p in RULES.glob("*.smk")}
+    snakefile = (REPO / "Snakefile").read_text()
+    for stage in stages:
+        assert f'include: "workflow/rules/{stage}.smk"' in snakefile, stage
