@@ -1,6 +1,6 @@
 # histoflow: whole-slide images from download to an audited slide-level model.
 #   snakemake --cores 2                 the whole DAG (rule `all`)
-#   snakemake --cores 2 tiles           stop after tiling; other targets: download, slide_qc,
+#   snakemake --cores 2 tiles           stop after tiling; other targets: download, qc,
 #                                       tissue, tiles, features, ... (see README)
 # Logic lives in the `histoflow` package; this file only wires the stages together.
 from snakemake.utils import min_version

@@ -677,7 +677,7 @@ def demo_config(samples_path: Path) -> dict:
     Tiles of 224 px at 1.0 µm/px keep CPU feature extraction to minutes. The encoder is
     ``ssl:resnet-tiny``, trained by ``ssl_pretrain`` on the cohort's own tiles: the demo needs no
     pretrained weights and no network, and its features carry the lesions' texture (random
-    ImageNet-shaped weights would not). Five MIL aggregators and 4 patient folds are compared.
+    ImageNet-shaped weights would not). Six MIL aggregators are compared over 4 patient folds.
     Snakemake merges nested dicts key by key, so each section here only lists what changes.
     """
     from .config import load_schema

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from .errors import HistoflowError
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -33,7 +35,13 @@ def log_to(path: str | os.PathLike | None) -> Iterator[None]:
         try:
             with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
                 yield
-        except Exception as err:  # the log keeps the whole story; Snakemake shows the one line
+        except HistoflowError as err:
+            # a user can act on it: the log keeps the traceback, the terminal gets one line
+            logging.getLogger("histoflow").exception("failed: %s", err)
+            root.removeHandler(handler)
+            print(f"histoflow: {err} (log: {path})", file=sys.__stderr__, flush=True)
+            raise SystemExit(1) from None
+        except Exception as err:  # a bug: the traceback goes to the log and to the terminal
             logging.getLogger("histoflow").exception("failed: %s", err)
             raise
         finally:

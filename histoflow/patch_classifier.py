@@ -253,14 +253,34 @@ def fit_mlp(Z: np.ndarray, train: TileSet, Zval: np.ndarray | None, val: TileSet
 
 
 def fit_platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Calibration p = sigmoid(a * logit + b) fitted on val tiles; identity if val is one-class."""
-    from sklearn.linear_model import LogisticRegression
+    """Calibration p = sigmoid(a * logit + b) fitted on val tiles (Platt 1999).
 
-    if len(np.unique(y)) < 2:
+    Platt's smoothed targets ((N+ + 1) / (N+ + 2) and 1 / (N- + 2)) keep the fit finite when
+    the val tiles are perfectly separated, which small val sets often are: unsmoothed, the slope
+    runs off to ~1e2 and every tile saturates at 0 or 1, destroying the ranking that heatmaps,
+    lesions and AP need. Identity when val is one-class or the fit would invert the ranking.
+    """
+    from scipy.optimize import minimize
+
+    y = np.asarray(y).astype(float).ravel()
+    z = np.asarray(logits, dtype=float).ravel()
+    n_pos, n_neg = float((y > 0.5).sum()), float((y <= 0.5).sum())
+    if n_pos == 0 or n_neg == 0:
         return 1.0, 0.0
-    lr = LogisticRegression(C=1e4, max_iter=1000)
-    lr.fit(logits.reshape(-1, 1), y)
-    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    t = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+    def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
+        f = ab[0] * z + ab[1]
+        # log(1 + e^f) - t f, stable for large |f|
+        value = np.sum(np.logaddexp(0.0, f) - t * f)
+        r = 1.0 / (1.0 + np.exp(-f)) - t
+        return float(value), np.array([np.sum(r * z), np.sum(r)])
+
+    res = minimize(loss, x0=np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
+    a, b = (float(v) for v in res.x)
+    if not (np.isfinite(a) and np.isfinite(b)) or a <= 0:
+        return 1.0, 0.0
+    return a, b
 
 
 def fit_patch_classifier(train: TileSet, val: TileSet | None, settings: PatchClassifierSettings, seed: int) -> PatchClassifier:

@@ -137,3 +137,27 @@ def test_source_choice():
         resolve_sources(["patch_classifier"], False, ["abmil"])
     with pytest.raises(InputError, match="mil models"):
         resolve_sources(["mil-transmil"], False, ["abmil"])
+
+
+def test_platt_calibration_undoes_overconfidence():
+    """Logits 4x too large (an overconfident classifier): the fitted slope brings them back."""
+    from histoflow.patch_classifier import fit_platt
+
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    a, b = fit_platt(4 * true_logit, y)
+    assert a == pytest.approx(0.25, rel=0.1) and abs(b) < 0.1
+
+
+def test_platt_calibration_on_separable_val_tiles_keeps_the_ranking():
+    """A small, perfectly separated val set must not push every tile to exactly 0 or 1: heatmaps,
+    lesion thresholds and average precision need the ranking."""
+    from histoflow.patch_classifier import fit_platt
+
+    logits = np.concatenate([np.linspace(-6, -1, 100), np.linspace(2, 8, 9)])
+    y = np.r_[np.zeros(100), np.ones(9)].astype(int)
+    a, b = fit_platt(logits, y)
+    assert 0 < a < 10 and abs(b) < 20
+    probs = 1 / (1 + np.exp(-(a * np.linspace(-8, 10, 200) + b)))
+    assert len(np.unique(probs)) == 200 and probs.min() > 0 and probs.max() < 1
