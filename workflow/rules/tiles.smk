@@ -7,8 +7,16 @@ rule tile_slide:
         slide=out("slides/{slide_id}.json"),
         mask=out("tissue/{slide_id}.png"),
         stats=out("tissue/{slide_id}.json"),
+        overlay=out("tissue/{slide_id}.overlay.jpg"),
     output:
         tiles=out("tiles/{slide_id}.parquet"),
+        preview=report(
+            out("tiles/{slide_id}.preview.jpg"),
+            caption="../report/tile_preview.rst",
+            category="1. Slides and QC",
+            subcategory="Tile grids",
+            labels={"slide": "{slide_id}"},
+        ),
     params:
         settings=config["tiling"],
         seed=config["seed"],
@@ -16,7 +24,8 @@ rule tile_slide:
         on_error=config["on_error"],
     log:
         log_path("tile_slide"),
-    # only the slide JSON and the low-resolution mask are read: light whatever the slide size
+    # only the slide JSON, the low-resolution mask and the overlay are read: light whatever
+    # the slide size. The preview is drawn in the same job (one job per slide, not two).
     threads: 1
     resources:
         mem_mb=1000,
@@ -46,27 +55,6 @@ rule export_tile_images:
         "../../envs/slides.yaml"
     script:
         "../scripts/export_tile_images.py"
-
-
-rule tile_preview:
-    input:
-        slide=out("slides/{slide_id}.json"),
-        tiles=out("tiles/{slide_id}.parquet"),
-        overlay=out("tissue/{slide_id}.overlay.jpg"),
-    output:
-        preview=report(
-            out("tiles/{slide_id}.preview.jpg"),
-            caption="../report/tile_preview.rst",
-            category="1. Slides and QC",
-            subcategory="Tile grids",
-            labels={"slide": "{slide_id}"},
-        ),
-    log:
-        log_path("tile_preview"),
-    conda:
-        "../../envs/slides.yaml"
-    script:
-        "../scripts/tile_preview.py"
 
 
 rule tiles:

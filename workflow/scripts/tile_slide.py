@@ -1,12 +1,14 @@
 from histoflow.logs import first_log, log_to
-from histoflow.tiling import tile_slide
+from histoflow.tiling import tile_slide_with_preview
 
 with log_to(first_log(snakemake)):
-    tile_slide(
+    tile_slide_with_preview(
         slide_json=snakemake.input.slide,
         mask_png=snakemake.input.mask,
         tissue_json=snakemake.input.stats,
+        overlay_jpg=snakemake.input.overlay,
         out_path=snakemake.output.tiles,
+        preview_path=snakemake.output.preview,
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
         annotations=snakemake.params.annotations,
