@@ -97,3 +97,13 @@ def test_one_rule_file_per_stage():
     snakefile = (REPO / "Snakefile").read_text()
     for stage in stages:
         assert f'include: "workflow/rules/{stage}.smk"' in snakefile, stage
+
+
+def test_input_functions_live_in_common_smk():
+    """Rule files hold rules and their wiring; input functions are in workflow/rules/common.smk
+    (the snakemake-workflows layout, and what `snakemake --lint` asks for)."""
+    for smk in sorted(RULES.glob("*.smk")):
+        if smk.name == "common.smk":
+            assert not re.search(r"^rule \w+:", smk.read_text(), flags=re.M)
+        else:
+            assert not re.search(r"^def \w+", smk.read_text(), flags=re.M), f"{smk.name} defines a function"

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 
 from histoflow.config import load_samples, validate_config
 from histoflow.errors import InputError
+from histoflow.encoders import encoder_slug
 
 # Bad config or samples sheet: one line naming the field/row and the fix, no traceback.
 try:
@@ -111,3 +112,40 @@ def per_slide(pattern):
     """Expand a per-slide output pattern over every slide of the sheet (a new list each call;
     the expansion itself is cached, so input functions may call it per job)."""
     return list(_per_slide(out(pattern)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Input functions of the stages. They read globals that the stage files define when included
+# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, N_FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS), and are
+# only called after those includes.
+
+
+def stain_json_input(wildcards=None):
+    """The cohort's stain.json for rules that normalise tiles (empty when stain.method is none)."""
+    return [out("stain/stain.json")] if STAIN_ON else []
+
+
+def ssl_checkpoint_input(wildcards):
+    """The checkpoint of an ssl:<arch> encoder (trained by train_ssl_encoder) is an input."""
+    name = FEATURE_ENCODERS[wildcards.encoder]
+    return [out(f"ssl/{name[len('ssl:'):]}/encoder.pt")] if name.startswith("ssl:") else []
+
+
+def features_for(encoder_name):
+    """Per-slide features files of one encoder (for downstream stages)."""
+    return per_slide(f"features/{encoder_slug(encoder_name)}/{{slide_id}}.parquet")
+
+
+def tile_prob_files(source):
+    """Every fold's tile-probability table of one source (for heatmaps, lesions, slide features)."""
+    return expand(out("tile_probs/{source}/fold{fold}.parquet"), source=source, fold=range(N_FOLDS))
+
+
+def model_predictions():
+    """Model name -> its per-fold prediction tables (all roles, so thresholds come from validation)."""
+    models = {f"mil-{m}": expand(out("mil/{model}/fold{fold}/predictions.tsv"), model=m, fold=range(N_FOLDS))
+              for m in MIL_MODELS}
+    for source in TILE_PROB_SOURCES:
+        for clf in SLIDE_CLASSIFIERS:
+            models[f"{clf}@{source}"] = [out(f"slide_classifier/{source}/{clf}/predictions.tsv")]
+    return models

@@ -14,17 +14,6 @@ except InputError as err:
     sys.exit(1)
 
 
-def ssl_checkpoint_input(wildcards):
-    """ssl:<arch> encoders are trained by rule ssl_pretrain: their checkpoint is an input."""
-    name = FEATURE_ENCODERS[wildcards.encoder]
-    return [out(f"ssl/{name[len('ssl:'):]}/encoder.pt")] if name.startswith("ssl:") else []
-
-
-def features_for(encoder_name):
-    """Per-slide features files of one encoder (for downstream stages)."""
-    return per_slide(f"features/{encoder_slug(encoder_name)}/{{slide_id}}.parquet")
-
-
 rule extract_features:
     input:
         slide=out("slides/{slide_id}.json"),

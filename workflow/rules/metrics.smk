@@ -2,16 +2,6 @@
 # bootstrap CIs, fold mean ± SD and DeLong tests; ROC, PR and calibration plots.
 
 
-def model_predictions():
-    """Model name -> its per-fold prediction tables (all roles, so thresholds come from validation)."""
-    models = {f"mil-{m}": expand(out("mil/{model}/fold{fold}/predictions.tsv"), model=m, fold=range(N_FOLDS))
-              for m in MIL_MODELS}
-    for source in TILE_PROB_SOURCES:
-        for clf in SLIDE_CLASSIFIERS:
-            models[f"{clf}@{source}"] = [out(f"slide_classifier/{source}/{clf}/predictions.tsv")]
-    return models
-
-
 rule metrics:
     input:
         [p for paths in model_predictions().values() for p in paths],

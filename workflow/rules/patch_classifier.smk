@@ -6,20 +6,13 @@ from histoflow.tile_probs import resolve_sources
 
 PC_CFG = config["patch_classifier"]
 PC_ENCODER = PC_CFG["encoder"] or config["features"]["encoders"][0]
-N_FOLDS = int(config.get("split", {}).get("k", 5))
+N_FOLDS = len(MIL_FOLDS)      # the folds of split.k, as in mil.smk
 HAS_ANNOTATIONS = bool(samples["annotations"].notna().any())
-_mil_cfg = config.get("mil", {}) or {}
-MIL_MODELS = list(_mil_cfg.get("models") or ([_mil_cfg["model"]] if _mil_cfg.get("model") else []))
 try:
     TILE_PROB_SOURCES, TILE_PROB_REASON = resolve_sources(config["tile_probs"]["sources"], HAS_ANNOTATIONS, MIL_MODELS)
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
     sys.exit(1)
-
-
-def tile_prob_files(source):
-    """Every fold's tile-probability table of one source (for heatmaps, lesions, slide features)."""
-    return expand(out("tile_probs/{source}/fold{fold}.parquet"), source=source, fold=range(N_FOLDS))
 
 
 wildcard_constraints:

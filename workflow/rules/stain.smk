@@ -5,11 +5,6 @@
 STAIN_ON = config["stain"]["method"] != "none"
 
 
-def stain_json_input(wildcards=None):
-    """The cohort's stain.json for rules that normalise tiles (empty when stain.method is none)."""
-    return [out("stain/stain.json")] if STAIN_ON else []
-
-
 rule fit_stain:
     input:
         slides=per_slide("slides/{slide_id}.json"),
