@@ -38,8 +38,7 @@ def log_to(path: str | os.PathLike | None) -> Iterator[None]:
         except HistoflowError as err:
             # a user can act on it: the log keeps the traceback, the terminal gets one line
             logging.getLogger("histoflow").exception("failed: %s", err)
-            root.removeHandler(handler)
-            print(f"histoflow: {err} (log: {path})", file=sys.__stderr__, flush=True)
+            print(f"histoflow: {err} (log: {path})", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         except Exception as err:  # a bug: the traceback goes to the log and to the terminal
             logging.getLogger("histoflow").exception("failed: %s", err)

@@ -179,3 +179,12 @@ def test_a_rerun_with_the_same_seed_reproduces_features_splits_and_metrics(run):
         assert frame.drop(columns="feature").equals(again.drop(columns="feature")), name
         assert np.array_equal(np.stack(frame["feature"].to_numpy()), np.stack(again["feature"].to_numpy())), name
     assert _metrics(outdir) == before["metrics"]
+
+
+def test_snakemake_lint_finds_nothing_but_the_pythonpath_we_set(run):
+    """`snakemake --lint` is how users and reviewers judge a workflow. The one lint left is a
+    false positive: common.smk sets PYTHONPATH (so jobs import this checkout's histoflow); it
+    does not read one from the user, which is what an `envvars:` assertion is for."""
+    proc = _snakemake(["--lint"], run["configs"], timeout=300)
+    titles = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip().startswith("* ")]
+    assert titles and all("PYTHONPATH" in t for t in titles), titles

@@ -42,6 +42,24 @@ def out(path):
     return f"{OUTDIR}/{path}"
 
 
+def outdir_of(relative):
+    """A params function giving the output folder, derived from the rule's own file
+    `{outdir}/<relative>` (an input or output), for the cohort-wide rules that read the whole
+    tree (checklist, MLflow): the folder as the job sees it, not a string fixed at parse time."""
+
+    tail = Path(relative).parts
+
+    def outdir(wildcards, input, output):
+        for path in (*output, *input):
+            parts = Path(path).parts
+            if parts[-len(tail):] == tail:
+                return str(Path(*parts[: -len(tail)]))
+        raise ValueError(f"outdir_of: no input or output of the rule ends with {relative!r}")
+
+    outdir.__name__ = "outdir_of_" + "_".join(tail)
+    return outdir
+
+
 def log_path(rule_name, name="{slide_id}"):
     return f"{OUTDIR}/logs/{rule_name}/{name}.log"
 
@@ -116,7 +134,7 @@ def per_slide(pattern):
 
 # ------------------------------------------------------------------------------------------------
 # Input functions of the stages. They read globals that the stage files define when included
-# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, N_FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS), and are
+# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS), and are
 # only called after those includes.
 
 
@@ -138,12 +156,12 @@ def features_for(encoder_name):
 
 def tile_prob_files(source):
     """Every fold's tile-probability table of one source (for heatmaps, lesions, slide features)."""
-    return expand(out("tile_probs/{source}/fold{fold}.parquet"), source=source, fold=range(N_FOLDS))
+    return expand(out("tile_probs/{source}/fold{fold}.parquet"), source=source, fold=FOLDS)
 
 
 def model_predictions():
     """Model name -> its per-fold prediction tables (all roles, so thresholds come from validation)."""
-    models = {f"mil-{m}": expand(out("mil/{model}/fold{fold}/predictions.tsv"), model=m, fold=range(N_FOLDS))
+    models = {f"mil-{m}": expand(out("mil/{model}/fold{fold}/predictions.tsv"), model=m, fold=FOLDS)
               for m in MIL_MODELS}
     for source in TILE_PROB_SOURCES:
         for clf in SLIDE_CLASSIFIERS:

@@ -3,11 +3,8 @@
 # fold's model (heatmaps read tile_scores.parquet). collect_mil gathers the out-of-fold
 # (test-role) predictions and training curves per model. The fold count comes from config
 # (split.k), so the DAG is known before any split or checkpoint exists.
-from histoflow.encoders import encoder_slug
-
 MIL_ENCODER = config["mil"]["encoder"] or config["features"]["encoders"][0]
-MIL_FEATURES = per_slide(f"features/{encoder_slug(MIL_ENCODER)}/{{slide_id}}.parquet")
-MIL_FOLDS = list(range(config["split"]["k"]))
+MIL_FEATURES = features_for(MIL_ENCODER)
 MIL_MODELS = list(config["mil"]["models"])
 
 
@@ -42,8 +39,8 @@ rule train_mil:
 
 rule collect_mil:
     input:
-        predictions=expand(out("mil/{{model}}/fold{fold}/predictions.tsv"), fold=MIL_FOLDS),
-        histories=expand(out("mil/{{model}}/fold{fold}/history.tsv"), fold=MIL_FOLDS),
+        predictions=expand(out("mil/{{model}}/fold{fold}/predictions.tsv"), fold=FOLDS),
+        histories=expand(out("mil/{{model}}/fold{fold}/history.tsv"), fold=FOLDS),
     output:
         predictions=out("mil/{model}/predictions.tsv"),
         curves=report(out("mil/{model}/curves.png"), caption="../report/mil_curves.rst", category="3. Slide models",

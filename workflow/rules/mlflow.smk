@@ -6,7 +6,7 @@ rule mlflow_init:
     output:
         store=out("mlflow/store.json"),
     params:
-        outdir=OUTDIR,
+        outdir=outdir_of("mlflow/store.json"),
         config=config,
     log:
         log_path("mlflow_init", "mlflow_init"),
@@ -24,7 +24,7 @@ rule mlflow_log:
     output:
         status=out("mlflow/logged.json"),
     params:
-        outdir=OUTDIR,
+        outdir=outdir_of("mlflow/logged.json"),
         config=config,
         samples=config["samples"],
         force=False,
@@ -43,7 +43,7 @@ rule mlflow_sync:
         metrics=out("metrics/metrics.json"),
         checklist=out("checklist.md"),
     params:
-        outdir=OUTDIR,
+        outdir=outdir_of("metrics/metrics.json"),
         config=config,
         samples=config["samples"],
         force=False,

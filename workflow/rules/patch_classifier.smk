@@ -6,7 +6,6 @@ from histoflow.tile_probs import resolve_sources
 
 PC_CFG = config["patch_classifier"]
 PC_ENCODER = PC_CFG["encoder"] or config["features"]["encoders"][0]
-N_FOLDS = len(MIL_FOLDS)      # the folds of split.k, as in mil.smk
 HAS_ANNOTATIONS = bool(samples["annotations"].notna().any())
 try:
     TILE_PROB_SOURCES, TILE_PROB_REASON = resolve_sources(config["tile_probs"]["sources"], HAS_ANNOTATIONS, MIL_MODELS)
@@ -123,7 +122,7 @@ rule tile_prob_sources:
 
 PATCH_CLASSIFIER_FILES = (
     [out("patch_labels/counts.tsv")]
-    + expand(out("patch_classifier/fold{fold}/metrics.json"), fold=range(N_FOLDS))
+    + expand(out("patch_classifier/fold{fold}/metrics.json"), fold=FOLDS)
     if HAS_ANNOTATIONS else []
 )
 TILE_PROB_FILES = [out("tile_probs/sources.json")] + [f for s in TILE_PROB_SOURCES for f in tile_prob_files(s)]

@@ -13,7 +13,7 @@ rule checklist:
             category="0. Checklist",
         ),
     params:
-        outdir=OUTDIR,
+        outdir=outdir_of("checklist.md"),
         config=config,
         samples=config["samples"],
     log:
