@@ -49,13 +49,17 @@ def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     if not mask.any():
         return []
-    # pad so regions touching the border give closed contours
-    padded = np.pad(mask, 1).astype(np.uint8)
+    # trace only the bounding box of the True pixels (find_contours' cost is per pixel scanned;
+    # tissue is often a fraction of the glass), padded so regions touching it give closed contours
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    r0, c0 = int(rows[0]), int(cols[0])
+    padded = np.pad(mask[r0:int(rows[-1]) + 1, c0:int(cols[-1]) + 1], 1).astype(np.uint8)
+    shift = np.array([r0 - 1.0, c0 - 1.0])
     rings = []
     for contour in find_contours(padded, 0.5, fully_connected="high"):
         if len(contour) < 4:
             continue
-        ring = Polygon(_ring_to_level0(contour, 1.0, 1.0, 1.0))  # still in mask px here
+        ring = Polygon(_ring_to_level0(contour + shift, 1.0, 1.0, 0.0))  # still in mask px here
         if simplify_px > 0:
             ring = ring.simplify(simplify_px, preserve_topology=True)
         if not ring.is_valid:

@@ -38,7 +38,7 @@ class TissueSettings:
     """Config section ``tissue`` (defaults = the schema's)."""
 
     method: str = "auto"
-    mask_mpp: float = 8.0
+    mask_mpp: float = 16.0
     white_threshold: float = 220.0
     median_px: int = 5
     closing_um: float = 50.0
@@ -267,11 +267,16 @@ def pen_mask(rgb: np.ndarray, planes: tuple | None = None) -> np.ndarray:
     gt = lambda x, a: x > math.floor(a)
     lt = lambda x, a: x < math.ceil(a)
     le = lambda x, a: x <= math.floor(a)
-    any_ink = gt(s, 0.2 * 255)              # every ink rule needs at least this saturation
-    green = ge(h, _deg(90)) & lt(h, _deg(195)) & np.where(lt(h, _deg(180)), any_ink, gt(s, 0.4 * 255)) & gt(v, 0.15 * 255)
+    out = np.zeros(np.shape(s), bool)
+    # every ink rule needs saturation > 0.2: test the colour rules only on those pixels (a
+    # fraction of the glass), not on the whole thumbnail
+    candidates = np.flatnonzero(gt(np.ravel(s), 0.2 * 255))
+    h, s, v = np.ravel(h)[candidates], np.ravel(s)[candidates], np.ravel(v)[candidates]
+    green = ge(h, _deg(90)) & lt(h, _deg(195)) & (lt(h, _deg(180)) | gt(s, 0.4 * 255)) & gt(v, 0.15 * 255)
     blue = ge(h, _deg(195)) & lt(h, _deg(230)) & gt(s, 0.3 * 255) & gt(v, 0.6 * 255)
     red = (ge(h, _deg(345)) | le(h, _deg(15))) & gt(s, 0.8 * 255) & gt(v, 0.3 * 255)
-    return green | blue | red
+    out.ravel()[candidates] = green | blue | red
+    return out
 
 
 def um2_to_px(area_um2: float, mpp: float) -> int:
@@ -304,40 +309,45 @@ def _morph(mask: np.ndarray, radius: int, op: str, pad: bool = False) -> np.ndar
     return _numpy(img.crop(r, r, w, h)).reshape(h, w) > 0
 
 
-def _labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """4-connected regions of equal value (tissue and background alike, libvips
-    ``labelregions``): labels, pixel count per label, and whether each label is tissue."""
-    img = _vips(mask.astype(np.uint8))
-    label_img = img.labelregions().copy_memory()
-    # per-label pixel count and tissue count in libvips (threaded C), not numpy gathers
-    counts = _numpy((img * 0 + 1).hist_find_indexed(label_img)).ravel().astype(np.int64)
-    is_fg = _numpy(img.hist_find_indexed(label_img)).ravel() > 0
-    return _numpy(label_img).reshape(mask.shape), counts, is_fg
+def _small_regions(mask: np.ndarray, min_px: int) -> np.ndarray | None:
+    """Pixels of the 4-connected True regions of ``mask`` smaller than ``min_px`` pixels, or
+    None when there are none (the caller then skips the gather)."""
+    from scipy import ndimage
+
+    # scipy's default structuring element is the cross: 4-connected, ~4x faster than libvips'
+    # labelregions on a 2 Mpx mask
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    small = counts < min_px
+    small[0] = False                    # label 0 is the other value, not a region
+    if not small.any():
+        return None
+    return small[labels]
 
 
 def clean_mask(mask: np.ndarray, mpp: float, closing_um: float, min_object_um2: float,
                min_hole_um2: float) -> np.ndarray:
     """Close gaps (disk of ``closing_um`` diameter), drop objects and fill holes smaller than the
-    given areas (µm², converted with ``mpp`` µm/px). Objects and holes are 4-connected."""
+    given areas (µm², converted with ``mpp`` µm/px). Objects and holes are 4-connected; holes are
+    looked for after the specks are gone (a dropped speck merges with the background around it)."""
     mask = np.asarray(mask, bool)
     radius = int(round(closing_um / mpp / 2))
     if radius >= 1:
         # padded with background so closing does not erode regions at the image border
         mask = _morph(mask, radius, "close")
     min_obj, min_hole = um2_to_px(min_object_um2, mpp), um2_to_px(min_hole_um2, mpp)
-    if mask.size == 0 or (min_obj <= 1 and min_hole <= 1):
+    if mask.size == 0:
         return mask
-    labels, counts, is_fg = _labels(mask)
     if min_obj > 1:
-        small = is_fg & (counts < min_obj)
-        if small.any():
-            mask = mask & ~small[labels]
-            if min_hole > 1:  # a dropped speck merges with the background around it: relabel
-                labels, counts, is_fg = _labels(mask)
+        specks = _small_regions(mask, min_obj)
+        if specks is not None:
+            mask = mask & ~specks
     if min_hole > 1:
-        holes = ~is_fg & (counts < min_hole)
-        if holes.any():
-            mask = mask | holes[labels]
+        holes = _small_regions(~mask, min_hole)
+        if holes is not None:
+            mask = mask | holes
     return mask
 
 
@@ -389,19 +399,23 @@ def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = No
                   max_px: int = OVERLAY_MAX_PX) -> np.ndarray:
     """The thumbnail with the tissue outline in green and removed ink tinted magenta (uint8 RGB),
     resized so its longer side is at most ``max_px`` (and at least 512 for tiny slides)."""
-    from PIL import Image
-
     h, w = mask.shape
     scale = min(max_px / max(h, w), max(1.0, 512 / max(h, w)))
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    # reducing_gap: integer box reduction first, then bilinear (same look, a fraction of the time)
-    img = np.asarray(Image.fromarray(np.asarray(rgb, np.uint8)).resize(size, Image.BILINEAR, reducing_gap=2.0)).copy()
-    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    sx, sy = max(1, int(round(w * scale))) / w, max(1, int(round(h * scale))) / h
+    # libvips: box shrink then a linear kernel, threaded; ~10x faster than PIL on a 2 Mpx mask
+    img = _numpy(_vips(np.ascontiguousarray(np.asarray(rgb, np.uint8)[..., :3])).resize(sx, vscale=sy, kernel="linear"))
+    img = img.reshape(img.shape[0], img.shape[1], -1)[..., :3].copy()
+
+    def nearest(plane: np.ndarray) -> np.ndarray:
+        small = _numpy(_vips(plane.astype(np.uint8)).resize(sx, vscale=sy, kernel="nearest"))
+        return small.reshape(img.shape[:2]) > 0
+
+    m = nearest(mask)
     if pen is not None and pen.any():
-        p = np.asarray(Image.fromarray(pen.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        p = nearest(pen)
         img[p] = (0.5 * img[p] + 0.5 * np.array([255, 0, 255])).astype(np.uint8)
     edge = m & ~_cross(m, np.logical_and, False)   # pixels with a background 4-neighbour
-    edge = _cross(edge, np.logical_or, False) if max(size) >= 400 else edge
+    edge = _cross(edge, np.logical_or, False) if max(img.shape[:2]) >= 400 else edge
     img[edge] = (0, 255, 0)
     return img
 
@@ -440,10 +454,10 @@ def read_thumbnail(slide, mpp0: float, mask_mpp: float, background: int = 255
 
 
 def _write_png(path, array: np.ndarray) -> None:
-    # libvips' PNG writer (libspng) at zlib level 6: ~10x faster than PIL's optimize=True for a
-    # binary mask, within ~30 % of its size
+    # libvips' PNG writer (libspng) at zlib level 1: a binary mask compresses well at any
+    # level, and level 1 writes it several times faster than PIL's optimize=True
     with atomic_path(path) as tmp:
-        _vips(np.ascontiguousarray(array, np.uint8)).pngsave(str(tmp), compression=6)
+        _vips(np.ascontiguousarray(array, np.uint8)).pngsave(str(tmp), compression=1)
 
 
 def _write_jpeg(path, array: np.ndarray) -> None:
