@@ -137,7 +137,7 @@ STAGE_IMPORTS = {
     "slide_qc": ("openslide", "PIL.Image"),
     "tissue": ("openslide", "PIL.Image", "pyvips", "scipy.ndimage", "skimage.measure._find_contours", "shapely",
                "tqdm"),
-    "tiles": ("PIL.Image", "pyarrow", "pyarrow.parquet"),
+    "tiles": ("PIL.Image", "PIL.ImageDraw", "pyarrow", "pyarrow.parquet"),
 }
 STAGES = tuple(STAGE_IMPORTS)
 
@@ -170,8 +170,11 @@ def worker_histoflow(slide: Path, out: Path, cfg: dict, stages: tuple[str, ...] 
     n_tiles = None
     if "tiles" in stages:
         t = time.perf_counter()
-        tiling.tile_slide(out / "slides" / "bench.json", out / "tissue" / "bench.png", out / "tissue" / "bench.json",
-                          out / "tiles" / "bench.parquet", cfg["tiling"], seed=0, annotations=None, on_error="fail")
+        # the tile_slide rule writes the table and draws its preview in the same job
+        tiling.tile_slide_with_preview(out / "slides" / "bench.json", out / "tissue" / "bench.png",
+                                       out / "tissue" / "bench.json", out / "tissue" / "bench.overlay.jpg",
+                                       out / "tiles" / "bench.parquet", out / "tiles" / "bench.preview.jpg",
+                                       cfg["tiling"], seed=0, annotations=None, on_error="fail")
         timings["tiles"] = time.perf_counter() - t
         import pyarrow.parquet as pq
         n_tiles = pq.read_metadata(out / "tiles" / "bench.parquet").num_rows

@@ -359,6 +359,26 @@ def _column(values: np.ndarray, dtype):
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
 
 
+NUMPY_OF_ARROW = {"int32": np.int32, "int64": np.int64, "float": np.float32, "double": np.float64}
+
+
+def _numpy_of(column) -> np.ndarray:
+    """A numeric pyarrow (chunked) array as numpy, nulls as NaN, read from its buffers:
+    ``to_numpy`` imports pandas, as ``pa.array`` does."""
+    arrays = column.chunks if hasattr(column, "chunks") else [column]
+    parts = []
+    for arr in arrays:
+        dtype = np.dtype(NUMPY_OF_ARROW[str(arr.type)])
+        validity, data = arr.buffers()[:2]
+        values = np.frombuffer(data, dtype=dtype, count=arr.offset + len(arr))[arr.offset:] if len(arr) else \
+            np.empty(0, dtype)
+        if arr.null_count:
+            bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")[arr.offset:arr.offset + len(arr)]
+            values = np.where(bits.astype(bool), values, np.nan)
+        parts.append(values)
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
 def _repeated_string(value: str, n: int):
     """A pyarrow string array holding ``value`` ``n`` times."""
     import pyarrow as pa
@@ -448,6 +468,11 @@ def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int 
     A slide skipped upstream (status "skipped") gets an empty table with the full schema.
     Returns the per-resolution stats (also logged).
     """
+    return _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations, on_error)[0]
+
+
+def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int, annotations, on_error: str):
+    """:func:`tile_slide`, also returning the table it wrote (pyarrow)."""
     from PIL import Image
 
     start = time.perf_counter()
@@ -458,10 +483,11 @@ def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int 
     tissue = read_json(tissue_json) if tissue_json and Path(tissue_json).exists() else {}
     mpp_x, mpp_y = meta.get("mpp_x"), meta.get("mpp_y")
 
-    def write_empty(reason: str) -> dict:
+    def write_empty(reason: str):
         log.warning("slide %s: no tiles (%s)", slide_id, reason)
-        write_parquet(out_path, empty_tiles_table(), _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason, annotations))
-        return {}
+        empty = empty_tiles_table()
+        write_parquet(out_path, empty, _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason, annotations))
+        return {}, empty
 
     if meta.get("status") != "ok":
         return write_empty(f"slide skipped upstream: {meta.get('reason') or 'no reason given'}")
@@ -493,7 +519,7 @@ def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int 
                  slide_id, mpp, st["level"], st["size0"], st["grid"], st["tissue"],
                  settings.min_tissue_fraction, st["kept"])
     log.info("slide %s: %d tiles in %.3f s", slide_id, table.num_rows, time.perf_counter() - start)
-    return stats
+    return stats, table
 
 
 def read_tiles_table(path: str | os.PathLike):
@@ -592,11 +618,45 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
 # Preview
 
 
+# viridis at 17 evenly spaced stops (matplotlib's values, 0-255), interpolated linearly: within
+# 5/255 of the full map, and the preview (drawn in every tile_slide job) needs no matplotlib
+VIRIDIS_STOPS = np.array([
+    (68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134), (59, 82, 139), (51, 99, 141), (44, 114, 142),
+    (38, 130, 142), (33, 145, 140), (31, 160, 136), (40, 174, 128), (63, 188, 115), (94, 201, 98),
+    (132, 212, 75), (173, 220, 48), (216, 226, 25), (253, 231, 37)], dtype=np.float64)
+
+
+def viridis(values: np.ndarray) -> np.ndarray:
+    """RGB (int, 0-255) of ``values`` in [0, 1] on the viridis colour map."""
+    v = np.clip(np.nan_to_num(np.asarray(values, np.float64)), 0.0, 1.0)
+    stops = np.linspace(0.0, 1.0, len(VIRIDIS_STOPS))
+    return np.stack([np.interp(v, stops, VIRIDIS_STOPS[:, k]) for k in range(3)], axis=-1).round().astype(int)
+
+
+PREVIEW_COLUMNS = ("target_mpp", "x", "y", "size0", "tissue_fraction", "annotation_fraction")
+
+
+def _preview_columns(tiles) -> dict[str, np.ndarray]:
+    """The columns the preview draws, as numpy arrays, from a pyarrow Table or a DataFrame;
+    ``annotation_fraction`` is NaN in tables written before it existed."""
+    names = tiles.column_names if hasattr(tiles, "column_names") else list(tiles.columns)
+    n = tiles.num_rows if hasattr(tiles, "num_rows") else len(tiles)
+    out = {}
+    for name in PREVIEW_COLUMNS:
+        if name not in names:
+            out[name] = np.full(n, np.nan)
+        elif hasattr(tiles, "column_names"):
+            out[name] = _numpy_of(tiles.column(name))
+        else:
+            out[name] = tiles[name].to_numpy()
+    return out
+
+
 def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, max_px: int = 1600) -> np.ndarray:
     """The tile grid over a slide thumbnail, one panel per resolution (uint8 RGB): outlines
     coloured by tissue fraction (viridis), tiles on annotations tinted red. ``background`` covers
-    the whole slide (``width x height`` level-0 px)."""
-    from matplotlib import colormaps
+    the whole slide (``width x height`` level-0 px); ``tiles``: a tiles table (pyarrow Table or
+    pandas DataFrame)."""
     from PIL import Image, ImageDraw
 
     bg = Image.fromarray(np.asarray(background, np.uint8)).convert("RGB")
@@ -604,29 +664,31 @@ def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, m
     if scale < 1.0:
         bg = bg.resize((max(1, int(bg.width * scale)), max(1, int(bg.height * scale))), Image.Resampling.BILINEAR)
     sx, sy = bg.width / max(width, 1), bg.height / max(height, 1)
-    cmap = colormaps["viridis"]
-    mpps = list(dict.fromkeys(tiles["target_mpp"].tolist())) or [None]
+    cols = _preview_columns(tiles)
+    mpps = list(dict.fromkeys(cols["target_mpp"].tolist())) or [None]
     panels = []
     for mpp in mpps:
         panel = bg.copy()
         tint = Image.new("RGBA", panel.size, (0, 0, 0, 0))
         draw, tint_draw = ImageDraw.Draw(panel), ImageDraw.Draw(tint)
-        sel = tiles if mpp is None else tiles[tiles["target_mpp"] == mpp]
-        if len(sel):
-            x0 = (sel["x"].to_numpy() * sx).astype(int)
-            y0 = (sel["y"].to_numpy() * sy).astype(int)
-            x1 = ((sel["x"].to_numpy() + sel["size0"].to_numpy()) * sx).astype(int) - 1
-            y1 = ((sel["y"].to_numpy() + sel["size0"].to_numpy()) * sy).astype(int) - 1
-            colours = (cmap(sel["tissue_fraction"].to_numpy(np.float64))[:, :3] * 255).astype(int)
-            lesion = np.nan_to_num(sel["annotation_fraction"].to_numpy(np.float64)) > 0
-            for i in range(len(sel)):  # drawing only: thousands of rectangles take milliseconds
+        sel = np.ones(len(cols["x"]), bool) if mpp is None else cols["target_mpp"] == mpp
+        n_sel = int(sel.sum())
+        if n_sel:
+            x, y, size0 = cols["x"][sel], cols["y"][sel], cols["size0"][sel]
+            x0 = (x * sx).astype(int)
+            y0 = (y * sy).astype(int)
+            x1 = ((x + size0) * sx).astype(int) - 1
+            y1 = ((y + size0) * sy).astype(int) - 1
+            colours = viridis(cols["tissue_fraction"][sel])
+            lesion = np.nan_to_num(cols["annotation_fraction"][sel].astype(np.float64)) > 0
+            for i in range(n_sel):  # drawing only: thousands of rectangles take milliseconds
                 if lesion[i]:
                     tint_draw.rectangle((x0[i], y0[i], x1[i], y1[i]), fill=(255, 0, 0, 90))
                 draw.rectangle((x0[i], y0[i], max(x0[i], x1[i]), max(y0[i], y1[i])), outline=tuple(colours[i]))
         panel = Image.alpha_composite(panel.convert("RGBA"), tint).convert("RGB")
         # PIL's default font is ASCII only: "um/px"
         label = ("no tiles" if mpp is None else
-                 f"{mpp:g} um/px: {len(sel)} tiles (outline: tissue fraction, viridis; red: on annotations)")
+                 f"{mpp:g} um/px: {n_sel} tiles (outline: tissue fraction, viridis; red: on annotations)")
         header = Image.new("RGB", (panel.width, 18), (255, 255, 255))
         ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
         framed = Image.new("RGB", (panel.width, panel.height + 18), (255, 255, 255))
@@ -643,13 +705,17 @@ def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, m
     return np.asarray(out)
 
 
-def write_tile_preview(slide_json, tiles_path, overlay_jpg, out_path, max_px: int = 1600) -> None:
+def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1600) -> None:
     """The tile grid drawn over the tissue overlay (for the report and for a quick look at what
-    will be extracted). A skipped slide gets a small blank image."""
+    will be extracted). ``tiles``: the tiles Parquet's path, or the table itself. A skipped slide
+    gets a small blank image."""
     from PIL import Image
 
     meta = read_json(slide_json)
-    tiles = read_tiles_table(tiles_path)
+    if isinstance(tiles, (str, os.PathLike)):
+        import pyarrow.parquet as pq
+
+        tiles = pq.read_table(tiles)
     width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
     background = None
     if meta.get("status") == "ok" and overlay_jpg and Path(overlay_jpg).exists() and width and height:
@@ -670,7 +736,6 @@ def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_
     """Rule `tile_slide`: the tile table, then its preview. One job per slide rather than two:
     a 10,000-slide cohort has 10,000 fewer jobs to plan and submit, and a cluster group of
     per-slide rules (whose check in Snakemake grows with the square of its size) stays small."""
-    stats = tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed=seed, annotations=annotations,
-                       on_error=on_error)
-    write_tile_preview(slide_json, out_path, overlay_jpg, preview_path)
+    stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations, on_error)
+    write_tile_preview(slide_json, table, overlay_jpg, preview_path)   # the table in hand, not read back
     return stats

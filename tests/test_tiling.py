@@ -348,3 +348,43 @@ def test_preview_of_a_skipped_slide_is_a_blank_image(tmp_path):
     out, _ = run_tiling(tmp_path, np.ones((4, 4), bool), 1000, 1000, {"mpp": [0.5]}, status="skipped")
     write_tile_preview(tmp_path / "s1.slide.json", out, tmp_path / "missing.jpg", tmp_path / "p.jpg")
     assert Image.open(tmp_path / "p.jpg").size[0] >= 256
+
+
+def test_tile_slide_job_draws_its_preview_from_the_table_in_hand_without_pandas(tmp_path):
+    """The tile_slide rule (table + preview) runs in every per-slide job: it must not pay for
+    pandas or matplotlib (~0.3 s and ~60 MB per job), and its preview is the one drawn from
+    the Parquet file read back."""
+    import subprocess
+    import sys
+
+    from histoflow.tiling import write_tile_preview
+
+    mask = np.zeros((40, 50), bool)
+    mask[10:30, 10:40] = True
+    slide_json, mask_png, tissue_json = write_inputs(tmp_path, mask, 5000, 4000)
+    overlay = tmp_path / "overlay.jpg"
+    Image.fromarray(np.full((400, 500, 3), 230, np.uint8)).save(overlay)
+    code = (
+        "import sys\n"
+        "from histoflow.tiling import tile_slide_with_preview\n"
+        f"tile_slide_with_preview({str(slide_json)!r}, {str(mask_png)!r}, {str(tissue_json)!r}, {str(overlay)!r}, "
+        f"{str(tmp_path / 't.parquet')!r}, {str(tmp_path / 'job.jpg')!r}, {{'mpp': [0.5, 2.0], 'tile_px': 128}})\n"
+        "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    write_tile_preview(slide_json, tmp_path / "t.parquet", overlay, tmp_path / "file.jpg")
+    assert (tmp_path / "job.jpg").read_bytes() == (tmp_path / "file.jpg").read_bytes()
+
+
+def test_numeric_columns_come_out_of_arrow_buffers_with_nulls_as_nan():
+    import pyarrow as pa
+
+    from histoflow.tiling import _numpy_of
+
+    floats = pa.array([1.0, None, 3.0, 4.0], pa.float32())
+    assert np.array_equal(_numpy_of(floats), [1.0, np.nan, 3.0, 4.0], equal_nan=True)
+    chunked = pa.chunked_array([floats.slice(1, 2), pa.array([7, 8], pa.int64()).cast(pa.float32())])
+    assert np.array_equal(_numpy_of(chunked), [np.nan, 3.0, 7.0, 8.0], equal_nan=True)
+    ints = pa.chunked_array([pa.array([5, 6, 7], pa.int64()).slice(1)])
+    assert _numpy_of(ints).tolist() == [6, 7] and _numpy_of(ints).dtype == np.int64
