@@ -365,6 +365,9 @@ NUMPY_OF_ARROW = {"int32": np.int32, "int64": np.int64, "float": np.float32, "do
 def _numpy_of(column) -> np.ndarray:
     """A numeric pyarrow (chunked) array as numpy, nulls as NaN, read from its buffers:
     ``to_numpy`` imports pandas, as ``pa.array`` does."""
+    if str(column.type) not in NUMPY_OF_ARROW:     # not a type the tiles schema uses: the slow path
+        values = column.to_numpy() if hasattr(column, "chunks") else column.to_numpy(zero_copy_only=False)
+        return values.astype(np.float64) if column.null_count else values
     arrays = column.chunks if hasattr(column, "chunks") else [column]
     parts = []
     for arr in arrays:
