@@ -15,6 +15,14 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+# common.smk puts this checkout on PYTHONPATH (jobs import histoflow from it); declared so that
+# Snakemake passes it on to jobs it runs elsewhere
+envvars:
+    "PYTHONPATH",
+
+
 include: "workflow/rules/download.smk"
 include: "workflow/rules/slide_qc.smk"
 include: "workflow/rules/tissue.smk"

@@ -181,10 +181,11 @@ def test_a_rerun_with_the_same_seed_reproduces_features_splits_and_metrics(run):
     assert _metrics(outdir) == before["metrics"]
 
 
-def test_snakemake_lint_finds_nothing_but_the_pythonpath_we_set(run):
-    """`snakemake --lint` is how users and reviewers judge a workflow. The one lint left is a
-    false positive: common.smk sets PYTHONPATH (so jobs import this checkout's histoflow); it
-    does not read one from the user, which is what an `envvars:` assertion is for."""
+def test_snakemake_lint_finds_nothing(run):
+    """`snakemake --lint` is how users and reviewers judge a workflow: no lints. (PYTHONPATH,
+    which common.smk sets so that jobs import this checkout's histoflow, is declared with
+    `envvars:` in the Snakefile, so Snakemake also passes it on to remote jobs.)"""
     proc = _snakemake(["--lint"], run["configs"], timeout=300)
-    titles = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip().startswith("* ")]
-    assert titles and all("PYTHONPATH" in t for t in titles), titles
+    output = proc.stdout + proc.stderr
+    titles = [line.strip() for line in output.splitlines() if line.strip().startswith("* ")]
+    assert not titles and "in a good condition" in output, output[-3000:]
