@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ class TissueSettings:
     method: str = "auto"
     mask_mpp: float = 16.0
     white_threshold: float = 220.0
-    median_px: int = 3               # 48 µm at the default 16 µm/px (5 px at 8 µm/px is about the same)
+    median_um: float = 40.0          # median window (µm): the nearest odd px count at the mask's µm/px
+    median_px: int | None = None     # the window in mask px instead (overrides median_um)
     closing_um: float = 50.0
     min_object_um2: float = 50000.0
     min_hole_um2: float = 20000.0
@@ -65,6 +66,16 @@ class TissueSettings:
         if settings.mask_mpp <= 0:
             raise InputError("config key 'tissue.mask_mpp' must be > 0 µm/px (8-16 is typical)")
         return settings
+
+    def median_size(self, mpp: float) -> int:
+        """The median window in px of a mask at ``mpp`` µm/px: ``median_px`` when set, else the
+        odd size nearest ``median_um`` (40 µm: 3 px at 16 µm/px, 5 px at 8), so the filter keeps
+        its physical size whatever ``mask_mpp`` is."""
+        if self.median_px is not None:
+            return int(self.median_px)
+        if self.median_um <= 0 or mpp <= 0:
+            return 1
+        return max(1, 2 * int(round((self.median_um / mpp - 1) / 2)) + 1)
 
 
 @dataclass
@@ -210,7 +221,8 @@ def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: n
                            exclude: np.ndarray | None = None, planes: tuple | None = None
                            ) -> tuple[np.ndarray, dict[str, float]]:
     """Saturation above Otsu (clipped to [``min_saturation``, ``max_saturation``]) and grey below
-    ``white_threshold``, each after a ``median_px`` median. ``exclude`` (e.g. ink) is left out
+    ``white_threshold``, each after a median of ``settings.median_px`` px (as
+    :func:`compute_tissue_mask` resolves it from ``median_um``). ``exclude`` (e.g. ink) is left out
     of the Otsu sample: saturated pen would pull the threshold above real tissue. ``planes``: the
     image's :func:`hsv`, when the caller already has it (pen removal does)."""
     rgb = np.asarray(rgb, np.uint8)[..., :3]
@@ -219,7 +231,8 @@ def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: n
     sample = valid & ~exclude if exclude is not None and (valid & ~exclude).any() else valid
     t = otsu(s[sample]) if sample.any() else 255.0
     t = min(max(t, settings.min_saturation * 255), settings.max_saturation * 255)
-    coloured = majority(s > t, settings.median_px)
+    size = settings.median_px if settings.median_px is not None else 1
+    coloured = majority(s > t, size)
     # integer luma: floor(grey) < w  <=>  1000 * grey < 1000 * ceil(w)
     white = int(math.ceil(settings.white_threshold))
     if rgb.size:
@@ -227,7 +240,7 @@ def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: n
         dark = _numpy(luma).reshape(s.shape) > 0
     else:
         dark = np.zeros(s.shape, bool)
-    mask = coloured & majority(dark, settings.median_px) & valid
+    mask = coloured & majority(dark, size) & valid
     return mask, {"saturation_threshold": t / 255.0, "white_threshold": float(settings.white_threshold)}
 
 
@@ -237,7 +250,7 @@ def fluorescence_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: 
     on log intensity: fluorescence spans decades, and linear Otsu keeps only the brightest nuclei."""
     rgb = np.asarray(rgb, np.uint8)
     intensity = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    intensity = _median(intensity, settings.median_px)
+    intensity = _median(intensity, settings.median_px if settings.median_px is not None else 1)
     valid = np.ones(intensity.shape, bool) if scanned is None else np.asarray(scanned, bool)
     if valid.any():
         # log1p of uint8 takes 256 values: Otsu on a per-value histogram, no float image
@@ -355,6 +368,8 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
                         scanned: np.ndarray | None = None) -> TissueResult:
     """Tissue mask of an RGB thumbnail at ``mpp`` µm/px (pure: arrays in, arrays out)."""
     rgb = np.asarray(rgb, dtype=np.uint8)[..., :3]
+    # the foreground functions take the median window in px of this mask
+    settings = replace(settings, median_px=settings.median_size(mpp))
     detected = settings.method == "auto"
     info: dict[str, float] = {}
     if detected:
@@ -382,7 +397,8 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
     if pen.any():
         mask &= ~pen  # hole filling must not give the ink back
         mask = clean_mask(mask, mpp, 0.0, settings.min_object_um2, 0.0)
-    return TissueResult(mask=mask, pen=pen, method=method, method_detected=detected, thresholds={**info, **thr})
+    return TissueResult(mask=mask, pen=pen, method=method, method_detected=detected,
+                        thresholds={**info, **thr, "median_px": settings.median_px})
 
 
 def _cross(mask: np.ndarray, op, outside: bool) -> np.ndarray:

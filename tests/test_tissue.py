@@ -114,6 +114,15 @@ def test_fluorescence_is_detected_and_bright_signal_is_tissue():
     assert forced.method == "fluorescence" and not forced.method_detected
 
 
+def test_median_window_keeps_its_size_in_um_whatever_the_mask_resolution():
+    settings = TissueSettings()                       # median_um 40
+    assert [settings.median_size(m) for m in (16.0, 8.0, 4.0, 32.0)] == [3, 5, 9, 1]
+    assert TissueSettings(median_px=7).median_size(16.0) == 7     # px, when given, wins
+    assert TissueSettings(median_um=0).median_size(16.0) == 1     # off
+    rgb = he_image(np.zeros((60, 60), bool))
+    assert compute_tissue_mask(rgb, 8.0, settings).thresholds["median_px"] == 5   # recorded
+
+
 def test_settings_reject_unknown_keys_with_the_key_named():
     with pytest.raises(Exception, match="tissue.white_treshold"):
         TissueSettings.from_config({"white_treshold": 200})
@@ -312,7 +321,7 @@ def demo_cohort(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("settings", [{}, {"mask_mpp": 8.0, "median_px": 5}], ids=["defaults-16um", "8um"])
+@pytest.mark.parametrize("settings", [{}, {"mask_mpp": 8.0}], ids=["defaults-16um", "8um"])
 def test_tissue_iou_against_demo_ground_truth(tmp_path, demo_cohort, settings):
     """IoU >= 0.9 with the defaults (mask at 16 µm/px, compared on the truth's 8 µm/px grid) and
     at the truth's own resolution."""
