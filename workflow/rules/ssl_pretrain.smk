@@ -21,7 +21,7 @@ rule train_ssl_encoder:
     wildcard_constraints:
         arch=r"[A-Za-z0-9._-]+",
     log:
-        log_path("ssl_pretrain", "{arch}"),
+        log_path("train_ssl_encoder", "{arch}"),
     threads: config["ssl"]["threads"]
     resources:
         mem_mb=config["ssl"]["mem_mb"],
