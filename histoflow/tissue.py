@@ -221,8 +221,8 @@ def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: n
                            exclude: np.ndarray | None = None, planes: tuple | None = None
                            ) -> tuple[np.ndarray, dict[str, float]]:
     """Saturation above Otsu (clipped to [``min_saturation``, ``max_saturation``]) and grey below
-    ``white_threshold``, each after a median of ``settings.median_px`` px (as
-    :func:`compute_tissue_mask` resolves it from ``median_um``). ``exclude`` (e.g. ink) is left out
+    ``white_threshold``, each after a median (:meth:`TissueSettings.median_size`; called by
+    :func:`compute_tissue_mask`, which sets ``median_px`` for the mask's µm/px). ``exclude`` (e.g. ink) is left out
     of the Otsu sample: saturated pen would pull the threshold above real tissue. ``planes``: the
     image's :func:`hsv`, when the caller already has it (pen removal does)."""
     rgb = np.asarray(rgb, np.uint8)[..., :3]
@@ -231,7 +231,7 @@ def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: n
     sample = valid & ~exclude if exclude is not None and (valid & ~exclude).any() else valid
     t = otsu(s[sample]) if sample.any() else 255.0
     t = min(max(t, settings.min_saturation * 255), settings.max_saturation * 255)
-    size = settings.median_px if settings.median_px is not None else 1
+    size = settings.median_size(settings.mask_mpp)   # compute_tissue_mask sets median_px for its mask
     coloured = majority(s > t, size)
     # integer luma: floor(grey) < w  <=>  1000 * grey < 1000 * ceil(w)
     white = int(math.ceil(settings.white_threshold))
@@ -250,7 +250,7 @@ def fluorescence_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: 
     on log intensity: fluorescence spans decades, and linear Otsu keeps only the brightest nuclei."""
     rgb = np.asarray(rgb, np.uint8)
     intensity = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    intensity = _median(intensity, settings.median_px if settings.median_px is not None else 1)
+    intensity = _median(intensity, settings.median_size(settings.mask_mpp))
     valid = np.ones(intensity.shape, bool) if scanned is None else np.asarray(scanned, bool)
     if valid.any():
         # log1p of uint8 takes 256 values: Otsu on a per-value histogram, no float image
