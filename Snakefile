@@ -23,6 +23,7 @@ envvars:
     "PYTHONPATH",
 
 
+include: "workflow/rules/batches.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/slide_qc.smk"
 include: "workflow/rules/tissue.smk"

@@ -1,12 +1,15 @@
 """DAG benchmark: how long `snakemake -n` takes for a 1,000 and a 10,000-slide cohort.
 
-    .venv/bin/python benchmarks/dag.py [--slides 1000 10000] [--target all] [--profile PROFILE]
+    .venv/bin/python benchmarks/dag.py [--slides 1000 10000] [--slides-per-job auto 1]
+                                       [--target all] [--profile PROFILE]
 
 A cluster user's first command on a big cohort is a dry run; it must stay well under a minute
 (target: < 30 s for 10,000 slides). The samples sheet points at symlinks to one tiny pyramidal
 TIFF, so the sheet's checks (local files exist) run for real without 10,000 real slides.
 Each run is a fresh `snakemake` process (start-up, parsing, sheet validation, DAG building and
 job listing all count). `--profile profiles/slurm` builds the group jobs too (needs `sinfo`).
+`--slides-per-job auto 1` times the default (slide batches above 500 slides) beside one job
+per slide and step.
 Prints a table and writes benchmarks/results/dag.json.
 """
 
@@ -50,9 +53,11 @@ def make_cohort(root: Path, n_slides: int) -> Path:
     return sheet
 
 
-def time_dry_run(root: Path, sheet: Path, target: str, profile: str | None) -> dict:
+def time_dry_run(root: Path, sheet: Path, target: str, profile: str | None, slides_per_job: str) -> dict:
     configfile = root / f"{sheet.stem}.yaml"
-    configfile.write_text(yaml.safe_dump({"samples": str(sheet), "outdir": str(root / f"results_{sheet.stem}")}))
+    configfile.write_text(yaml.safe_dump({"samples": str(sheet), "outdir": str(root / f"results_{sheet.stem}"),
+                                          "slides_per_job": slides_per_job if slides_per_job == "auto"
+                                          else int(slides_per_job)}))
     cmd = [str(BIN / "snakemake"), target, "-n", "--quiet", "rules",
            "--configfile", "config.yaml", str(configfile)]
     if profile:
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slides", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--target", default="all", help="rule to dry-run (default: the whole DAG)")
     parser.add_argument("--profile", default=None, help="extra --profile, e.g. profiles/slurm")
+    parser.add_argument("--slides-per-job", nargs="+", default=["auto", "1"],
+                        help="config slides_per_job values to time (auto: batches above 500 slides; 1: a job per slide)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="histoflow-dag-") as tmp:
@@ -83,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.slides:
             start = time.perf_counter()
             sheet = make_cohort(root, n)
-            result = {"slides": n, "target": args.target, "profile": args.profile,
-                      "cohort_setup_s": round(time.perf_counter() - start, 2),
-                      **time_dry_run(root, sheet, args.target, args.profile)}
-            rows.append(result)
-            print(f"{n:>7,} slides  snakemake -n {args.target}: {result['seconds']:7.1f} s  "
-                  f"({result['jobs']:,} jobs)", flush=True)
+            setup = round(time.perf_counter() - start, 2)
+            for per_job in args.slides_per_job:
+                result = {"slides": n, "slides_per_job": per_job, "target": args.target, "profile": args.profile,
+                          "cohort_setup_s": setup, **time_dry_run(root, sheet, args.target, args.profile, per_job)}
+                rows.append(result)
+                print(f"{n:>7,} slides  slides_per_job {per_job:>4}  snakemake -n {args.target}: "
+                      f"{result['seconds']:7.1f} s  ({result['jobs']:,} jobs)", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
                                    "python": platform.python_version(), "runs": rows}, indent=2) + "\n")

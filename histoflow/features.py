@@ -13,6 +13,7 @@ float16/float32, length = encoder dim); schema metadata ``histoflow.*`` (see FEA
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -460,6 +461,18 @@ def read_feature_metadata(path: str | os.PathLike) -> dict[str, str]:
 # --------------------------------------------------------------------------- rule entry point
 
 
+@functools.lru_cache(maxsize=1)
+def _loaded_encoder(name: str, ssl_checkpoint: str | None, checkpoint_stamp: int | None, device: str,
+                    weights_dir: str | None, allow_random_weights: bool):
+    """The encoder, loaded once per process: a batch job (slides_per_job > 1) extracts many
+    slides with one load. The caller seeds torch first, so random weights are the same either way;
+    `checkpoint_stamp` (the checkpoint's mtime) makes a retrained SSL checkpoint load anew."""
+    from .encoders import load_encoder
+
+    return load_encoder(name, ssl_checkpoint=ssl_checkpoint, device=device, weights_dir=weights_dir,
+                        allow_random_weights=allow_random_weights)
+
+
 def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, encoder_name: str,
                            settings: dict, tiling_mpp: Sequence[float], stain_json: str | None = None,
                            ssl_checkpoint: str | None = None, seed: int = 0, threads: int = 1,
@@ -487,10 +500,11 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     slide_id = meta_slide.get("slide_id", os.path.basename(tiles_path).rsplit(".", 1)[0])
     normalizer = load_normalizer(stain_json)
     if encoder is None:
-        from .encoders import load_encoder
-
-        encoder = load_encoder(encoder_name, ssl_checkpoint=ssl_checkpoint, device=device,
-                               weights_dir=cfg.weights_dir, allow_random_weights=cfg.allow_random_weights)
+        checkpoint_stamp = os.stat(ssl_checkpoint).st_mtime_ns if ssl_checkpoint else None
+        encoder = _loaded_encoder(encoder_name, ssl_checkpoint, checkpoint_stamp, device, cfg.weights_dir,
+                                  cfg.allow_random_weights)
+        # the same RNG state after a fresh or a cached load (a batch job reuses the encoder)
+        torch.manual_seed(seed)
     tiles = load_tiles(tiles_path, cfg.mpp) if meta_slide.get("status") == "ok" else pd.DataFrame()
     t0 = time.perf_counter()
     if len(tiles) == 0:

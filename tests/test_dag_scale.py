@@ -77,3 +77,37 @@ def test_empty_and_nan_mpp_cells_are_none_and_numbers_are_floats(tmp_path, slide
     table = load_samples({"samples": str(write_sheet(tmp_path, rows))})
     assert table["mpp"].tolist() == [None, None, 0.25]
     assert table["annotations"].tolist() == [None, None, None]
+
+
+def test_a_cohort_above_500_slides_is_planned_in_slide_batches(tmp_path):
+    """slides_per_job: auto: 600 slides -> 3 per job, 200 batches per per-slide step, and no
+    per-slide job at all, so big cohorts plan in seconds (benchmarks/dag.py: 10,000 in ~10 s)."""
+    import re
+    import subprocess
+    import sys
+
+    import pyvips
+    import yaml
+
+    tiny = tmp_path / "tiny.tiff"
+    pyvips.Image.black(256, 256, bands=3).new_from_image([230, 200, 220]).cast("uchar").tiffsave(
+        str(tiny), tile=True, pyramid=True, compression="jpeg", xres=2000, yres=2000)
+    rows = cohort(600, source=str(tiny))
+    for row in rows:
+        link = tmp_path / f"{row['slide_id']}.tiff"
+        link.symlink_to(tiny)
+        row["source"] = str(link)
+    config = tmp_path / "big.yaml"
+    config.write_text(yaml.safe_dump({"samples": str(write_sheet(tmp_path, rows)), "outdir": str(tmp_path / "out")}))
+    repo = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "snakemake"), "-n", "--quiet", "rules", "--configfile", "config.yaml",
+                           str(config)], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
+    for rule in ("download_slide", "slide_qc", "detect_tissue", "tile_slide", "extract_features", "heatmap",
+                 "detect_lesions"):
+        assert counts.get(f"{rule}_batch") == "200", (rule, counts)
+        assert rule not in counts, (rule, counts)
+    assert int(counts["total"]) < 2000

@@ -276,6 +276,45 @@ def test_a_corrupt_slide_fails_its_rule_with_a_readable_message(cohort, slurm, t
     assert not (tmp_path / "results" / "slides" / "bad_slide.json").exists()
 
 
+def test_slide_batches_submit_one_ingest_job_per_batch(cohort, slurm, tmp_path):
+    """slides_per_job: 2 on 3 slides = 2 batches: slide_qc, detect_tissue and tile_slide of a batch
+    are one SLURM job (group ingest_batch), whose time limit covers the batch's slides in series."""
+    root, sheet = cohort
+    configfile = tmp_path / "batched.yaml"
+    configfile.write_text(yaml.safe_dump({**yaml.safe_load((sheet.parent / "config.yaml").read_text()),
+                                          "samples": str(sheet), "outdir": str(tmp_path / "results"),
+                                          "slides_per_job": 2}))
+    profile = _cluster_profile(tmp_path / "profile", tmp_path / "slurm_logs")
+    since = datetime.now() - timedelta(seconds=1)
+    proc = _run(profile, ["tiles"], configfile)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = _wait_accounted(since, tmp_path / "slurm_logs", n_min=2)
+    assert len(jobs) == 2 and all(j["State"] == "COMPLETED" for j in jobs), [(j["Rule"], j["State"]) for j in jobs]
+    assert all("ingest_batch" in j["Rule"] for j in jobs), [j["Rule"] for j in jobs]
+    for job in jobs:
+        assert _mem_mb(job["ReqMem"]) >= 2000
+        assert _minutes(job["Timelimit"]) >= 3 * 10 + 2 + 3 + 2  # 3 steps x 10 min + per-slide minutes
+    tiles = tmp_path / "results" / "tiles"
+    for slide in ("demo_000", "demo_001", "demo_002"):
+        assert (tiles / f"{slide}.parquet").is_file()
+        assert (tmp_path / "results" / "logs" / "tile_slide" / f"{slide}.log").is_file()
+
+    # a per-slide file deleted by hand: its batch (b00001: demo_002 alone) reruns as a SLURM job,
+    # whose own Snakemake must plan the same redo as the main process did
+    before = {p.name: p.stat().st_mtime_ns for p in tiles.glob("*.parquet")}
+    (tiles / "demo_002.parquet").unlink()
+    since = datetime.now() - timedelta(seconds=1)
+    proc = _run(profile, ["tiles"], configfile)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = _wait_accounted(since, tmp_path / "slurm_logs", n_min=1)
+    assert len(jobs) == 1 and jobs[0]["State"] == "COMPLETED", [(j["Rule"], j["State"]) for j in jobs]
+    assert (tiles / "demo_002.parquet").is_file()
+    assert {n: t for n, t in before.items() if n != "demo_002.parquet"} == \
+        {p.name: p.stat().st_mtime_ns for p in tiles.glob("*.parquet") if p.name != "demo_002.parquet"}
+    proc = _run(profile, ["tiles", "-n"], configfile)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
 def test_profile_layering_rules_hold():
     """Snakemake does not merge a key set in two profiles (the workflow profile wins): the slurm
     profile must not set what profiles/default sets, or its values are silently lost."""
@@ -289,5 +328,7 @@ def test_profile_layering_rules_hold():
     # only rules fed by the slide's own files are grouped: a member waiting for cohort-wide jobs
     # would make the group depend on itself, and Snakemake's group check grows with the square
     # of the group (planning 1,000 slides took 5 min with 5 rules + a heatmap group, 17 s with none)
-    assert set(default["groups"]) == {"slide_qc", "detect_tissue", "tile_slide"}
+    assert default["groups"] == {"slide_qc": "per_slide", "detect_tissue": "per_slide", "tile_slide": "per_slide",
+                                 "slide_qc_batch": "ingest_batch", "detect_tissue_batch": "ingest_batch",
+                                 "tile_slide_batch": "ingest_batch"}
     assert "download_slide" not in default["groups"]   # a localrule: compute nodes may lack internet

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +124,62 @@ def test_corrupt_slide_is_skipped_with_a_reason_and_the_rest_goes_on(cohort, tmp
     assert (qc.drop(index="broken-01")["status"] == "ok").all()
     tiles = pq.read_table(outdir / "tiles" / "broken-01.parquet")
     assert tiles.num_rows == 0 and tiles.schema.names[:len(TILE_COLUMNS)] == TILE_COLUMNS
+
+
+@pytest.fixture(scope="module")
+def batched(cohort, tiled):
+    """The same cohort with slides_per_job: 2 (batches of 2 + 1 slides), to `qc`."""
+    root, sheet = cohort
+    outdir = root / "results_batched"
+    configfile = write_config(root / "batched.yaml", sheet, outdir, slides_per_job=2)
+    proc = snakemake(["qc"], configfile)
+    check(proc)
+    return outdir, configfile, proc
+
+
+def test_slide_batches_write_the_same_per_slide_files_as_per_slide_jobs(tiled, batched):
+    """Cutting the cohort into batch jobs changes how work is scheduled, never what it computes."""
+    per_slide, batch_out = tiled[0], batched[0]
+    names = sorted(p.relative_to(per_slide) for p in per_slide.glob("t*/*") if p.is_file())
+    assert any(n.suffix == ".parquet" for n in names) and any(n.suffix == ".geojson" for n in names)
+    for name in names:
+        assert (batch_out / name).read_bytes() == (per_slide / name).read_bytes(), name
+    for meta in sorted((per_slide / "slides").glob("*.json")):
+        assert (batch_out / "slides" / meta.name).read_text().replace(str(batch_out), "OUT") == \
+            meta.read_text().replace(str(per_slide), "OUT"), meta.name
+
+
+def test_slide_batches_run_one_job_per_batch_and_step(batched):
+    _, _, proc = batched
+    log = proc.stdout + proc.stderr
+    for rule in ("download_slide_batch", "slide_qc_batch", "detect_tissue_batch", "tile_slide_batch"):
+        assert re.search(rf"^{rule}\s+2$", log, flags=re.M), rule
+    assert not re.search(r"^(slide_qc|detect_tissue|tile_slide)\s+\d+$", log, flags=re.M)
+
+
+def test_a_deleted_per_slide_file_is_redone_by_its_batch_alone(batched):
+    """A batch job reruns when one of its slides' files is gone, and redoes only that slide."""
+    outdir, configfile, _ = batched
+    keep = {p.name: p.stat().st_mtime_ns for p in (outdir / "tiles").glob("*.parquet")}
+    victim = sorted(keep)[0]
+    (outdir / "tiles" / victim).unlink()
+    proc = snakemake(["qc"], configfile)
+    check(proc)
+    assert re.search(r"^tile_slide_batch\s+1$", proc.stdout + proc.stderr, flags=re.M)
+    assert (outdir / "tiles" / victim).is_file()
+    again = {p.name: p.stat().st_mtime_ns for p in (outdir / "tiles").glob("*.parquet")}
+    assert {n: t for n, t in again.items() if n != victim} == {n: t for n, t in keep.items() if n != victim}
+    # the first batch holds the first two slides of the sheet: the victim was redone, its partner reused
+    manifest = json.loads((outdir / "batches" / "tile_slide" / "b00000.json").read_text())
+    assert [(s["slide_id"], s["reused"]) for s in manifest["slides"]] == [
+        (Path(victim).stem, False), (Path(sorted(keep)[1]).stem, True)]
+    proc = snakemake(["qc"], configfile)
+    check(proc)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    # and again: a second deletion of the same file is noticed too
+    (outdir / "tiles" / victim).unlink()
+    check(snakemake(["qc"], configfile))
+    assert (outdir / "tiles" / victim).is_file()
+    proc = snakemake(["qc"], configfile)
+    check(proc)
+    assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -2,12 +2,17 @@
 import functools
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
 import pandas as pd
+from snakemake.io import apply_wildcards
+from snakemake.iocontainers import Wildcards
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from histoflow.batches import slide_batches, slides_per_job
 from histoflow.config import load_samples, validate_config
 from histoflow.errors import InputError
 from histoflow.encoders import encoder_slug
@@ -19,6 +24,7 @@ try:
     # load_samples validates every row against workflow/schemas/samples.schema.yaml (column-wise:
     # snakemake.utils.validate on the table would re-check 10,000 rows one by one, ~1 s)
     samples = load_samples(config)
+    SLIDES_PER_JOB = slides_per_job(config["slides_per_job"], len(samples))
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
     sys.exit(1)
@@ -133,6 +139,219 @@ def per_slide(pattern):
 
 
 # ------------------------------------------------------------------------------------------------
+# Slide batches (config `slides_per_job`; histoflow/batches.py). With more than one slide per job,
+# each per-slide rule <rule> below runs as <rule>_batch, one job per batch of consecutive sheet
+# rows, and the rules downstream depend on the batch manifests instead of on the per-slide files
+# (written all the same). Snakemake then tracks ~1/N as many jobs and files.
+BATCHED = SLIDES_PER_JOB > 1
+BATCHES = slide_batches(SLIDES, SLIDES_PER_JOB)
+
+# The per-slide rules that have a batch twin, and the folder (under outdir) of their per-slide
+# files `<folder>/{slide_id}...`; a folder's wildcards are the batch rule's too.
+SLIDE_RULES = {
+    "download_slide": "downloads",
+    "slide_qc": "slides",
+    "detect_tissue": "tissue",
+    "tile_slide": "tiles",
+    "export_tile_images": "tile_images",
+    "extract_features": "features/{encoder}",
+    "patch_labels": "patch_labels",
+    "heatmap": "heatmaps/{source}",
+    "detect_lesions": "lesions/{source}",
+}
+
+wildcard_constraints:
+    batch=r"b\d{5}",
+
+
+def batch_manifest(rule_name):
+    """The manifest pattern of <rule_name>_batch: {outdir}/batches/<rule>/[<wildcard>/]{batch}.json."""
+    extra = "".join(f"{{{name}}}/" for name in re.findall(r"\{(\w+)\}", SLIDE_RULES[rule_name]))
+    return out(f"batches/{rule_name}/{extra}{{batch}}.json")
+
+
+def _folder_regex(folder):
+    """results/features/{encoder} -> a regex of its per-slide paths, the folder's wildcards as groups."""
+    groups = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(folder))
+    slide = re.escape("{slide_id}")
+    return re.compile(f"{re.escape(out(''))}{groups}[/]{slide}[^/]*$")
+
+
+_SLIDE_FOLDERS = [(_folder_regex(folder), rule_name) for rule_name, folder in SLIDE_RULES.items()]
+
+
+def _producer(path_pattern):
+    """(rule name, its other wildcards) of the per-slide rule writing `path_pattern` (a path with
+    a literal {slide_id}, e.g. results/features/uni/{slide_id}.parquet), or None."""
+    for regex, rule_name in _SLIDE_FOLDERS:
+        match = regex.match(path_pattern)
+        if match:
+            return rule_name, match.groupdict()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _slide_inputs(pattern):
+    if not BATCHED:
+        return _per_slide(out(pattern))
+    rule_name, extra = _producer(out(pattern))
+    return tuple(expand(batch_manifest(rule_name), batch=list(BATCHES), **{k: [v] for k, v in extra.items()}))
+
+
+def slide_inputs(pattern):
+    """What a rule that reads a per-slide output of every slide waits for (cohort-wide rules and
+    the target rules): the per-slide files, or with slide batches the manifests of the batch
+    jobs that write them. Cohort-wide rules read the per-slide paths from params
+    (`per_slide(pattern)`), the same either way."""
+    return list(_slide_inputs(pattern))
+
+
+def _batch_wildcards(wildcards):
+    """The wildcards of each slide's job in the batch job with `wildcards`, in sheet order."""
+    shared = {name: value for name, value in wildcards.items() if name != "batch"}
+    return [Wildcards(fromdict={**shared, "slide_id": slide_id}) for slide_id in BATCHES[wildcards.batch]]
+
+
+def _slide_rule(rule_name):
+    """The per-slide rule named rule_name, checked for what its batch twin can reproduce (named
+    inputs, outputs and params only, and params functions of the wildcards alone)."""
+    proxy = getattr(rules, rule_name)
+    for kind in ("input", "output"):   # a named list of files spans several positions
+        items = getattr(proxy, kind)
+        if sum(len(v) if isinstance(v, list) else 1 for _, v in items.items()) != len(items):
+            raise WorkflowError(f"{rule_name}_batch needs every {kind} item of {rule_name} to be named")
+    if len(list(proxy.params.items())) != len(proxy.params):
+        raise WorkflowError(f"{rule_name}_batch needs every params item of {rule_name} to be named")
+    for name, item in proxy.params.items():
+        if callable(item) and len(inspect.signature(item).parameters) != 1:
+            raise WorkflowError(f"{rule_name}_batch needs params.{name} of {rule_name} to be a function "
+                                f"of the wildcards only")
+    return proxy
+
+
+def _input_function_value(rule_name, item, slide_wildcards):
+    """An input function's value for one slide, as Snakemake takes it (str paths, wildcards
+    filled; a list stays a list); a per-slide file there would bring per-slide jobs into a
+    batched run, so it is refused."""
+    value = item(slide_wildcards)
+    paths = [apply_wildcards(str(v.as_posix() if isinstance(v, Path) else v), dict(slide_wildcards.items()))
+             for v in (value if isinstance(value, (list, tuple)) else [value])]
+    for path in paths:
+        if BATCHED and _producer(path.replace(slide_wildcards.slide_id, "{slide_id}")):
+            raise WorkflowError(f"an input function of {rule_name} returns the per-slide file {path}; "
+                                f"name it as a pattern with {{slide_id}} so that {rule_name}_batch can map it")
+    return paths if isinstance(value, (list, tuple)) else paths[0]
+
+
+def batch_input(rule_name):
+    """Input function of <rule_name>_batch: the per-slide rule's inputs for the batch's slides,
+    where each per-slide file becomes the manifest of the batch job that writes it."""
+    proxy = _slide_rule(rule_name)
+
+    def inputs(wildcards):
+        found = {}
+        for name, item in proxy.input.items():
+            producer = None if callable(item) else _producer(str(item))
+            if producer:   # e.g. slides/{slide_id}.json -> batches/slide_qc/{batch}.json
+                upstream, extra = producer
+                values = {k: apply_wildcards(v, dict(wildcards.items())) for k, v in extra.items()}
+                found[apply_wildcards(batch_manifest(upstream), {**values, "batch": wildcards.batch})] = None
+                continue
+            for slide_wildcards in _batch_wildcards(wildcards):   # cohort files: stain, fold tables, ...
+                if callable(item):
+                    value = _input_function_value(rule_name, item, slide_wildcards)
+                    found.update(dict.fromkeys(value if isinstance(value, list) else [value]))
+                else:
+                    found[apply_wildcards(str(item), dict(slide_wildcards.items()))] = None
+        found.update(dict.fromkeys(_redo_marker(proxy, rule_name, wildcards)))
+        return list(found)
+
+    inputs.__name__ = f"batch_input_{rule_name}"
+    return cheap_input_function(inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _files_in(folder):
+    return frozenset(os.listdir(folder)) if os.path.isdir(folder) else frozenset()
+
+
+def _redo_marker(proxy, rule_name, wildcards):
+    """The redo marker a batch job waits for (rule redo_slide_batch, batches.smk), if any.
+
+    Snakemake tracks a batch job by its manifest, so a per-slide file deleted by hand would go
+    unnoticed. When one is missing, the batch asks for a new marker `<batch>.redo<n+1>`, which
+    Snakemake creates and so reruns the batch (its other slides are reused). Afterwards the
+    batch keeps asking for its newest marker, which exists and is older than the manifest: the
+    set of inputs stays the same, so that is no reason to run it again. The check costs a stat
+    per output, only for batches that ran (as Snakemake stats every per-slide job's outputs).
+    """
+    manifest = apply_wildcards(batch_manifest(rule_name), dict(wildcards.items()))
+    folder, name = os.path.split(manifest)
+    stem = name[: -len(".json")]
+    present = _files_in(folder)
+    prefix = f"{stem}.redo"
+    generations = [int(f[len(prefix):]) for f in present if f.startswith(prefix) and f[len(prefix):].isdigit()]
+    generation = max(generations, default=0)
+    newest = os.path.join(folder, f"{stem}.redo{generation}")
+    if name in present:   # the batch ran: were any of its slides' files deleted since?
+        patterns = [str(item) for _, item in proxy.output.items()]
+        missing = any(not os.path.exists(apply_wildcards(pattern, dict(slide_wildcards.items())))
+                      for slide_wildcards in _batch_wildcards(wildcards) for pattern in patterns)
+        # a marker newer than the manifest is a redo already under way (e.g. this is the SLURM
+        # job's own Snakemake, planning the batch that the main process asked for): the same one
+        pending = generation and os.stat(newest).st_mtime_ns > os.stat(manifest).st_mtime_ns
+        if missing and not pending:
+            generation += 1
+    return [os.path.join(folder, f"{stem}.redo{generation}")] if generation else []
+
+
+def batch_jobs(rule_name):
+    """Params function of <rule_name>_batch: each slide's job (wildcards, inputs, outputs, params,
+    log) exactly as the per-slide rule <rule_name> would get it."""
+    proxy = _slide_rule(rule_name)
+
+    def jobs(wildcards):
+        found = []
+        for slide_wildcards in _batch_wildcards(wildcards):
+            plain = dict(slide_wildcards.items())
+
+            def value_of(item, paths):
+                # as Snakemake does it: input functions give paths with wildcards filled in,
+                # params functions are taken as they return, strings in the rule get wildcards
+                if callable(item) and paths:
+                    return _input_function_value(rule_name, item, slide_wildcards)
+                if callable(item):
+                    return item(slide_wildcards)
+                if isinstance(item, str):
+                    return apply_wildcards(str(item), plain)
+                if isinstance(item, list):
+                    return [apply_wildcards(str(v), plain) if isinstance(v, str) else v for v in item]
+                return item
+
+            found.append({
+                "wildcards": plain,
+                "input": {name: value_of(item, True) for name, item in proxy.input.items()},
+                "output": {name: apply_wildcards(str(item), plain) for name, item in proxy.output.items()},
+                "params": {name: value_of(item, False) for name, item in proxy.params.items()},
+                "log": apply_wildcards(str(proxy.log[0]), plain),
+            })
+        return found
+
+    jobs.__name__ = f"batch_jobs_{rule_name}"
+    return cheap_input_function(jobs)
+
+
+def batch_minutes(per_slide_minutes, fixed_minutes=10):
+    """A batch job's time limit (min): its slides one after another at a generous per-slide
+    bound (a typical slide takes seconds), the start-up once, and more at each retry."""
+
+    def runtime(wildcards, attempt):
+        return fixed_minutes + per_slide_minutes * len(BATCHES[wildcards.batch]) * attempt
+
+    return runtime
+
+
+# ------------------------------------------------------------------------------------------------
 # Input functions of the stages. They read globals that the stage files define when included
 # (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS), and are
 # only called after those includes.
@@ -150,8 +369,13 @@ def ssl_checkpoint_input(wildcards):
 
 
 def features_for(encoder_name):
-    """Per-slide features files of one encoder (for downstream stages)."""
+    """Per-slide features files of one encoder (the paths downstream stages read, as params)."""
     return per_slide(f"features/{encoder_slug(encoder_name)}/{{slide_id}}.parquet")
+
+
+def feature_inputs(encoder_name):
+    """What a rule reading features_for(encoder_name) waits for (see slide_inputs)."""
+    return slide_inputs(f"features/{encoder_slug(encoder_name)}/{{slide_id}}.parquet")
 
 
 def tile_prob_files(source):

@@ -5,6 +5,7 @@
 # the submitting host. Cap parallel transfers with `--resources downloads=N`.
 localrules:
     download_slide,
+    download_slide_batch,
     download,
 
 
@@ -29,9 +30,31 @@ rule download_slide:
         "../scripts/download_slide.py"
 
 
+# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
+rule download_slide_batch:
+    input:
+        batch_input("download_slide"),
+    output:
+        manifest=batch_manifest("download_slide"),
+    params:
+        rule="download_slide",
+        jobs=batch_jobs("download_slide"),
+    log:
+        log_path("download_slide_batch", "{batch}"),
+    threads: 1
+    resources:
+        mem_mb=512,
+        runtime=batch_minutes(5),
+        downloads=1,
+    conda:
+        "../../envs/slides.yaml"
+    script:
+        "../scripts/slide_batch.py"
+
+
 rule download:
     input:
-        per_slide("downloads/{slide_id}.json"),
+        slide_inputs("downloads/{slide_id}.json"),
 
 
-TARGETS.extend(per_slide("downloads/{slide_id}.json"))
+TARGETS.extend(slide_inputs("downloads/{slide_id}.json"))

@@ -27,7 +27,29 @@ rule heatmap:
         "../scripts/heatmap.py"
 
 
-HEATMAP_FILES = [f for s in TILE_PROB_SOURCES for f in per_slide(f"heatmaps/{s}/{{slide_id}}.png")]
+# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
+rule heatmap_batch:
+    input:
+        batch_input("heatmap"),
+    output:
+        manifest=batch_manifest("heatmap"),
+    params:
+        rule="heatmap",
+        jobs=batch_jobs("heatmap"),
+    wildcard_constraints:
+        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
+    log:
+        log_path("heatmap_batch", "{source}/{batch}"),
+    resources:
+        mem_mb=4000,
+        runtime=batch_minutes(5),
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/slide_batch.py"
+
+
+HEATMAP_FILES = [f for s in TILE_PROB_SOURCES for f in slide_inputs(f"heatmaps/{s}/{{slide_id}}.png")]
 
 
 rule heatmaps:

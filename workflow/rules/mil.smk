@@ -11,13 +11,14 @@ MIL_MODELS = list(config["mil"]["models"])
 rule train_mil:
     input:
         splits=out("splits/splits.tsv"),
-        features=MIL_FEATURES,
+        features=feature_inputs(MIL_ENCODER),
     output:
         checkpoint=out("mil/{model}/fold{fold}/checkpoint.pt"),
         history=out("mil/{model}/fold{fold}/history.tsv"),
         predictions=out("mil/{model}/fold{fold}/predictions.tsv"),
         tile_scores=out("mil/{model}/fold{fold}/tile_scores.parquet"),
     params:
+        features=MIL_FEATURES,
         settings=config["mil"],
         seed=config["seed"],
         encoder=MIL_ENCODER,

@@ -37,11 +37,34 @@ rule patch_labels:
         "../scripts/patch_labels.py"
 
 
+# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
+rule patch_labels_batch:
+    input:
+        batch_input("patch_labels"),
+    output:
+        manifest=batch_manifest("patch_labels"),
+    params:
+        rule="patch_labels",
+        jobs=batch_jobs("patch_labels"),
+    log:
+        log_path("patch_labels_batch", "{batch}"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=batch_minutes(2),
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/slide_batch.py"
+
+
 rule patch_label_counts:
     input:
-        labels=per_slide("patch_labels/{slide_id}.parquet"),
+        labels=slide_inputs("patch_labels/{slide_id}.parquet"),
     output:
         counts=out("patch_labels/counts.tsv"),
+    params:
+        labels=per_slide("patch_labels/{slide_id}.parquet"),
     log:
         log_path("patch_label_counts", "cohort"),
     conda:
@@ -53,12 +76,14 @@ rule patch_label_counts:
 rule train_patch_classifier:
     input:
         splits=out("splits/splits.tsv"),
-        features=features_for(PC_ENCODER),
-        labels=per_slide("patch_labels/{slide_id}.parquet"),
+        features=feature_inputs(PC_ENCODER),
+        labels=slide_inputs("patch_labels/{slide_id}.parquet"),
     output:
         model=out("patch_classifier/fold{fold}/model.joblib"),
         metrics=out("patch_classifier/fold{fold}/metrics.json"),
     params:
+        features=features_for(PC_ENCODER),
+        labels=per_slide("patch_labels/{slide_id}.parquet"),
         settings=PC_CFG,
         seed=config["seed"],
     log:
@@ -77,9 +102,11 @@ rule tile_probs_patch_classifier:
     input:
         model=out("patch_classifier/fold{fold}/model.joblib"),
         splits=out("splits/splits.tsv"),
-        features=features_for(PC_ENCODER),
+        features=feature_inputs(PC_ENCODER),
     output:
         probs=out("tile_probs/patch_classifier/fold{fold}.parquet"),
+    params:
+        features=features_for(PC_ENCODER),
     log:
         log_path("tile_probs", "patch_classifier/fold{fold}"),
     threads: 1

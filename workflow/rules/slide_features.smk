@@ -6,10 +6,11 @@ rule slide_features:
     input:
         tile_probs=lambda wc: tile_prob_files(wc.source),
         splits=out("splits/splits.tsv"),
-        slides=per_slide("slides/{slide_id}.json"),
+        slides=slide_inputs("slides/{slide_id}.json"),
     output:
         table=out("slide_features/{source}.parquet"),
     params:
+        slides=per_slide("slides/{slide_id}.json"),
         settings=config["slide_features"],
     log:
         log_path("slide_features", "{source}"),

@@ -19,17 +19,42 @@ rule slide_qc:
         "../scripts/slide_qc.py"
 
 
+# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
+rule slide_qc_batch:
+    input:
+        batch_input("slide_qc"),
+    output:
+        manifest=batch_manifest("slide_qc"),
+    params:
+        rule="slide_qc",
+        jobs=batch_jobs("slide_qc"),
+    log:
+        log_path("slide_qc_batch", "{batch}"),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=batch_minutes(2),
+    conda:
+        "../../envs/slides.yaml"
+    script:
+        "../scripts/slide_batch.py"
+
+
 rule qc_table:
     input:
-        slides=per_slide("slides/{slide_id}.json"),
-        tissue=per_slide("tissue/{slide_id}.json"),
-        tiles=per_slide("tiles/{slide_id}.parquet"),
+        slides=slide_inputs("slides/{slide_id}.json"),
+        tissue=slide_inputs("tissue/{slide_id}.json"),
+        tiles=slide_inputs("tiles/{slide_id}.parquet"),
     output:
         table=report(
             out("qc/slides.tsv"),
             caption="../report/qc_table.rst",
             category="1. Slides and QC",
         ),
+    params:
+        slides=per_slide("slides/{slide_id}.json"),
+        tissue=per_slide("tissue/{slide_id}.json"),
+        tiles=per_slide("tiles/{slide_id}.parquet"),
     log:
         log_path("qc_table", "qc_table"),
     conda:

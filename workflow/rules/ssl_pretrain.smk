@@ -8,13 +8,15 @@ SSL_ARCHS = sorted({e[len("ssl:"):] for e in config["features"]["encoders"] if e
 
 rule train_ssl_encoder:
     input:
-        slides=per_slide("slides/{slide_id}.json"),
-        tiles=per_slide("tiles/{slide_id}.parquet"),
+        slides=slide_inputs("slides/{slide_id}.json"),
+        tiles=slide_inputs("tiles/{slide_id}.parquet"),
     output:
         checkpoint=out("ssl/{arch}/encoder.pt"),
         curve=out("ssl/{arch}/training.tsv"),
         plot=out("ssl/{arch}/training.png"),
     params:
+        slides=per_slide("slides/{slide_id}.json"),
+        tiles=per_slide("tiles/{slide_id}.parquet"),
         settings=config["ssl"],
         seed=config["seed"],
         default_mpp=config["features"]["mpp"],

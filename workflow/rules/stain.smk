@@ -7,8 +7,8 @@ STAIN_ON = config["stain"]["method"] != "none"
 
 rule fit_stain:
     input:
-        slides=per_slide("slides/{slide_id}.json"),
-        tiles=per_slide("tiles/{slide_id}.parquet"),
+        slides=slide_inputs("slides/{slide_id}.json"),
+        tiles=slide_inputs("tiles/{slide_id}.parquet"),
     output:
         stain=out("stain/stain.json"),
         reference=report(
@@ -17,6 +17,8 @@ rule fit_stain:
             category="2. Tiles and features",
         ),
     params:
+        slides=per_slide("slides/{slide_id}.json"),
+        tiles=per_slide("tiles/{slide_id}.parquet"),
         settings=config["stain"],
         seed=config["seed"],
         mpp=config["features"]["mpp"],

@@ -26,9 +26,30 @@ rule detect_tissue:
         "../scripts/detect_tissue.py"
 
 
+# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
+rule detect_tissue_batch:
+    input:
+        batch_input("detect_tissue"),
+    output:
+        manifest=batch_manifest("detect_tissue"),
+    params:
+        rule="detect_tissue",
+        jobs=batch_jobs("detect_tissue"),
+    log:
+        log_path("detect_tissue_batch", "{batch}"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=batch_minutes(3),
+    conda:
+        "../../envs/slides.yaml"
+    script:
+        "../scripts/slide_batch.py"
+
+
 rule tissue:
     input:
-        per_slide("tissue/{slide_id}.geojson"),
+        slide_inputs("tissue/{slide_id}.geojson"),
 
 
-TARGETS.extend(per_slide("tissue/{slide_id}.overlay.jpg"))
+TARGETS.extend(slide_inputs("tissue/{slide_id}.overlay.jpg"))

@@ -1,18 +1,4 @@
-from histoflow.lesions import lesions_for_slide
-from histoflow.logs import first_log, log_to
+from histoflow.slide_jobs import run_slide_job
 
-with log_to(first_log(snakemake)):
-    lesions_for_slide(
-        slide_id=snakemake.wildcards.slide_id,
-        source=snakemake.wildcards.source,
-        prob_paths=list(snakemake.input.probs),
-        slide_json=snakemake.input.slide,
-        annotations=snakemake.params.annotations,
-        slide_label=snakemake.params.label,
-        positive_label=snakemake.params.positive_label,
-        cohort_has_annotations=snakemake.params.cohort_has_annotations,
-        settings=snakemake.params.settings,
-        label_settings=snakemake.params.label_settings,
-        out_geojson=snakemake.output.geojson,
-        out_json=snakemake.output.record,
-    )
+# the step lives in histoflow.slide_jobs, shared with the batch rule detect_lesions_batch
+run_slide_job("detect_lesions", snakemake)

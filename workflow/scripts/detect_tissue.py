@@ -1,13 +1,4 @@
-from histoflow.logs import first_log, log_to
-from histoflow.tissue import detect_tissue_for_slide
+from histoflow.slide_jobs import run_slide_job
 
-with log_to(first_log(snakemake)):
-    detect_tissue_for_slide(
-        slide_json=snakemake.input.slide,
-        mask_png=snakemake.output.mask,
-        geojson_path=snakemake.output.geojson,
-        overlay_path=snakemake.output.overlay,
-        stats_json=snakemake.output.stats,
-        settings=snakemake.params.settings,
-        on_error=snakemake.params.on_error,
-    )
+# the step lives in histoflow.slide_jobs, shared with the batch rule detect_tissue_batch
+run_slide_job("detect_tissue", snakemake)

@@ -1,10 +1,4 @@
-from histoflow.logs import first_log, log_to
-from histoflow.tiling import export_tile_images
+from histoflow.slide_jobs import run_slide_job
 
-with log_to(first_log(snakemake)):
-    export_tile_images(
-        slide_json=snakemake.input.slide,
-        tiles_path=snakemake.input.tiles,
-        out_dir=snakemake.output.images,
-        image_format=snakemake.params.image_format,
-    )
+# the step lives in histoflow.slide_jobs, shared with the batch rule export_tile_images_batch
+run_slide_job("export_tile_images", snakemake)

@@ -3,8 +3,8 @@ from histoflow.stain import fit_stain_for_cohort
 
 with log_to(first_log(snakemake)):
     fit_stain_for_cohort(
-        slide_jsons=list(snakemake.input.slides),
-        tile_tables=list(snakemake.input.tiles),
+        slide_jsons=list(snakemake.params.slides),
+        tile_tables=list(snakemake.params.tiles),
         out_json=snakemake.output.stain,
         out_png=snakemake.output.reference,
         settings=snakemake.params.settings,

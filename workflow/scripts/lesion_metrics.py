@@ -3,7 +3,7 @@ from histoflow.logs import first_log, log_to
 
 with log_to(first_log(snakemake)):
     summarize_lesions(
-        slide_jsons=list(snakemake.input.records),
+        slide_jsons=list(snakemake.params.records),
         source=snakemake.wildcards.source,
         settings=snakemake.params.settings,
         out_metrics=snakemake.output.metrics,

@@ -1,14 +1,4 @@
-from histoflow.logs import first_log, log_to
-from histoflow.patch_labels import patch_labels_for_slide
+from histoflow.slide_jobs import run_slide_job
 
-with log_to(first_log(snakemake)):
-    patch_labels_for_slide(
-        slide_id=snakemake.wildcards.slide_id,
-        tiles_path=snakemake.input.tiles,
-        slide_json=snakemake.input.slide,
-        annotations=snakemake.params.annotations,
-        slide_label=snakemake.params.label,
-        positive_label=snakemake.params.positive_label,
-        settings=snakemake.params.settings,
-        out_path=snakemake.output.labels,
-    )
+# the step lives in histoflow.slide_jobs, shared with the batch rule patch_labels_batch
+run_slide_job("patch_labels", snakemake)

@@ -5,7 +5,7 @@ with log_to(first_log(snakemake)):
     write_slide_features(
         tile_prob_paths=list(snakemake.input.tile_probs),
         splits_path=snakemake.input.splits,
-        slide_jsons=list(snakemake.input.slides),
+        slide_jsons=list(snakemake.params.slides),
         out_path=snakemake.output.table,
         settings=snakemake.params.settings,
         source=snakemake.wildcards.source,

@@ -1,12 +1,4 @@
-from histoflow.logs import first_log, log_to
-from histoflow.slide_qc import write_slide_metadata
+from histoflow.slide_jobs import run_slide_job
 
-with log_to(first_log(snakemake)):
-    write_slide_metadata(
-        slide_id=snakemake.wildcards.slide_id,
-        manifest_path=snakemake.input.manifest,
-        out_path=snakemake.output.slide,
-        sheet_mpp=snakemake.params.sheet_mpp,
-        default_mpp=snakemake.params.default_mpp,
-        on_error=snakemake.params.on_error,
-    )
+# the step lives in histoflow.slide_jobs, shared with the batch rule slide_qc_batch
+run_slide_job("slide_qc", snakemake)

@@ -3,8 +3,8 @@ from histoflow.ssl import run_ssl_pretrain
 
 with log_to(first_log(snakemake)):
     run_ssl_pretrain(
-        slide_jsons=list(snakemake.input.slides),
-        tiles_paths=list(snakemake.input.tiles),
+        slide_jsons=list(snakemake.params.slides),
+        tiles_paths=list(snakemake.params.tiles),
         checkpoint=snakemake.output.checkpoint,
         curve_tsv=snakemake.output.curve,
         curve_png=snakemake.output.plot,

@@ -6,6 +6,6 @@ with log_to(first_log(snakemake)):
         model_path=snakemake.input.model,
         splits_path=snakemake.input.splits,
         fold=int(snakemake.wildcards.fold),
-        feature_paths=list(snakemake.input.features),
+        feature_paths=list(snakemake.params.features),
         out_path=snakemake.output.probs,
     )

@@ -4,7 +4,7 @@ from histoflow.mil.train import train_fold
 with log_to(first_log(snakemake)):
     train_fold(
         splits_tsv=snakemake.input.splits,
-        feature_paths=list(snakemake.input.features),
+        feature_paths=list(snakemake.params.features),
         model_name=snakemake.wildcards.model,
         fold=int(snakemake.wildcards.fold),
         settings=snakemake.params.settings,

@@ -5,8 +5,8 @@ with log_to(first_log(snakemake)):
     train_patch_classifier(
         splits_path=snakemake.input.splits,
         fold=int(snakemake.wildcards.fold),
-        feature_paths=list(snakemake.input.features),
-        label_paths=list(snakemake.input.labels),
+        feature_paths=list(snakemake.params.features),
+        label_paths=list(snakemake.params.labels),
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
         model_out=snakemake.output.model,

@@ -1,0 +1,157 @@
+"""Slide batches: the per-slide steps of many slides in one job, for cohorts of thousands.
+
+Snakemake plans ~2 ms per job and a SLURM job costs seconds of scheduling, so a 10,000-slide
+cohort cut into one job per slide and step (~70,000 jobs) takes minutes to plan and floods the
+queue. With `slides_per_job` > 1 each per-slide rule `<rule>` gets a twin `<rule>_batch`: one job
+per batch of consecutive sheet rows, running the same `histoflow.slide_jobs` step for each slide
+and writing the same per-slide files, plus a manifest `{outdir}/batches/<rule>/.../<batch>.json`
+that downstream rules depend on.
+
+A rerun of a batch job (a slide failed, the batch's membership or settings changed) redoes only
+the slides whose result is not current: after each slide, a stamp `.../done/<slide_id>.json`
+records a fingerprint of its inputs (paths, sizes, mtimes), params and outputs; a slide whose
+stamp matches and whose outputs are unchanged since is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import InputError
+from .slide_jobs import SLIDE_STEPS, SlideJob
+
+# `slides_per_job: auto`: one job per slide up to this many slides (small cohorts keep per-slide
+# reruns and per-slide report entries), else about AUTO_BATCHES batches per step
+AUTO_PER_SLIDE_MAX = 500
+AUTO_BATCHES = 250
+
+
+def slides_per_job(setting: int | str, n_slides: int) -> int:
+    """How many slides one job of a per-slide step takes (1 = a job per slide)."""
+    if setting == "auto":
+        return 1 if n_slides <= AUTO_PER_SLIDE_MAX else math.ceil(n_slides / AUTO_BATCHES)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise InputError(f"config slides_per_job: {setting!r} is not 'auto' or an integer >= 1")
+    return setting
+
+
+def batch_id(index: int) -> str:
+    return f"b{index:05d}"
+
+
+def slide_batches(slide_ids: Sequence[str], per_job: int) -> dict[str, list[str]]:
+    """Consecutive sheet rows in batches of `per_job` (the last may be smaller): with a fixed
+    `per_job`, appending slides to the sheet leaves every earlier batch as it was (with `auto`
+    the size grows every 250 slides; the slides' stamps then spare the work, not the jobs)."""
+    if per_job < 1:
+        raise ValueError("per_job must be >= 1")
+    return {batch_id(i // per_job): list(slide_ids[i:i + per_job]) for i in range(0, len(slide_ids), per_job)}
+
+
+def _stat(path: str) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ["missing"]
+    return ["dir"] if os.path.isdir(path) else [st.st_size, st.st_mtime_ns]
+
+
+def _paths(values: Iterable[Any]) -> list[str]:
+    out: list[str] = []
+    for value in values:
+        out.extend(str(v) for v in value) if isinstance(value, list) else out.append(str(value))
+    return out
+
+
+def fingerprint(rule: str, job: SlideJob) -> str:
+    """What a slide's result depends on: the step, its params, and its input files as they are now."""
+    payload = {"rule": rule, "wildcards": job.wildcards, "input": job.input, "output": job.output,
+               "params": job.params, "input_stat": {p: _stat(p) for p in _paths(job.input.values())}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _outputs_stat(job: SlideJob) -> dict[str, list[Any]]:
+    return {p: _stat(p) for p in _paths(job.output.values())}
+
+
+def is_current(stamp_path: Path, rule: str, job: SlideJob) -> bool:
+    """True when the slide's stamp matches its inputs and params and no output changed since."""
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    outputs = _outputs_stat(job)
+    return (stamp.get("fingerprint") == fingerprint(rule, job) and stamp.get("outputs") == outputs
+            and all(s != ["missing"] for s in outputs.values()))
+
+
+def _remove_outputs(job: SlideJob) -> None:
+    """What Snakemake does before a job runs: no stale output or log survives a redo."""
+    import shutil
+
+    for path in [*_paths(job.output.values()), *([job.log] if job.log else [])]:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: str | os.PathLike,
+                    log_path: str | os.PathLike | None = None, threads: int = 1) -> dict[str, Any]:
+    """Run step `rule` for each slide of a batch job (dicts of SlideJob fields, in sheet order).
+
+    Each slide logs to its own file, as in a per-slide job; the batch log gets the progress and
+    one line per slide. A failing slide does not stop the others (with `on_error: skip` the
+    steps record a skip themselves); after the last slide the batch fails, naming the failed
+    slides and their logs, without a manifest, and a rerun redoes only those (stamps).
+    """
+    from tqdm import tqdm
+
+    from .errors import HistoflowError
+    from .io import write_json
+    from .logs import log_to
+
+    step = SLIDE_STEPS[rule]
+    manifest_path = Path(manifest_path)
+    done_dir = manifest_path.parent / "done"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    records, failed = [], []
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path or os.devnull, "a", buffering=1) as log:
+        for fields in tqdm(jobs, desc=f"{rule} {manifest_path.stem}", unit="slide", file=log, mininterval=5):
+            job = SlideJob(**{**fields, "threads": threads})
+            stamp = done_dir / f"{job.slide_id}.json"
+            start = time.perf_counter()
+            reused = is_current(stamp, rule, job)
+            if not reused:
+                stamp.unlink(missing_ok=True)
+                _remove_outputs(job)
+                try:
+                    with log_to(job.log):
+                        step(job)
+                    missing = [p for p in _paths(job.output.values()) if not os.path.exists(p)]
+                    if missing:
+                        raise HistoflowError(f"slide {job.slide_id!r}: step {rule} did not write {missing[0]}")
+                except (Exception, SystemExit) as err:   # SystemExit: log_to's one-line HistoflowError
+                    failed.append(job)
+                    print(f"{job.slide_id}: FAILED ({err or type(err).__name__}; log: {job.log})", file=log)
+                    continue
+                write_json(stamp, {"fingerprint": fingerprint(rule, job), "outputs": _outputs_stat(job)})
+            seconds = round(time.perf_counter() - start, 3)
+            print(f"{job.slide_id}: {'reused (current)' if reused else f'done in {seconds} s'}", file=log)
+            records.append({"slide_id": job.slide_id, "reused": reused, "seconds": seconds,
+                            "outputs": job.output})
+    if failed:
+        names = ", ".join(f"{j.slide_id} (log: {j.log})" for j in failed[:5]) + (" ..." if len(failed) > 5 else "")
+        raise HistoflowError(f"{len(failed)} of {len(jobs)} slides failed in batch {manifest_path.stem} of "
+                             f"{rule}: {names}; the other slides are done and a rerun redoes only these")
+    manifest = {"rule": rule, "batch": manifest_path.stem, "slides": records}
+    write_json(manifest_path, manifest)
+    return manifest
