@@ -183,3 +183,15 @@ def test_a_deleted_per_slide_file_is_redone_by_its_batch_alone(batched):
     proc = snakemake(["qc"], configfile)
     check(proc)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_a_batch_job_never_asks_for_more_time_than_batch_max_runtime(batched):
+    """Partitions cap time limits: a batch asks for at most batch_max_runtime minutes (and resumes
+    after its last finished slide when it runs out)."""
+    _, configfile, _ = batched
+    proc = snakemake(["qc"], configfile, "-n", "--forceall", "--config", "batch_max_runtime=11")
+    check(proc)
+    jobs = [(m.group(1), m.group(2)) for block in (proc.stdout + proc.stderr).split("\n\n")
+            if (m := re.search(r"rule (\w+_batch):(?s:.*?)runtime=(\d+)", block))]
+    assert {rule for rule, _ in jobs} >= {"slide_qc_batch", "detect_tissue_batch", "tile_slide_batch"}
+    assert all(int(minutes) <= 11 for _, minutes in jobs) and any(int(m) == 11 for _, m in jobs), jobs

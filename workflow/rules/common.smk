@@ -343,10 +343,12 @@ def batch_jobs(rule_name):
 
 def batch_minutes(per_slide_minutes, fixed_minutes=10):
     """A batch job's time limit (min): its slides one after another at a generous per-slide
-    bound (a typical slide takes seconds), the start-up once, and more at each retry."""
+    bound (a typical slide takes seconds), the start-up once, and more at each retry; at most
+    config batch_max_runtime, since a batch that times out resumes at its retry (stamps)."""
 
     def runtime(wildcards, attempt):
-        return fixed_minutes + per_slide_minutes * len(BATCHES[wildcards.batch]) * attempt
+        wanted = fixed_minutes + per_slide_minutes * len(BATCHES[wildcards.batch]) * attempt
+        return min(wanted, config["batch_max_runtime"])
 
     return runtime
 
