@@ -139,9 +139,11 @@ def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: st
                     missing = [p for p in _paths(job.output.values()) if not os.path.exists(p)]
                     if missing:
                         raise HistoflowError(f"slide {job.slide_id!r}: step {rule} did not write {missing[0]}")
-                except (Exception, SystemExit) as err:   # SystemExit: log_to's one-line HistoflowError
-                    failed.append(job)
-                    print(f"{job.slide_id}: FAILED ({err or type(err).__name__}; log: {job.log})", file=log)
+                except (Exception, SystemExit) as err:
+                    # log_to turns a HistoflowError into SystemExit(1); the reason is its context
+                    cause = err.__context__ if isinstance(err, SystemExit) and err.__context__ else err
+                    failed.append((job, str(cause) or type(cause).__name__))
+                    print(f"{job.slide_id}: FAILED ({failed[-1][1]}; log: {job.log})", file=log)
                     continue
                 write_json(stamp, {"fingerprint": fingerprint(rule, job), "outputs": _outputs_stat(job)})
             seconds = round(time.perf_counter() - start, 3)
@@ -149,9 +151,10 @@ def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: st
             records.append({"slide_id": job.slide_id, "reused": reused, "seconds": seconds,
                             "outputs": job.output})
     if failed:
-        names = ", ".join(f"{j.slide_id} (log: {j.log})" for j in failed[:5]) + (" ..." if len(failed) > 5 else "")
+        names = ", ".join(f"{j.slide_id} (log: {j.log})" for j, _ in failed[:5]) + (" ..." if len(failed) > 5 else "")
         raise HistoflowError(f"{len(failed)} of {len(jobs)} slides failed in batch {manifest_path.stem} of "
-                             f"{rule}: {names}; the other slides are done and a rerun redoes only these")
+                             f"{rule}: {names}; first error: {failed[0][1]}; the other slides are done and "
+                             f"a rerun redoes only the failed ones")
     manifest = {"rule": rule, "batch": manifest_path.stem, "slides": records}
     write_json(manifest_path, manifest)
     return manifest

@@ -97,7 +97,8 @@ def test_a_rerun_redoes_only_slides_whose_input_settings_or_output_changed(tmp_p
 
 def test_a_failing_slide_fails_the_batch_after_the_others_and_the_rerun_redoes_only_it(tmp_path, echo_step):
     manifest = tmp_path / "batches" / "echo" / "b00000.json"
-    with pytest.raises(HistoflowError, match=r"1 of 4 slides failed in batch b00000 of echo: c \(log: "):
+    with pytest.raises(HistoflowError, match=r"1 of 4 slides failed in batch b00000 of echo: c \(log: .*"
+                                             r"first error: broken slide c"):
         run_slide_batch("echo", _jobs(tmp_path, ["a", "b", "c", "d"], fail_on="c"), manifest, tmp_path / "batch.log")
     assert not manifest.exists()                 # the batch is not complete, so not marked done
     assert echo_step == ["a", "b", "d"]          # the slides after the broken one still ran
@@ -109,6 +110,17 @@ def test_a_failing_slide_fails_the_batch_after_the_others_and_the_rerun_redoes_o
     run_slide_batch("echo", jobs, manifest)
     assert echo_step == ["c"]
     assert manifest.exists()
+
+
+def test_a_slide_failing_with_a_reason_names_it_in_the_batch_error(tmp_path, monkeypatch):
+    """A HistoflowError (bad input a user can fix) keeps its one-line reason up to the terminal."""
+    def picky(job: SlideJob) -> None:
+        raise InputError(f"slide {job.slide_id!r} has no µm/px; set the sheet's mpp column")
+
+    monkeypatch.setitem(SLIDE_STEPS, "picky", picky)
+    with pytest.raises(HistoflowError, match=r"first error: slide 'a' has no µm/px; set the sheet's mpp column"):
+        run_slide_batch("picky", _jobs(tmp_path, ["a"]), tmp_path / "m" / "b00000.json")
+    assert "has no µm/px" in (tmp_path / "logs" / "a.log").read_text()     # with its traceback
 
 
 def test_a_step_that_writes_no_output_fails_its_slide(tmp_path, monkeypatch):
@@ -145,7 +157,7 @@ def test_every_per_slide_rule_has_a_step_and_its_script_runs_it():
     """Per-slide rules and their batch twins run the same step (histoflow.slide_jobs)."""
     scripts = Path(__file__).resolve().parent.parent / "workflow" / "scripts"
     for rule in SLIDE_STEPS:
-        if rule in ("echo", "talk", "lazy"):
+        if rule in ("echo", "talk", "lazy", "picky"):
             continue
         assert f'run_slide_job("{rule}", snakemake)' in (scripts / f"{rule}.py").read_text(), rule
     assert set(SLIDE_STEPS) >= {"download_slide", "slide_qc", "detect_tissue", "tile_slide", "export_tile_images",
