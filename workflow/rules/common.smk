@@ -194,7 +194,10 @@ def _producer(path_pattern):
 def _slide_inputs(pattern):
     if not BATCHED:
         return _per_slide(out(pattern))
-    rule_name, extra = _producer(out(pattern))
+    producer = _producer(out(pattern))
+    if producer is None:
+        raise WorkflowError(f"slide_inputs({pattern!r}): no per-slide rule in SLIDE_RULES (common.smk) writes it")
+    rule_name, extra = producer
     return tuple(expand(batch_manifest(rule_name), batch=list(BATCHES), **{k: [v] for k, v in extra.items()}))
 
 
@@ -226,6 +229,9 @@ def _slide_rule(rule_name):
         if callable(item) and len(inspect.signature(item).parameters) != 1:
             raise WorkflowError(f"{rule_name}_batch needs params.{name} of {rule_name} to be a function "
                                 f"of the wildcards only")
+    for _, pattern in proxy.output.items():   # SLIDE_RULES must say where the rule writes
+        if (_producer(str(pattern)) or (None,))[0] != rule_name:
+            raise WorkflowError(f"{rule_name} writes {pattern}, outside its folder in SLIDE_RULES (common.smk)")
     return proxy
 
 
@@ -243,6 +249,43 @@ def _input_function_value(rule_name, item, slide_wildcards):
     return paths if isinstance(value, (list, tuple)) else paths[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _batch_slide_jobs(rule_name, batch_wildcards):
+    """Each slide's job in a batch job of <rule_name>_batch (wildcards, inputs, outputs, params,
+    log), exactly as the per-slide rule would get it; computed once per batch and shared by the
+    batch's input function, its params and its redo check."""
+    proxy = getattr(rules, rule_name)
+    found = []
+    for slide_wildcards in _batch_wildcards(Wildcards(fromdict=dict(batch_wildcards))):
+        plain = dict(slide_wildcards.items())
+
+        def value_of(item, paths):
+            # as Snakemake does it: input functions give paths with wildcards filled in,
+            # params functions are taken as they return, strings in the rule get wildcards
+            if callable(item) and paths:
+                return _input_function_value(rule_name, item, slide_wildcards)
+            if callable(item):
+                return item(slide_wildcards)
+            if isinstance(item, str):
+                return apply_wildcards(str(item), plain)
+            if isinstance(item, list):
+                return [apply_wildcards(str(v), plain) if isinstance(v, str) else v for v in item]
+            return item
+
+        found.append({
+            "wildcards": plain,
+            "input": {name: value_of(item, True) for name, item in proxy.input.items()},
+            "output": {name: apply_wildcards(str(item), plain) for name, item in proxy.output.items()},
+            "params": {name: value_of(item, False) for name, item in proxy.params.items()},
+            "log": apply_wildcards(str(proxy.log[0]), plain),
+        })
+    return tuple(found)
+
+
+def _jobs_of_batch(rule_name, wildcards):
+    return _batch_slide_jobs(rule_name, tuple(sorted(wildcards.items())))
+
+
 def batch_input(rule_name):
     """Input function of <rule_name>_batch: the per-slide rule's inputs for the batch's slides,
     where each per-slide file becomes the manifest of the batch job that writes it."""
@@ -250,6 +293,7 @@ def batch_input(rule_name):
 
     def inputs(wildcards):
         found = {}
+        jobs = _jobs_of_batch(rule_name, wildcards)
         for name, item in proxy.input.items():
             producer = None if callable(item) else _producer(str(item))
             if producer:   # e.g. slides/{slide_id}.json -> batches/slide_qc/{batch}.json
@@ -257,13 +301,10 @@ def batch_input(rule_name):
                 values = {k: apply_wildcards(v, dict(wildcards.items())) for k, v in extra.items()}
                 found[apply_wildcards(batch_manifest(upstream), {**values, "batch": wildcards.batch})] = None
                 continue
-            for slide_wildcards in _batch_wildcards(wildcards):   # cohort files: stain, fold tables, ...
-                if callable(item):
-                    value = _input_function_value(rule_name, item, slide_wildcards)
-                    found.update(dict.fromkeys(value if isinstance(value, list) else [value]))
-                else:
-                    found[apply_wildcards(str(item), dict(slide_wildcards.items()))] = None
-        found.update(dict.fromkeys(_redo_marker(proxy, rule_name, wildcards)))
+            for job in jobs:   # cohort files: stain, fold tables, checkpoints, ...
+                value = job["input"][name]
+                found.update(dict.fromkeys(value if isinstance(value, list) else [value]))
+        found.update(dict.fromkeys(_redo_marker(rule_name, wildcards, jobs)))
         return list(found)
 
     inputs.__name__ = f"batch_input_{rule_name}"
@@ -275,7 +316,7 @@ def _files_in(folder):
     return frozenset(os.listdir(folder)) if os.path.isdir(folder) else frozenset()
 
 
-def _redo_marker(proxy, rule_name, wildcards):
+def _redo_marker(rule_name, wildcards, jobs):
     """The redo marker a batch job waits for (rule redo_slide_batch, batches.smk), if any.
 
     Snakemake tracks a batch job by its manifest, so a per-slide file deleted by hand would go
@@ -294,9 +335,7 @@ def _redo_marker(proxy, rule_name, wildcards):
     generation = max(generations, default=0)
     newest = os.path.join(folder, f"{stem}.redo{generation}")
     if name in present:   # the batch ran: were any of its slides' files deleted since?
-        patterns = [str(item) for _, item in proxy.output.items()]
-        missing = any(not os.path.exists(apply_wildcards(pattern, dict(slide_wildcards.items())))
-                      for slide_wildcards in _batch_wildcards(wildcards) for pattern in patterns)
+        missing = any(not os.path.exists(path) for job in jobs for path in job["output"].values())
         # a marker newer than the manifest is a redo already under way (e.g. this is the SLURM
         # job's own Snakemake, planning the batch that the main process asked for): the same one
         pending = generation and os.stat(newest).st_mtime_ns > os.stat(manifest).st_mtime_ns
@@ -308,34 +347,10 @@ def _redo_marker(proxy, rule_name, wildcards):
 def batch_jobs(rule_name):
     """Params function of <rule_name>_batch: each slide's job (wildcards, inputs, outputs, params,
     log) exactly as the per-slide rule <rule_name> would get it."""
-    proxy = _slide_rule(rule_name)
+    _slide_rule(rule_name)
 
     def jobs(wildcards):
-        found = []
-        for slide_wildcards in _batch_wildcards(wildcards):
-            plain = dict(slide_wildcards.items())
-
-            def value_of(item, paths):
-                # as Snakemake does it: input functions give paths with wildcards filled in,
-                # params functions are taken as they return, strings in the rule get wildcards
-                if callable(item) and paths:
-                    return _input_function_value(rule_name, item, slide_wildcards)
-                if callable(item):
-                    return item(slide_wildcards)
-                if isinstance(item, str):
-                    return apply_wildcards(str(item), plain)
-                if isinstance(item, list):
-                    return [apply_wildcards(str(v), plain) if isinstance(v, str) else v for v in item]
-                return item
-
-            found.append({
-                "wildcards": plain,
-                "input": {name: value_of(item, True) for name, item in proxy.input.items()},
-                "output": {name: apply_wildcards(str(item), plain) for name, item in proxy.output.items()},
-                "params": {name: value_of(item, False) for name, item in proxy.params.items()},
-                "log": apply_wildcards(str(proxy.log[0]), plain),
-            })
-        return found
+        return list(_jobs_of_batch(rule_name, wildcards))
 
     jobs.__name__ = f"batch_jobs_{rule_name}"
     return cheap_input_function(jobs)
