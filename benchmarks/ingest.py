@@ -9,7 +9,10 @@
 * Each tool runs in fresh processes. A process reports its import time ("start-up") and its work
   time apart; peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. histoflow runs as the
   workflow runs it (one process per rule: slide_qc, then tissue, then tiles; work adds up, peak
-  RSS is the largest process) and, for comparison, with the three stages in one process.
+  RSS is the largest process) and, for comparison, with the three stages in one process. Its
+  start-up is what a rule script does before its step (``histoflow.slide_jobs.prepare_step``:
+  the step's declared imports, then process settings); its work is ``run_slide_job``, the
+  rule script's own call, log file included.
 * Both tile at 0.5 µm/px, 256 px, no overlap, min tissue coverage 0.1; hs2p segments with HSV.
 
 Prints a table and writes ``benchmarks/results/ingest.json``.
@@ -131,51 +134,56 @@ def histoflow_config(mask_mpp: float | None = None) -> dict:
     return {"tissue": cfg["tissue"], "tiling": cfg["tiling"]}
 
 
-# modules each stage imports lazily: importing them is start-up (each rule script is a fresh
-# process that pays for them before its first slide), not work
-STAGE_IMPORTS = {
-    "slide_qc": ("openslide", "PIL.Image"),
-    "tissue": ("openslide", "PIL.Image", "pyvips", "scipy.ndimage", "skimage.measure._find_contours", "shapely",
-               "tqdm"),
-    "tiles": ("PIL.Image", "PIL.ImageDraw", "pyarrow", "pyarrow.parquet"),
-}
-STAGES = tuple(STAGE_IMPORTS)
+STAGES = ("slide_qc", "tissue", "tiles")
+RULES = {"slide_qc": "slide_qc", "tissue": "detect_tissue", "tiles": "tile_slide"}
+
+
+def rule_job(stage: str, out: Path, cfg: dict):
+    """The ``snakemake`` object the stage's rule script gets (inputs, outputs, params, log), as
+    the workflow's rule files declare them for slide ``bench``."""
+    from types import SimpleNamespace as NS
+
+    f = lambda rel: str(out / rel)
+    if stage == "slide_qc":
+        io = dict(input=NS(manifest=f("downloads/bench.json")), output=NS(slide=f("slides/bench.json")),
+                  params=NS(sheet_mpp=MPP, default_mpp=None, on_error="fail"))
+    elif stage == "tissue":
+        io = dict(input=NS(slide=f("slides/bench.json")),
+                  output=NS(mask=f("tissue/bench.png"), geojson=f("tissue/bench.geojson"),
+                            overlay=f("tissue/bench.overlay.jpg"), stats=f("tissue/bench.json")),
+                  params=NS(settings=cfg["tissue"], on_error="fail"))
+    else:
+        io = dict(input=NS(slide=f("slides/bench.json"), mask=f("tissue/bench.png"), stats=f("tissue/bench.json"),
+                           overlay=f("tissue/bench.overlay.jpg")),
+                  output=NS(tiles=f("tiles/bench.parquet"), preview=f("tiles/bench.preview.jpg")),
+                  params=NS(settings=cfg["tiling"], seed=0, annotations=None, on_error="fail"))
+    return NS(wildcards=NS(slide_id="bench"), log=[f(f"logs/{RULES[stage]}/bench.log")], threads=1, **io)
 
 
 def worker_histoflow(slide: Path, out: Path, cfg: dict, stages: tuple[str, ...] = STAGES) -> dict:
-    """Run ``stages`` in this process, in order, exactly as the rules call them."""
+    """Run ``stages`` in this process, in order, exactly as the rule scripts run them: start-up is
+    importing histoflow and :func:`histoflow.slide_jobs.prepare_step` (the imports the step
+    declares), work is :func:`histoflow.slide_jobs.run_slide_job` (logging to the rule's log)."""
     t0 = time.perf_counter()
-    from histoflow import slide_qc, tiling, tissue
+    from histoflow import slide_jobs
     from histoflow.io import write_json
-    for module in sorted({m for stage in stages for m in STAGE_IMPORTS[stage]}):
-        importlib.import_module(module)
+    for stage in stages:
+        slide_jobs.prepare_step(RULES[stage])
     import_s = time.perf_counter() - t0
     timings = {}
     if "slide_qc" in stages:
         # the download stage hashes the file while fetching it; slide_qc reuses the manifest's md5
-        manifest = out / "downloads" / "bench.json"
-        write_json(manifest, {"slide_id": "bench", "status": "ok", "reason": None, "source_kind": "local",
-                              "source": str(slide), "path": str(slide), "md5": _md5(slide),
-                              "size_bytes": slide.stat().st_size, "download_seconds": 0.0, "attempts": 1})
+        write_json(out / "downloads" / "bench.json",
+                   {"slide_id": "bench", "status": "ok", "reason": None, "source_kind": "local",
+                    "source": str(slide), "path": str(slide), "md5": _md5(slide),
+                    "size_bytes": slide.stat().st_size, "download_seconds": 0.0, "attempts": 1})
+    for stage in stages:
+        job = rule_job(stage, out, cfg)
         t = time.perf_counter()
-        slide_qc.write_slide_metadata(slide_id="bench", manifest_path=manifest, out_path=out / "slides" / "bench.json",
-                                      sheet_mpp=MPP, default_mpp=None, on_error="fail")
-        timings["slide_qc"] = time.perf_counter() - t
-    if "tissue" in stages:
-        t = time.perf_counter()
-        tissue.detect_tissue_for_slide(out / "slides" / "bench.json", out / "tissue" / "bench.png",
-                                       out / "tissue" / "bench.geojson", out / "tissue" / "bench.overlay.jpg",
-                                       out / "tissue" / "bench.json", cfg["tissue"], on_error="fail")
-        timings["tissue"] = time.perf_counter() - t
+        slide_jobs.run_slide_job(RULES[stage], job)
+        timings[stage] = time.perf_counter() - t
     n_tiles = None
     if "tiles" in stages:
-        t = time.perf_counter()
-        # the tile_slide rule writes the table and draws its preview in the same job
-        tiling.tile_slide_with_preview(out / "slides" / "bench.json", out / "tissue" / "bench.png",
-                                       out / "tissue" / "bench.json", out / "tissue" / "bench.overlay.jpg",
-                                       out / "tiles" / "bench.parquet", out / "tiles" / "bench.preview.jpg",
-                                       cfg["tiling"], seed=0, annotations=None, on_error="fail")
-        timings["tiles"] = time.perf_counter() - t
         import pyarrow.parquet as pq
         n_tiles = pq.read_metadata(out / "tiles" / "bench.parquet").num_rows
     return {"import_s": import_s, "work_s": sum(timings.values()), "stages_s": timings, "n_tiles": n_tiles}

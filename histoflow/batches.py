@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import InputError
-from .slide_jobs import SLIDE_STEPS, SlideJob
+from .slide_jobs import SLIDE_STEPS, SlideJob, prepare_step
 
 # `slides_per_job: auto`: one job per slide up to this many slides (small cohorts keep per-slide
 # reruns and per-slide report entries), else about AUTO_BATCHES batches per step
@@ -118,6 +118,7 @@ def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: st
     from .logs import log_to
 
     step = SLIDE_STEPS[rule]
+    prepare_step(rule)
     manifest_path = Path(manifest_path)
     done_dir = manifest_path.parent / "done"
     done_dir.mkdir(parents=True, exist_ok=True)

@@ -29,75 +29,181 @@ def _ring_to_level0(contour: np.ndarray, scale_x: float, scale_y: float, offset:
     return np.column_stack(((cols + 0.5) * scale_x, (rows + 0.5) * scale_y))
 
 
+# Marching squares on a binary image, vectorised. A cell joins the centres of pixels (r, c),
+# (r, c+1), (r+1, c+1), (r+1, c) (clockwise: corner bits 1, 2, 4, 8); a contour crosses a cell
+# edge (clockwise: top, right, bottom, left) where its two pixels differ, at the edge's midpoint.
+# Each segment runs from an edge where the walk clockwise enters the mask to one where it leaves,
+# so the mask is always on the same side: outlines and holes come out with opposite orientations.
+# Saddle cells (two diagonal mask pixels) join the diagonal, as skimage's
+# ``find_contours(fully_connected="high")`` does: diagonal mask pixels are one region.
+
+def _marching_squares_table() -> np.ndarray:
+    """``table[case] = [from_edge, to_edge, from_edge2, to_edge2]`` (-1: no segment)."""
+    table = np.full((16, 4), -1, np.int64)
+    for case in range(16):
+        v = [(case >> k) & 1 for k in range(4)]
+        entering = [k for k in range(4) if not v[k] and v[(k + 1) % 4]]
+        leaving = [k for k in range(4) if v[k] and not v[(k + 1) % 4]]
+        if len(entering) == 1:
+            table[case, :2] = entering[0], leaving[0]
+        elif len(entering) == 2:        # saddle: pair each entry with the exit just before it
+            table[case] = entering[0], (entering[0] - 1) % 4, entering[1], (entering[1] - 1) % 4
+    return table
+
+
+_MS_TABLE = _marching_squares_table()
+
+
+def _crossing_keys(rows: np.ndarray, cols: np.ndarray, edges: np.ndarray, width: int) -> np.ndarray:
+    """A unique integer per crossing point: 2 * pixel index of the edge's first pixel, + 1 for the
+    vertical edges (between a pixel and the one below it)."""
+    r = rows + (edges == 2)                      # bottom edge: the top edge of the cell below
+    c = cols + (edges == 1)                      # right edge: the left edge of the cell to the right
+    return 2 * (r * width + c) + ((edges == 1) | (edges == 3))
+
+
+def contour_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closed marching-squares contours of a binary mask at level 0.5, vectorised.
+
+    Returns ``(coords, ring)``: vertices (row, col) as float (edge midpoints, so .5 on one axis)
+    in walking order without the closing repeat, and the ring index of each vertex. Vertices
+    in the middle of a straight run (horizontal, vertical or 45°) are dropped. The mask must
+    have a False border (pad it), so every contour is closed."""
+    m = np.asarray(mask, bool).view(np.uint8)
+    h, w = m.shape
+    case = m[:-1, :-1] | (m[:-1, 1:] << 1) | (m[1:, 1:] << 2) | (m[1:, :-1] << 3)
+    cells = np.flatnonzero((case != 0) & (case != 15))
+    if len(cells) == 0:
+        return np.zeros((0, 2)), np.zeros(0, np.int64)
+    kinds = _MS_TABLE[case.ravel()[cells]]
+    rows, cols = np.divmod(cells, w - 1)
+    second = kinds[:, 2] >= 0
+    rows = np.concatenate([rows, rows[second]])
+    cols = np.concatenate([cols, cols[second]])
+    src = np.concatenate([kinds[:, 0], kinds[second, 2]])
+    dst = np.concatenate([kinds[:, 1], kinds[second, 3]])
+    start = _crossing_keys(rows, cols, src, w)
+    end = _crossing_keys(rows, cols, dst, w)
+    # every crossing is the end of one segment and the start of the next
+    order = np.argsort(start, kind="stable")
+    nxt = order[np.searchsorted(start[order], end)]
+    n = len(start)
+    # pointer jumping: each ring's smallest segment index names it, and each segment's distance
+    # to the ring's last segment orders it; log2(n) passes of array operations, no Python loop
+    ring = np.arange(n)
+    jump = nxt.copy()
+    for _ in range(max(1, int(np.ceil(np.log2(n))) + 1)):
+        ring = np.minimum(ring, ring[jump])
+        jump = jump[jump]
+    last = nxt == ring                           # the segment before the ring's first one
+    succ = np.where(last, np.arange(n), nxt)
+    dist = (~last).astype(np.int64)
+    for _ in range(max(1, int(np.ceil(np.log2(n))) + 1)):
+        dist = dist + dist[succ]
+        succ = succ[succ]
+    walk = np.lexsort((-dist, ring))             # ring by ring, from its first segment on
+    key = start[walk]
+    ring = ring[walk]
+    vertical = (key & 1).astype(bool)
+    pixel = key >> 1
+    pr, pc = np.divmod(pixel, w)
+    coords = np.column_stack([pr + 0.5 * vertical, pc + 0.5 * ~vertical])
+    # drop vertices where the direction does not change (cyclically within each ring)
+    first = np.r_[True, ring[1:] != ring[:-1]]
+    starts = np.flatnonzero(first)
+    length = np.diff(np.r_[starts, len(ring)])
+    pos = np.arange(len(ring)) - np.repeat(starts, length)
+    base = np.repeat(starts, length)
+    prev = base + (pos - 1) % np.repeat(length, length)
+    foll = base + (pos + 1) % np.repeat(length, length)
+    turn = np.any((coords - coords[prev]) != (coords[foll] - coords), axis=1)
+    return coords[turn], ring[turn]
+
+
 def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0, min_area_px: float = 0.0,
                      simplify_px: float = 0.25) -> list:
     """Polygons (shapely, with holes) outlining the True pixels of ``mask``, in level-0 px.
 
     ``scale_x``/``scale_y``: level-0 px per mask px. ``min_area_px``: drop regions and holes
     smaller than this many mask pixels. ``simplify_px``: Douglas-Peucker tolerance in mask px
-    (0.25 drops the collinear vertices find_contours puts on every pixel edge while keeping
-    the outline within a quarter pixel; 0 keeps every vertex). Regions inside holes become separate polygons. Order is deterministic
-    (largest first).
+    (0.25 keeps the outline within a quarter pixel of the marching-squares contour; 0 keeps
+    every corner). Diagonally touching pixels are one region; regions inside holes become
+    separate polygons. Order is deterministic (largest first).
     """
-    from shapely import STRtree
-    from shapely.geometry import Polygon
-    from shapely.validation import make_valid
-    from skimage.measure import find_contours
+    import shapely
 
     mask = np.asarray(mask).astype(bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     if not mask.any():
         return []
-    # trace only the bounding box of the True pixels (find_contours' cost is per pixel scanned;
-    # tissue is often a fraction of the glass), padded so regions touching it give closed contours
+    # trace only the bounding box of the True pixels, padded so every contour closes
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     r0, c0 = int(rows[0]), int(cols[0])
-    padded = np.pad(mask[r0:int(rows[-1]) + 1, c0:int(cols[-1]) + 1], 1).astype(np.uint8)
-    shift = np.array([r0 - 1.0, c0 - 1.0])
-    rings = []
-    for contour in find_contours(padded, 0.5, fully_connected="high"):
-        if len(contour) < 4:
-            continue
-        ring = Polygon(_ring_to_level0(contour + shift, 1.0, 1.0, 0.0))  # still in mask px here
-        if simplify_px > 0:
-            ring = ring.simplify(simplify_px, preserve_topology=True)
-        if not ring.is_valid:
-            ring = make_valid(ring)
-            ring = max(getattr(ring, "geoms", [ring]), key=lambda g: g.area if g.geom_type == "Polygon" else 0)
-            if ring.geom_type != "Polygon":
-                continue
-        if ring.area <= 0 or ring.area < min_area_px:
-            continue
-        rings.append(Polygon(ring.exterior))
-    # Nesting depth by containment: even depth = region outline, odd = hole of its parent.
-    rings.sort(key=lambda r: -r.area)
-    # the spatial index keeps this fast for masks with thousands of regions (heatmaps)
-    tree = STRtree(rings)
-    parent: list[int | None] = []
-    depth: list[int] = []
-    for i, ring in enumerate(rings):
-        # outlines never cross, so one interior point decides containment; the enclosing ring
-        # is the smallest one (latest in area order) before i that contains it
-        hits = [int(j) for j in tree.query(ring.representative_point(), predicate="within") if j < i]
-        p = max(hits) if hits else None
-        parent.append(p)
-        depth.append(0 if p is None else depth[p] + 1)
-    holes: dict[int, list] = {}
-    for i, p in enumerate(parent):
-        if depth[i] % 2 == 1:
-            holes.setdefault(p, []).append(rings[i])
+    padded = np.pad(mask[r0:int(rows[-1]) + 1, c0:int(cols[-1]) + 1], 1)
+    coords, ring = contour_rings(padded)
+    # (x, y) in mask px with pixel i spanning [i, i + 1): contour through pixel centres + 0.5
+    xy = np.column_stack([coords[:, 1] + (c0 - 1 + 0.5), coords[:, 0] + (r0 - 1 + 0.5)])
+    _, ring = np.unique(ring, return_inverse=True)
+    rings = shapely.polygons(shapely.linearrings(xy, indices=ring))
+    # which side the mask is on: a ring's orientation (shoelace sign) tells outline from hole
+    signed = _signed_areas(xy, ring, len(rings))
+    if simplify_px > 0:
+        simple = shapely.simplify(rings, simplify_px, preserve_topology=False)
+        bad = ~shapely.is_valid(simple) | shapely.is_empty(simple)
+        if bad.any():   # rare: a simplified outline touching itself; the slower, safe variant
+            simple[bad] = shapely.simplify(rings[bad], simplify_px, preserve_topology=True)
+        rings = simple
+    rings = np.array([_largest_polygon(r) for r in rings], dtype=object)
+    areas = np.array([0.0 if r is None else r.area for r in rings])
+    keep = (areas > 0) & (areas >= min_area_px)
+    outline = keep & (signed < 0)        # mask on the walk's left: clockwise on screen (y down)
+    holes = np.flatnonzero(keep & (signed > 0))
+    outlines = np.flatnonzero(outline)
+    hole_lists: dict[int, list] = {int(i): [] for i in outlines}
+    if len(holes) and len(outlines):
+        # a hole belongs to the smallest outline around it (contours never cross nor touch): one
+        # of its own vertices decides, as a point inside the hole could lie on an island in it
+        tree = shapely.STRtree(list(rings[outlines]))
+        points = shapely.get_point(shapely.get_exterior_ring(list(rings[holes])), 0)
+        which, hit = tree.query(points, predicate="within")
+        best = {}
+        for h, o in zip(which.tolist(), outlines[hit].tolist()):
+            if areas[o] > areas[holes[h]] and (h not in best or areas[o] < areas[best[h]]):
+                best[h] = o
+        for h in sorted(best):
+            hole_lists[best[h]].append(rings[holes[h]].exterior)
     out = []
-    for i, ring in enumerate(rings):
-        if depth[i] % 2 == 0:
-            poly = Polygon(ring.exterior.coords, [h.exterior.coords for h in holes.get(i, [])])
-            if not poly.is_valid:
-                poly = make_valid(poly)
-                poly = max(getattr(poly, "geoms", [poly]), key=lambda g: g.area if g.geom_type == "Polygon" else 0)
-            if poly.geom_type == "Polygon" and poly.area > 0:
-                out.append(_scale(poly, scale_x, scale_y))
-    out.sort(key=lambda p: (-p.area, p.bounds))
-    return out
+    for i in outlines.tolist():
+        poly = shapely.Polygon(rings[i].exterior, hole_lists[i]) if hole_lists[i] else rings[i]
+        if not poly.is_valid:
+            poly = _largest_polygon(shapely.make_valid(poly))
+        if poly is not None and poly.area > 0:
+            out.append(poly)
+    if not out:
+        return []
+    scaled = shapely.transform(np.array(out, dtype=object), lambda c: c * np.array([scale_x, scale_y]))
+    return sorted(scaled.tolist(), key=lambda p: (-p.area, p.bounds))
+
+
+def _signed_areas(xy: np.ndarray, ring: np.ndarray, n: int) -> np.ndarray:
+    """Shoelace area of each ring (vertices in order, ring ids 0..n-1 in runs), signed."""
+    starts = np.flatnonzero(np.r_[True, ring[1:] != ring[:-1]])
+    nxt = np.arange(len(ring)) + 1
+    ends = np.r_[starts[1:], len(ring)] - 1
+    nxt[ends] = starts
+    cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1]
+    return np.bincount(ring, weights=cross, minlength=n) / 2
+
+
+def _largest_polygon(geom):
+    """``geom`` if it is a Polygon, else its largest Polygon part, else None."""
+    if geom is None or geom.is_empty:
+        return None
+    if geom.geom_type == "Polygon":
+        return geom
+    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type == "Polygon"]
+    return max(parts, key=lambda g: g.area) if parts else None
 
 
 def _scale(poly, scale_x: float, scale_y: float):

@@ -118,3 +118,50 @@ def read_level_downsampled(slide, level: int, factor: int, background: int = 255
         n_holes = holes.reshape(bh, factor, bw, factor).sum(axis=(1, 3), dtype=np.uint32)
         scanned[oy:oy + bh, ox:ox + bw] = 2 * n_holes <= n     # scanned where >= half the block is
     return rgb, scanned
+
+
+# OpenSlide vendors whose pyramid levels are whole TIFF pages that libvips decodes to the same
+# pixels (checked pixel for pixel in tests/test_slide_read.py on generic TIFF and Aperio SVS).
+# Others (NDPI, MRXS, DICOM, Ventana's overlapping tiles, ...) always go through OpenSlide.
+TIFF_PAGE_VENDORS = ("generic-tiff", "aperio")
+
+
+def _tiff_page_of_level(path: str, vendor: str, level_dimensions, level: int):
+    """The libvips image of the TIFF page holding OpenSlide ``level``, or None. Generic TIFF
+    levels are pages 0, 1, 2, ...; an Aperio SVS puts its thumbnail second, so its level k > 0
+    is usually page k + 1. Only the candidate pages are opened (opening a page walks the TIFF
+    directories before it, ~6 ms each on a large slide), and the page must be tiled and have
+    OpenSlide's size for that level."""
+    import pyvips
+
+    width, height = (int(v) for v in level_dimensions[level])
+    candidates = [level] if vendor == "generic-tiff" or level == 0 else [level + 1, level]
+    for page in candidates:
+        try:
+            image = pyvips.Image.tiffload(path, page=page)
+        except pyvips.Error:          # no such page
+            continue
+        if (image.width, image.height) == (width, height) and "tile-width" in image.get_fields():
+            return image
+    return None
+
+
+def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dimensions, level: int
+                          ) -> tuple[np.ndarray, np.ndarray] | None:
+    """A whole (small) pyramid level as ``(rgb uint8, scanned bool)`` decoded by libvips, or
+    None when the slide is not a plain tiled TIFF pyramid (the caller then reads with OpenSlide).
+
+    Why: the tissue mask needs one whole low-resolution level; libvips decodes its JPEG tiles
+    3-5x faster than ``openslide.read_region`` composites them (25 vs 60-90 ms for a 1562 x 1250
+    level), with identical pixels for the vendors in :data:`TIFF_PAGE_VENDORS`. Callers use it
+    only for levels they would read whole anyway (never level 0 of a large slide)."""
+    if vendor not in TIFF_PAGE_VENDORS or not level_dimensions or not 0 <= level < len(level_dimensions):
+        return None
+    try:
+        image = _tiff_page_of_level(str(path), vendor, level_dimensions, level)
+        if image is None or image.bands != 3 or image.format != "uchar":
+            return None
+        rgb = image.numpy().reshape(image.height, image.width, 3)
+    except Exception:   # a libvips decode error: OpenSlide reads it and reports it clearly
+        return None
+    return rgb, np.ones(rgb.shape[:2], bool)

@@ -219,17 +219,27 @@ def box_fractions(table: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndar
 
 def _sparse_integral(mask: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The summed-area table at the given sorted integer columns/rows only (each list starting at
-    0): one banded reduction over the mask instead of two full cumulative sums (~5x faster)."""
+    0): the mask is first summed in bands of rows (contiguous memory, one pass), then the small
+    band table is accumulated, instead of two full cumulative sums over the mask."""
     m = mask.view(np.uint8) if mask.dtype == bool else (mask > 0).astype(np.uint8)
     table = np.zeros((len(rows), len(cols)), dtype=np.int64)
     if len(cols) < 2 or len(rows) < 2:
         return table
-    # reduceat sums m[:, cols[k]:cols[k+1]] (strictly increasing cols: no empty-band quirk)
-    bands = np.add.reduceat(m, cols[:-1], axis=1, dtype=np.int32)
-    prefix = np.cumsum(bands, axis=1, dtype=np.int64)                  # S-rows at cols[1:]
-    row_bands = np.add.reduceat(prefix, rows[:-1], axis=0)
-    table[1:, 1:] = np.cumsum(row_bands, axis=0)
+    # band k = m[rows[k]:rows[k+1]] summed down its columns; a loop of contiguous sums is ~4x
+    # faster than np.add.reduceat along axis 0 with a widening dtype
+    bands = np.empty((len(rows) - 1, m.shape[1]), np.int32)
+    for k in range(len(rows) - 1):
+        np.sum(m[rows[k]:rows[k + 1]], axis=0, dtype=np.int32, out=bands[k])
+    blocks = np.add.reduceat(bands, cols[:-1], axis=1)                  # (len(rows) - 1, len(cols) - 1)
+    table[1:, 1:] = np.cumsum(np.cumsum(blocks, axis=0, dtype=np.int64), axis=1)
     return table
+
+
+def _present(values: np.ndarray, size: int) -> np.ndarray:
+    """The distinct values (0..size) of an integer array, sorted: a presence table, O(n)."""
+    seen = np.zeros(size + 1, bool)
+    seen[values] = True
+    return np.flatnonzero(seen)
 
 
 def tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, x: np.ndarray, y: np.ndarray,
@@ -247,16 +257,19 @@ def tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, x: np.nda
         return np.zeros(len(x))
     us = np.clip(np.concatenate([x / scale_x, (x + size0_x) / scale_x]), 0.0, w)
     vs = np.clip(np.concatenate([y / scale_y, (y + size0_y) / scale_y]), 0.0, h)
-    j0 = np.minimum(np.floor(us).astype(np.int64), w - 1)
-    i0 = np.minimum(np.floor(vs).astype(np.int64), h - 1)
-    cols = np.unique(np.concatenate([[0, w], j0, j0 + 1]))
-    rows = np.unique(np.concatenate([[0, h], i0, i0 + 1]))
+    j0 = np.minimum(us.astype(np.int64), w - 1)          # floor: us, vs are >= 0
+    i0 = np.minimum(vs.astype(np.int64), h - 1)
+    cols = _present(np.concatenate([[0, w], j0, j0 + 1]), w)
+    rows = _present(np.concatenate([[0, h], i0, i0 + 1]), h)
     table = _sparse_integral(mask, cols, rows)
+    # position of every mask column/row in `cols`/`rows` (a lookup table instead of searchsorted)
+    col_at = np.zeros(w + 1, np.int64)
+    col_at[cols] = np.arange(len(cols))
+    row_at = np.zeros(h + 1, np.int64)
+    row_at[rows] = np.arange(len(rows))
 
-    def at(u, v):
-        j = np.minimum(np.floor(u).astype(np.int64), w - 1)
-        i = np.minimum(np.floor(v).astype(np.int64), h - 1)
-        cj, ri = np.searchsorted(cols, j), np.searchsorted(rows, i)
+    def at(u, j, v, i):
+        cj, ri = col_at[j], row_at[i]
         a, b = u - j, v - i
         s00 = table[ri, cj].astype(np.float64)
         s01, s10, s11 = table[ri, cj + 1], table[ri + 1, cj], table[ri + 1, cj + 1]
@@ -264,7 +277,8 @@ def tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, x: np.nda
 
     n = len(x)
     u0, u1, v0, v1 = us[:n], us[n:], vs[:n], vs[n:]
-    inside = at(u1, v1) - at(u0, v1) - at(u1, v0) + at(u0, v0)
+    j_0, j_1, i_0, i_1 = j0[:n], j0[n:], i0[:n], i0[n:]
+    inside = at(u1, j_1, v1, i_1) - at(u0, j_0, v1, i_1) - at(u1, j_1, v0, i_0) + at(u0, j_0, v0, i_0)
     area = (float(size0_x) / scale_x) * (float(size0_y) / scale_y)  # whole tile, even beyond the mask
     return np.clip(inside / area, 0.0, 1.0) if area > 0 else np.zeros(n)
 
@@ -502,7 +516,7 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
     mpp_y = mpp_y or mpp_x
     try:
         with Image.open(mask_png) as img:
-            mask = np.asarray(img.convert("L")) > 127
+            mask = np.asarray(img if img.mode == "L" else img.convert("L")) > 127
         scale_x = float(tissue.get("scale_x") or meta["width"] / mask.shape[1])
         scale_y = float(tissue.get("scale_y") or meta["height"] / mask.shape[0])
         geom = load_annotations(annotations, slide_id)
@@ -655,63 +669,109 @@ def _preview_columns(tiles) -> dict[str, np.ndarray]:
     return out
 
 
+def _outline_pixels(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, box index) of the 1 px outlines of boxes [x0, x1] x [y0, y1] (inclusive),
+    box by box in order (top, bottom, left, right): drawing them in one fancy-index assignment
+    lets a later box overwrite a shared edge, as drawing them one by one would."""
+    n = len(x0)
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    # per box and side: start (col, row), step (dcol, drow), length
+    sc = np.stack([x0, x0, x0, x1], axis=1).ravel()
+    sr = np.stack([y0, y1, y0, y0], axis=1).ravel()
+    dc = np.tile(np.array([1, 1, 0, 0]), n)
+    dr = np.tile(np.array([0, 0, 1, 1]), n)
+    length = np.stack([w, w, h, h], axis=1).ravel()
+    total = int(length.sum())
+    starts = np.repeat(np.cumsum(length) - length, length)
+    step = np.arange(total) - starts
+    rows = np.repeat(sr, length) + np.repeat(dr, length) * step
+    cols = np.repeat(sc, length) + np.repeat(dc, length) * step
+    return rows, cols, np.repeat(np.arange(n), 2 * (w + h))
+
+
+def _filled_boxes(shape: tuple[int, int], x0, y0, x1, y1) -> np.ndarray:
+    """Boolean image, True inside any box [x0, x1] x [y0, y1] (inclusive, clipped): a 2-D
+    difference array and two cumulative sums, whatever the number of boxes."""
+    h, w = shape
+    x0, y0 = np.clip(x0, 0, w), np.clip(y0, 0, h)
+    x1, y1 = np.clip(x1 + 1, 0, w), np.clip(y1 + 1, 0, h)
+    ok = (x1 > x0) & (y1 > y0)
+    diff = np.zeros((h + 1, w + 1), np.int32)
+    for rr, cc, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(diff, (rr[ok], cc[ok]), sign)
+    return np.cumsum(np.cumsum(diff, axis=0), axis=1)[:h, :w] > 0
+
+
 def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, max_px: int = 1600) -> np.ndarray:
     """The tile grid over a slide thumbnail, one panel per resolution (uint8 RGB): outlines
     coloured by tissue fraction (viridis), tiles on annotations tinted red. ``background`` covers
     the whole slide (``width x height`` level-0 px); ``tiles``: a tiles table (pyarrow Table or
-    pandas DataFrame)."""
+    pandas DataFrame). Drawn with array operations (a slide has thousands of tiles)."""
     from PIL import Image, ImageDraw
 
-    bg = Image.fromarray(np.asarray(background, np.uint8)).convert("RGB")
-    scale = min(1.0, max_px / max(bg.size)) if max(bg.size) else 1.0
+    base = np.asarray(background, np.uint8)
+    if base.ndim == 2:
+        base = np.repeat(base[..., None], 3, axis=2)
+    base = base[..., :3]
+    scale = min(1.0, max_px / max(base.shape[:2])) if max(base.shape[:2]) else 1.0
     if scale < 1.0:
+        bg = Image.fromarray(np.ascontiguousarray(base))
         bg = bg.resize((max(1, int(bg.width * scale)), max(1, int(bg.height * scale))), Image.Resampling.BILINEAR)
-    sx, sy = bg.width / max(width, 1), bg.height / max(height, 1)
+        base = np.asarray(bg)
+    ph, pw = base.shape[:2]
+    sx, sy = pw / max(width, 1), ph / max(height, 1)
     cols = _preview_columns(tiles)
     mpps = list(dict.fromkeys(cols["target_mpp"].tolist())) or [None]
     panels = []
     for mpp in mpps:
-        panel = bg.copy()
-        tint = Image.new("RGBA", panel.size, (0, 0, 0, 0))
-        draw, tint_draw = ImageDraw.Draw(panel), ImageDraw.Draw(tint)
+        panel = base.copy()
         sel = np.ones(len(cols["x"]), bool) if mpp is None else cols["target_mpp"] == mpp
         n_sel = int(sel.sum())
         if n_sel:
             x, y, size0 = cols["x"][sel], cols["y"][sel], cols["size0"][sel]
-            x0 = (x * sx).astype(int)
-            y0 = (y * sy).astype(int)
-            x1 = ((x + size0) * sx).astype(int) - 1
-            y1 = ((y + size0) * sy).astype(int) - 1
-            colours = viridis(cols["tissue_fraction"][sel])
+            x0 = (x * sx).astype(np.int64)
+            y0 = (y * sy).astype(np.int64)
+            x1 = np.maximum(((x + size0) * sx).astype(np.int64) - 1, x0)
+            y1 = np.maximum(((y + size0) * sy).astype(np.int64) - 1, y0)
+            colours = viridis(cols["tissue_fraction"][sel]).astype(np.uint8)
+            rows, cc, box = _outline_pixels(x0, y0, x1, y1)
+            inside = (rows >= 0) & (rows < ph) & (cc >= 0) & (cc < pw)
+            panel[rows[inside], cc[inside]] = colours[box[inside]]
             lesion = np.nan_to_num(cols["annotation_fraction"][sel].astype(np.float64)) > 0
-            for i in range(n_sel):  # drawing only: thousands of rectangles take milliseconds
-                if lesion[i]:
-                    tint_draw.rectangle((x0[i], y0[i], x1[i], y1[i]), fill=(255, 0, 0, 90))
-                draw.rectangle((x0[i], y0[i], max(x0[i], x1[i]), max(y0[i], y1[i])), outline=tuple(colours[i]))
-        panel = Image.alpha_composite(panel.convert("RGBA"), tint).convert("RGB")
+            if lesion.any():  # red at 90/255 opacity over the tiles on annotations
+                tint = _filled_boxes((ph, pw), x0[lesion], y0[lesion], x1[lesion], y1[lesion])
+                alpha = 90 / 255
+                panel[tint] = (panel[tint] * (1 - alpha) + np.array([255, 0, 0]) * alpha + 0.5).astype(np.uint8)
         # PIL's default font is ASCII only: "um/px"
         label = ("no tiles" if mpp is None else
                  f"{mpp:g} um/px: {n_sel} tiles (outline: tissue fraction, viridis; red: on annotations)")
-        header = Image.new("RGB", (panel.width, 18), (255, 255, 255))
+        header = Image.new("RGB", (pw, 18), (255, 255, 255))
         ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
-        framed = Image.new("RGB", (panel.width, panel.height + 18), (255, 255, 255))
-        framed.paste(header, (0, 0))
-        framed.paste(panel, (0, 18))
-        panels.append(framed)
+        panels.append(np.concatenate([np.asarray(header), panel], axis=0))
     gap = 8
-    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), max(p.height for p in panels)),
-                    (255, 255, 255))
+    out = np.full((ph + 18, sum(p.shape[1] for p in panels) + gap * (len(panels) - 1), 3), 255, np.uint8)
     offset = 0
     for p in panels:
-        out.paste(p, (offset, 0))
-        offset += p.width + gap
-    return np.asarray(out)
+        out[:, offset:offset + p.shape[1]] = p
+        offset += p.shape[1] + gap
+    return out
 
 
-def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1600) -> None:
+def _read_overlay(overlay_jpg) -> np.ndarray | None:
+    from PIL import Image
+
+    if not overlay_jpg or not Path(overlay_jpg).exists():
+        return None
+    with Image.open(overlay_jpg) as img:
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1600,
+                       background: np.ndarray | None = None) -> None:
     """The tile grid drawn over the tissue overlay (for the report and for a quick look at what
     will be extracted). ``tiles``: the tiles Parquet's path, or the table itself. A skipped slide
-    gets a small blank image."""
+    gets a small blank image. ``background``: the overlay, when the caller has read it already."""
     from PIL import Image
 
     meta = read_json(slide_json)
@@ -720,10 +780,10 @@ def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1
 
         tiles = pq.read_table(tiles)
     width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
-    background = None
-    if meta.get("status") == "ok" and overlay_jpg and Path(overlay_jpg).exists() and width and height:
-        with Image.open(overlay_jpg) as img:
-            background = np.asarray(img.convert("RGB"))
+    if meta.get("status") != "ok" or not width or not height:
+        background = None
+    elif background is None:
+        background = _read_overlay(overlay_jpg)
     if background is None:
         background = np.full((256, 256, 3), 255, np.uint8)
         width = width or 256
@@ -739,6 +799,13 @@ def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_
     """Rule `tile_slide`: the tile table, then its preview. One job per slide rather than two:
     a 10,000-slide cohort has 10,000 fewer jobs to plan and submit, and a cluster group of
     per-slide rules (whose check in Snakemake grows with the square of its size) stays small."""
-    stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations, on_error)
-    write_tile_preview(slide_json, table, overlay_jpg, preview_path)   # the table in hand, not read back
+    from concurrent.futures import ThreadPoolExecutor
+
+    # the overlay JPEG decodes (GIL released) while the grid is computed
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        overlay = pool.submit(_read_overlay, overlay_jpg)
+        stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations,
+                                   on_error)
+        background = overlay.result()
+    write_tile_preview(slide_json, table, overlay_jpg, preview_path, background=background)  # the table in hand
     return stats

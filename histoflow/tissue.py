@@ -24,7 +24,8 @@ import numpy as np
 
 from .errors import HistoflowError, InputError, SlideError
 from .io import atomic_path, read_json, write_json
-from .slide import best_level_for_mpp, nearest_level_for_mpp, open_slide, read_level_downsampled
+from .slide import (best_level_for_mpp, nearest_level_for_mpp, open_slide, read_level_downsampled,
+                    read_whole_level_fast)
 
 log = logging.getLogger("histoflow.tissue")
 
@@ -171,12 +172,23 @@ def otsu(values: np.ndarray) -> float:
     if float(hi) - float(lo) < 1e-6:
         return float(hi)
     if np.issubdtype(values.dtype, np.integer) and int(hi) - int(lo) < 65536:
-        hist = np.bincount((values - lo).astype(np.intp), minlength=int(hi) - int(lo) + 1).astype(np.float64)
-        centers = np.arange(int(lo), int(hi) + 1, dtype=np.float64)
-    else:
-        hist, edges = np.histogram(values, bins=256, range=(float(lo), float(hi)))
-        hist = hist.astype(np.float64)
-        centers = (edges[:-1] + edges[1:]) / 2
+        hist = np.bincount((values - lo).astype(np.intp), minlength=int(hi) - int(lo) + 1)
+        return otsu_of_histogram(hist, np.arange(int(lo), int(hi) + 1, dtype=np.float64))
+    hist, edges = np.histogram(values, bins=256, range=(float(lo), float(hi)))
+    return otsu_of_histogram(hist, (edges[:-1] + edges[1:]) / 2)
+
+
+def otsu_of_histogram(hist: np.ndarray, centers: np.ndarray) -> float:
+    """Otsu threshold from a histogram (counts per bin, bin centres): the centre maximising the
+    between-class variance; the only occupied centre when one bin holds everything."""
+    hist = np.asarray(hist, np.float64)
+    occupied = np.flatnonzero(hist)
+    if len(occupied) == 0:
+        return 0.0
+    if len(occupied) == 1:
+        return float(centers[occupied[0]])
+    # trim empty bins at both ends: the same threshold as over the sample's own range
+    hist, centers = hist[occupied[0]:occupied[-1] + 1], np.asarray(centers, np.float64)[occupied[0]:occupied[-1] + 1]
     w1 = np.cumsum(hist)
     w2 = np.cumsum(hist[::-1])[::-1]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -186,24 +198,44 @@ def otsu(values: np.ndarray) -> float:
     return float(centers[int(np.nanargmax(between))])
 
 
+def plane_histogram(plane: np.ndarray, sample: np.ndarray | None = None) -> np.ndarray:
+    """256-bin histogram of a uint8 plane over the pixels where ``sample`` is True (all when
+    None). libvips counts the whole plane (one threaded pass, no copy); the few pixels left out
+    of the sample (ink, unscanned areas) are subtracted."""
+    plane = np.ascontiguousarray(plane, np.uint8)
+    if plane.size == 0:
+        return np.zeros(256, np.int64)
+    hist = _numpy(_vips(plane).hist_find()).reshape(-1).astype(np.int64)
+    if sample is not None:
+        left_out = ~np.asarray(sample, bool)
+        if left_out.any():
+            hist -= np.bincount(plane[left_out], minlength=256)
+    return hist
+
+
 def majority(mask: np.ndarray, size: int) -> np.ndarray:
     """Median filter of a binary mask (``size`` x ``size``, edges replicated): True where more
     than half the window is. Median filtering commutes with thresholding, so
     ``majority(x > t) == median(x) > t``: a grey-level median followed by a threshold costs one
-    integer box sum instead of a rank filter."""
+    integer box sum instead of a rank filter. ``mask`` may be ``(h, w)`` or ``(h, w, k)``: k masks
+    filtered at once."""
     mask = np.asarray(mask, bool)
     if size <= 1 or mask.size == 0:
         return mask
-    import pyvips
-
     r = size // 2
-    h, w = mask.shape
-    img = _vips(mask).embed(r, r, w + 2 * r, h + 2 * r, extend="copy")
-    ones = pyvips.Image.new_from_array([[1] * (2 * r + 1)])
-    # separable integer box sum; True pixels are 1 so the sum counts them
-    total = img.convsep(ones, precision="integer")
-    out = _numpy((total > ((2 * r + 1) ** 2) // 2).crop(r, r, w, h))
-    return out.reshape(h, w) > 0
+    size = 2 * r + 1
+    h, w = mask.shape[:2]
+    # separable box sum over shifted views (2 x size array additions: a few ms on a 2 Mpx mask,
+    # where a libvips convolution costs more in setup and copies); uint8 holds up to 15 x 15
+    dtype = np.uint8 if size * size < 256 else np.uint32
+    padded = np.pad(mask.view(np.uint8), ((r, r), (r, r)) + ((0, 0),) * (mask.ndim - 2), mode="edge")
+    rows = padded[0:h].astype(dtype)
+    for k in range(1, size):
+        rows += padded[k:k + h]
+    total = rows[:, 0:w].copy()
+    for k in range(1, size):
+        total += rows[:, k:k + w]
+    return total > (size * size) // 2
 
 
 def _median(channel: np.ndarray, size: int) -> np.ndarray:
@@ -217,6 +249,22 @@ def _median(channel: np.ndarray, size: int) -> np.ndarray:
     return _numpy(img.median(2 * r + 1).crop(r, r, w, h)).reshape(h, w)
 
 
+def hsv_and_dark(rgb: np.ndarray, white_threshold: float) -> tuple[np.ndarray, ...]:
+    """:func:`hsv` planes and the "darker than glass" mask, integer luma
+    ``299 R + 587 G + 114 B < 1000 * ceil(white_threshold)`` (floor(grey) < threshold), in one
+    libvips pass (a fresh process pays ~5x more for the same sums in numpy: new big arrays)."""
+    rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
+    if rgb.size == 0:
+        z = np.zeros(rgb.shape[:2], np.uint8)
+        return z, z, z, z.astype(bool)
+    import pyvips
+
+    image = pyvips.Image.new_from_array(rgb, interpretation="srgb")
+    dark = image.recomb([[299, 587, 114]]) < 1000 * int(math.ceil(white_threshold))   # exact: float sums of ints
+    planes = _numpy(image.colourspace("hsv").bandjoin(dark)).reshape(*rgb.shape[:2], 4)
+    return planes[..., 0], planes[..., 1], planes[..., 2], planes[..., 3] > 0
+
+
 def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: np.ndarray | None = None,
                            exclude: np.ndarray | None = None, planes: tuple | None = None
                            ) -> tuple[np.ndarray, dict[str, float]]:
@@ -224,23 +272,23 @@ def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: n
     ``white_threshold``, each after a median (:meth:`TissueSettings.median_size`; called by
     :func:`compute_tissue_mask`, which sets ``median_px`` for the mask's µm/px). ``exclude`` (e.g. ink) is left out
     of the Otsu sample: saturated pen would pull the threshold above real tissue. ``planes``: the
-    image's :func:`hsv`, when the caller already has it (pen removal does)."""
+    image's :func:`hsv_and_dark` (h, s, v, dark), when the caller already has it (pen removal does)."""
     rgb = np.asarray(rgb, np.uint8)[..., :3]
-    _, s, _ = planes if planes is not None else hsv(rgb)
-    valid = np.ones(s.shape, bool) if scanned is None else np.asarray(scanned, bool)
-    sample = valid & ~exclude if exclude is not None and (valid & ~exclude).any() else valid
-    t = otsu(s[sample]) if sample.any() else 255.0
+    _, s, _, dark = planes if planes is not None else hsv_and_dark(rgb, settings.white_threshold)
+    valid = None if scanned is None or np.all(scanned) else np.asarray(scanned, bool)
+    sample = valid
+    if exclude is not None and exclude.any():
+        kept = ~exclude if valid is None else valid & ~exclude
+        sample = kept if kept.any() else valid
+    hist = plane_histogram(s, sample)
+    t = otsu_of_histogram(hist, np.arange(256, dtype=np.float64)) if hist.any() else 255.0
     t = min(max(t, settings.min_saturation * 255), settings.max_saturation * 255)
     size = settings.median_size(settings.mask_mpp)   # compute_tissue_mask sets median_px for its mask
-    coloured = majority(s > t, size)
-    # integer luma: floor(grey) < w  <=>  1000 * grey < 1000 * ceil(w)
-    white = int(math.ceil(settings.white_threshold))
-    if rgb.size:
-        luma = _vips(np.ascontiguousarray(rgb)).recomb([[299, 587, 114]]) < 1000 * white
-        dark = _numpy(luma).reshape(s.shape) > 0
-    else:
-        dark = np.zeros(s.shape, bool)
-    mask = coloured & majority(dark, size) & valid
+    # both medians in one pass: the two masks as the bands of one image
+    both = majority(np.stack([s > t, dark], axis=-1), size)
+    mask = both[..., 0] & both[..., 1]
+    if valid is not None:
+        mask &= valid
     return mask, {"saturation_threshold": t / 255.0, "white_threshold": float(settings.white_threshold)}
 
 
@@ -302,24 +350,45 @@ def disk(radius: int) -> np.ndarray:
     return (xx * xx + yy * yy <= radius * radius).astype(np.uint8)
 
 
-def _morph(mask: np.ndarray, radius: int, op: str, pad: bool = False) -> np.ndarray:
-    """Binary dilation/erosion/closing by a disk with libvips ``morph`` (outside = background)."""
+def _disk_filter(mask: np.ndarray, radius: int, op, outside: bool) -> np.ndarray:
+    """Dilation (``op=np.logical_or``) or erosion (``np.logical_and``) of a bool mask by
+    :func:`disk` (``radius``), pixels outside the image being ``outside``. The disk is a stack
+    of centred rows: filter along x once per row half-width, then combine the rows along y,
+    about 4 x radius array operations instead of one per disk pixel."""
+    h, w = mask.shape
+    r = radius
+    padded = np.pad(mask, r, constant_values=outside)
+    halves = [math.isqrt(r * r - dy * dy) for dy in range(-r, r + 1)]
+    along_x = {0: padded[:, r:r + w].copy()}
+    run = along_x[0].copy()
+    for k in range(1, max(halves) + 1):
+        op(run, padded[:, r - k:r - k + w], out=run)
+        op(run, padded[:, r + k:r + k + w], out=run)
+        if k in halves:
+            along_x[k] = run.copy()
+    out = along_x[halves[r]][r:r + h].copy()
+    for dy, k in zip(range(-r, r + 1), halves):
+        if dy:
+            op(out, along_x[k][r + dy:r + dy + h], out=out)
+    return out
+
+
+def _morph(mask: np.ndarray, radius: int, op: str) -> np.ndarray:
+    """Binary dilation/erosion/closing by a disk (outside the image = background; a closing pads
+    first, so it never erodes regions at the image border)."""
     mask = np.asarray(mask, bool)
     if radius < 1 or mask.size == 0:
         return mask
-    import pyvips
-
-    # morph masks: 255 = must be set, 128 = don't care
-    se = pyvips.Image.new_from_array((np.where(disk(radius) > 0, 255, 128)).tolist())
-    h, w = mask.shape
-    img = _vips(mask.astype(np.uint8) * 255)
+    if op == "dilate":
+        return _disk_filter(mask, radius, np.logical_or, False)
+    if op == "erode":
+        return _disk_filter(mask, radius, np.logical_and, False)
+    if op != "close":
+        raise ValueError(f"unknown morphology {op!r}")
     r = radius
-    img = img.embed(r, r, w + 2 * r, h + 2 * r, extend="black")
-    if op == "close":
-        img = img.morph(se, "dilate").morph(se, "erode")
-    else:
-        img = img.morph(se, op)
-    return _numpy(img.crop(r, r, w, h)).reshape(h, w) > 0
+    grown = _disk_filter(np.pad(mask, r), r, np.logical_or, False)
+    # the erosion of the centre only reads pixels of `grown`, so its outside value never matters
+    return _disk_filter(grown, r, np.logical_and, True)[r:-r, r:-r]
 
 
 def _small_regions(mask: np.ndarray, min_px: int) -> np.ndarray | None:
@@ -328,8 +397,10 @@ def _small_regions(mask: np.ndarray, min_px: int) -> np.ndarray | None:
     from scipy import ndimage
 
     # scipy's default structuring element is the cross: 4-connected, ~4x faster than libvips'
-    # labelregions on a 2 Mpx mask
-    labels, n = ndimage.label(mask)
+    # labelregions on a 2 Mpx mask. Labels as intp: bincount and take then read them as they
+    # are instead of converting a copy (a third of the time on a 2 Mpx mask)
+    labels = np.empty(mask.shape, np.intp)
+    n = ndimage.label(mask, output=labels)
     if n == 0:
         return None
     counts = np.bincount(labels.ravel(), minlength=n + 1)
@@ -337,7 +408,7 @@ def _small_regions(mask: np.ndarray, min_px: int) -> np.ndarray | None:
     small[0] = False                    # label 0 is the other value, not a region
     if not small.any():
         return None
-    return small[labels]
+    return np.take(small, labels)
 
 
 def clean_mask(mask: np.ndarray, mpp: float, closing_um: float, min_object_um2: float,
@@ -380,8 +451,8 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
         raw, thr = fluorescence_foreground(rgb, settings, scanned)
         pen = np.zeros(raw.shape, bool)  # ink colours mean nothing under fluorescence
     else:
-        planes = hsv(rgb)  # once, shared by pen detection and the saturation threshold
-        core = pen_mask(rgb, planes) if settings.remove_pen else None
+        planes = hsv_and_dark(rgb, settings.white_threshold)  # once, shared by pen and foreground
+        core = pen_mask(rgb, planes[:3]) if settings.remove_pen else None
         raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core, planes=planes)
         del planes
         pen = np.zeros(raw.shape, bool)
@@ -471,6 +542,22 @@ def read_thumbnail(slide, mpp0: float, mask_mpp: float, background: int = 255
     return rgb, scanned, source
 
 
+def _read_thumbnail_with_openslide(meta: dict, slide_id: str, settings: TissueSettings
+                                   ) -> tuple[np.ndarray, np.ndarray, MaskSource]:
+    slide = open_slide(meta["path"], slide_id)
+    try:
+        # unscanned areas come back white; a fluorescence result blackens them later
+        return read_thumbnail(slide, float(meta["mpp_x"]), settings.mask_mpp)
+    except HistoflowError:
+        raise
+    except Exception as err:  # OpenSlide decode errors mid-read
+        raise SlideError(slide_id, f"{Path(meta['path']).name!r}: cannot read level {source_level(meta, settings)} "
+                                   f"for the tissue mask: {err} (corrupt tiles?); re-download it or set "
+                                   "on_error: skip") from None
+    finally:
+        slide.close()
+
+
 def _write_png(path, array: np.ndarray) -> None:
     # libvips' PNG writer (libspng) at zlib level 1: a binary mask compresses well at any
     # level, and level 1 writes it several times faster than PIL's optimize=True
@@ -519,18 +606,16 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
         return {"status": "skipped"}
     try:
         mpp_x, mpp_y = float(meta["mpp_x"]), float(meta["mpp_y"])
-        slide = open_slide(meta["path"], slide_id)
-        try:
-            # fluorescence backgrounds are black: fill unscanned areas to match once we know
-            rgb, scanned, source = read_thumbnail(slide, mpp_x, settings.mask_mpp)
-        except HistoflowError:
-            raise
-        except Exception as err:  # OpenSlide decode errors mid-read
-            raise SlideError(slide_id, f"{Path(meta['path']).name!r}: cannot read level {source_level(meta, settings)} "
-                                       f"for the tissue mask: {err} (corrupt tiles?); re-download it or set "
-                                       "on_error: skip") from None
-        finally:
-            slide.close()
+        rgb = None
+        if meta.get("level_downsamples"):
+            source = choose_mask_source(meta["level_downsamples"], mpp_x, settings.mask_mpp)
+            if source.factor == 1:   # a whole small level: libvips when the format allows
+                fast = read_whole_level_fast(meta["path"], meta.get("vendor"), meta.get("level_dimensions"),
+                                             source.level)
+                if fast is not None:
+                    rgb, scanned = fast
+        if rgb is None:
+            rgb, scanned, source = _read_thumbnail_with_openslide(meta, slide_id, settings)
     except HistoflowError as err:
         if on_error != "skip":
             raise
@@ -546,11 +631,22 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
     scale_x = scale_y = ds  # pyramid downsamples are the same along x and y
     mask_mpp_x, mask_mpp_y = mpp_x * scale_x, mpp_y * scale_y
     area_mm2 = float(result.mask.sum()) * mask_mpp_x * mask_mpp_y / 1e6
-    polys = mask_to_polygons(result.mask, scale_x, scale_y)
-    props = [{"area_mm2": p.area * mpp_x * mpp_y / 1e6} for p in polys]
-    _write_png(mask_png, result.mask.astype(np.uint8) * 255)
-    write_geojson(geojson_path, polygons_to_feature_collection(polys, "Tissue", TISSUE_COLOR, "annotation", props))
-    _write_jpeg(overlay_path, overlay_image(rgb, result.mask, result.pen))
+
+    def write_outlines() -> list:
+        polys = mask_to_polygons(result.mask, scale_x, scale_y)
+        props = [{"area_mm2": p.area * mpp_x * mpp_y / 1e6} for p in polys]
+        write_geojson(geojson_path, polygons_to_feature_collection(polys, "Tissue", TISSUE_COLOR, "annotation", props))
+        return polys
+
+    # the outlines and the images are independent: trace one while libvips and PIL (which
+    # release the GIL) encode the others, on the second core when the job has one
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        outlines = pool.submit(write_outlines)
+        _write_png(mask_png, result.mask.astype(np.uint8) * 255)
+        _write_jpeg(overlay_path, overlay_image(rgb, result.mask, result.pen))
+        polys = outlines.result()
     h, w = result.mask.shape
     stats = {
         "slide_id": slide_id, "status": "ok", "reason": "",

@@ -342,6 +342,25 @@ def test_preview_draws_one_panel_per_resolution_over_the_thumbnail(tmp_path):
     assert np.abs(panel[:80, :80] - 230).max() < 20
 
 
+def test_preview_outlines_each_tile_in_its_tissue_colour_and_tints_annotated_tiles_red():
+    import pandas as pd
+
+    from histoflow.tiling import tile_preview_image, viridis
+
+    tiles = pd.DataFrame({"target_mpp": [0.5, 0.5], "x": [0, 200], "y": [0, 200], "size0": [100, 100],
+                          "tissue_fraction": [1.0, 0.0], "annotation_fraction": [0.0, 0.5]})
+    img = tile_preview_image(np.full((400, 400, 3), 200, np.uint8), tiles, 400, 400)
+    panel = img[18:].astype(int)
+    full, empty = viridis(np.array([1.0, 0.0]))
+    for y, x in ((0, 50), (99, 50), (50, 0), (50, 99)):          # the four sides of tile 1
+        assert tuple(panel[y, x]) == tuple(full)
+    assert tuple(panel[50, 50]) == (200, 200, 200)                # inside: the thumbnail
+    assert tuple(panel[200, 250]) != tuple(empty)                 # tile 2's outline, tinted
+    inner = panel[250, 250]
+    assert inner[0] > 200 and inner[1] < 150 and inner[2] < 150   # red over grey
+    assert tuple(panel[350, 350]) == (200, 200, 200)
+
+
 def test_preview_of_a_skipped_slide_is_a_blank_image(tmp_path):
     from histoflow.tiling import write_tile_preview
 

@@ -156,6 +156,69 @@ def test_chunked_shrink_equals_block_mean_of_the_whole_level(openslide_fixtures)
     assert np.array_equal(small, read_level_downsampled(slide, 0, 4, chunk_px=4096)[0])
 
 
+def random_masks(n: int, seed: int = 5):
+    """Masks with specks, holes, diagonal contacts and regions on the border."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        h, w = rng.integers(1, 90, 2)
+        field = ndimage.gaussian_filter(rng.standard_normal((h, w)), rng.uniform(0.4, 3))
+        yield field > rng.uniform(-0.6, 0.6)
+
+
+def test_majority_is_a_median_filter_of_the_mask_with_edges_replicated():
+    from scipy import ndimage
+
+    from histoflow.tissue import majority
+
+    for mask in random_masks(40):
+        for size in (3, 5, 7, 17):
+            expect = ndimage.median_filter(mask.view(np.uint8), size=size, mode="nearest") > 0
+            assert np.array_equal(majority(mask, size), expect)
+        both = majority(np.stack([mask, ~mask], axis=-1), 3)          # several masks at once
+        assert np.array_equal(both[..., 1], majority(~mask, 3))
+
+
+def test_closing_dilation_and_erosion_use_a_disk_with_background_outside():
+    from scipy import ndimage
+
+    from histoflow.tissue import _morph, disk
+
+    for mask in random_masks(40):
+        for r in (1, 2, 4, 7):
+            se = disk(r).astype(bool)
+            assert np.array_equal(_morph(mask, r, "dilate"), ndimage.binary_dilation(mask, se))
+            assert np.array_equal(_morph(mask, r, "erode"), ndimage.binary_erosion(mask, se, border_value=0))
+            # closing pads first: regions at the image border are not eaten
+            padded = np.pad(mask, 2 * r)
+            closed = ndimage.binary_erosion(ndimage.binary_dilation(padded, se), se, border_value=1)
+            assert np.array_equal(_morph(mask, r, "close"), closed[2 * r:-2 * r, 2 * r:-2 * r])
+
+
+def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
+    from histoflow.tissue import otsu, otsu_of_histogram, plane_histogram
+
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        plane = np.clip(np.concatenate([rng.normal(rng.uniform(10, 60), 8, 3000),
+                                        rng.normal(rng.uniform(80, 200), 20, 2000)]), 0, 255).astype(np.uint8)
+        plane = plane.reshape(50, 100)
+        sample = rng.random(plane.shape) > 0.1
+        hist = plane_histogram(plane, sample)
+        assert np.array_equal(hist, np.bincount(plane[sample], minlength=256))
+        assert otsu_of_histogram(hist, np.arange(256.0)) == otsu(plane[sample])
+
+
+def test_dark_is_grey_below_the_white_threshold():
+    from histoflow.tissue import grey, hsv_and_dark
+
+    rgb = np.random.default_rng(4).integers(150, 256, (64, 64, 3), dtype=np.uint8)
+    for white in (200, 220, 220.5, 240):
+        *_, dark = hsv_and_dark(rgb, white)
+        assert np.array_equal(dark, np.floor(grey(rgb).astype(np.float64) + 1e-9) < np.ceil(white))
+
+
 # ---------------------------------------------------------------- GeoJSON helpers
 
 def test_polygons_preserve_area_holes_and_level0_scale():
@@ -170,6 +233,23 @@ def test_polygons_preserve_area_holes_and_level0_scale():
     assert big.area == pytest.approx((40 * 60 - 100) * 256, rel=0.01)
     assert island.area == pytest.approx(36 * 256, rel=0.05)
     assert big.bounds == pytest.approx((160, 160, 1120, 800))  # pixel edges at level 0
+
+
+def test_polygons_follow_the_marching_squares_contours_of_skimage():
+    """Every outline and hole is one of skimage's ``find_contours(mask, 0.5,
+    fully_connected="high")`` contours (through pixel centres, diagonal pixels joined), shifted
+    half a pixel onto level-0 pixel edges, and every contour is used once."""
+    import shapely
+    from skimage.measure import find_contours
+
+    for mask in random_masks(60):
+        expect = [shapely.Polygon(np.column_stack([c[:, 1] - 0.5, c[:, 0] - 0.5]))
+                  for c in find_contours(np.pad(mask, 1).astype(float), 0.5, fully_connected="high")]
+        polys = mask_to_polygons(mask, simplify_px=0)
+        rings = [shapely.Polygon(p.exterior) for p in polys] + [shapely.Polygon(i) for p in polys for i in p.interiors]
+        assert len(rings) == len(expect) and all(p.is_valid for p in polys)
+        for contour in expect:
+            assert sum(contour.equals(ring) for ring in rings) == 1
 
 
 def test_min_area_drops_specks():

@@ -1,0 +1,102 @@
+"""Reading a whole low-resolution level for the tissue mask: the libvips fast path must give
+OpenSlide's pixels exactly, and must step aside for every slide it cannot read the same way."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from histoflow.io import read_json, write_json
+from histoflow.slide import open_slide, read_whole_level_fast
+from histoflow.slide_qc import write_slide_metadata
+
+pyvips = pytest.importorskip("pyvips")
+
+
+def openslide_level(path, level) -> np.ndarray:
+    slide = open_slide(path)
+    try:
+        rgba = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]))
+    finally:
+        slide.close()
+    assert rgba[..., 3].min() == 255            # fully scanned: the comparison is on RGB
+    return rgba[..., :3]
+
+
+def slide_meta(tmp_path, path) -> dict:
+    manifest = tmp_path / "m.json"
+    write_json(manifest, {"slide_id": "s", "status": "ok", "path": str(path)})
+    write_slide_metadata("s", manifest, tmp_path / "s.json", 0.5, None, "fail")
+    return read_json(tmp_path / "s.json")
+
+
+@pytest.fixture
+def jpeg_pyramid(tmp_path):
+    """A JPEG-compressed tiled pyramid with texture (as scanners write them), 0.5 µm/px."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    img = pyvips.Image.new_from_array(base, interpretation="srgb").resize(8, kernel="linear")
+    path = tmp_path / "pyramid.tiff"
+    img.tiffsave(str(path), tile=True, pyramid=True, compression="jpeg", Q=85, tile_width=256, tile_height=256,
+                 xres=2000.0, yres=2000.0)
+    return path
+
+
+def test_every_level_of_a_generic_tiff_reads_exactly_as_openslide(tmp_path, jpeg_pyramid):
+    meta = slide_meta(tmp_path, jpeg_pyramid)
+    assert meta["vendor"] == "generic-tiff" and meta["level_count"] >= 3
+    for level in range(meta["level_count"]):
+        rgb, scanned = read_whole_level_fast(jpeg_pyramid, meta["vendor"], meta["level_dimensions"], level)
+        assert np.array_equal(rgb, openslide_level(jpeg_pyramid, level)) and scanned.all()
+
+
+def assert_aperio_reads_as_openslide(tmp_path, path):
+    meta = slide_meta(tmp_path, path)
+    assert meta["vendor"] == "aperio"
+    rgb, _ = read_whole_level_fast(path, "aperio", meta["level_dimensions"], 0)
+    assert np.array_equal(rgb, openslide_level(path, 0))
+
+
+def test_aperio_svs_fixture_reads_exactly_as_openslide(tmp_path, openslide_fixtures):
+    assert_aperio_reads_as_openslide(tmp_path, openslide_fixtures / "small.svs")
+
+
+def test_real_aperio_svs_reads_exactly_as_openslide(tmp_path, shared_data):
+    """A real scan: JPEG tiles in YCbCr, with thumbnail, label and macro pages beside the level."""
+    assert_aperio_reads_as_openslide(tmp_path, shared_data / "slides" / "CMU-1-Small-Region.svs")
+
+
+def test_formats_it_cannot_read_the_same_way_are_left_to_openslide(tmp_path, jpeg_pyramid):
+    meta = slide_meta(tmp_path, jpeg_pyramid)
+    dims = meta["level_dimensions"]
+    assert read_whole_level_fast(jpeg_pyramid, "hamamatsu", dims, 1) is None          # vendor not known to match
+    assert read_whole_level_fast(jpeg_pyramid, "generic-tiff", [[7, 7]] * len(dims), 1) is None  # size mismatch
+    assert read_whole_level_fast(jpeg_pyramid, "generic-tiff", dims, len(dims)) is None  # no such level
+    assert read_whole_level_fast(tmp_path / "missing.tiff", "generic-tiff", dims, 0) is None
+
+
+def test_ndpi_is_read_by_openslide(tmp_path, shared_data):
+    ndpi = shared_data / "slides" / "fluorescence-DAPI.ndpi"
+    meta = slide_meta(tmp_path, ndpi)
+    assert meta["vendor"] == "hamamatsu"
+    assert read_whole_level_fast(ndpi, meta["vendor"], meta["level_dimensions"], 3) is None
+
+
+def test_tissue_outputs_do_not_depend_on_which_reader_ran(tmp_path, jpeg_pyramid, monkeypatch):
+    """The mask, polygons and stats of the fast path equal those read through OpenSlide."""
+    from histoflow import tissue
+
+    meta = slide_meta(tmp_path, jpeg_pyramid)
+    outputs = {}
+    for name in ("fast", "openslide"):
+        if name == "openslide":
+            monkeypatch.setattr(tissue, "read_whole_level_fast", lambda *a, **k: None)
+        paths = [tmp_path / f"{name}.{ext}" for ext in ("png", "geojson", "jpg", "json")]
+        tissue.detect_tissue_for_slide(tmp_path / "s.json", *paths, {"mask_mpp": 4.0}, "fail")
+        stats = json.loads(paths[3].read_text())
+        assert stats["mask_level"] == 3 and stats["mask_factor"] == 1   # a whole level, read either way
+        outputs[name] = (paths[0].read_bytes(), paths[1].read_bytes(), stats)
+    assert outputs["fast"] == outputs["openslide"]
+    assert meta["level_dimensions"][3] == [stats["mask_width"], stats["mask_height"]]
