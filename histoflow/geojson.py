@@ -71,6 +71,8 @@ def contour_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     have a False border (pad it), so every contour is closed."""
     m = np.asarray(mask, bool).view(np.uint8)
     h, w = m.shape
+    if m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any():
+        raise ValueError("contour_rings needs a mask with a False border: np.pad(mask, 1) first")
     case = m[:-1, :-1] | (m[:-1, 1:] << 1) | (m[1:, 1:] << 2) | (m[1:, :-1] << 3)
     cells = np.flatnonzero((case != 0) & (case != 15))
     if len(cells) == 0:
@@ -101,7 +103,9 @@ def contour_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(max(1, int(np.ceil(np.log2(n))) + 1)):
         dist = dist + dist[succ]
         succ = succ[succ]
-    walk = np.lexsort((-dist, ring))             # ring by ring, from its first segment on
+    # ring by ring, walked backwards: outlines come out counter-clockwise and holes clockwise in
+    # shapely's (x, y) sense, the orientation GeoJSON (RFC 7946) asks for
+    walk = np.lexsort((dist, ring))
     key = start[walk]
     ring = ring[walk]
     vertical = (key & 1).astype(bool)
@@ -157,8 +161,8 @@ def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.
     rings = np.array([_largest_polygon(r) for r in rings], dtype=object)
     areas = np.array([0.0 if r is None else r.area for r in rings])
     keep = (areas > 0) & (areas >= min_area_px)
-    outline = keep & (signed < 0)        # mask on the walk's left: clockwise on screen (y down)
-    holes = np.flatnonzero(keep & (signed > 0))
+    outline = keep & (signed > 0)        # counter-clockwise in (x, y): an outline; clockwise: a hole
+    holes = np.flatnonzero(keep & (signed < 0))
     outlines = np.flatnonzero(outline)
     hole_lists: dict[int, list] = {int(i): [] for i in outlines}
     if len(holes) and len(outlines):
@@ -197,12 +201,14 @@ def _signed_areas(xy: np.ndarray, ring: np.ndarray, n: int) -> np.ndarray:
 
 
 def _largest_polygon(geom):
-    """``geom`` if it is a Polygon, else its largest Polygon part, else None."""
+    """``geom`` if it is a Polygon, else its largest Polygon part at any depth (``make_valid``
+    can return a GeometryCollection holding MultiPolygons), else None."""
     if geom is None or geom.is_empty:
         return None
     if geom.geom_type == "Polygon":
         return geom
-    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type == "Polygon"]
+    parts = [_largest_polygon(g) for g in getattr(geom, "geoms", [])]
+    parts = [g for g in parts if g is not None]
     return max(parts, key=lambda g: g.area) if parts else None
 
 

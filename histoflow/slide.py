@@ -126,22 +126,74 @@ def read_level_downsampled(slide, level: int, factor: int, background: int = 255
 TIFF_PAGE_VENDORS = ("generic-tiff", "aperio")
 
 
+def tiff_has_missing_tiles(path: str | os.PathLike, last_page: int) -> bool:
+    """True when a tiled page among TIFF directories 0..``last_page`` lists a tile with no bytes
+    (a sparse scan), or when the file cannot be parsed. OpenSlide shows a missing tile as
+    unscanned (transparent) at every level of an Aperio slide, also where the lower pages hold
+    pixels, so such slides must be read through OpenSlide. Reads only the directories and their
+    TileByteCounts arrays (a few hundred kB for a 40x slide), never image data."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            order = {b"II": "<", b"MM": ">"}[handle.read(2)]
+            magic = struct.unpack(order + "H", handle.read(2))[0]
+            if magic == 42:
+                (offset,) = struct.unpack(order + "I", handle.read(4))
+                count_fmt, entry_size, value_size, offset_fmt = "H", 12, 4, "I"
+            elif magic == 43:
+                handle.read(4)                                    # bytesize 8, padding
+                (offset,) = struct.unpack(order + "Q", handle.read(8))
+                count_fmt, entry_size, value_size, offset_fmt = "Q", 20, 8, "Q"
+            else:
+                return True
+            sizes = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}    # SHORT, LONG, LONG8
+            for _ in range(last_page + 1):
+                if offset == 0:
+                    return True                                   # fewer pages than expected
+                handle.seek(offset)
+                n = struct.unpack(order + count_fmt, handle.read(struct.calcsize(count_fmt)))[0]
+                entries = handle.read(n * entry_size)
+                (offset,) = struct.unpack(order + offset_fmt, handle.read(value_size))
+                for i in range(n):
+                    entry = entries[i * entry_size:(i + 1) * entry_size]
+                    tag, kind = struct.unpack(order + "HH", entry[:4])
+                    if tag != 325:                                # TileByteCounts
+                        continue
+                    (count,) = struct.unpack(order + offset_fmt, entry[4:4 + value_size])
+                    code, width = sizes[kind]
+                    raw = entry[4 + value_size:]
+                    if count * width > value_size:                # stored elsewhere: an offset
+                        (where,) = struct.unpack(order + offset_fmt, raw)
+                        handle.seek(where)
+                        raw = handle.read(count * width)
+                    counts = np.frombuffer(raw[:count * width], dtype=np.dtype(code).newbyteorder(order))
+                    if len(counts) < count or not counts.all():
+                        return True
+    except (OSError, KeyError, struct.error, ValueError):
+        return True
+    return False
+
+
 def _tiff_page_of_level(path: str, vendor: str, level_dimensions, level: int):
     """The libvips image of the TIFF page holding OpenSlide ``level``, or None. Generic TIFF
     levels are pages 0, 1, 2, ...; an Aperio SVS puts its thumbnail second, so its level k > 0
     is usually page k + 1. Only the candidate pages are opened (opening a page walks the TIFF
     directories before it, ~6 ms each on a large slide), and the page must be tiled and have
-    OpenSlide's size for that level."""
+    OpenSlide's size for that level. ``revalidate``: a file rewritten at the same path is read
+    again, not served from libvips' cache."""
     import pyvips
 
     width, height = (int(v) for v in level_dimensions[level])
     candidates = [level] if vendor == "generic-tiff" or level == 0 else [level + 1, level]
     for page in candidates:
         try:
-            image = pyvips.Image.tiffload(path, page=page)
+            image = pyvips.Image.tiffload(path, page=page, revalidate=True)
         except pyvips.Error:          # no such page
             continue
         if (image.width, image.height) == (width, height) and "tile-width" in image.get_fields():
+            if tiff_has_missing_tiles(path, page):
+                return None
             return image
     return None
 
@@ -153,8 +205,9 @@ def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dim
 
     Why: the tissue mask needs one whole low-resolution level; libvips decodes its JPEG tiles
     3-5x faster than ``openslide.read_region`` composites them (25 vs 60-90 ms for a 1562 x 1250
-    level), with identical pixels for the vendors in :data:`TIFF_PAGE_VENDORS`. Callers use it
-    only for levels they would read whole anyway (never level 0 of a large slide)."""
+    level), with identical pixels for the vendors in :data:`TIFF_PAGE_VENDORS`. A sparse scan
+    (tiles with no bytes, which OpenSlide reports as unscanned) is left to OpenSlide. Callers use
+    it only for levels they would read whole anyway (never level 0 of a large slide)."""
     if vendor not in TIFF_PAGE_VENDORS or not level_dimensions or not 0 <= level < len(level_dimensions):
         return None
     try:

@@ -211,6 +211,6 @@ def run_slide_job(rule: str, snakemake) -> None:
     from .logs import log_to
 
     job = SlideJob.from_snakemake(snakemake)
-    prepare_step(rule)
-    with log_to(job.log):
+    with log_to(job.log):          # an import failure in prepare_step goes to the log too
+        prepare_step(rule)
         SLIDE_STEPS[rule](job)

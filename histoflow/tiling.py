@@ -767,6 +767,15 @@ def _read_overlay(overlay_jpg) -> np.ndarray | None:
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
+def _read_overlay_or_none(overlay_jpg) -> np.ndarray | None:
+    """:func:`_read_overlay`, None when unreadable: decided later, once the slide's status is
+    known (a skipped slide's preview ignores it; an ok slide's preview reads it again and fails)."""
+    try:
+        return _read_overlay(overlay_jpg)
+    except OSError:
+        return None
+
+
 def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1600,
                        background: np.ndarray | None = None) -> None:
     """The tile grid drawn over the tissue overlay (for the report and for a quick look at what
@@ -803,7 +812,7 @@ def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_
 
     # the overlay JPEG decodes (GIL released) while the grid is computed
     with ThreadPoolExecutor(max_workers=1) as pool:
-        overlay = pool.submit(_read_overlay, overlay_jpg)
+        overlay = pool.submit(_read_overlay_or_none, overlay_jpg)
         stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations,
                                    on_error)
         background = overlay.result()

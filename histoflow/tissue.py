@@ -232,9 +232,12 @@ def majority(mask: np.ndarray, size: int) -> np.ndarray:
     rows = padded[0:h].astype(dtype)
     for k in range(1, size):
         rows += padded[k:k + h]
+    del padded
     total = rows[:, 0:w].copy()
     for k in range(1, size):
         total += rows[:, k:k + w]
+    if dtype == np.uint8:    # compare in place: a bool is a byte
+        return np.greater(total, (size * size) // 2, out=total.view(bool))
     return total > (size * size) // 2
 
 
@@ -330,13 +333,16 @@ def pen_mask(rgb: np.ndarray, planes: tuple | None = None) -> np.ndarray:
     le = lambda x, a: x <= math.floor(a)
     out = np.zeros(np.shape(s), bool)
     # every ink rule needs saturation > 0.2: test the colour rules only on those pixels (a
-    # fraction of the glass), not on the whole thumbnail
-    candidates = np.flatnonzero(gt(np.ravel(s), 0.2 * 255))
-    h, s, v = np.ravel(h)[candidates], np.ravel(s)[candidates], np.ravel(v)[candidates]
+    # fraction of the glass), not on the whole thumbnail; boolean indexing reads the planes in
+    # place (they may be strided views of one HSV image)
+    candidates = gt(np.asarray(s), 0.2 * 255)
+    h, s, v = np.asarray(h)[candidates], np.asarray(s)[candidates], np.asarray(v)[candidates]
     green = ge(h, _deg(90)) & lt(h, _deg(195)) & (lt(h, _deg(180)) | gt(s, 0.4 * 255)) & gt(v, 0.15 * 255)
     blue = ge(h, _deg(195)) & lt(h, _deg(230)) & gt(s, 0.3 * 255) & gt(v, 0.6 * 255)
     red = (ge(h, _deg(345)) | le(h, _deg(15))) & gt(s, 0.8 * 255) & gt(v, 0.3 * 255)
-    out.ravel()[candidates] = green | blue | red
+    ink = green | blue | red
+    if ink.any():
+        out[candidates] = ink
     return out
 
 
@@ -353,23 +359,27 @@ def disk(radius: int) -> np.ndarray:
 def _disk_filter(mask: np.ndarray, radius: int, op, outside: bool) -> np.ndarray:
     """Dilation (``op=np.logical_or``) or erosion (``np.logical_and``) of a bool mask by
     :func:`disk` (``radius``), pixels outside the image being ``outside``. The disk is a stack
-    of centred rows: filter along x once per row half-width, then combine the rows along y,
-    about 4 x radius array operations instead of one per disk pixel."""
+    of centred rows: widen a filter along x one pixel at a time and, at each width, combine it
+    into the rows of the disk that have that half-width. About 4 x radius array operations
+    instead of one per disk pixel, and three mask-sized buffers whatever the radius."""
     h, w = mask.shape
     r = radius
     padded = np.pad(mask, r, constant_values=outside)
-    halves = [math.isqrt(r * r - dy * dy) for dy in range(-r, r + 1)]
-    along_x = {0: padded[:, r:r + w].copy()}
-    run = along_x[0].copy()
-    for k in range(1, max(halves) + 1):
-        op(run, padded[:, r - k:r - k + w], out=run)
-        op(run, padded[:, r + k:r + k + w], out=run)
-        if k in halves:
-            along_x[k] = run.copy()
-    out = along_x[halves[r]][r:r + h].copy()
-    for dy, k in zip(range(-r, r + 1), halves):
-        if dy:
-            op(out, along_x[k][r + dy:r + dy + h], out=out)
+    rows_of_width: dict[int, list[int]] = {}
+    for dy in range(-r, r + 1):
+        rows_of_width.setdefault(math.isqrt(r * r - dy * dy), []).append(dy)
+    run = padded[:, r:r + w].copy()           # filtered along x with half-width k
+    out = None
+    for k in range(0, r + 1):
+        if k:
+            op(run, padded[:, r - k:r - k + w], out=run)
+            op(run, padded[:, r + k:r + k + w], out=run)
+        for dy in rows_of_width.get(k, ()):
+            rows = run[r + dy:r + dy + h]
+            if out is None:
+                out = rows.copy()
+            else:
+                op(out, rows, out=out)
     return out
 
 
@@ -493,10 +503,11 @@ def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = No
     sx, sy = max(1, int(round(w * scale))) / w, max(1, int(round(h * scale))) / h
     # libvips: box shrink then a linear kernel, threaded; ~10x faster than PIL on a 2 Mpx mask
     img = _numpy(_vips(np.ascontiguousarray(np.asarray(rgb, np.uint8)[..., :3])).resize(sx, vscale=sy, kernel="linear"))
-    img = img.reshape(img.shape[0], img.shape[1], -1)[..., :3].copy()
+    img = img.reshape(img.shape[0], img.shape[1], -1)
+    img = np.ascontiguousarray(img[..., :3]) if img.shape[2] != 3 else img   # libvips' array: ours
 
     def nearest(plane: np.ndarray) -> np.ndarray:
-        small = _numpy(_vips(plane.astype(np.uint8)).resize(sx, vscale=sy, kernel="nearest"))
+        small = _numpy(_vips(np.ascontiguousarray(plane, bool)).resize(sx, vscale=sy, kernel="nearest"))
         return small.reshape(img.shape[:2]) > 0
 
     m = nearest(mask)

@@ -100,3 +100,32 @@ def test_tissue_outputs_do_not_depend_on_which_reader_ran(tmp_path, jpeg_pyramid
         outputs[name] = (paths[0].read_bytes(), paths[1].read_bytes(), stats)
     assert outputs["fast"] == outputs["openslide"]
     assert meta["level_dimensions"][3] == [stats["mask_width"], stats["mask_height"]]
+
+
+def test_a_sparse_scan_is_left_to_openslide(tmp_path, jpeg_pyramid):
+    """A tile stored with no bytes is unscanned for OpenSlide (transparent, at every level of an
+    Aperio slide); libvips would show the lower pages' pixels there, so such files take the
+    OpenSlide path."""
+    import shutil
+    import struct
+
+    tifffile = pytest.importorskip("tifffile")
+    from histoflow.slide import tiff_has_missing_tiles
+
+    meta = slide_meta(tmp_path, jpeg_pyramid)
+    assert not tiff_has_missing_tiles(jpeg_pyramid, meta["level_count"] - 1)
+    sparse = tmp_path / "sparse.tiff"
+    shutil.copy(jpeg_pyramid, sparse)
+    with tifffile.TiffFile(sparse) as tif:
+        counts = tif.pages[0].tags["TileByteCounts"]
+        fmt = tif.byteorder + {3: "H", 4: "I", 16: "Q"}[int(counts.dtype)]
+        where = counts.valueoffset
+    with open(sparse, "r+b") as handle:         # level 0, tile 5: no bytes
+        handle.seek(where + 5 * struct.calcsize(fmt))
+        handle.write(struct.pack(fmt, 0))
+    assert tiff_has_missing_tiles(sparse, 0) and tiff_has_missing_tiles(sparse, 2)
+    assert read_whole_level_fast(jpeg_pyramid, "generic-tiff", meta["level_dimensions"], 2) is not None
+    assert read_whole_level_fast(sparse, "generic-tiff", meta["level_dimensions"], 2) is None
+    not_tiff = tmp_path / "x.tiff"
+    not_tiff.write_bytes(b"not a tiff at all")
+    assert tiff_has_missing_tiles(not_tiff, 0)   # unparseable: the safe answer

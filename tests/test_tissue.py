@@ -173,7 +173,7 @@ def test_majority_is_a_median_filter_of_the_mask_with_edges_replicated():
     from histoflow.tissue import majority
 
     for mask in random_masks(40):
-        for size in (3, 5, 7, 17):
+        for size in (3, 5, 7, 17, 23):                                 # 23: sums beyond a byte
             expect = ndimage.median_filter(mask.view(np.uint8), size=size, mode="nearest") > 0
             assert np.array_equal(majority(mask, size), expect)
         both = majority(np.stack([mask, ~mask], axis=-1), 3)          # several masks at once
@@ -230,6 +230,8 @@ def test_polygons_preserve_area_holes_and_level0_scale():
     assert len(polys) == 2
     big, island = polys
     assert len(big.interiors) == 1
+    # RFC 7946 orientation: outlines counter-clockwise, holes clockwise
+    assert big.exterior.is_ccw and island.exterior.is_ccw and not big.interiors[0].is_ccw
     assert big.area == pytest.approx((40 * 60 - 100) * 256, rel=0.01)
     assert island.area == pytest.approx(36 * 256, rel=0.05)
     assert big.bounds == pytest.approx((160, 160, 1120, 800))  # pixel edges at level 0
@@ -250,6 +252,18 @@ def test_polygons_follow_the_marching_squares_contours_of_skimage():
         assert len(rings) == len(expect) and all(p.is_valid for p in polys)
         for contour in expect:
             assert sum(contour.equals(ring) for ring in rings) == 1
+
+
+def test_contours_need_a_background_border_and_invalid_parts_keep_their_largest_polygon():
+    import shapely
+
+    from histoflow.geojson import _largest_polygon, contour_rings
+
+    with pytest.raises(ValueError, match="pad"):
+        contour_rings(np.ones((3, 3), bool))
+    nested = shapely.GeometryCollection([shapely.MultiPolygon([shapely.box(0, 0, 1, 1), shapely.box(2, 0, 5, 3)]),
+                                         shapely.LineString([(0, 0), (9, 9)])])
+    assert _largest_polygon(nested).area == 9
 
 
 def test_min_area_drops_specks():
