@@ -20,15 +20,6 @@ from .io import atomic_path
 OBJECT_TYPES = ("annotation", "detection")
 
 
-def _ring_to_level0(contour: np.ndarray, scale_x: float, scale_y: float, offset: float) -> np.ndarray:
-    # find_contours gives (row, col) through pixel centres; pixel i's centre is at (i + 0.5) * scale
-    # in level-0 px, so a mask px covers [i*scale, (i+1)*scale).
-    rows = contour[:, 0] - offset
-    cols = contour[:, 1] - offset
-    # an (n, 2) array: shapely builds rings from arrays ~10x faster than from lists of tuples
-    return np.column_stack(((cols + 0.5) * scale_x, (rows + 0.5) * scale_y))
-
-
 # Marching squares on a binary image, vectorised. A cell joins the centres of pixels (r, c),
 # (r, c+1), (r+1, c+1), (r+1, c) (clockwise: corner bits 1, 2, 4, 8); a contour crosses a cell
 # edge (clockwise: top, right, bottom, left) where its two pixels differ, at the edge's midpoint.
@@ -210,12 +201,6 @@ def _largest_polygon(geom):
     parts = [_largest_polygon(g) for g in getattr(geom, "geoms", [])]
     parts = [g for g in parts if g is not None]
     return max(parts, key=lambda g: g.area) if parts else None
-
-
-def _scale(poly, scale_x: float, scale_y: float):
-    from shapely import affinity
-
-    return affinity.scale(poly, xfact=scale_x, yfact=scale_y, origin=(0, 0))
 
 
 def _rounded_coords(coords: Iterable[Sequence[float]], ndigits: int) -> list[list[float]]:
