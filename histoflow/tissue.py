@@ -200,8 +200,8 @@ def otsu_of_histogram(hist: np.ndarray, centers: np.ndarray) -> float:
 
 def plane_histogram(plane: np.ndarray, sample: np.ndarray | None = None) -> np.ndarray:
     """256-bin histogram of a uint8 plane over the pixels where ``sample`` is True (all when
-    None). libvips counts the whole plane (one threaded pass, no copy); the few pixels left out
-    of the sample (ink, unscanned areas) are subtracted."""
+    None). libvips counts the whole plane in one threaded pass; the few pixels left out of the
+    sample (ink, unscanned areas) are subtracted, instead of gathering the sample first."""
     plane = np.ascontiguousarray(plane, np.uint8)
     if plane.size == 0:
         return np.zeros(256, np.int64)
@@ -255,7 +255,8 @@ def _median(channel: np.ndarray, size: int) -> np.ndarray:
 def hsv_and_dark(rgb: np.ndarray, white_threshold: float) -> tuple[np.ndarray, ...]:
     """:func:`hsv` planes and the "darker than glass" mask, integer luma
     ``299 R + 587 G + 114 B < 1000 * ceil(white_threshold)`` (floor(grey) < threshold), in one
-    libvips pass (a fresh process pays ~5x more for the same sums in numpy: new big arrays)."""
+    libvips pass (in a fresh process this costs less than the same sums in numpy, which must
+    fault in new image-sized arrays; BLAS is fast warm but slow on its first call)."""
     rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
     if rgb.size == 0:
         z = np.zeros(rgb.shape[:2], np.uint8)
