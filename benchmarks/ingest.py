@@ -7,7 +7,7 @@
   the cache folder (default ``.cache/bench``, or $HISTOFLOW_BENCH_CACHE).
 * hs2p 6.1.0 (+ openslide) is installed into ``{cache}/.venv-bench`` if missing (pip, PyPI).
 * Each tool runs in fresh processes. A process reports its import time ("start-up") and its work
-  time apart; peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. histoflow runs as the
+  time apart; peak RSS is the worker's own VmHWM (see own_peak_rss_mb). histoflow runs as the
   workflow runs it (one process per rule: slide_qc, then tissue, then tiles; work adds up, peak
   RSS is the largest process) and, for comparison, with the three stages in one process. Its
   start-up is what a rule script does before its step (``histoflow.slide_jobs.prepare_step``:
@@ -218,6 +218,8 @@ def run_worker(python: Path, tool: str, slide: Path, out: Path, extra: tuple[str
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"worker{len(list(out.glob('worker*.log')))}.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # as on a user's machine, modules load from their bytecode cache (see precompile)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     start = time.perf_counter()
     with open(log, "w") as handle:
         proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--worker", tool, "--slide", str(slide),
@@ -231,8 +233,31 @@ def run_worker(python: Path, tool: str, slide: Path, out: Path, extra: tuple[str
     result = json.loads(stdout.strip().splitlines()[-1])
     result["wall_s"] = wall
     result["startup_s"] = wall - result["work_s"]          # interpreter + imports + exit
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024.0       # Linux: KiB
+    if result.get("peak_rss_mb") is None:                 # no /proc: the kernel's figure
+        result["peak_rss_mb"] = usage.ru_maxrss / 1024.0   # Linux: KiB
     return result
+
+
+def precompile() -> None:
+    """Write histoflow's bytecode cache before timing: an installed package has it, and a
+    module compiled from source on its first lazy import would add milliseconds to the work."""
+    import compileall
+
+    compileall.compile_dir(str(REPO / "histoflow"), quiet=1)
+
+
+def own_peak_rss_mb() -> float | None:
+    """This process's peak RSS (``VmHWM``), or None without /proc. Not ``ru_maxrss``: on Linux
+    that also counts the parent's pages that the child shared between fork and exec, so every
+    worker would report at least the size of the benchmark's own process."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -290,6 +315,7 @@ def main(argv=None) -> int:
                                       tuple(args.stages.split(",")))
         else:
             result = worker_hs2p(Path(args.slide), Path(args.out))
+        result["peak_rss_mb"] = own_peak_rss_mb()
         print(json.dumps(result), flush=True)
         return 0
 
@@ -302,6 +328,7 @@ def main(argv=None) -> int:
         make_slide(slide)
         gen_s = time.perf_counter() - t
     hs2p_python = ensure_hs2p(cache)
+    precompile()
 
     # histoflow as the workflow runs it (one process per rule) and in one process, with the config
     # defaults (mask at 16 µm/px, hs2p's segmentation resolution here), and with a finer mask

@@ -208,6 +208,10 @@ def _rounded_coords(coords: Iterable[Sequence[float]], ndigits: int) -> list[lis
 
     # Python's round (correctly rounded), over plain floats from one array -> list conversion
     xy = shapely.get_coordinates(coords) if hasattr(coords, "geom_type") else np.asarray(coords, float)[:, :2]
+    if np.array_equal(np.round(xy, ndigits), xy):
+        # already on the grid (mask outlines at an integer scale are): round() would return
+        # each value unchanged, as the nearest double to its own ndigits-decimal is itself
+        return xy.tolist()
     return [[round(x, ndigits), round(y, ndigits)] for x, y in xy.tolist()]
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .logs import log_to      # stdlib only: loaded with the module, not inside a step's timing
+
 
 @dataclass(frozen=True)
 class SlideJob:
@@ -154,11 +156,14 @@ SLIDE_STEPS: dict[str, Callable[[SlideJob], None]] = {
 # once per batch job, before the first slide), and settle_imports() exempts it from the garbage
 # collector. benchmarks/ingest.py times the steps the same way.
 STEP_IMPORTS: dict[str, tuple[str, ...]] = {
-    "slide_qc": ("histoflow.slide_qc", "openslide", "PIL.Image"),
-    "detect_tissue": ("histoflow.tissue", "histoflow.geojson", "openslide", "pyvips", "scipy.ndimage", "shapely",
-                      "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "tqdm"),
-    "tile_slide": ("histoflow.tiling", "PIL.Image", "PIL.ImageDraw", "PIL.JpegImagePlugin", "PIL.PngImagePlugin",
-                   "pyarrow", "pyarrow.parquet"),
+    "slide_qc": ("histoflow.slide_qc", "histoflow.slide", "openslide", "PIL.Image"),
+    # OpenSlide (and its progress bar) only for levels libvips cannot read whole: imported then
+    "detect_tissue": ("histoflow.tissue", "histoflow.geojson", "pyvips", "cv2", "shapely", "concurrent.futures"),
+    # PIL.Image.open loads the Bmp/Gif/Jpeg/Ppm/Png plugins on its first call; the tile sample
+    # draws from numpy.random
+    "tile_slide": ("histoflow.tiling", "PIL.Image", "PIL.ImageDraw", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
+                   "PIL.JpegImagePlugin", "PIL.PpmImagePlugin", "PIL.PngImagePlugin", "numpy.random",
+                   "pyarrow", "pyarrow.parquet", "concurrent.futures"),
 }
 
 
@@ -175,11 +180,13 @@ def prepare_step(rule: str) -> None:
 
 
 def reuse_freed_memory(limit_mb: int = 64) -> None:
-    """Keep freed arrays of up to ``limit_mb`` in the process's heap for reuse (glibc only; a
-    no-op elsewhere). Why: glibc hands out and returns every block over 128 kB with mmap/munmap,
-    so each temporary image of a step starts on fresh pages that the kernel must fault in and
-    zero, again and again: ~10 % of a tissue step on a 2 Mpx mask. A rule's process is short;
-    its peak grows a little (126 -> 134 MB in benchmarks/ingest.py) and all goes back at exit."""
+    """Keep freed arrays of up to ``limit_mb`` in the process's heap for reuse, in one heap for
+    all threads (glibc only; a no-op elsewhere). Why: glibc hands out and returns every block
+    over 128 kB with mmap/munmap, so each temporary image of a step starts on fresh pages that
+    the kernel must fault in and zero, again and again: ~10 % of a tissue step on a 2 Mpx mask.
+    One arena: the step's helper threads (outlines, OpenCV's pool) would otherwise each keep
+    their own freed blocks, ~10 MB more peak RSS in the tissue step. A rule's process is short;
+    all goes back at exit."""
     import ctypes
     import ctypes.util
     import sys
@@ -188,9 +195,10 @@ def reuse_freed_memory(limit_mb: int = 64) -> None:
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3          # <malloc.h>
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8          # <malloc.h>
         libc.mallopt(m_mmap_threshold, limit_mb << 20)
         libc.mallopt(m_trim_threshold, 2 * limit_mb << 20)
+        libc.mallopt(m_arena_max, 1)
     except (OSError, AttributeError):                        # musl and others: keep the defaults
         pass
 
@@ -208,8 +216,6 @@ def settle_imports() -> None:
 
 def run_slide_job(rule: str, snakemake) -> None:
     """Run a per-slide rule's step, logging to the rule's log file."""
-    from .logs import log_to
-
     job = SlideJob.from_snakemake(snakemake)
     with log_to(job.log):          # an import failure in prepare_step goes to the log too
         prepare_step(rule)

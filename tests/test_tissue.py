@@ -196,6 +196,22 @@ def test_closing_dilation_and_erosion_use_a_disk_with_background_outside():
             assert np.array_equal(_morph(mask, r, "close"), closed[2 * r:-2 * r, 2 * r:-2 * r])
 
 
+def test_cleaning_inside_the_tissue_box_equals_cleaning_the_whole_mask():
+    """clean_mask works on the tissue's bounding box; specks, holes and closing must be exactly
+    those of the whole image, glass touching the box's sides included (it is never a hole)."""
+    from histoflow.tissue import _clean, clean_mask, um2_to_px
+
+    rng = np.random.default_rng(1)
+    for mask in random_masks(300, seed=5):
+        if rng.random() < 0.6:                  # tissue in one corner of the glass
+            mask[:rng.integers(0, mask.shape[0])] = False
+            mask[:, :rng.integers(0, mask.shape[1])] = False
+        mpp = float(rng.choice([4, 8, 16]))
+        closing, speck, hole = rng.choice([0, 30, 50, 100]), rng.choice([0, 5e3, 5e4]), rng.choice([0, 2e3, 2e4, 8e4])
+        whole = _clean(mask, int(round(closing / mpp / 2)), um2_to_px(speck, mpp), um2_to_px(hole, mpp), (False,) * 4)
+        assert np.array_equal(clean_mask(mask, mpp, closing, speck, hole), whole)
+
+
 def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
     from histoflow.tissue import otsu, otsu_of_histogram, plane_histogram
 
@@ -210,16 +226,29 @@ def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
         assert otsu_of_histogram(hist, np.arange(256.0)) == otsu(plane[sample])
 
 
-def test_dark_is_grey_below_the_white_threshold():
+def test_dark_is_the_rounded_grey_level_below_the_white_threshold():
     from histoflow.tissue import grey, hsv_and_dark
 
-    rgb = np.random.default_rng(4).integers(150, 256, (64, 64, 3), dtype=np.uint8)
+    rgb = np.random.default_rng(4).integers(150, 256, (256, 256, 3), dtype=np.uint8)
+    g = grey(rgb).astype(np.float64)
     for white in (200, 220, 220.5, 240):
         *_, dark = hsv_and_dark(rgb, white)
-        assert np.array_equal(dark, np.floor(grey(rgb).astype(np.float64) + 1e-9) < np.ceil(white))
+        cut = np.ceil(white) - 0.5              # 8-bit grey < ceil(white) <=> exact grey < this
+        clear = np.abs(g - cut) > 0.02          # OpenCV's fixed-point luma is within 0.01 of exact
+        assert clear.mean() > 0.95
+        assert np.array_equal(dark[clear], (g < cut)[clear])
 
 
 # ---------------------------------------------------------------- GeoJSON helpers
+
+def test_geojson_coordinates_are_rounded_to_two_decimals_as_python_rounds():
+    from histoflow.geojson import _rounded_coords
+
+    rng = np.random.default_rng(0)
+    for divisor in (1, 2, 8, 100, 1000, 3, 7):          # on the 0.01 grid already, or not
+        xy = rng.integers(0, 10**6, (200, 2)) / divisor
+        assert _rounded_coords(xy, 2) == [[round(x, 2), round(y, 2)] for x, y in xy.tolist()]
+
 
 def test_polygons_preserve_area_holes_and_level0_scale():
     mask = np.zeros((60, 80), bool)
