@@ -54,16 +54,42 @@ def _crossing_keys(rows: np.ndarray, cols: np.ndarray, edges: np.ndarray, width:
 
 
 def contour_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Closed marching-squares contours of a binary mask at level 0.5, vectorised.
+    """Closed marching-squares contours of a binary mask at level 0.5.
 
     Returns ``(coords, ring)``: vertices (row, col) as float (edge midpoints, so .5 on one axis)
-    in walking order without the closing repeat, and the ring index of each vertex. Vertices
-    in the middle of a straight run (horizontal, vertical or 45°) are dropped. The mask must
-    have a False border (pad it), so every contour is closed."""
-    m = np.asarray(mask, bool).view(np.uint8)
-    h, w = m.shape
+    in walking order without the closing repeat, and the ring index of each vertex (rings in
+    runs). Outlines run counter-clockwise and holes clockwise in shapely's (x, y) sense.
+    Vertices in the middle of a straight run (horizontal, vertical or 45°) are dropped. The
+    mask must have a False border (pad it), so every contour is closed.
+
+    With OpenCV loaded (the tissue step), the contours come from its border following
+    (:func:`_rings_from_borders`, ~3x faster); otherwise from vectorised marching squares
+    (:func:`_rings_from_cells`). Both give the same rings."""
+    import sys
+
+    m = np.ascontiguousarray(np.asarray(mask, bool)).view(np.uint8)
     if m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any():
         raise ValueError("contour_rings needs a mask with a False border: np.pad(mask, 1) first")
+    cv2 = sys.modules.get("cv2")
+    coords, ring = _rings_from_borders(m, cv2) if cv2 is not None else _rings_from_cells(m)
+    if len(ring) == 0:
+        return np.zeros((0, 2)), np.zeros(0, np.int64)
+    # drop vertices where the direction does not change (cyclically within each ring)
+    first = np.r_[True, ring[1:] != ring[:-1]]
+    starts = np.flatnonzero(first)
+    length = np.diff(np.r_[starts, len(ring)])
+    pos = np.arange(len(ring)) - np.repeat(starts, length)
+    base = np.repeat(starts, length)
+    prev = base + (pos - 1) % np.repeat(length, length)
+    foll = base + (pos + 1) % np.repeat(length, length)
+    turn = np.any((coords - coords[prev]) != (coords[foll] - coords), axis=1)
+    return coords[turn], ring[turn]
+
+
+def _rings_from_cells(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Marching squares, vectorised: each crossed cell's segments (:data:`_MS_TABLE`), chained
+    into rings by pointer jumping. (row, col) vertices and ring ids, rings in runs."""
+    h, w = m.shape
     case = m[:-1, :-1] | (m[:-1, 1:] << 1) | (m[1:, 1:] << 2) | (m[1:, :-1] << 3)
     cells = np.flatnonzero((case != 0) & (case != 15))
     if len(cells) == 0:
@@ -103,16 +129,69 @@ def contour_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pixel = key >> 1
     pr, pc = np.divmod(pixel, w)
     coords = np.column_stack([pr + 0.5 * vertical, pc + 0.5 * ~vertical])
-    # drop vertices where the direction does not change (cyclically within each ring)
-    first = np.r_[True, ring[1:] != ring[:-1]]
-    starts = np.flatnonzero(first)
-    length = np.diff(np.r_[starts, len(ring)])
-    pos = np.arange(len(ring)) - np.repeat(starts, length)
-    base = np.repeat(starts, length)
-    prev = base + (pos - 1) % np.repeat(length, length)
-    foll = base + (pos + 1) % np.repeat(length, length)
-    turn = np.any((coords - coords[prev]) != (coords[foll] - coords), axis=1)
-    return coords[turn], ring[turn]
+    return coords, ring
+
+
+# Border following (OpenCV's findContours, Suzuki-Abe): foreground 8-connected and holes
+# 4-connected, as marching squares with diagonal foreground joined. Each contour is a cycle of
+# boundary pixels with the foreground on its left (y down); at each pixel the walk passes the
+# "cracks" to its background 4-neighbours that lie, turning from the previous pixel's
+# direction to the next one's, on its right. A crack's midpoint is a marching-squares vertex.
+_STEPS = np.array([(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)], np.int64)  # (dx, dy)
+_STEP_CODE = np.full(9, 8, np.int64)            # (dx + 1) * 3 + (dy + 1) -> index in _STEPS; 8: no step
+_STEP_CODE[(_STEPS[:, 0] + 1) * 3 + _STEPS[:, 1] + 1] = np.arange(8)
+
+
+def _crack_table() -> tuple[np.ndarray, np.ndarray]:
+    """``count[back, out]`` and ``steps[back, out, :count]``: the 4-neighbour directions a walk
+    passes at a pixel entered from direction ``back`` and left towards ``out`` (turning from
+    ``back`` to ``out`` the other way round from the walk, all passed neighbours being
+    background); 8 = a one-pixel contour (all four sides)."""
+    count = np.zeros((9, 9), np.int64)
+    steps = np.zeros((9, 9, 4), np.int64)
+    for back in range(9):
+        for out in range(9):
+            if back == 8 or out == 8:
+                passed = [6, 4, 2, 0]
+            else:
+                passed, d = [], (back - 1) % 8
+                while d != out:
+                    passed.append(d)
+                    d = (d - 1) % 8
+                passed = [d for d in passed if d % 2 == 0]
+            count[back, out] = len(passed)
+            steps[back, out, :len(passed)] = passed
+    return count, steps
+
+
+_CRACK_COUNT, _CRACK_STEPS = _crack_table()
+
+
+def _rings_from_borders(m: np.ndarray, cv2) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_rings_from_cells`' rings from OpenCV's border following: (row, col) vertices and
+    ring ids, each ring walked backwards so that outlines run counter-clockwise."""
+    contours, _ = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return np.zeros((0, 2)), np.zeros(0, np.int64)
+    lengths = np.fromiter((len(c) for c in contours), np.int64, len(contours))
+    pixels = np.concatenate(contours).reshape(-1, 2).astype(np.int64)        # (x, y)
+    n = len(pixels)
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    length = np.repeat(lengths, lengths)
+    pos = np.arange(n) - first
+
+    def step(to: np.ndarray) -> np.ndarray:
+        delta = pixels[to] - pixels
+        return _STEP_CODE[(delta[:, 0] + 1) * 3 + delta[:, 1] + 1]
+
+    back, out = step(first + (pos - 1) % length), step(first + (pos + 1) % length)
+    k = _CRACK_COUNT[back, out]
+    at = np.repeat(np.arange(n), k)
+    nth = np.arange(len(at)) - np.repeat(np.cumsum(k) - k, k)
+    xy = pixels[at] + 0.5 * _STEPS[_CRACK_STEPS[back[at], out[at], nth]]
+    ring = np.repeat(np.repeat(np.arange(len(contours)), lengths), k)
+    walk = np.lexsort((-np.arange(len(at)), ring))
+    return np.column_stack([xy[walk, 1], xy[walk, 0]]), ring[walk]
 
 
 def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0, min_area_px: float = 0.0,
@@ -127,7 +206,7 @@ def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.
     """
     import shapely
 
-    mask = np.asarray(mask).astype(bool)
+    mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     if not mask.any():
@@ -230,8 +309,10 @@ def polygon_to_geometry(poly, ndigits: int = 2) -> dict:
 def polygons_to_feature_collection(polys: Sequence, classification: str | Sequence[str] = "Tissue",
                                    color: Sequence[int] | Sequence[Sequence[int]] = (0, 160, 0),
                                    object_type: str = "annotation",
-                                   properties_list: Sequence[dict[str, Any]] | None = None) -> dict:
-    """A QuPath-importable FeatureCollection of ``polys`` (level-0 px).
+                                   properties_list: Sequence[dict[str, Any]] | None = None,
+                                   geometries: bool = True) -> dict:
+    """A QuPath-importable FeatureCollection of ``polys`` (level-0 px). ``geometries=False``:
+    features without their "geometry" (:func:`write_polygons_geojson` writes it).
 
     ``classification``/``color`` are one class for all polygons or one per polygon.
     ``properties_list``: per-polygon numbers (go to ``measurements``, which QuPath shows in its
@@ -258,8 +339,11 @@ def polygons_to_feature_collection(polys: Sequence, classification: str | Sequen
                       "isLocked": False, **extra}
         if measurements:
             properties["measurements"] = measurements
-        features.append({"type": "Feature", "id": f"{names[i]}-{i}",
-                         "geometry": polygon_to_geometry(poly), "properties": properties})
+        feature = {"type": "Feature", "id": f"{names[i]}-{i}"}
+        if geometries:
+            feature["geometry"] = polygon_to_geometry(poly)
+        feature["properties"] = properties
+        features.append(feature)
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -267,6 +351,36 @@ def write_geojson(path: str | os.PathLike, fc: dict) -> None:
     """Write a FeatureCollection atomically (compact: large tissue outlines have many vertices)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(fc, separators=(",", ":")) + "\n")
+
+
+def _geometry_text(poly, ndigits: int = 2) -> str:
+    """``json.dumps(polygon_to_geometry(poly))``, compact. A Polygon whose coordinates are
+    already on the ``ndigits`` grid (mask outlines at an integer scale) is written by GEOS in C
+    (shortest round-trip numbers, as Python's): no Python float and list per vertex."""
+    import shapely
+
+    if poly.geom_type == "Polygon":
+        xy = shapely.get_coordinates(poly)
+        if np.array_equal(np.round(xy, ndigits), xy) and np.abs(xy).max(initial=0.0) < 1e15:
+            return shapely.to_geojson(poly)
+    return json.dumps(polygon_to_geometry(poly, ndigits), separators=(",", ":"))
+
+
+def write_polygons_geojson(path: str | os.PathLike, polys: Sequence, classification: str | Sequence[str] = "Tissue",
+                           color: Sequence[int] | Sequence[Sequence[int]] = (0, 160, 0),
+                           object_type: str = "annotation",
+                           properties_list: Sequence[dict[str, Any]] | None = None) -> None:
+    """``write_geojson(path, polygons_to_feature_collection(polys, ...))``, the same bytes,
+    with each geometry serialised by :func:`_geometry_text` (a tissue outline has thousands of
+    vertices; the dict route builds a Python list per vertex, then encodes it)."""
+    fc = polygons_to_feature_collection([None] * len(polys), classification, color, object_type, properties_list,
+                                        geometries=False)
+    dumps = lambda value: json.dumps(value, separators=(",", ":"))   # noqa: E731
+    features = [f'{{"type":"Feature","id":{dumps(feature["id"])},"geometry":{_geometry_text(poly)},'
+                f'"properties":{dumps(feature["properties"])}}}'
+                for feature, poly in zip(fc["features"], polys)]
+    with atomic_path(path) as tmp:
+        tmp.write_text('{"type":"FeatureCollection","features":[' + ",".join(features) + "]}\n")
 
 
 def _class_name(feature: dict) -> str | None:

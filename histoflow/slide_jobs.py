@@ -167,16 +167,23 @@ STEP_IMPORTS: dict[str, tuple[str, ...]] = {
 }
 
 
+_PREPARED: set[str] = set()
+
+
 def prepare_step(rule: str) -> None:
     """Import what step ``rule`` needs, then :func:`settle_imports` (and for the ingest steps
-    :func:`reuse_freed_memory`): the set-up of a rule's process before its first slide."""
+    :func:`reuse_freed_memory`): the set-up of a rule's process before its first slide. Once
+    per rule and process: a batch job calls it for every slide."""
     import importlib
 
+    if rule in _PREPARED:
+        return
     for module in STEP_IMPORTS.get(rule, ()):
         importlib.import_module(module)
     settle_imports()
     if rule in STEP_IMPORTS:    # the light ingest steps; feature extraction keeps glibc's defaults
         reuse_freed_memory()
+    _PREPARED.add(rule)
 
 
 def reuse_freed_memory(limit_mb: int = 64) -> None:
@@ -188,13 +195,12 @@ def reuse_freed_memory(limit_mb: int = 64) -> None:
     their own freed blocks, ~10 MB more peak RSS in the tissue step. A rule's process is short;
     all goes back at exit."""
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)        # the process's own symbols: libc is loaded (find_library forks ldconfig)
         m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8          # <malloc.h>
         libc.mallopt(m_mmap_threshold, limit_mb << 20)
         libc.mallopt(m_trim_threshold, 2 * limit_mb << 20)

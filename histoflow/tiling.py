@@ -217,6 +217,32 @@ def box_fractions(table: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndar
     return np.clip(frac, 0.0, 1.0)
 
 
+def _sums_between(a: np.ndarray, cuts: np.ndarray, axis: int, dtype, binary: bool = False) -> np.ndarray:
+    """Sums of ``a`` between consecutive ``cuts`` (sorted indices) along ``axis`` (0 or 1): entry
+    k sums ``a[cuts[k]:cuts[k + 1]]``. A regular grid over a pyramid mask (tiles a whole number
+    of mask px apart) has equal steps: one reshaped sum, no Python loop. ``binary``: ``a`` is a
+    uint8 0/1 mask."""
+    steps = np.diff(cuts)
+    n = len(steps)
+    if n and steps[0] > 0 and (steps == steps[0]).all():
+        d, lo, hi = int(steps[0]), int(cuts[0]), int(cuts[-1])
+        blocks = a[lo:hi].reshape(n, d, a.shape[1]) if axis == 0 else a[:, lo:hi].reshape(a.shape[0], n, d)
+        if binary and d <= 255:
+            # 0/1 sums of at most 255 fit uint8: no widened copy of the whole mask
+            return np.add.reduce(blocks, axis=axis + 1, dtype=np.uint8).astype(dtype)
+        return blocks.sum(axis=axis + 1, dtype=dtype)
+    if axis == 1:      # int32/int64 in their own type: numpy would widen int32 to int64 with a copy
+        own = a.dtype if a.dtype in (np.int32, np.int64) else np.dtype(dtype)
+        return np.add.reduceat(a[:, :cuts[-1]], cuts[:-1], axis=1, dtype=own).astype(dtype, copy=False)
+    # a loop of contiguous sums is ~4x faster than np.add.reduceat along axis 0; 0/1 bands of at
+    # most 255 rows add up in uint8, without casting
+    small = binary and n and steps.max() <= 255
+    out = np.empty((n, a.shape[1]), np.uint8 if small else dtype)
+    for k in range(n):
+        np.add.reduce(a[cuts[k]:cuts[k + 1]], axis=0, dtype=out.dtype, out=out[k])
+    return out.astype(dtype, copy=False)
+
+
 def _sparse_integral(mask: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The summed-area table at the given sorted integer columns/rows only (each list starting at
     0): the mask is first summed in bands of rows (contiguous memory, one pass), then the small
@@ -225,13 +251,9 @@ def _sparse_integral(mask: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> np
     table = np.zeros((len(rows), len(cols)), dtype=np.int64)
     if len(cols) < 2 or len(rows) < 2:
         return table
-    # band k = m[rows[k]:rows[k+1]] summed down its columns; a loop of contiguous sums is ~4x
-    # faster than np.add.reduceat along axis 0 with a widening dtype
-    bands = np.empty((len(rows) - 1, m.shape[1]), np.int32)
-    for k in range(len(rows) - 1):
-        np.sum(m[rows[k]:rows[k + 1]], axis=0, dtype=np.int32, out=bands[k])
-    blocks = np.add.reduceat(bands, cols[:-1], axis=1)                  # (len(rows) - 1, len(cols) - 1)
-    table[1:, 1:] = np.cumsum(np.cumsum(blocks, axis=0, dtype=np.int64), axis=1)
+    bands = _sums_between(m, rows, 0, np.int32, binary=True)          # (len(rows) - 1, w)
+    blocks = _sums_between(bands, cols, 1, np.int64)                   # (len(rows) - 1, len(cols) - 1)
+    table[1:, 1:] = np.cumsum(np.cumsum(blocks, axis=0), axis=1)
     return table
 
 
@@ -281,6 +303,62 @@ def tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, x: np.nda
     inside = at(u1, j_1, v1, i_1) - at(u0, j_0, v1, i_1) - at(u1, j_1, v0, i_0) + at(u0, j_0, v0, i_0)
     area = (float(size0_x) / scale_x) * (float(size0_y) / scale_y)  # whole tile, even beyond the mask
     return np.clip(inside / area, 0.0, 1.0) if area > 0 else np.zeros(n)
+
+
+def grid_tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, spec: GridSpec) -> np.ndarray:
+    """:func:`tissue_fractions` of every tile of grid ``spec``, in :func:`grid_coordinates` order
+    (row-major), with the same arithmetic and so the same values. Faster: a grid's tile edges
+    take only ``2 x n_cols`` distinct x and ``2 x n_rows`` distinct y values, so the table is
+    interpolated once per (edge row, edge column) and each tile reads its four corners from that
+    small table; table rows/columns that an interpolation weighs by 0 are never summed."""
+    mask = np.asarray(mask)
+    n_rows, n_cols = spec.n_rows, spec.n_cols
+    h, w = mask.shape
+    if n_rows * n_cols == 0 or h == 0 or w == 0:
+        return np.zeros(n_rows * n_cols)
+    x = np.arange(n_cols, dtype=np.float64) * spec.stride0_x
+    y = np.arange(n_rows, dtype=np.float64) * spec.stride0_y
+    us = np.clip(np.concatenate([x / scale_x, (x + spec.size0_x) / scale_x]), 0.0, w)
+    vs = np.clip(np.concatenate([y / scale_y, (y + spec.size0_y) / scale_y]), 0.0, h)
+    j = np.minimum(us.astype(np.int64), w - 1)
+    i = np.minimum(vs.astype(np.int64), h - 1)
+    a, b = us - j, vs - i
+    cols = _present(np.concatenate([[0], j, j[a > 0] + 1]), w)
+    rows = _present(np.concatenate([[0], i, i[b > 0] + 1]), h)
+    table = _sparse_integral(mask, cols, rows)
+    col_at = np.zeros(w + 1, np.int64)
+    col_at[cols] = np.arange(len(cols))
+    row_at = np.zeros(h + 1, np.int64)
+    row_at[rows] = np.arange(len(rows))
+    # the table's next row/column where the weight is > 0; where it is 0 any index will do
+    c0, c1 = col_at[j], np.where(a > 0, col_at[np.minimum(j + 1, w)], col_at[j])
+    r0, r1 = row_at[i], np.where(b > 0, row_at[np.minimum(i + 1, h)], row_at[i])
+    # the integral at every (edge y, edge x): tissue_fractions' bilinear formula, term by term
+    if not a.any() and not b.any():     # edges on mask px boundaries: the table itself (exact integers)
+        at = table[np.ix_(r0, c0)]
+    else:
+        # s00 + A * (s01 - s00) + B * (s10 - s00) + A * B * (s11 - s10 - s01 + s00), each
+        # operation as Python evaluates it (so bit for bit), in place where IEEE allows (x + y
+        # == y + x and x * y == y * x exactly): 5 temporaries of the (edge y, edge x) size, not 11
+        s00 = table[np.ix_(r0, c0)].astype(np.float64)
+        s01, s10 = table[np.ix_(r0, c1)], table[np.ix_(r1, c0)]
+        A, B = a[None, :], b[:, None]
+        at = np.subtract(s01, s00)
+        at *= A
+        at += s00
+        term = np.subtract(s10, s00)
+        term *= B
+        at += term
+        cross = np.subtract(table[np.ix_(r1, c1)], s10)      # int64, exact
+        cross -= s01
+        np.add(cross, s00, out=term)
+        np.multiply(A, B, out=s00)                           # s00 is no longer needed
+        term *= s00
+        at += term
+    top, bottom = at[:n_rows], at[n_rows:]           # y0 and y1 of each tile row
+    inside = (bottom[:, n_cols:] - bottom[:, :n_cols] - top[:, n_cols:] + top[:, :n_cols]).ravel()
+    area = (float(spec.size0_x) / scale_x) * (float(spec.size0_y) / scale_y)
+    return np.clip(inside / area, 0.0, 1.0) if area > 0 else np.zeros(n_rows * n_cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +496,7 @@ def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_
         spec = grid_spec(width, height, mpp_x, mpp_y, level_downsamples, target, settings.tile_px,
                          settings.overlap_px, slide_id)
         x, y, col, row = grid_coordinates(spec)
-        frac = tissue_fractions(mask, scale_x, scale_y, x, y, spec.size0_x, spec.size0_y)
+        frac = grid_tissue_fractions(mask, scale_x, scale_y, spec)
         keep = np.flatnonzero(frac >= settings.min_tissue_fraction - 1e-9)
         x, y, col, row, frac = x[keep], y[keep], col[keep], row[keep], frac[keep]
         if annotations is not None:
@@ -488,8 +566,10 @@ def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int 
     return _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations, on_error)[0]
 
 
-def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int, annotations, on_error: str):
-    """:func:`tile_slide`, also returning the table it wrote (pyarrow)."""
+def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int, annotations, on_error: str,
+                write=write_parquet):
+    """:func:`tile_slide`, also returning the table it wrote (pyarrow). ``write(path, table,
+    metadata)`` writes the Parquet (the caller may hand it to another thread)."""
     from PIL import Image
 
     start = time.perf_counter()
@@ -503,7 +583,7 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
     def write_empty(reason: str):
         log.warning("slide %s: no tiles (%s)", slide_id, reason)
         empty = empty_tiles_table()
-        write_parquet(out_path, empty, _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason, annotations))
+        write(out_path, empty, _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason, annotations))
         return {}, empty
 
     if meta.get("status") != "ok":
@@ -516,7 +596,8 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
     mpp_y = mpp_y or mpp_x
     try:
         with Image.open(mask_png) as img:
-            mask = np.asarray(img if img.mode == "L" else img.convert("L")) > 127
+            grey = np.array(img if img.mode == "L" else img.convert("L"))
+        mask = np.greater(grey, 127, out=grey.view(bool))        # in place: no second mask-sized array
         scale_x = float(tissue.get("scale_x") or meta["width"] / mask.shape[1])
         scale_y = float(tissue.get("scale_y") or meta["height"] / mask.shape[0])
         geom = load_annotations(annotations, slide_id)
@@ -530,7 +611,7 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
 
     table, stats = build_tiles_table(slide_id, int(meta["width"]), int(meta["height"]), float(mpp_x), float(mpp_y),
                                      meta["level_downsamples"], mask, scale_x, scale_y, settings, seed, geom)
-    write_parquet(out_path, table, _metadata(float(mpp_x), float(mpp_y), settings, stats, "ok", None, annotations))
+    write(out_path, table, _metadata(float(mpp_x), float(mpp_y), settings, stats, "ok", None, annotations))
     for mpp, st in stats.items():
         log.info("slide %s @ %s µm/px: level %d, size0 %d px, %d grid tiles, %d with tissue >= %.2f, %d kept",
                  slide_id, mpp, st["level"], st["size0"], st["grid"], st["tissue"],
@@ -675,19 +756,21 @@ def _outline_pixels(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarr
     box by box in order (top, bottom, left, right): drawing them in one fancy-index assignment
     lets a later box overwrite a shared edge, as drawing them one by one would."""
     n = len(x0)
+    # int32: a preview is a few thousand px wide; half the memory of int64 temporaries
+    x0, y0, x1, y1 = (np.asarray(a, np.int32) for a in (x0, y0, x1, y1))
     w, h = x1 - x0 + 1, y1 - y0 + 1
     # per box and side: start (col, row), step (dcol, drow), length
     sc = np.stack([x0, x0, x0, x1], axis=1).ravel()
     sr = np.stack([y0, y1, y0, y0], axis=1).ravel()
-    dc = np.tile(np.array([1, 1, 0, 0]), n)
-    dr = np.tile(np.array([0, 0, 1, 1]), n)
+    dc = np.tile(np.array([1, 1, 0, 0], np.int32), n)
+    dr = np.tile(np.array([0, 0, 1, 1], np.int32), n)
     length = np.stack([w, w, h, h], axis=1).ravel()
     total = int(length.sum())
-    starts = np.repeat(np.cumsum(length) - length, length)
-    step = np.arange(total) - starts
+    starts = np.repeat(np.cumsum(length, dtype=np.int32) - length, length)
+    step = np.arange(total, dtype=np.int32) - starts
     rows = np.repeat(sr, length) + np.repeat(dr, length) * step
     cols = np.repeat(sc, length) + np.repeat(dc, length) * step
-    return rows, cols, np.repeat(np.arange(n), 2 * (w + h))
+    return rows, cols, np.repeat(np.arange(n, dtype=np.int32), 2 * (w + h))
 
 
 def _filled_boxes(shape: tuple[int, int], x0, y0, x1, y1) -> np.ndarray:
@@ -703,12 +786,12 @@ def _filled_boxes(shape: tuple[int, int], x0, y0, x1, y1) -> np.ndarray:
     return np.cumsum(np.cumsum(diff, axis=0), axis=1)[:h, :w] > 0
 
 
-def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, max_px: int = 1600) -> np.ndarray:
-    """The tile grid over a slide thumbnail, one panel per resolution (uint8 RGB): outlines
-    coloured by tissue fraction (viridis), tiles on annotations tinted red. ``background`` covers
-    the whole slide (``width x height`` level-0 px); ``tiles``: a tiles table (pyarrow Table or
-    pandas DataFrame). Drawn with array operations (a slide has thousands of tiles)."""
-    from PIL import Image, ImageDraw
+PREVIEW_HEADER_PX, PREVIEW_GAP_PX = 18, 8
+
+
+def _preview_background(background: np.ndarray, max_px: int) -> np.ndarray:
+    """The thumbnail as uint8 RGB, shrunk so its longer side is at most ``max_px``."""
+    from PIL import Image
 
     base = np.asarray(background, np.uint8)
     if base.ndim == 2:
@@ -719,13 +802,49 @@ def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, m
         bg = Image.fromarray(np.ascontiguousarray(base))
         bg = bg.resize((max(1, int(bg.width * scale)), max(1, int(bg.height * scale))), Image.Resampling.BILINEAR)
         base = np.asarray(bg)
+    return base
+
+
+def preview_canvas(background: np.ndarray, n_panels: int, max_px: int = 1600) -> np.ndarray:
+    """The preview before any tile is drawn: white, with the thumbnail under each panel's
+    header. Apart from the drawing so that the tiling step makes it while the grid is computed."""
+    base = _preview_background(background, max_px)
     ph, pw = base.shape[:2]
-    sx, sy = pw / max(width, 1), ph / max(height, 1)
+    out = np.full((ph + PREVIEW_HEADER_PX, n_panels * (pw + PREVIEW_GAP_PX) - PREVIEW_GAP_PX, 3), 255, np.uint8)
+    for k in range(n_panels):
+        out[PREVIEW_HEADER_PX:, k * (pw + PREVIEW_GAP_PX):k * (pw + PREVIEW_GAP_PX) + pw] = base
+    return out
+
+
+def _has_panels(canvas: np.ndarray, n_panels: int, background: np.ndarray, max_px: int) -> bool:
+    """Whether ``canvas`` is :func:`preview_canvas` of this background with ``n_panels`` panels."""
+    h, w = np.shape(background)[:2]
+    scale = min(1.0, max_px / max(h, w)) if max(h, w) else 1.0
+    ph, pw = (max(1, int(h * scale)), max(1, int(w * scale))) if scale < 1.0 else (h, w)
+    return canvas.shape == (ph + PREVIEW_HEADER_PX, n_panels * (pw + PREVIEW_GAP_PX) - PREVIEW_GAP_PX, 3)
+
+
+def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, max_px: int = 1600,
+                       canvas: np.ndarray | None = None) -> np.ndarray:
+    """The tile grid over a slide thumbnail, one panel per resolution (uint8 RGB): outlines
+    coloured by tissue fraction (viridis), tiles on annotations tinted red. ``background`` covers
+    the whole slide (``width x height`` level-0 px); ``tiles``: a tiles table (pyarrow Table or
+    pandas DataFrame). Drawn with array operations (a slide has thousands of tiles), in place
+    in ``canvas`` (:func:`preview_canvas` of ``background``) when it has one panel per resolution."""
+    from PIL import Image, ImageDraw
+
     cols = _preview_columns(tiles)
     mpps = list(dict.fromkeys(cols["target_mpp"].tolist())) or [None]
-    panels = []
-    for mpp in mpps:
-        panel = base.copy()
+    if canvas is None or not canvas.flags.c_contiguous or not _has_panels(canvas, len(mpps), background, max_px):
+        canvas = preview_canvas(background, len(mpps), max_px)
+    out = canvas
+    gap, header_h = PREVIEW_GAP_PX, PREVIEW_HEADER_PX
+    ph = out.shape[0] - header_h
+    pw = (out.shape[1] + gap) // len(mpps) - gap
+    sx, sy = pw / max(width, 1), ph / max(height, 1)
+    for k, mpp in enumerate(mpps):
+        left = k * (pw + gap)
+        panel = out[header_h:, left:left + pw]
         sel = np.ones(len(cols["x"]), bool) if mpp is None else cols["target_mpp"] == mpp
         n_sel = int(sel.sum())
         if n_sel:
@@ -737,7 +856,12 @@ def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, m
             colours = viridis(cols["tissue_fraction"][sel]).astype(np.uint8)
             rows, cc, box = _outline_pixels(x0, y0, x1, y1)
             inside = (rows >= 0) & (rows < ph) & (cc >= 0) & (cc < pw)
-            panel[rows[inside], cc[inside]] = colours[box[inside]]
+            if not inside.all():
+                rows, cc, box = rows[inside], cc[inside], box[inside]
+            # one flat assignment of 3-byte pixels (out is contiguous): ~2x faster than a 2-D
+            # fancy index of RGB rows; a later box still overwrites an earlier one's edge
+            at = (rows.astype(np.intp) + header_h) * out.shape[1] + cc + left
+            out.reshape(-1).view("V3")[at] = colours.reshape(-1).view("V3")[box]
             lesion = np.nan_to_num(cols["annotation_fraction"][sel].astype(np.float64)) > 0
             if lesion.any():  # red at 90/255 opacity over the tiles on annotations
                 tint = _filled_boxes((ph, pw), x0[lesion], y0[lesion], x1[lesion], y1[lesion])
@@ -746,15 +870,9 @@ def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, m
         # PIL's default font is ASCII only: "um/px"
         label = ("no tiles" if mpp is None else
                  f"{mpp:g} um/px: {n_sel} tiles (outline: tissue fraction, viridis; red: on annotations)")
-        header = Image.new("RGB", (pw, 18), (255, 255, 255))
+        header = Image.new("RGB", (pw, header_h), (255, 255, 255))
         ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
-        panels.append(np.concatenate([np.asarray(header), panel], axis=0))
-    gap = 8
-    out = np.full((ph + 18, sum(p.shape[1] for p in panels) + gap * (len(panels) - 1), 3), 255, np.uint8)
-    offset = 0
-    for p in panels:
-        out[:, offset:offset + p.shape[1]] = p
-        offset += p.shape[1] + gap
+        out[:header_h, left:left + pw] = np.asarray(header)
     return out
 
 
@@ -777,10 +895,11 @@ def _read_overlay_or_none(overlay_jpg) -> np.ndarray | None:
 
 
 def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1600,
-                       background: np.ndarray | None = None) -> None:
+                       background: np.ndarray | None = None, canvas: np.ndarray | None = None) -> None:
     """The tile grid drawn over the tissue overlay (for the report and for a quick look at what
     will be extracted). ``tiles``: the tiles Parquet's path, or the table itself. A skipped slide
-    gets a small blank image. ``background``: the overlay, when the caller has read it already."""
+    gets a small blank image. ``background``: the overlay, when the caller has read it already;
+    ``canvas``: its :func:`preview_canvas`, drawn on in place."""
     from PIL import Image
 
     meta = read_json(slide_json)
@@ -790,14 +909,14 @@ def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1
         tiles = pq.read_table(tiles)
     width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
     if meta.get("status") != "ok" or not width or not height:
-        background = None
+        background = canvas = None
     elif background is None:
-        background = _read_overlay(overlay_jpg)
+        background, canvas = _read_overlay(overlay_jpg), None
     if background is None:
         background = np.full((256, 256, 3), 255, np.uint8)
         width = width or 256
         height = height or 256
-    image = tile_preview_image(background, tiles, width, height, max_px)
+    image = tile_preview_image(background, tiles, width, height, max_px, canvas=canvas)
     with atomic_path(out_path) as tmp:
         Image.fromarray(image).save(tmp, format="JPEG", quality=90)
     log.info("slide %s: tile preview %s (%d x %d px)", meta.get("slide_id"), out_path, image.shape[1], image.shape[0])
@@ -810,11 +929,22 @@ def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_
     per-slide rules (whose check in Snakemake grows with the square of its size) stays small."""
     from concurrent.futures import ThreadPoolExecutor
 
-    # the overlay JPEG decodes (GIL released) while the grid is computed
+    settings = settings if isinstance(settings, TilingSettings) else TilingSettings.from_config(settings)
+
+    def overlay_and_canvas():
+        background = _read_overlay_or_none(overlay_jpg)
+        return background, None if background is None else preview_canvas(background, len(settings.mpp))
+
+    # a second thread decodes the overlay JPEG and lays out the preview while the grid is
+    # computed, then writes the Parquet while the tiles are drawn (both release the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        overlay = pool.submit(_read_overlay_or_none, overlay_jpg)
+        overlay = pool.submit(overlay_and_canvas)
+        written = []
         stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations,
-                                   on_error)
-        background = overlay.result()
-    write_tile_preview(slide_json, table, overlay_jpg, preview_path, background=background)  # the table in hand
+                                   on_error, write=lambda *args: written.append(pool.submit(write_parquet, *args)))
+        background, canvas = overlay.result()
+        write_tile_preview(slide_json, table, overlay_jpg, preview_path, background=background,  # the table in hand
+                           canvas=canvas)
+        for future in written:
+            future.result()
     return stats

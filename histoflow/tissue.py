@@ -110,15 +110,29 @@ def _u8(mask: np.ndarray) -> np.ndarray:
     return mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False)
 
 
-def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue, saturation, value as uint8 planes (OpenCV's full-range RGB -> HSV): hue 0-255 for
-    0-360° (x :data:`HUE_SCALE`), saturation (max - min) / max and value max, both 0-255."""
+def hsv_image_of(rgb: np.ndarray) -> np.ndarray:
+    """OpenCV's full-range RGB -> HSV, uint8 (h, w, 3): hue 0-255 for 0-360° (x
+    :data:`HUE_SCALE`), saturation (max - min) / max and value max, both 0-255."""
     rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
     if rgb.size == 0:
-        z = np.zeros(rgb.shape[:2], np.uint8)
-        return z, z, z
-    planes = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
-    return planes[..., 0], planes[..., 1], planes[..., 2]
+        return np.zeros(rgb.shape[:2] + (3,), np.uint8)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
+
+
+def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue, saturation, value as contiguous uint8 planes of :func:`hsv_image_of` (OpenCV's
+    lookups, histograms and comparisons want contiguous planes). Converted in strips of rows,
+    so the interleaved HSV image never exists whole: 3 bytes/px less memory to fault in."""
+    rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
+    h, w = rgb.shape[:2]
+    planes = [np.empty((h, w), np.uint8) for _ in range(3)]
+    if rgb.size == 0:
+        return planes[0], planes[1], planes[2]
+    rows = max(1, (1 << 18) // w)                    # ~256k px per strip
+    for top in range(0, h, rows):
+        part = cv2.cvtColor(rgb[top:top + rows], cv2.COLOR_RGB2HSV_FULL)
+        cv2.split(part, [p[top:top + rows] for p in planes])
+    return planes[0], planes[1], planes[2]
 
 
 def grey(rgb: np.ndarray) -> np.ndarray:
@@ -132,25 +146,38 @@ def detect_method(rgb: np.ndarray, scanned: np.ndarray | None = None) -> tuple[s
     low: glass is black under fluorescence, white under brightfield), else ``brightfield``."""
     rgb = np.asarray(rgb)
     h, w = rgb.shape[:2]
-    valid = np.ones((h, w), bool) if scanned is None else np.asarray(scanned, bool)
-    if not valid.any():
+    valid = None if scanned is None or np.all(scanned) else np.asarray(scanned, bool)
+    if h * w == 0 or (valid is not None and not valid.any()):
         return "brightfield", {"border_median": float("nan"), "overall_median": float("nan")}
-    # medians of a 1-in-4 subsample: a decision between black and white glass needs no more,
-    # and float grey of a whole large thumbnail is 4 bytes/px
+    # medians of a 1-in-4 subsample: a decision between black and white glass needs no more
     step = 4 if h * w > 1 << 20 else 1
     g = cv2.cvtColor(np.ascontiguousarray(rgb[::step, ::step, :3], np.uint8), cv2.COLOR_RGB2GRAY)  # 8-bit luma
-    sub = valid[::step, ::step]
+    sub = None if valid is None else valid[::step, ::step]
     sh, sw = g.shape
     bh, bw = max(1, sh // 20), max(1, sw // 20)
     border = np.zeros(g.shape, bool)
     border[:bh], border[-bh:], border[:, :bw], border[:, -bw:] = True, True, True, True
-    border &= sub
-    if not sub.any():
-        sub = valid[:1, :1] if valid[0, 0] else np.zeros_like(sub)
-    overall_median = float(np.median(g[sub])) if sub.any() else float("nan")
-    border_median = float(np.median(g[border])) if border.any() else overall_median
+    if sub is not None:
+        border &= sub
+        if not sub.any():       # scanned, but not where the subsample looks: its first pixel
+            sub = np.zeros_like(sub)
+            sub[0, 0] = valid[0, 0]
+    # exact medians from 256-bin histograms (no gather, no sort)
+    overall_median = _histogram_median(plane_histogram(g, sub))
+    border_median = _histogram_median(plane_histogram(g, border)) if border.any() else overall_median
     method = "fluorescence" if border_median < 80 and overall_median < 100 else "brightfield"
     return method, {"border_median": border_median, "overall_median": overall_median}
+
+
+def _histogram_median(hist: np.ndarray) -> float:
+    """``np.median`` of the sample whose 256-bin value histogram is ``hist`` (the mean of the
+    two middle values for an even count); NaN for an empty sample."""
+    n = int(hist.sum())
+    if n == 0:
+        return float("nan")
+    below = np.cumsum(hist)
+    low, high = np.searchsorted(below, [(n - 1) // 2, n // 2], side="right")
+    return (float(low) + float(high)) / 2
 
 
 def otsu(values: np.ndarray) -> float:
@@ -235,7 +262,7 @@ def hsv_and_dark(rgb: np.ndarray, white_threshold: float) -> tuple[np.ndarray, .
     if rgb.size == 0:
         return h, s, v, np.zeros(rgb.shape[:2], bool)
     luma = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    dark = cv2.compare(luma, float(math.ceil(white_threshold)), cv2.CMP_LT)   # 0/255
+    dark = cv2.compare(luma, float(math.ceil(white_threshold)), cv2.CMP_LT, dst=luma)   # 0/255, in place
     return h, s, v, np.greater(dark, 0, out=dark.view(bool))
 
 
@@ -289,31 +316,51 @@ def _deg(degrees: float) -> float:
     return degrees * HUE_SCALE
 
 
+# Ink rules on OpenCV's 8-bit HSV (x >= a <=> x >= ceil(a); x > a <=> x >= floor(a) + 1).
+# Every rule needs saturation > 0.2. Hue bands: green 90-195° (above 180° only when saturation
+# > 0.4), blue 195-230° (saturation > 0.3, value > 0.6), red within 15° of 0° (saturation
+# > 0.8, value > 0.3); green also needs value > 0.15.
+_HUE_BANDS = (0, math.ceil(_deg(90)), math.ceil(_deg(180)), math.ceil(_deg(195)), math.ceil(_deg(230)),
+              math.ceil(_deg(345)))                    # hue class: 0 none, 1 green, 2 teal, 3 blue, 4 red
+_SAT_CUTS = (math.floor(0.2 * 255) + 1, math.floor(0.3 * 255) + 1, math.floor(0.4 * 255) + 1,
+             math.floor(0.8 * 255) + 1)                # saturation class 0-4: above 0.2, 0.3, 0.4, 0.8
+_VAL_CUTS = (math.floor(0.15 * 255) + 1, math.floor(0.3 * 255) + 1, math.floor(0.6 * 255) + 1)  # value 0-3
+
+
+def _ink_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-plane lookup tables (hue, saturation, value -> uint8 bit set of the ink rules that
+    plane allows; bits: green, teal, blue, red): a pixel is ink when the three sets share a bit."""
+    x = np.arange(256)
+    green, teal, blue, red = 1, 2, 4, 8
+    hue = (np.where((x >= _HUE_BANDS[1]) & (x < _HUE_BANDS[2]), green, 0)
+           | np.where((x >= _HUE_BANDS[2]) & (x < _HUE_BANDS[3]), teal, 0)
+           | np.where((x >= _HUE_BANDS[3]) & (x < _HUE_BANDS[4]), blue, 0)
+           | np.where((x >= _HUE_BANDS[5]) | (x <= math.floor(_deg(15))), red, 0))
+    sat = (np.where(x >= _SAT_CUTS[0], green, 0) | np.where(x >= _SAT_CUTS[2], teal, 0)
+           | np.where(x >= _SAT_CUTS[1], blue, 0) | np.where(x >= _SAT_CUTS[3], red, 0))
+    val = (np.where(x >= _VAL_CUTS[0], green | teal, 0) | np.where(x >= _VAL_CUTS[2], blue, 0)
+           | np.where(x >= _VAL_CUTS[1], red, 0))
+    return hue.astype(np.uint8), sat.astype(np.uint8), val.astype(np.uint8)
+
+
+_INK_HUE, _INK_SAT, _INK_VAL = _ink_tables()
+_ANY_BIT = np.minimum(np.arange(256), 1).astype(np.uint8)       # 0 -> 0, else 1
+
+
 def pen_mask(rgb: np.ndarray, planes: tuple | None = None) -> np.ndarray:
     """Marker ink by colour (H&E is purple to pink, hue 240-360°): green/teal (hue 90-195°), blue
     (hue 195-230° and bright: dense haematoxylin has that hue too but is dark) and red (within 15°
     of pure red and saturation > 0.8: eosin is pinker and paler, red cells less saturated).
     Black ink is not detected: at thumbnail scale it looks like dense haematoxylin.
-    ``planes``: the image's :func:`hsv` when already computed. Integer thresholds on the uint8
-    planes (x >= a <=> x >= ceil(a); x > a <=> x > floor(a))."""
-    h, s, v = planes if planes is not None else hsv(rgb)
-    ge = lambda x, a: x >= math.ceil(a)
-    gt = lambda x, a: x > math.floor(a)
-    lt = lambda x, a: x < math.ceil(a)
-    le = lambda x, a: x <= math.floor(a)
-    out = np.zeros(np.shape(s), bool)
-    # every ink rule needs saturation > 0.2: test the colour rules only on those pixels (a
-    # fraction of the glass), not on the whole thumbnail; boolean indexing reads the planes in
-    # place (they may be strided views of one HSV image)
-    candidates = gt(np.asarray(s), 0.2 * 255)
-    h, s, v = np.asarray(h)[candidates], np.asarray(s)[candidates], np.asarray(v)[candidates]
-    green = ge(h, _deg(90)) & lt(h, _deg(195)) & (lt(h, _deg(180)) | gt(s, 0.4 * 255)) & gt(v, 0.15 * 255)
-    blue = ge(h, _deg(195)) & lt(h, _deg(230)) & gt(s, 0.3 * 255) & gt(v, 0.6 * 255)
-    red = (ge(h, _deg(345)) | le(h, _deg(15))) & gt(s, 0.8 * 255) & gt(v, 0.3 * 255)
-    ink = green | blue | red
-    if ink.any():
-        out[candidates] = ink
-    return out
+    ``planes``: the image's :func:`hsv` when already computed. A table lookup per plane and
+    two ANDs (OpenCV), whatever the number of rules."""
+    h, s, v = (np.ascontiguousarray(p, np.uint8) for p in (planes if planes is not None else hsv(rgb)))
+    if h.size == 0:
+        return np.zeros(h.shape, bool)
+    rules = cv2.LUT(h, _INK_HUE)
+    cv2.bitwise_and(rules, cv2.LUT(s, _INK_SAT), dst=rules)
+    cv2.bitwise_and(rules, cv2.LUT(v, _INK_VAL), dst=rules)
+    return cv2.LUT(rules, _ANY_BIT).view(bool)
 
 
 def um2_to_px(area_um2: float, mpp: float) -> int:
@@ -356,8 +403,8 @@ def _small_regions(mask: np.ndarray, min_px: int, open_sides: tuple[bool, bool, 
     None when there are none (the caller then skips the gather). ``open_sides`` (top, bottom,
     left, right): sides where ``mask`` is a window of a larger image whose True region goes on
     beyond the side; regions touching such a side are never small."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(_u8(mask), connectivity=4, ltype=cv2.CV_32S)
-    small = stats[:, cv2.CC_STAT_AREA] < min_px
+    n, labels, areas = _labels_and_areas(_u8(mask))
+    small = areas < min_px
     small[0] = False                    # label 0 is the other value, not a region
     for side, edge in zip(open_sides, (labels[0], labels[-1], labels[:, 0], labels[:, -1])):
         if side:
@@ -367,12 +414,26 @@ def _small_regions(mask: np.ndarray, min_px: int, open_sides: tuple[bool, bool, 
         return None
     if found.size > 64:                 # many specks: one gather over the whole image
         return small[labels]
-    # a few: paint each inside its bounding box (a gather reads every pixel's label)
-    out = np.zeros(mask.shape, bool)
-    for i in found:
-        x, y, w, h = stats[i, :4]
-        out[y:y + h, x:x + w] |= labels[y:y + h, x:x + w] == i
-    return out
+    # a few: compare the labels with each (a gather reads every pixel's label)
+    out = cv2.compare(labels, float(found[0]), cv2.CMP_EQ)
+    for i in found[1:]:
+        cv2.bitwise_or(out, cv2.compare(labels, float(i), cv2.CMP_EQ), dst=out)
+    return np.greater(out, 0, out=out).view(bool)
+
+
+def _labels_and_areas(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """4-connected labels of a uint8 0/1 mask and each label's pixel count. Labels are 16-bit
+    when they fit (half the memory to write) and counted with a histogram: OpenCV's
+    ``connectedComponentsWithStats`` also computes bounding boxes and centroids, 3x slower."""
+    try:
+        n, labels = cv2.connectedComponents(mask, connectivity=4, ltype=cv2.CV_16U)
+    except cv2.error:                   # more than 65,535 regions
+        n, labels = cv2.connectedComponents(mask, connectivity=4, ltype=cv2.CV_32S)
+        return n, labels, np.bincount(labels.ravel(), minlength=n)
+    if labels.size >= 1 << 24:          # calcHist counts in float32: exact below 2^24 pixels
+        return n, labels, np.bincount(labels.ravel(), minlength=n)
+    areas = cv2.calcHist([labels], [0], None, [n], [0, n]).reshape(-1)
+    return n, labels, areas.astype(np.int64)
 
 
 def _tissue_window(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
@@ -469,15 +530,20 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
-def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = None,
-                  max_px: int = OVERLAY_MAX_PX) -> np.ndarray:
-    """The thumbnail with the tissue outline in green and removed ink tinted magenta (uint8 RGB),
-    resized so its longer side is at most ``max_px`` (and at least 512 for tiny slides)."""
-    h, w = mask.shape
-    if h == 0 or w == 0:
-        return np.full((64, 64, 3), 255, np.uint8)   # nothing to draw on
+def _overlay_size(h: int, w: int, max_px: int) -> tuple[tuple[int, int], float]:
+    """(width, height) of the overlay of an h x w thumbnail and its scale: longer side at most
+    ``max_px``, at least 512 for tiny slides."""
     scale = min(max_px / max(h, w), max(1.0, 512 / max(h, w)))
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    return (max(1, int(round(w * scale))), max(1, int(round(h * scale)))), scale
+
+
+def overlay_background(rgb: np.ndarray, max_px: int = OVERLAY_MAX_PX) -> np.ndarray:
+    """The thumbnail resized to the overlay's size (what :func:`overlay_image` draws on). Apart
+    so that it can be made while the mask is computed: it needs only the pixels."""
+    h, w = rgb.shape[:2]
+    if h == 0 or w == 0:
+        return np.full((64, 64, 3), 255, np.uint8)
+    size, scale = _overlay_size(h, w, max_px)
     rgb = np.ascontiguousarray(np.asarray(rgb, np.uint8)[..., :3])
     # as libvips' resize: a box shrink by the integer part of the factor (no aliasing of the
     # texture; OpenCV's area filter is fast for integer factors only), then linear
@@ -485,7 +551,19 @@ def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = No
     if shrink >= 2 and min(h, w) >= shrink:
         hs, ws = h // shrink, w // shrink      # whole blocks: the fast integer path
         rgb = cv2.resize(rgb[:hs * shrink, :ws * shrink], (ws, hs), interpolation=cv2.INTER_AREA)
-    img = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
+
+
+def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = None,
+                  max_px: int = OVERLAY_MAX_PX, background: np.ndarray | None = None) -> np.ndarray:
+    """The thumbnail with the tissue outline in green and removed ink tinted magenta (uint8 RGB),
+    resized so its longer side is at most ``max_px`` (and at least 512 for tiny slides).
+    ``background``: :func:`overlay_background` of ``rgb``, when the caller made it already."""
+    h, w = mask.shape
+    if h == 0 or w == 0:
+        return np.full((64, 64, 3), 255, np.uint8)   # nothing to draw on
+    size, _ = _overlay_size(h, w, max_px)
+    img = overlay_background(rgb, max_px) if background is None else background.copy()
 
     def nearest(plane: np.ndarray) -> np.ndarray:
         return cv2.resize(_u8(plane), size, interpolation=cv2.INTER_NEAREST_EXACT).view(bool)
@@ -597,8 +675,6 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
     """Rule `detect_tissue`: mask PNG (255 = tissue), QuPath GeoJSON (level-0 px), overlay JPEG and
     stats JSON for one slide. A skipped slide (or, with ``on_error: skip``, one that fails here)
     gets valid empty outputs with status "skipped"."""
-    from .geojson import mask_to_polygons, polygons_to_feature_collection, write_geojson
-
     if not isinstance(settings, TissueSettings):
         settings = TissueSettings.from_config(settings)
     meta = read_json(slide_json)
@@ -627,10 +703,31 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
         _write_empty(slide_id, mask_png, geojson_path, overlay_path, stats_json, settings, str(err))
         return {"status": "skipped"}
 
-    result = compute_tissue_mask(rgb, source.mpp, settings, scanned)
-    if result.method == "fluorescence":
-        rgb = rgb.copy()
-        rgb[~scanned] = 0
+    # the step's second thread: the overlay's background while the mask is computed, then the
+    # outlines while OpenCV (which releases the GIL) encodes the images
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        background = pool.submit(overlay_background, rgb)
+        result = compute_tissue_mask(rgb, source.mpp, settings, scanned)
+        if result.method == "fluorescence" and not scanned.all():
+            rgb = rgb.copy()
+            rgb[~scanned] = 0       # unscanned glass is dark under fluorescence
+            background.result()
+            background = pool.submit(overlay_background, rgb)
+        return _write_tissue_outputs(pool, slide_id, meta, source, rgb, result, background.result(), settings,
+                                     mask_png, geojson_path, overlay_path, stats_json)
+    finally:
+        pool.shutdown()
+
+
+def _write_tissue_outputs(pool, slide_id: str, meta: dict, source: "MaskSource", rgb: np.ndarray,
+                          result: TissueResult, background: np.ndarray, settings: TissueSettings,
+                          mask_png, geojson_path, overlay_path, stats_json) -> dict:
+    from .geojson import mask_to_polygons, write_polygons_geojson
+
+    mpp_x, mpp_y = float(meta["mpp_x"]), float(meta["mpp_y"])
     ds = source.scale
     scale_x = scale_y = ds  # pyramid downsamples are the same along x and y
     mask_mpp_x, mask_mpp_y = mpp_x * scale_x, mpp_y * scale_y
@@ -640,18 +737,15 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
     def write_outlines() -> list:
         polys = mask_to_polygons(result.mask, scale_x, scale_y)
         props = [{"area_mm2": p.area * mpp_x * mpp_y / 1e6} for p in polys]
-        write_geojson(geojson_path, polygons_to_feature_collection(polys, "Tissue", TISSUE_COLOR, "annotation", props))
+        write_polygons_geojson(geojson_path, polys, "Tissue", TISSUE_COLOR, "annotation", props)
         return polys
 
     # the outlines and the images are independent: trace one while OpenCV (which releases
     # the GIL) encodes the others, on the second core when the job has one
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        outlines = pool.submit(write_outlines)
-        _write_png(mask_png, result.mask.astype(np.uint8) * 255)
-        _write_jpeg(overlay_path, overlay_image(rgb, result.mask, result.pen))
-        polys = outlines.result()
+    outlines = pool.submit(write_outlines)
+    _write_png(mask_png, np.multiply(result.mask.view(np.uint8), 255, dtype=np.uint8))
+    _write_jpeg(overlay_path, overlay_image(rgb, result.mask, result.pen, background=background))
+    polys = outlines.result()
     h, w = result.mask.shape
     stats = {
         "slide_id": slide_id, "status": "ok", "reason": "",

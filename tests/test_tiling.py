@@ -13,8 +13,8 @@ from PIL import Image
 
 from histoflow.errors import SlideError
 from histoflow.tiling import (TILE_COLUMNS, TilingSettings, box_fractions, export_tile_images, grid_coordinates,
-                              grid_spec, integral_image, read_tile, read_tiles_table, sample_indices, tile_slide,
-                              tissue_fractions)
+                              grid_spec, grid_tissue_fractions, integral_image, read_tile, read_tiles_table,
+                              sample_indices, tile_slide, tissue_fractions)
 
 DOWNSAMPLES = [1.0, 4.0, 16.0]
 
@@ -112,6 +112,25 @@ def test_tile_tissue_fraction_matches_the_dense_summed_area_table_at_any_scale()
         want = box_fractions(table, x / scale, y / scale, (x + size0) / scale, (y + size0) / scale)
         np.testing.assert_allclose(got, want, atol=1e-12)
         assert got.max() <= 1.0 and got.min() >= 0.0
+
+
+def test_grid_fractions_are_exactly_the_per_tile_fractions():
+    """The tiling step computes a grid's fractions separably (edge rows x edge columns); the
+    values must be bit for bit those of tissue_fractions, tile by tile, aligned on mask pixels
+    (pyramid masks: one reshaped sum) or not (any µm/px)."""
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        mask = rng.random((h, w)) > rng.random()
+        scale = float(rng.choice([1.0, 4.0, 7.0, 8.0, 12.3, 16.0, 64.0, 3.7]))
+        mpp = float(rng.choice([0.25, 0.2527, 0.5]))
+        width = max(1, int(w * scale) + int(rng.integers(-20, 400)))
+        height = max(1, int(h * scale) + int(rng.integers(-20, 400)))
+        spec = grid_spec(width, height, mpp, mpp, [1.0], float(rng.choice([0.5, 1.0, 2.0])),
+                         int(rng.choice([16, 64, 256])), int(rng.choice([0, 8])))
+        x, y, _, _ = grid_coordinates(spec)
+        want = tissue_fractions(mask, scale, scale, x, y, spec.size0_x, spec.size0_y)
+        assert np.array_equal(grid_tissue_fractions(mask, scale, scale, spec), want)
 
 
 def test_min_tissue_fraction_keeps_exactly_the_tiles_at_or_above_it(tmp_path):
@@ -359,6 +378,37 @@ def test_preview_outlines_each_tile_in_its_tissue_colour_and_tints_annotated_til
     inner = panel[250, 250]
     assert inner[0] > 200 and inner[1] < 150 and inner[2] < 150   # red over grey
     assert tuple(panel[350, 350]) == (200, 200, 200)
+
+
+def test_preview_draws_boxes_in_table_order_as_one_by_one_drawing_would():
+    """Overlapping tiles (overlap_px > 0) share edges: the preview, drawn in one array
+    assignment on a canvas laid out beforehand, must equal drawing each tile's four sides in
+    table order, a later tile over an earlier one, panel by panel."""
+    import pandas as pd
+
+    from histoflow.tiling import preview_canvas, tile_preview_image, viridis
+
+    rng = np.random.default_rng(7)
+    n = 300
+    tiles = pd.DataFrame({"target_mpp": rng.choice([0.5, 2.0], n), "x": rng.integers(-50, 990, n),
+                          "y": rng.integers(-50, 790, n), "size0": rng.integers(10, 200, n),
+                          "tissue_fraction": rng.random(n), "annotation_fraction": np.zeros(n)})
+    background = rng.integers(0, 255, (160, 200, 3)).astype(np.uint8)
+    got = tile_preview_image(background, tiles, 1000, 800)
+    assert np.array_equal(tile_preview_image(background, tiles, 1000, 800, canvas=preview_canvas(background, 2)), got)
+    expect = preview_canvas(background, 2)
+    sx, sy = 200 / 1000, 160 / 800
+    for k, mpp in enumerate(dict.fromkeys(tiles.target_mpp)):
+        panel = expect[18:, k * 208:k * 208 + 200]
+        for t in tiles[tiles.target_mpp == mpp].itertuples():
+            x0, y0 = int(t.x * sx), int(t.y * sy)
+            x1, y1 = max(int((t.x + t.size0) * sx) - 1, x0), max(int((t.y + t.size0) * sy) - 1, y0)
+            colour = viridis(np.array([t.tissue_fraction]))[0]
+            for r, c in ([(y0, c) for c in range(x0, x1 + 1)] + [(y1, c) for c in range(x0, x1 + 1)] +
+                         [(r, x0) for r in range(y0, y1 + 1)] + [(r, x1) for r in range(y0, y1 + 1)]):
+                if 0 <= r < 160 and 0 <= c < 200:
+                    panel[r, c] = colour
+    assert np.array_equal(got[18:], expect[18:])
 
 
 def test_preview_of_a_skipped_slide_is_a_blank_image(tmp_path):

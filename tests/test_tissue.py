@@ -84,6 +84,29 @@ def test_ink_colours_and_he_colours():
     assert pen_mask(colours)[0].tolist() == [True, True, True, False, False, False, False]
 
 
+def test_ink_tables_apply_the_ink_rules_to_every_hue_saturation_value():
+    """pen_mask looks the rules up in tables; for every 8-bit (hue, saturation, value) it must
+    say what the rules say (thresholds as on the 0-1 scale: x > a is x >= floor(255 a) + 1)."""
+    import math
+
+    import cv2
+
+    from histoflow.tissue import HUE_SCALE, pen_mask
+
+    h, s, v = (a.astype(np.uint8) for a in np.meshgrid(np.arange(256), np.arange(256), np.arange(0, 256, 3),
+                                                       indexing="ij"))
+    deg = lambda d: d * HUE_SCALE                                        # noqa: E731
+    hf, sf, vf = h.astype(float), s / 255.0, v / 255.0
+    green = (hf >= math.ceil(deg(90))) & (hf < math.ceil(deg(195))) & ((hf < math.ceil(deg(180))) | (sf > 0.4)) & (vf > 0.15)
+    blue = (hf >= math.ceil(deg(195))) & (hf < math.ceil(deg(230))) & (sf > 0.3) & (vf > 0.6)
+    red = ((hf >= math.ceil(deg(345))) | (hf <= math.floor(deg(15)))) & (sf > 0.8) & (vf > 0.3)
+    want = (sf > 0.2) & (green | blue | red)
+    hsv3 = np.ascontiguousarray(np.stack([h, s, v], axis=-1).reshape(256, -1, 3))  # any RGB: planes given
+    got = pen_mask(cv2.cvtColor(hsv3, cv2.COLOR_HSV2RGB_FULL), planes=(h.reshape(256, -1), s.reshape(256, -1),
+                                                                      v.reshape(256, -1)))
+    assert np.array_equal(got, want.reshape(256, -1))
+
+
 def test_small_objects_and_holes_are_removed_by_area_in_um2():
     mask = np.zeros((200, 200), bool)
     mask[20:50, 20:50] = True            # 900 px
@@ -212,6 +235,43 @@ def test_cleaning_inside_the_tissue_box_equals_cleaning_the_whole_mask():
         assert np.array_equal(clean_mask(mask, mpp, closing, speck, hole), whole)
 
 
+def test_small_regions_are_the_4_connected_regions_below_the_size_whatever_their_number():
+    """Speck and hole removal count each 4-connected region's pixels exactly, with 16-bit labels
+    when they fit and 32-bit ones beyond 65,535 regions."""
+    import cv2
+
+    from histoflow.tissue import _small_regions
+
+    def reference(mask, min_px):
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4,
+                                                               ltype=cv2.CV_32S)
+        small = stats[:, cv2.CC_STAT_AREA] < min_px
+        small[0] = False
+        return small[labels]
+
+    rng = np.random.default_rng(3)
+    for mask in random_masks(200, seed=8):
+        min_px = int(rng.integers(1, 60))
+        got = _small_regions(mask, min_px)
+        want = reference(mask, min_px)
+        assert (not want.any()) if got is None else np.array_equal(got, want)
+    dots = np.zeros((600, 600), bool)
+    dots[::2, ::2] = True                          # 90,000 one-pixel regions
+    assert np.array_equal(_small_regions(dots, 2), dots)
+
+
+def test_median_from_a_histogram_is_numpys_median():
+    """detect_method reads its medians off 256-bin histograms: the same numbers as np.median,
+    the mean of the two middle values for an even count."""
+    from histoflow.tissue import _histogram_median
+
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 3, 10, 11, 1000, 1001):
+        values = rng.integers(0, 256, n).astype(np.uint8)
+        assert _histogram_median(np.bincount(values, minlength=256)) == np.median(values)
+    assert np.isnan(_histogram_median(np.zeros(256, np.int64)))
+
+
 def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
     from histoflow.tissue import otsu, otsu_of_histogram, plane_histogram
 
@@ -283,6 +343,35 @@ def test_polygons_follow_the_marching_squares_contours_of_skimage():
             assert sum(contour.equals(ring) for ring in rings) == 1
 
 
+def test_contours_from_opencv_border_following_are_the_marching_squares_rings(monkeypatch):
+    """With OpenCV loaded (the tissue step) the rings come from its border following, else from
+    marching squares: the same rings (as shapes, vertex for vertex up to the start), the same
+    orientation (outlines counter-clockwise, holes clockwise), straight runs dropped alike."""
+    import sys
+
+    import cv2  # noqa: F401  (loaded: the OpenCV path)
+
+    from histoflow.geojson import contour_rings
+
+    def rings(coords, ring):
+        return [np.column_stack([coords[ring == r, 1], coords[ring == r, 0]]) for r in np.unique(ring)]
+
+    def canonical(xy):          # a ring's vertices from its smallest vertex on
+        start = np.lexsort((xy[:, 1], xy[:, 0]))[0]
+        return np.roll(xy, -start, axis=0).tolist()
+
+    masks = list(random_masks(300, seed=11))
+    masks += [np.ones((1, 1), bool), np.eye(5, dtype=bool), np.eye(5, dtype=bool)[::-1] | np.eye(5, dtype=bool)]
+    for mask in masks:
+        padded = np.pad(mask, 1)
+        by_borders = rings(*contour_rings(padded))
+        monkeypatch.delitem(sys.modules, "cv2")
+        by_cells = rings(*contour_rings(padded))
+        monkeypatch.undo()
+        # rotated to a common start, not reversed: same vertices in the same direction
+        assert sorted(map(canonical, by_borders)) == sorted(map(canonical, by_cells))
+
+
 def test_contours_need_a_background_border_and_invalid_parts_keep_their_largest_polygon():
     import shapely
 
@@ -319,6 +408,30 @@ def test_feature_collection_is_qupath_shaped_and_round_trips(tmp_path):
     assert [p.area for p, _ in back] == pytest.approx([p.area for p in polys], rel=1e-3)
 
 
+def test_geojson_written_from_polygons_is_byte_for_byte_the_feature_collection(tmp_path):
+    """The tissue step writes outlines through write_polygons_geojson (geometry text from GEOS
+    when the coordinates are on the 0.01 grid): the file must be exactly what
+    write_geojson(polygons_to_feature_collection(...)) writes, on the grid or not."""
+    import shapely
+
+    from histoflow.geojson import write_polygons_geojson
+
+    cases = []
+    for mask, scale in zip(random_masks(12, seed=21), (16, 64, 1, 2.5, 0.37, 7.3) * 2):
+        cases.append(mask_to_polygons(mask, scale, scale))
+    cases.append([shapely.Polygon([(0.01, 0.3), (1e5 + 0.07, 2.5), (12.34, 80000.0)])])   # on the grid
+    cases.append([shapely.Polygon([(0.1 + 0.2, 1 / 3), (5.0, 0.0), (2.0, 7.123456)])])    # off it
+    cases.append([])
+    for k, polys in enumerate(cases):
+        names = [f"Class {i % 2}" for i in range(len(polys))]
+        colours = [(i, 2 * i % 256, 9) for i in range(len(polys))]
+        props = [{"area_mm2": p.area / 7, "n": i, "model": "abmil", "flag": True} for i, p in enumerate(polys)]
+        want, got = tmp_path / f"want{k}.geojson", tmp_path / f"got{k}.geojson"
+        write_geojson(want, polygons_to_feature_collection(polys, names, colours, "detection", props))
+        write_polygons_geojson(got, polys, names, colours, "detection", props)
+        assert got.read_bytes() == want.read_bytes()
+
+
 def test_read_polygons_accepts_bare_feature_lists_and_multipolygons(tmp_path):
     square = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
     shifted = [[x + 20, y] for x, y in square]
@@ -343,6 +456,20 @@ def test_overlay_draws_green_outline_and_magenta_pen():
     assert max(img.shape[:2]) >= 512 and img.dtype == np.uint8
     assert ((img == (0, 255, 0)).all(-1)).sum() > 100
     assert ((img[..., 0] > 200) & (img[..., 1] < 150) & (img[..., 2] > 200)).sum() > 100
+
+
+def test_overlay_drawn_on_a_background_made_beforehand_is_the_same_image():
+    """The tissue step resizes the thumbnail while the mask is computed; the overlay must not
+    depend on that."""
+    from histoflow.tissue import overlay_background
+
+    for shape in ((200, 200), (1250, 1562), (3000, 700)):
+        truth = ellipse(shape, shape[0] // 2, shape[1] // 2, shape[0] // 3, shape[1] // 3)
+        rgb, pen = he_image(truth), np.zeros_like(truth)
+        pen[5:10, 5:60] = True
+        background = overlay_background(rgb)
+        assert np.array_equal(overlay_image(rgb, truth, pen, background=background), overlay_image(rgb, truth, pen))
+        assert np.array_equal(overlay_background(rgb), background)      # drawing left it untouched
 
 
 # ---------------------------------------------------------------- the rule's function on slides
