@@ -110,19 +110,12 @@ def _u8(mask: np.ndarray) -> np.ndarray:
     return mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False)
 
 
-def hsv_image_of(rgb: np.ndarray) -> np.ndarray:
-    """OpenCV's full-range RGB -> HSV, uint8 (h, w, 3): hue 0-255 for 0-360° (x
-    :data:`HUE_SCALE`), saturation (max - min) / max and value max, both 0-255."""
-    rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
-    if rgb.size == 0:
-        return np.zeros(rgb.shape[:2] + (3,), np.uint8)
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
-
-
 def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue, saturation, value as contiguous uint8 planes of :func:`hsv_image_of` (OpenCV's
-    lookups, histograms and comparisons want contiguous planes). Converted in strips of rows,
-    so the interleaved HSV image never exists whole: 3 bytes/px less memory to fault in."""
+    """Hue, saturation, value as contiguous uint8 planes (OpenCV's full-range RGB -> HSV): hue
+    0-255 for 0-360° (x :data:`HUE_SCALE`), saturation (max - min) / max and value max, both
+    0-255. Contiguous because OpenCV's lookups, histograms and comparisons want them so;
+    converted in strips of rows, so the interleaved HSV image never exists whole (3 bytes/px
+    less memory to fault in)."""
     rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
     h, w = rgb.shape[:2]
     planes = [np.empty((h, w), np.uint8) for _ in range(3)]
@@ -412,9 +405,9 @@ def _small_regions(mask: np.ndarray, min_px: int, open_sides: tuple[bool, bool, 
     found = np.flatnonzero(small)
     if found.size == 0:
         return None
-    if found.size > 64:                 # many specks: one gather over the whole image
+    if found.size > 4:                  # several: one gather over the whole image
         return small[labels]
-    # a few: compare the labels with each (a gather reads every pixel's label)
+    # one to four: a comparison per region (a pass each) beats the gather
     out = cv2.compare(labels, float(found[0]), cv2.CMP_EQ)
     for i in found[1:]:
         cv2.bitwise_or(out, cv2.compare(labels, float(i), cv2.CMP_EQ), dst=out)
