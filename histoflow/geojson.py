@@ -75,15 +75,19 @@ def contour_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(ring) == 0:
         return np.zeros((0, 2)), np.zeros(0, np.int64)
     # drop vertices where the direction does not change (cyclically within each ring)
-    first = np.r_[True, ring[1:] != ring[:-1]]
-    starts = np.flatnonzero(first)
-    length = np.diff(np.r_[starts, len(ring)])
-    pos = np.arange(len(ring)) - np.repeat(starts, length)
-    base = np.repeat(starts, length)
-    prev = base + (pos - 1) % np.repeat(length, length)
-    foll = base + (pos + 1) % np.repeat(length, length)
+    starts = np.flatnonzero(np.r_[True, ring[1:] != ring[:-1]])
+    prev, foll = _cyclic_neighbours(np.diff(np.r_[starts, len(ring)]))
     turn = np.any((coords - coords[prev]) != (coords[foll] - coords), axis=1)
     return coords[turn], ring[turn]
+
+
+def _cyclic_neighbours(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rings stored one after another (``lengths`` items each): the index of each item's
+    previous and next item within its own ring, wrapping around."""
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    length = np.repeat(lengths, lengths)
+    pos = np.arange(len(first)) - first
+    return first + (pos - 1) % length, first + (pos + 1) % length
 
 
 def _rings_from_cells(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,15 +180,13 @@ def _rings_from_borders(m: np.ndarray, cv2) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(c) for c in contours), np.int64, len(contours))
     pixels = np.concatenate(contours).reshape(-1, 2).astype(np.int64)        # (x, y)
     n = len(pixels)
-    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    length = np.repeat(lengths, lengths)
-    pos = np.arange(n) - first
 
     def step(to: np.ndarray) -> np.ndarray:
         delta = pixels[to] - pixels
         return _STEP_CODE[(delta[:, 0] + 1) * 3 + delta[:, 1] + 1]
 
-    back, out = step(first + (pos - 1) % length), step(first + (pos + 1) % length)
+    prev, foll = _cyclic_neighbours(lengths)
+    back, out = step(prev), step(foll)
     k = _CRACK_COUNT[back, out]
     at = np.repeat(np.arange(n), k)
     nth = np.arange(len(at)) - np.repeat(np.cumsum(k) - k, k)
