@@ -284,16 +284,28 @@ def _largest_polygon(geom):
     return max(parts, key=lambda g: g.area) if parts else None
 
 
+def round_like_python(values: np.ndarray, ndigits: int) -> np.ndarray:
+    """``[round(v, ndigits) for v in values]`` (Python's correctly rounded decimal rounding),
+    elementwise over a float array. ``rint(v * 10**ndigits) / 10**ndigits`` is that exactly
+    unless the product's own rounding crossed a half-way point: only values whose product lies
+    within two ulps of one (and non-finite or huge ones) go through Python's ``round``."""
+    values = np.asarray(values, np.float64)
+    scale = 10.0 ** ndigits
+    scaled = values * scale
+    out = np.rint(scaled) / scale
+    with np.errstate(invalid="ignore"):
+        doubtful = ~(np.abs(np.abs(scaled - np.floor(scaled)) - 0.5) > 2 * np.spacing(np.abs(scaled)))
+    doubtful |= ~(np.abs(scaled) < 2.0 ** 52)
+    if doubtful.any():
+        out[doubtful] = [round(v, ndigits) for v in values[doubtful].tolist()]
+    return out
+
+
 def _rounded_coords(coords: Iterable[Sequence[float]], ndigits: int) -> list[list[float]]:
     import shapely
 
-    # Python's round (correctly rounded), over plain floats from one array -> list conversion
     xy = shapely.get_coordinates(coords) if hasattr(coords, "geom_type") else np.asarray(coords, float)[:, :2]
-    if np.array_equal(np.round(xy, ndigits), xy):
-        # already on the grid (mask outlines at an integer scale are): round() would return
-        # each value unchanged, as the nearest double to its own ndigits-decimal is itself
-        return xy.tolist()
-    return [[round(x, ndigits), round(y, ndigits)] for x, y in xy.tolist()]
+    return round_like_python(xy, ndigits).tolist()
 
 
 def polygon_to_geometry(poly, ndigits: int = 2) -> dict:
@@ -356,14 +368,19 @@ def write_geojson(path: str | os.PathLike, fc: dict) -> None:
 
 
 def _geometry_text(poly, ndigits: int = 2) -> str:
-    """``json.dumps(polygon_to_geometry(poly))``, compact. A Polygon whose coordinates are
-    already on the ``ndigits`` grid (mask outlines at an integer scale) is written by GEOS in C
-    (shortest round-trip numbers, as Python's): no Python float and list per vertex."""
+    """``json.dumps(polygon_to_geometry(poly))``, compact. A Polygon's coordinates are rounded
+    in numpy (:func:`round_like_python`) and written by GEOS in C (shortest round-trip numbers,
+    as Python's): no Python float and list per vertex. Up to 15 significant digits a rounded
+    value has one shortest form, which both write; larger values (GEOS breaks ties and
+    switches to exponents otherwise than Python) take the dict route."""
     import shapely
 
     if poly.geom_type == "Polygon":
         xy = shapely.get_coordinates(poly)
-        if np.array_equal(np.round(xy, ndigits), xy) and np.abs(xy).max(initial=0.0) < 1e15:
+        rounded = round_like_python(xy, ndigits)
+        if np.abs(rounded).max(initial=0.0) < 10.0 ** (15 - ndigits):      # also False for NaN or inf
+            if not np.array_equal(rounded, xy):
+                poly = shapely.transform(poly, lambda _: rounded)
             return shapely.to_geojson(poly)
     return json.dumps(polygon_to_geometry(poly, ndigits), separators=(",", ":"))
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import InputError, SlideError
-from .io import atomic_path, read_json, write_parquet
+from .io import atomic_path, read_grey_png, read_json, write_parquet
 from .logs import get_logger
 from .slide import best_level_for_mpp
 
@@ -570,8 +570,6 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
                 write=write_parquet):
     """:func:`tile_slide`, also returning the table it wrote (pyarrow). ``write(path, table,
     metadata)`` writes the Parquet (the caller may hand it to another thread)."""
-    from PIL import Image
-
     start = time.perf_counter()
     settings = settings if isinstance(settings, TilingSettings) else TilingSettings.from_config(settings)
     meta = read_json(slide_json)
@@ -595,9 +593,7 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
                                    "`default_mpp` in config.yaml")
     mpp_y = mpp_y or mpp_x
     try:
-        with Image.open(mask_png) as img:
-            grey = np.array(img if img.mode == "L" else img.convert("L"))
-        mask = np.greater(grey, 127, out=grey.view(bool))        # in place: no second mask-sized array
+        mask = read_grey_png(mask_png) > 127
         scale_x = float(tissue.get("scale_x") or meta["width"] / mask.shape[1])
         scale_y = float(tissue.get("scale_y") or meta["height"] / mask.shape[0])
         geom = load_annotations(annotations, slide_id)

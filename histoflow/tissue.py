@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .errors import HistoflowError, InputError, SlideError
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, grey_png, read_json, write_json
 from .slide import (best_level_for_mpp, nearest_level_for_mpp, open_slide, read_level_downsampled,
                     read_whole_level_fast)
 
@@ -631,13 +631,10 @@ def _encoded(extension: str, array: np.ndarray, params: list[int]) -> bytes:
 
 
 def _write_png(path, array: np.ndarray) -> None:
-    # libvips' PNG writer (libspng) at zlib level 1: a binary mask compresses well at any level,
-    # and level 1 writes it 4x faster than OpenCV's libpng at its fastest
-    import pyvips
-
-    array = np.ascontiguousarray(array, np.uint8)
+    """A mask (bool: 0/255) or grey image as an 8-bit greyscale PNG (:func:`grey_png`)."""
+    data = grey_png(array)
     with atomic_path(path) as tmp:
-        pyvips.Image.new_from_array(array).pngsave(str(tmp), compression=1)
+        Path(tmp).write_bytes(data)
 
 
 def _write_jpeg(path, array: np.ndarray) -> None:
@@ -736,7 +733,7 @@ def _write_tissue_outputs(pool, slide_id: str, meta: dict, source: "MaskSource",
     # the outlines and the images are independent: trace one while OpenCV (which releases
     # the GIL) encodes the others, on the second core when the job has one
     outlines = pool.submit(write_outlines)
-    _write_png(mask_png, np.multiply(result.mask.view(np.uint8), 255, dtype=np.uint8))
+    _write_png(mask_png, result.mask)
     _write_jpeg(overlay_path, overlay_image(rgb, result.mask, result.pen, background=background))
     polys = outlines.result()
     h, w = result.mask.shape

@@ -302,12 +302,23 @@ def test_dark_is_the_rounded_grey_level_below_the_white_threshold():
 # ---------------------------------------------------------------- GeoJSON helpers
 
 def test_geojson_coordinates_are_rounded_to_two_decimals_as_python_rounds():
-    from histoflow.geojson import _rounded_coords
+    from histoflow.geojson import _rounded_coords, round_like_python
 
     rng = np.random.default_rng(0)
     for divisor in (1, 2, 8, 100, 1000, 3, 7):          # on the 0.01 grid already, or not
         xy = rng.integers(0, 10**6, (200, 2)) / divisor
         assert _rounded_coords(xy, 2) == [[round(x, 2), round(y, 2)] for x, y in xy.tolist()]
+    # the hard cases: half-way points (exact and inexact in binary), signs, zeros, huge values
+    k = rng.integers(-10**9, 10**9, 20000)
+    values = np.concatenate([(k + 0.5) / 100, k / 1000 + 0.005, k * 0.005, k / 200.0, rng.standard_normal(2000) * 1e6,
+                             [0.0, -0.0, -0.004, 0.125, 2.675, 1.005, 2.0 ** 50, 2.0 ** 52 / 100 + 0.5, 1e17,
+                              -1e300, np.inf, -np.inf, np.nan], np.nextafter((k + 0.5) / 100, np.inf),
+                             np.nextafter((k + 0.5) / 100, -np.inf)])
+    for ndigits in (2, 0, 3):
+        got = round_like_python(values, ndigits)
+        want = np.array([round(v, ndigits) for v in values.tolist()])
+        assert np.array_equal(got, want, equal_nan=True)
+        assert np.array_equal(np.signbit(got), np.signbit(want))
 
 
 def test_polygons_preserve_area_holes_and_level0_scale():
@@ -421,6 +432,11 @@ def test_geojson_written_from_polygons_is_byte_for_byte_the_feature_collection(t
         cases.append(mask_to_polygons(mask, scale, scale))
     cases.append([shapely.Polygon([(0.01, 0.3), (1e5 + 0.07, 2.5), (12.34, 80000.0)])])   # on the grid
     cases.append([shapely.Polygon([(0.1 + 0.2, 1 / 3), (5.0, 0.0), (2.0, 7.123456)])])    # off it
+    cases.append([shapely.Polygon([(-0.001, -2.675), (-1e14 / 3, 0.125), (7e14 + 0.3, -1.005)],
+                                  [[(1.0, 1.0), (2.0, 1.0), (1.5, 1 / 7)]])])              # signs, a hole, large
+    cases.append([shapely.Polygon([(3e15, 0.5), (0.0, 1.0), (1.0, 0.0)])])                  # past GEOS' plain numbers
+    rng = np.random.default_rng(5)
+    cases.append([shapely.Polygon(rng.uniform(-9.9e12, 9.9e12, (500, 2))), shapely.Polygon(rng.uniform(0, 1, (9, 2)))])
     cases.append([])
     for k, polys in enumerate(cases):
         names = [f"Class {i % 2}" for i in range(len(polys))]
@@ -587,3 +603,54 @@ def test_tissue_iou_against_demo_ground_truth(tmp_path, demo_cohort, settings):
         assert abs(mask.shape[0] - truth.shape[0]) <= factor and abs(mask.shape[1] - truth.shape[1]) <= factor
         h, w = min(mask.shape[0], truth.shape[0]), min(mask.shape[1], truth.shape[1])
         assert iou(mask[:h, :w], truth[:h, :w]) >= 0.9, sid
+
+
+def test_mask_png_reads_back_as_the_mask_in_every_common_reader(tmp_path):
+    """tissue/{slide_id}.png is written by histoflow's own PNG encoder (grey_png): PIL, OpenCV
+    and libvips must all read back exactly 0/255 where the mask is False/True, any size."""
+    import cv2
+    import pyvips
+
+    from histoflow.io import grey_png
+
+    rng = np.random.default_rng(8)
+    for h, w in ((1, 1), (1, 700), (333, 1), (517, 389)):
+        mask = rng.random((h, w)) < 0.3
+        grey = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        for k, (image, want) in enumerate(((mask, mask.astype(np.uint8) * 255), (grey, grey),
+                                           (mask[:, ::-1], mask[:, ::-1] * np.uint8(255)))):
+            path = tmp_path / f"m{h}x{w}_{k}.png"        # a new name each time: libvips caches by name
+            path.write_bytes(grey_png(image))
+            with Image.open(path) as img:
+                assert img.mode == "L" and np.array_equal(np.array(img), want)
+            assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), want)
+            assert np.array_equal(pyvips.Image.new_from_file(str(path)).numpy().reshape(h, w), want)
+    with pytest.raises(ValueError, match="2-D uint8 or bool"):
+        grey_png(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_mask_png_reader_takes_any_greyscale_png_and_rejects_damaged_ones(tmp_path):
+    """The tiling step reads the mask with read_grey_png: its own PNGs by the fast path, a PNG
+    from another encoder (filtered rows, palette, 1-bit, RGB) through PIL, with the same pixels;
+    a truncated or corrupted file raises OSError (the step turns it into a clear error)."""
+    from histoflow.io import grey_png, read_grey_png
+
+    rng = np.random.default_rng(9)
+    mask = rng.random((301, 457)) < 0.4
+    want = mask.astype(np.uint8) * 255
+    ours = tmp_path / "ours.png"
+    ours.write_bytes(grey_png(mask))
+    assert np.array_equal(read_grey_png(ours), want)
+    for k, image in enumerate((Image.fromarray(want), Image.fromarray(mask), Image.fromarray(want).convert("RGB"),
+                               Image.fromarray(want).convert("P"))):
+        other = tmp_path / f"other{k}.png"
+        image.save(other, optimize=True)          # PIL filters rows adaptively
+        assert np.array_equal(read_grey_png(other), want)
+    data = ours.read_bytes()
+    damaged = {"truncated": data[:len(data) // 2],
+               "flipped": data[:60] + bytes([data[60] ^ 0xFF]) + data[61:]}
+    for name, bad in damaged.items():
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(bad)
+        with pytest.raises(OSError):
+            read_grey_png(path)
