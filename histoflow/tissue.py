@@ -255,7 +255,9 @@ def hsv_and_dark(rgb: np.ndarray, white_threshold: float) -> tuple[np.ndarray, .
     if rgb.size == 0:
         return h, s, v, np.zeros(rgb.shape[:2], bool)
     luma = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    dark = cv2.compare(luma, float(math.ceil(white_threshold)), cv2.CMP_LT, dst=luma)   # 0/255, in place
+    # luma < ceil(t) <=> luma <= ceil(t) - 1: a threshold, in place, 0/255 (cv2.compare takes a
+    # 1 x 1 image for a second scalar and refuses it)
+    _, dark = cv2.threshold(luma, math.ceil(white_threshold) - 1, 255, cv2.THRESH_BINARY_INV, dst=luma)
     return h, s, v, np.greater(dark, 0, out=dark.view(bool))
 
 
@@ -354,6 +356,40 @@ def pen_mask(rgb: np.ndarray, planes: tuple | None = None) -> np.ndarray:
     cv2.bitwise_and(rules, cv2.LUT(s, _INK_SAT), dst=rules)
     cv2.bitwise_and(rules, cv2.LUT(v, _INK_VAL), dst=rules)
     return cv2.LUT(rules, _ANY_BIT).view(bool)
+
+
+def saturation_dark_and_ink(rgb: np.ndarray, white_threshold: float, with_ink: bool = True
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """What brightfield detection needs, in one pass over strips of rows: the saturation plane
+    and the dark mask of :func:`hsv_and_dark`, and :func:`pen_mask` (None without ``with_ink``),
+    equal to those functions' results. Why: hue, value and luma are needed only on the way,
+    so they exist strip by strip (~256k px, cache-sized, reused) instead of as whole planes;
+    each fresh page of memory costs a fault."""
+    rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
+    h, w = rgb.shape[:2]
+    s = np.empty((h, w), np.uint8)
+    dark = np.empty((h, w), np.uint8)
+    ink = np.empty((h, w), np.uint8) if with_ink else None
+    if rgb.size:
+        rows = max(1, (1 << 18) // w)
+        hsv_rows, hue, val = np.empty((rows, w, 3), np.uint8), np.empty((rows, w), np.uint8), np.empty((rows, w), np.uint8)
+        cut = math.ceil(white_threshold) - 1            # luma < ceil(t) <=> luma <= ceil(t) - 1
+        for top in range(0, h, rows):
+            n = min(rows, h - top)
+            part, sat, below = rgb[top:top + n], s[top:top + n], dark[top:top + n]
+            cv2.cvtColor(part, cv2.COLOR_RGB2HSV_FULL, dst=hsv_rows[:n])
+            cv2.split(hsv_rows[:n], [hue[:n], sat, val[:n]])
+            cv2.cvtColor(part, cv2.COLOR_RGB2GRAY, dst=below)
+            cv2.threshold(below, cut, 255, cv2.THRESH_BINARY_INV, dst=below)   # 0/255
+            if ink is not None:                                              # pen_mask's lookups
+                rules, scratch = ink[top:top + n], val[:n]
+                cv2.LUT(hue[:n], _INK_HUE, dst=rules)
+                cv2.LUT(scratch, _INK_VAL, dst=scratch)
+                cv2.bitwise_and(rules, scratch, dst=rules)
+                cv2.LUT(sat, _INK_SAT, dst=scratch)
+                cv2.bitwise_and(rules, scratch, dst=rules)
+                cv2.LUT(rules, _ANY_BIT, dst=rules)
+    return s, np.greater(dark, 0, out=dark.view(bool)), None if ink is None else ink.view(bool)
 
 
 def um2_to_px(area_um2: float, mpp: float) -> int:
@@ -483,9 +519,20 @@ def _clean(mask: np.ndarray, radius: int, min_obj: int, min_hole: int,
     return mask
 
 
-def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
-                        scanned: np.ndarray | None = None) -> TissueResult:
-    """Tissue mask of an RGB thumbnail at ``mpp`` µm/px (pure: arrays in, arrays out)."""
+@dataclass
+class Foreground:
+    """A thumbnail thresholded, before cleaning: all that :func:`clean_foreground` needs, so the
+    pixels can be let go of once it exists."""
+    raw: np.ndarray                  # bool, tissue-like pixels with the ink taken out
+    pen: np.ndarray                  # bool, what the ink took away
+    method: str
+    method_detected: bool
+    thresholds: dict[str, float]
+
+
+def thumbnail_foreground(rgb: np.ndarray, mpp: float, settings: TissueSettings,
+                         scanned: np.ndarray | None = None) -> Foreground:
+    """The first half of :func:`compute_tissue_mask`: method, thresholds and ink."""
     rgb = np.asarray(rgb, dtype=np.uint8)[..., :3]
     # the foreground functions take the median window in px of this mask
     settings = replace(settings, median_px=settings.median_size(mpp))
@@ -499,10 +546,10 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
         raw, thr = fluorescence_foreground(rgb, settings, scanned)
         pen = np.zeros(raw.shape, bool)  # ink colours mean nothing under fluorescence
     else:
-        planes = hsv_and_dark(rgb, settings.white_threshold)  # once, shared by pen and foreground
-        core = pen_mask(rgb, planes[:3]) if settings.remove_pen else None
-        raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core, planes=planes)
-        del planes
+        # one pass: what pen removal and the foreground share
+        s, dark, core = saturation_dark_and_ink(rgb, settings.white_threshold, settings.remove_pen)
+        raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core, planes=(None, s, None, dark))
+        del s, dark
         pen = np.zeros(raw.shape, bool)
         if core is not None:
             ink = core
@@ -512,12 +559,24 @@ def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
             # report as pen what the ink took away: the ink itself and the tissue-like halo around it
             pen = ink & (raw | core)
             raw = raw & ~ink
-    mask = clean_mask(raw, mpp, settings.closing_um, settings.min_object_um2, settings.min_hole_um2)
+    return Foreground(raw, pen, method, detected, {**info, **thr, "median_px": settings.median_px})
+
+
+def clean_foreground(foreground: Foreground, mpp: float, settings: TissueSettings) -> TissueResult:
+    """The second half of :func:`compute_tissue_mask`: closing, specks, holes, ink kept out."""
+    mask = clean_mask(foreground.raw, mpp, settings.closing_um, settings.min_object_um2, settings.min_hole_um2)
+    pen = foreground.pen
     if pen.any():
         mask &= ~pen  # hole filling must not give the ink back
         mask = clean_mask(mask, mpp, 0.0, settings.min_object_um2, 0.0)
-    return TissueResult(mask=mask, pen=pen, method=method, method_detected=detected,
-                        thresholds={**info, **thr, "median_px": settings.median_px})
+    return TissueResult(mask=mask, pen=pen, method=foreground.method, method_detected=foreground.method_detected,
+                        thresholds=foreground.thresholds)
+
+
+def compute_tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings,
+                        scanned: np.ndarray | None = None) -> TissueResult:
+    """Tissue mask of an RGB thumbnail at ``mpp`` µm/px (pure: arrays in, arrays out)."""
+    return clean_foreground(thumbnail_foreground(rgb, mpp, settings, scanned), mpp, settings)
 
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -555,8 +614,16 @@ def overlay_image(rgb: np.ndarray, mask: np.ndarray, pen: np.ndarray | None = No
     h, w = mask.shape
     if h == 0 or w == 0:
         return np.full((64, 64, 3), 255, np.uint8)   # nothing to draw on
-    size, _ = _overlay_size(h, w, max_px)
-    img = overlay_background(rgb, max_px) if background is None else background.copy()
+    return _draw_overlay(overlay_background(rgb, max_px) if background is None else background.copy(), mask, pen)
+
+
+def _draw_overlay(img: np.ndarray, mask: np.ndarray, pen: np.ndarray | None) -> np.ndarray:
+    """Draw the outline of ``mask`` and the ink ``pen`` on ``img`` (an :func:`overlay_background`),
+    in place; returns ``img``."""
+    h, w = mask.shape
+    if h == 0 or w == 0:
+        return np.full((64, 64, 3), 255, np.uint8)
+    size = (img.shape[1], img.shape[0])
 
     def nearest(plane: np.ndarray) -> np.ndarray:
         return cv2.resize(_u8(plane), size, interpolation=cv2.INTER_NEAREST_EXACT).view(bool)
@@ -683,7 +750,8 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
                 fast = read_whole_level_fast(meta["path"], meta.get("vendor"), meta.get("level_dimensions"),
                                              source.level)
                 if fast is not None:
-                    rgb, scanned = fast
+                    rgb, scanned = fast[0], None            # a whole page: all of it scanned
+                    del fast
         if rgb is None:
             rgb, scanned, source = _read_thumbnail_with_openslide(meta, slide_id, settings)
     except HistoflowError as err:
@@ -700,19 +768,24 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         background = pool.submit(overlay_background, rgb)
-        result = compute_tissue_mask(rgb, source.mpp, settings, scanned)
-        if result.method == "fluorescence" and not scanned.all():
+        foreground = thumbnail_foreground(rgb, source.mpp, settings, scanned)
+        if foreground.method == "fluorescence" and scanned is not None and not scanned.all():
             rgb = rgb.copy()
             rgb[~scanned] = 0       # unscanned glass is dark under fluorescence
             background.result()
             background = pool.submit(overlay_background, rgb)
-        return _write_tissue_outputs(pool, slide_id, meta, source, rgb, result, background.result(), settings,
+        # the pixels are done with (the overlay thread keeps them until its resize ends): the
+        # cleaning's images reuse their memory instead of faulting in fresh pages
+        del rgb, scanned
+        result = clean_foreground(foreground, source.mpp, settings)
+        del foreground
+        return _write_tissue_outputs(pool, slide_id, meta, source, result, background.result(), settings,
                                      mask_png, geojson_path, overlay_path, stats_json)
     finally:
         pool.shutdown()
 
 
-def _write_tissue_outputs(pool, slide_id: str, meta: dict, source: "MaskSource", rgb: np.ndarray,
+def _write_tissue_outputs(pool, slide_id: str, meta: dict, source: "MaskSource",
                           result: TissueResult, background: np.ndarray, settings: TissueSettings,
                           mask_png, geojson_path, overlay_path, stats_json) -> dict:
     from .geojson import mask_to_polygons, write_polygons_geojson
@@ -734,7 +807,7 @@ def _write_tissue_outputs(pool, slide_id: str, meta: dict, source: "MaskSource",
     # the GIL) encodes the others, on the second core when the job has one
     outlines = pool.submit(write_outlines)
     _write_png(mask_png, result.mask)
-    _write_jpeg(overlay_path, overlay_image(rgb, result.mask, result.pen, background=background))
+    _write_jpeg(overlay_path, _draw_overlay(background, result.mask, result.pen))   # the step's own copy: in place
     polys = outlines.result()
     h, w = result.mask.shape
     stats = {

@@ -654,3 +654,25 @@ def test_mask_png_reader_takes_any_greyscale_png_and_rejects_damaged_ones(tmp_pa
         path.write_bytes(bad)
         with pytest.raises(OSError):
             read_grey_png(path)
+
+
+def test_saturation_dark_and_ink_in_one_pass_equal_the_separate_functions():
+    """compute_tissue_mask takes saturation, the dark mask and the ink from one strip-by-strip
+    pass: they must equal hsv_and_dark's and pen_mask's, whatever the image's size (strips
+    that do not divide the height, one-row strips of a very wide image, an empty image)."""
+    import cv2
+
+    from histoflow.tissue import hsv_and_dark, saturation_dark_and_ink
+
+    rng = np.random.default_rng(12)
+    for h, w in ((1, 1), (37, 53), (700, 389), (3, 300_000), (0, 5)):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        rgb[: h // 2, : w // 2] = (40, 200, 60)                  # a green marker stroke
+        luma = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).reshape(h, w) if h * w else np.zeros((h, w), np.uint8)
+        for white in (220, 200.5, 0, 300):
+            hue, sat, val, dark = hsv_and_dark(rgb, white)
+            s, d, ink = saturation_dark_and_ink(rgb, white)
+            assert np.array_equal(dark, luma < np.ceil(white))
+            assert np.array_equal(s, sat) and np.array_equal(d, dark) and d.dtype == bool
+            assert np.array_equal(ink, pen_mask(rgb, (hue, sat, val))) and ink.dtype == bool
+            assert saturation_dark_and_ink(rgb, white, with_ink=False)[2] is None
