@@ -224,12 +224,13 @@ def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.
     rings = shapely.polygons(shapely.linearrings(xy, indices=ring))
     # which side the mask is on: a ring's orientation (shoelace sign) tells outline from hole
     signed = _signed_areas(xy, ring, len(rings))
+    checked = np.zeros(len(rings), bool)       # rings already known to be valid polygons
     if simplify_px > 0:
         simple = shapely.simplify(rings, simplify_px, preserve_topology=False)
         bad = ~shapely.is_valid(simple) | shapely.is_empty(simple)
         if bad.any():   # rare: a simplified outline touching itself; the slower, safe variant
             simple[bad] = shapely.simplify(rings[bad], simplify_px, preserve_topology=True)
-        rings = simple
+        rings, checked = simple, ~bad
     rings = np.array([_largest_polygon(r) for r in rings], dtype=object)
     areas = np.array([0.0 if r is None else r.area for r in rings])
     keep = (areas > 0) & (areas >= min_area_px)
@@ -252,7 +253,8 @@ def mask_to_polygons(mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.
     out = []
     for i in outlines.tolist():
         poly = shapely.Polygon(rings[i].exterior, hole_lists[i]) if hole_lists[i] else rings[i]
-        if not poly.is_valid:
+        # an outline with holes is checked again: a simplified hole may touch its outline
+        if (hole_lists[i] or not checked[i]) and not poly.is_valid:
             poly = _largest_polygon(shapely.make_valid(poly))
         if poly is not None and poly.area > 0:
             out.append(poly)
