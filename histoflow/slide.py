@@ -132,47 +132,10 @@ def tiff_has_missing_tiles(path: str | os.PathLike, last_page: int) -> bool:
     unscanned (transparent) at every level of an Aperio slide, also where the lower pages hold
     pixels, so such slides must be read through OpenSlide. Reads only the directories and their
     TileByteCounts arrays (a few hundred kB for a 40x slide), never image data."""
-    import struct
+    from .tiff import has_missing_tiles, read_tiff_pages
 
-    try:
-        with open(path, "rb") as handle:
-            order = {b"II": "<", b"MM": ">"}[handle.read(2)]
-            magic = struct.unpack(order + "H", handle.read(2))[0]
-            if magic == 42:
-                (offset,) = struct.unpack(order + "I", handle.read(4))
-                count_fmt, entry_size, value_size, offset_fmt = "H", 12, 4, "I"
-            elif magic == 43:
-                handle.read(4)                                    # bytesize 8, padding
-                (offset,) = struct.unpack(order + "Q", handle.read(8))
-                count_fmt, entry_size, value_size, offset_fmt = "Q", 20, 8, "Q"
-            else:
-                return True
-            sizes = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}    # SHORT, LONG, LONG8
-            for _ in range(last_page + 1):
-                if offset == 0:
-                    return True                                   # fewer pages than expected
-                handle.seek(offset)
-                n = struct.unpack(order + count_fmt, handle.read(struct.calcsize(count_fmt)))[0]
-                entries = handle.read(n * entry_size)
-                (offset,) = struct.unpack(order + offset_fmt, handle.read(value_size))
-                for i in range(n):
-                    entry = entries[i * entry_size:(i + 1) * entry_size]
-                    tag, kind = struct.unpack(order + "HH", entry[:4])
-                    if tag != 325:                                # TileByteCounts
-                        continue
-                    (count,) = struct.unpack(order + offset_fmt, entry[4:4 + value_size])
-                    code, width = sizes[kind]
-                    raw = entry[4 + value_size:]
-                    if count * width > value_size:                # stored elsewhere: an offset
-                        (where,) = struct.unpack(order + offset_fmt, raw)
-                        handle.seek(where)
-                        raw = handle.read(count * width)
-                    counts = np.frombuffer(raw[:count * width], dtype=np.dtype(code).newbyteorder(order))
-                    if len(counts) < count or not counts.all():
-                        return True
-    except (OSError, KeyError, struct.error, ValueError):
-        return True
-    return False
+    pages = read_tiff_pages(path, last_page)
+    return pages is None or has_missing_tiles(pages)
 
 
 def _tiff_page_of_level(path: str, vendor: str, level_dimensions, level: int):
@@ -200,22 +163,54 @@ def _tiff_page_of_level(path: str, vendor: str, level_dimensions, level: int):
 
 def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dimensions, level: int
                           ) -> tuple[np.ndarray, np.ndarray] | None:
-    """A whole (small) pyramid level as ``(rgb uint8, scanned bool)`` decoded by libvips (all of
-    a page is scanned: ``scanned`` is a read-only all-True view that takes no memory), or
-    None when the slide is not a plain tiled TIFF pyramid (the caller then reads with OpenSlide).
+    """A whole (small) pyramid level as ``(rgb uint8, scanned bool)`` read from its TIFF page
+    (all of a page is scanned: ``scanned`` is a read-only all-True view that takes no memory),
+    or None when the slide is not a plain tiled TIFF pyramid (the caller then reads with
+    OpenSlide).
 
-    Why: the tissue mask needs one whole low-resolution level; libvips decodes its JPEG tiles
-    3-5x faster than ``openslide.read_region`` composites them (25 vs 60-90 ms for a 1562 x 1250
-    level), with identical pixels for the vendors in :data:`TIFF_PAGE_VENDORS`. A sparse scan
-    (tiles with no bytes, which OpenSlide reports as unscanned) is left to OpenSlide. Callers use
-    it only for levels they would read whole anyway (never level 0 of a large slide)."""
+    Why: the tissue mask needs one whole low-resolution level. JPEG tiles are decoded straight
+    from the page (:func:`histoflow.tiff.read_jpeg_page`, ~2x faster than libvips), other pages
+    by libvips, which is 3-5x faster than ``openslide.read_region`` compositing them (25 vs
+    60-90 ms for a 1562 x 1250 level); the pixels are OpenSlide's for the vendors in
+    :data:`TIFF_PAGE_VENDORS` (tests/test_slide_read.py). A sparse scan (tiles with no bytes,
+    which OpenSlide reports as unscanned) is left to OpenSlide. Callers use it only for levels
+    they would read whole anyway (never level 0 of a large slide)."""
+    from .tiff import has_missing_tiles, read_jpeg_page, read_tiff_pages
+
     if vendor not in TIFF_PAGE_VENDORS or not level_dimensions or not 0 <= level < len(level_dimensions):
         return None
+    width, height = (int(v) for v in level_dimensions[level])
+    candidates = [level] if vendor == "generic-tiff" or level == 0 else [level + 1, level]
     try:
+        for page_index in candidates:
+            pages = read_tiff_pages(path, page_index)
+            if pages is None:
+                break                     # not parsed here: libvips decides below
+            page = pages[-1]
+            if page.size != (width, height) or not page.tiled:
+                continue
+            if has_missing_tiles(pages):
+                return None
+            rgb = read_jpeg_page(path, page)
+            if rgb is None:               # not plain JPEG tiles: the page through libvips
+                rgb = _libvips_page(str(path), page_index)
+            return None if rgb is None else (rgb, np.broadcast_to(np.True_, rgb.shape[:2]))
         image = _tiff_page_of_level(str(path), vendor, level_dimensions, level)
         if image is None or image.bands != 3 or image.format != "uchar":
             return None
         rgb = image.numpy().reshape(image.height, image.width, 3)
-    except Exception:   # a libvips decode error: OpenSlide reads it and reports it clearly
+    except Exception:   # a decode error: OpenSlide reads it and reports it clearly
         return None
     return rgb, np.broadcast_to(np.True_, rgb.shape[:2])    # all scanned: a read-only view, no memory
+
+
+def _libvips_page(path: str, page: int) -> np.ndarray | None:
+    """TIFF page ``page`` decoded by libvips as uint8 RGB, or None when it is not 3-band uchar.
+    ``revalidate``: a file rewritten at the same path is read again, not served from libvips'
+    cache."""
+    import pyvips
+
+    image = pyvips.Image.tiffload(path, page=page, revalidate=True)
+    if image.bands != 3 or image.format != "uchar":
+        return None
+    return image.numpy().reshape(image.height, image.width, 3)

@@ -157,8 +157,10 @@ SLIDE_STEPS: dict[str, Callable[[SlideJob], None]] = {
 # collector. benchmarks/ingest.py times the steps the same way.
 STEP_IMPORTS: dict[str, tuple[str, ...]] = {
     "slide_qc": ("histoflow.slide_qc", "histoflow.slide", "openslide", "PIL.Image"),
-    # OpenSlide (and its progress bar) only for levels libvips cannot read whole: imported then
-    "detect_tissue": ("histoflow.tissue", "histoflow.geojson", "pyvips", "cv2", "shapely", "concurrent.futures"),
+    # the level is read by histoflow.tiff (JPEG tiles) with OpenCV; libvips (other TIFF pages) and
+    # OpenSlide (and its progress bar; other formats) are imported when a slide needs them
+    "detect_tissue": ("histoflow.tissue", "histoflow.tiff", "histoflow.geojson", "cv2", "shapely",
+                      "concurrent.futures"),
     # PIL.Image.open loads the Bmp/Gif/Jpeg/Ppm/Png plugins on its first call; the tile sample
     # draws from numpy.random
     "tile_slide": ("histoflow.tiling", "PIL.Image", "PIL.ImageDraw", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",

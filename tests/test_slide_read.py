@@ -109,17 +109,13 @@ def test_a_sparse_scan_is_left_to_openslide(tmp_path, jpeg_pyramid):
     import shutil
     import struct
 
-    tifffile = pytest.importorskip("tifffile")
     from histoflow.slide import tiff_has_missing_tiles
 
     meta = slide_meta(tmp_path, jpeg_pyramid)
     assert not tiff_has_missing_tiles(jpeg_pyramid, meta["level_count"] - 1)
     sparse = tmp_path / "sparse.tiff"
     shutil.copy(jpeg_pyramid, sparse)
-    with tifffile.TiffFile(sparse) as tif:
-        counts = tif.pages[0].tags["TileByteCounts"]
-        fmt = tif.byteorder + {3: "H", 4: "I", 16: "Q"}[int(counts.dtype)]
-        where = counts.valueoffset
+    where, fmt = tile_byte_counts_at(sparse)
     with open(sparse, "r+b") as handle:         # level 0, tile 5: no bytes
         handle.seek(where + 5 * struct.calcsize(fmt))
         handle.write(struct.pack(fmt, 0))
@@ -129,3 +125,91 @@ def test_a_sparse_scan_is_left_to_openslide(tmp_path, jpeg_pyramid):
     not_tiff = tmp_path / "x.tiff"
     not_tiff.write_bytes(b"not a tiff at all")
     assert tiff_has_missing_tiles(not_tiff, 0)   # unparseable: the safe answer
+
+
+def tile_byte_counts_at(path) -> tuple[int, str]:
+    """File offset and struct format of page 0's TileByteCounts array (a classic TIFF, as
+    pyvips writes small pyramids), found by walking the first directory."""
+    import struct
+
+    data = path.read_bytes()
+    order = {b"II": "<", b"MM": ">"}[data[:2]]
+    assert struct.unpack(order + "H", data[2:4])[0] == 42
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    (n,) = struct.unpack(order + "H", data[ifd:ifd + 2])
+    for i in range(n):
+        tag, kind, count, value = struct.unpack(order + "HHII", data[ifd + 2 + 12 * i:ifd + 14 + 12 * i])
+        if tag == 325:
+            assert count * {3: 2, 4: 4}[kind] > 4
+            return value, order + {3: "H", 4: "I"}[kind]
+    raise AssertionError("no TileByteCounts")
+
+
+@pytest.mark.parametrize("colours", ["ycbcr", "rgb"])
+def test_jpeg_tiles_are_decoded_from_the_page_with_openslides_pixels(tmp_path, colours):
+    """The tissue step decodes a level's JPEG tiles itself (histoflow.tiff): for YCbCr tiles
+    (libvips' and most scanners' default) and for RGB tiles (Aperio's, whose streams look like
+    YCbCr to libjpeg unless told), every level equals OpenSlide's read, and the direct path is
+    the one that ran."""
+    from histoflow.tiff import read_jpeg_page, read_tiff_pages
+
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 255, (260, 330, 3), dtype=np.uint8)
+    img = pyvips.Image.new_from_array(base, interpretation="srgb").resize(7, kernel="linear")
+    path = tmp_path / f"{colours}.tiff"
+    img.tiffsave(str(path), tile=True, pyramid=True, compression="jpeg", Q=80, tile_width=256, tile_height=256,
+                 xres=2000.0, yres=2000.0, rgbjpeg=colours == "rgb")
+    meta = slide_meta(tmp_path, path)
+    for level in range(meta["level_count"]):
+        page = read_tiff_pages(path, level)[-1]
+        assert page.value(262) == (2 if colours == "rgb" else 6)          # photometric as asked
+        direct = read_jpeg_page(path, page)
+        assert direct is not None
+        assert np.array_equal(direct, openslide_level(path, level))
+        rgb, _ = read_whole_level_fast(path, "generic-tiff", meta["level_dimensions"], level)
+        assert np.array_equal(rgb, direct)
+
+
+def test_pages_that_are_not_plain_jpeg_tiles_go_through_libvips(tmp_path):
+    """LZW or Deflate tiles, and files that are not TIFF at all, are not decoded by histoflow:
+    read_jpeg_page declines and the level still equals OpenSlide's."""
+    from histoflow.tiff import read_jpeg_page, read_tiff_pages
+
+    rng = np.random.default_rng(6)
+    img = pyvips.Image.new_from_array(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8), interpretation="srgb")
+    for compression in ("lzw", "deflate"):
+        path = tmp_path / f"{compression}.tiff"
+        img.tiffsave(str(path), tile=True, pyramid=True, compression=compression, tile_width=128, tile_height=128,
+                     xres=2000.0, yres=2000.0)
+        meta = slide_meta(tmp_path, path)
+        assert read_jpeg_page(path, read_tiff_pages(path, 0)[-1]) is None
+        rgb, _ = read_whole_level_fast(path, "generic-tiff", meta["level_dimensions"], 0)
+        assert np.array_equal(rgb, openslide_level(path, 0))
+    junk = tmp_path / "junk.tiff"
+    junk.write_bytes(b"II*\x00" + b"\xff" * 20)
+    assert read_tiff_pages(junk, 0) is None and read_tiff_pages(tmp_path / "none.tiff", 0) is None
+
+
+def test_a_jpeg_stream_is_read_in_the_colour_space_the_tiff_says_or_not_at_all():
+    """libjpeg guesses a stream's colour space from its markers; histoflow adds an Adobe marker
+    when the guess differs from the TIFF's photometric tag, and declines when a JFIF or Adobe
+    marker contradicts it (libtiff would override what the decoder guesses)."""
+    import cv2
+
+    from histoflow.tiff import libjpeg_colour_space, stream_in_colour_space
+
+    pixels = np.random.default_rng(7).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    jfif = cv2.imencode(".jpg", pixels)[1].tobytes()           # OpenCV writes JFIF: YCbCr
+    assert libjpeg_colour_space(jfif) == "ycbcr"
+    assert stream_in_colour_space(jfif, "ycbcr") == jfif
+    assert stream_in_colour_space(jfif, "rgb") is None
+    bare = jfif[:2] + jfif[2 + 2 + int.from_bytes(jfif[4:6], "big"):]   # the JFIF segment dropped
+    assert bare[2:4] != b"\xff\xe0" and libjpeg_colour_space(bare) == "ycbcr"      # ids 1, 2, 3
+    as_rgb = stream_in_colour_space(bare, "rgb")
+    assert libjpeg_colour_space(as_rgb) == "rgb"
+    # decoded without conversion: the raw components, as libtiff reads an RGB-photometric tile
+    raw = cv2.imdecode(np.frombuffer(as_rgb, np.uint8), cv2.IMREAD_COLOR_RGB)
+    converted = cv2.imdecode(np.frombuffer(bare, np.uint8), cv2.IMREAD_COLOR_RGB)
+    assert not np.array_equal(raw, converted)
+    assert stream_in_colour_space(as_rgb, "ycbcr") is None     # its Adobe marker says RGB
+    assert libjpeg_colour_space(b"not a jpeg") is None and stream_in_colour_space(b"\xff\xd8", "rgb") is None
