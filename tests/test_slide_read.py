@@ -145,12 +145,12 @@ def tile_byte_counts_at(path) -> tuple[int, str]:
     raise AssertionError("no TileByteCounts")
 
 
-@pytest.mark.parametrize("colours", ["ycbcr", "rgb"])
-def test_jpeg_tiles_are_decoded_from_the_page_with_openslides_pixels(tmp_path, colours):
+@pytest.mark.parametrize("colours,bigtiff", [("ycbcr", False), ("rgb", False), ("ycbcr", True)])
+def test_jpeg_tiles_are_decoded_from_the_page_with_openslides_pixels(tmp_path, colours, bigtiff):
     """The tissue step decodes a level's JPEG tiles itself (histoflow.tiff): for YCbCr tiles
     (libvips' and most scanners' default) and for RGB tiles (Aperio's, whose streams look like
-    YCbCr to libjpeg unless told), every level equals OpenSlide's read, and the direct path is
-    the one that ran."""
+    YCbCr to libjpeg unless told), in classic TIFF and BigTIFF, every level equals OpenSlide's
+    read, and the direct path is the one that ran."""
     from histoflow.tiff import read_jpeg_page, read_tiff_pages
 
     rng = np.random.default_rng(5)
@@ -158,7 +158,8 @@ def test_jpeg_tiles_are_decoded_from_the_page_with_openslides_pixels(tmp_path, c
     img = pyvips.Image.new_from_array(base, interpretation="srgb").resize(7, kernel="linear")
     path = tmp_path / f"{colours}.tiff"
     img.tiffsave(str(path), tile=True, pyramid=True, compression="jpeg", Q=80, tile_width=256, tile_height=256,
-                 xres=2000.0, yres=2000.0, rgbjpeg=colours == "rgb")
+                 xres=2000.0, yres=2000.0, rgbjpeg=colours == "rgb", bigtiff=bigtiff)
+    assert path.read_bytes()[2] == (43 if bigtiff else 42)
     meta = slide_meta(tmp_path, path)
     for level in range(meta["level_count"]):
         page = read_tiff_pages(path, level)[-1]

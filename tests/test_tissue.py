@@ -435,6 +435,9 @@ def test_geojson_written_from_polygons_is_byte_for_byte_the_feature_collection(t
     cases.append([shapely.Polygon([(-0.001, -2.675), (-1e14 / 3, 0.125), (7e14 + 0.3, -1.005)],
                                   [[(1.0, 1.0), (2.0, 1.0), (1.5, 1 / 7)]])])              # signs, a hole, large
     cases.append([shapely.Polygon([(3e15, 0.5), (0.0, 1.0), (1.0, 0.0)])])                  # past GEOS' plain numbers
+    cases.append([shapely.box(0, 0, 3.333, 4), shapely.MultiPolygon([shapely.box(10, 10, 11.005, 12),
+                                                                     shapely.box(20, 20, 21, 22)]),
+                  shapely.Polygon([(0.5, 0.5), (1e14 + 0.25, 0.5), (7.0, 9.0)]), shapely.box(1, 1, 2, 2)])
     rng = np.random.default_rng(5)
     cases.append([shapely.Polygon(rng.uniform(-9.9e12, 9.9e12, (500, 2))), shapely.Polygon(rng.uniform(0, 1, (9, 2)))])
     cases.append([])
