@@ -138,29 +138,6 @@ def tiff_has_missing_tiles(path: str | os.PathLike, last_page: int) -> bool:
     return pages is None or has_missing_tiles(pages)
 
 
-def _tiff_page_of_level(path: str, vendor: str, level_dimensions, level: int):
-    """The libvips image of the TIFF page holding OpenSlide ``level``, or None. Generic TIFF
-    levels are pages 0, 1, 2, ...; an Aperio SVS puts its thumbnail second, so its level k > 0
-    is usually page k + 1. Only the candidate pages are opened (opening a page walks the TIFF
-    directories before it, ~6 ms each on a large slide), and the page must be tiled and have
-    OpenSlide's size for that level. ``revalidate``: a file rewritten at the same path is read
-    again, not served from libvips' cache."""
-    import pyvips
-
-    width, height = (int(v) for v in level_dimensions[level])
-    candidates = [level] if vendor == "generic-tiff" or level == 0 else [level + 1, level]
-    for page in candidates:
-        try:
-            image = pyvips.Image.tiffload(path, page=page, revalidate=True)
-        except pyvips.Error:          # no such page
-            continue
-        if (image.width, image.height) == (width, height) and "tile-width" in image.get_fields():
-            if tiff_has_missing_tiles(path, page):
-                return None
-            return image
-    return None
-
-
 def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dimensions, level: int
                           ) -> tuple[np.ndarray, np.ndarray] | None:
     """A whole (small) pyramid level as ``(rgb uint8, scanned bool)`` read from its TIFF page
@@ -180,12 +157,14 @@ def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dim
     if vendor not in TIFF_PAGE_VENDORS or not level_dimensions or not 0 <= level < len(level_dimensions):
         return None
     width, height = (int(v) for v in level_dimensions[level])
+    # generic TIFF levels are pages 0, 1, 2, ...; an Aperio SVS puts its thumbnail second, so
+    # its level k > 0 is usually page k + 1; the page must be tiled and have OpenSlide's size
     candidates = [level] if vendor == "generic-tiff" or level == 0 else [level + 1, level]
     try:
         for page_index in candidates:
             pages = read_tiff_pages(path, page_index)
-            if pages is None:
-                break                     # not parsed here: libvips decides below
+            if pages is None:             # no such page (or not a TIFF this parser reads)
+                continue
             page = pages[-1]
             if page.size != (width, height) or not page.tiled:
                 continue
@@ -194,14 +173,11 @@ def read_whole_level_fast(path: str | os.PathLike, vendor: str | None, level_dim
             rgb = read_jpeg_page(path, page)
             if rgb is None:               # not plain JPEG tiles: the page through libvips
                 rgb = _libvips_page(str(path), page_index)
+            # all of a page is scanned: a read-only all-True view, no memory
             return None if rgb is None else (rgb, np.broadcast_to(np.True_, rgb.shape[:2]))
-        image = _tiff_page_of_level(str(path), vendor, level_dimensions, level)
-        if image is None or image.bands != 3 or image.format != "uchar":
-            return None
-        rgb = image.numpy().reshape(image.height, image.width, 3)
     except Exception:   # a decode error: OpenSlide reads it and reports it clearly
         return None
-    return rgb, np.broadcast_to(np.True_, rgb.shape[:2])    # all scanned: a read-only view, no memory
+    return None
 
 
 def _libvips_page(path: str, page: int) -> np.ndarray | None:

@@ -229,7 +229,7 @@ def _sums_between(a: np.ndarray, cuts: np.ndarray, axis: int, dtype, binary: boo
         blocks = a[lo:hi].reshape(n, d, a.shape[1]) if axis == 0 else a[:, lo:hi].reshape(a.shape[0], n, d)
         if binary and d <= 255:
             # 0/1 sums of at most 255 fit uint8: no widened copy of the whole mask
-            return np.add.reduce(blocks, axis=axis + 1, dtype=np.uint8).astype(dtype)
+            return np.add.reduce(blocks, axis=axis + 1, dtype=np.uint8).astype(dtype, copy=False)
         return blocks.sum(axis=axis + 1, dtype=dtype)
     if axis == 1:      # int32/int64 in their own type: numpy would widen int32 to int64 with a copy
         own = a.dtype if a.dtype in (np.int32, np.int64) else np.dtype(dtype)

@@ -247,30 +247,17 @@ def _median(channel: np.ndarray, size: int) -> np.ndarray:
     return cv2.medianBlur(channel, 2 * (size // 2) + 1)
 
 
-def hsv_and_dark(rgb: np.ndarray, white_threshold: float) -> tuple[np.ndarray, ...]:
-    """:func:`hsv` planes and the "darker than glass" mask: 8-bit luma (ITU-R 601, rounded)
-    below ``white_threshold``."""
-    rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
-    h, s, v = hsv(rgb)
-    if rgb.size == 0:
-        return h, s, v, np.zeros(rgb.shape[:2], bool)
-    luma = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    # luma < ceil(t) <=> luma <= ceil(t) - 1: a threshold, in place, 0/255 (cv2.compare takes a
-    # 1 x 1 image for a second scalar and refuses it)
-    _, dark = cv2.threshold(luma, math.ceil(white_threshold) - 1, 255, cv2.THRESH_BINARY_INV, dst=luma)
-    return h, s, v, np.greater(dark, 0, out=dark.view(bool))
-
-
 def brightfield_foreground(rgb: np.ndarray, settings: TissueSettings, scanned: np.ndarray | None = None,
-                           exclude: np.ndarray | None = None, planes: tuple | None = None
+                           exclude: np.ndarray | None = None,
+                           planes: tuple[np.ndarray, np.ndarray] | None = None
                            ) -> tuple[np.ndarray, dict[str, float]]:
     """Saturation above Otsu (clipped to [``min_saturation``, ``max_saturation``]) and grey below
     ``white_threshold``, each after a median (:meth:`TissueSettings.median_size`; called by
     :func:`compute_tissue_mask`, which sets ``median_px`` for the mask's µm/px). ``exclude`` (e.g. ink) is left out
     of the Otsu sample: saturated pen would pull the threshold above real tissue. ``planes``: the
-    image's :func:`hsv_and_dark` (h, s, v, dark), when the caller already has it (pen removal does)."""
-    rgb = np.asarray(rgb, np.uint8)[..., :3]
-    _, s, _, dark = planes if planes is not None else hsv_and_dark(rgb, settings.white_threshold)
+    image's saturation and dark mask (:func:`saturation_dark_and_ink`), when the caller already
+    has them (pen removal does)."""
+    s, dark = planes if planes is not None else saturation_dark_and_ink(rgb, settings.white_threshold, False)[:2]
     valid = None if scanned is None or np.all(scanned) else np.asarray(scanned, bool)
     sample = valid
     if exclude is not None and exclude.any():
@@ -361,10 +348,10 @@ def pen_mask(rgb: np.ndarray, planes: tuple | None = None) -> np.ndarray:
 def saturation_dark_and_ink(rgb: np.ndarray, white_threshold: float, with_ink: bool = True
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """What brightfield detection needs, in one pass over strips of rows: the saturation plane
-    and the dark mask of :func:`hsv_and_dark`, and :func:`pen_mask` (None without ``with_ink``),
-    equal to those functions' results. Why: hue, value and luma are needed only on the way,
-    so they exist strip by strip (~256k px, cache-sized, reused) instead of as whole planes;
-    each fresh page of memory costs a fault."""
+    of :func:`hsv`, the "darker than glass" mask (8-bit luma, ITU-R 601 rounded, below
+    ``white_threshold``) and :func:`pen_mask` (None without ``with_ink``). Why: hue, value and
+    luma are needed only on the way, so they exist strip by strip (~256k px, cache-sized,
+    reused) instead of as whole planes; each fresh page of memory costs a fault."""
     rgb = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
     h, w = rgb.shape[:2]
     s = np.empty((h, w), np.uint8)
@@ -548,7 +535,7 @@ def thumbnail_foreground(rgb: np.ndarray, mpp: float, settings: TissueSettings,
     else:
         # one pass: what pen removal and the foreground share
         s, dark, core = saturation_dark_and_ink(rgb, settings.white_threshold, settings.remove_pen)
-        raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core, planes=(None, s, None, dark))
+        raw, thr = brightfield_foreground(rgb, settings, scanned, exclude=core, planes=(s, dark))
         del s, dark
         pen = np.zeros(raw.shape, bool)
         if core is not None:

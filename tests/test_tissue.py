@@ -287,12 +287,12 @@ def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
 
 
 def test_dark_is_the_rounded_grey_level_below_the_white_threshold():
-    from histoflow.tissue import grey, hsv_and_dark
+    from histoflow.tissue import grey, saturation_dark_and_ink
 
     rgb = np.random.default_rng(4).integers(150, 256, (256, 256, 3), dtype=np.uint8)
     g = grey(rgb).astype(np.float64)
     for white in (200, 220, 220.5, 240):
-        *_, dark = hsv_and_dark(rgb, white)
+        _, dark, _ = saturation_dark_and_ink(rgb, white, with_ink=False)
         cut = np.ceil(white) - 0.5              # 8-bit grey < ceil(white) <=> exact grey < this
         clear = np.abs(g - cut) > 0.02          # OpenCV's fixed-point luma is within 0.01 of exact
         assert clear.mean() > 0.95
@@ -661,21 +661,22 @@ def test_mask_png_reader_takes_any_greyscale_png_and_rejects_damaged_ones(tmp_pa
 
 def test_saturation_dark_and_ink_in_one_pass_equal_the_separate_functions():
     """compute_tissue_mask takes saturation, the dark mask and the ink from one strip-by-strip
-    pass: they must equal hsv_and_dark's and pen_mask's, whatever the image's size (strips
-    that do not divide the height, one-row strips of a very wide image, an empty image)."""
+    pass: they must equal hsv()'s saturation, 8-bit luma below ceil(white_threshold) and
+    pen_mask, whatever the image's size (strips that do not divide the height, one-row strips
+    of a very wide image, a single pixel, an empty image) and the threshold."""
     import cv2
 
-    from histoflow.tissue import hsv_and_dark, saturation_dark_and_ink
+    from histoflow.tissue import hsv, saturation_dark_and_ink
 
     rng = np.random.default_rng(12)
     for h, w in ((1, 1), (37, 53), (700, 389), (3, 300_000), (0, 5)):
         rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         rgb[: h // 2, : w // 2] = (40, 200, 60)                  # a green marker stroke
         luma = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).reshape(h, w) if h * w else np.zeros((h, w), np.uint8)
+        hue, sat, val = hsv(rgb)
         for white in (220, 200.5, 0, 300):
-            hue, sat, val, dark = hsv_and_dark(rgb, white)
             s, d, ink = saturation_dark_and_ink(rgb, white)
-            assert np.array_equal(dark, luma < np.ceil(white))
-            assert np.array_equal(s, sat) and np.array_equal(d, dark) and d.dtype == bool
+            assert np.array_equal(s, sat)
+            assert np.array_equal(d, luma < np.ceil(white)) and d.dtype == bool
             assert np.array_equal(ink, pen_mask(rgb, (hue, sat, val))) and ink.dtype == bool
             assert saturation_dark_and_ink(rgb, white, with_ink=False)[2] is None
