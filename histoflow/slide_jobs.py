@@ -84,7 +84,7 @@ def detect_tissue(job: SlideJob) -> None:
     detect_tissue_for_slide(slide_json=job.input["slide"], mask_png=job.output["mask"],
                             geojson_path=job.output["geojson"], overlay_path=job.output["overlay"],
                             stats_json=job.output["stats"], settings=job.params["settings"],
-                            on_error=job.params["on_error"])
+                            on_error=job.params["on_error"], threads=job.threads)
 
 
 def tile_slide(job: SlideJob) -> None:

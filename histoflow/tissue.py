@@ -715,10 +715,15 @@ def _write_empty(slide_id: str, mask_png, geojson_path, overlay_path, stats_json
 
 
 def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, stats_json,
-                            settings: dict | TissueSettings, on_error: str = "fail") -> dict:
+                            settings: dict | TissueSettings, on_error: str = "fail",
+                            threads: int | None = None) -> dict:
     """Rule `detect_tissue`: mask PNG (255 = tissue), QuPath GeoJSON (level-0 px), overlay JPEG and
     stats JSON for one slide. A skipped slide (or, with ``on_error: skip``, one that fails here)
-    gets valid empty outputs with status "skipped"."""
+    gets valid empty outputs with status "skipped". ``threads``: the job's cores, which OpenCV
+    is then told to use (its own pool otherwise takes every core of the node, and its workers
+    spin between calls); None leaves OpenCV as it is."""
+    if threads is not None:
+        cv2.setNumThreads(max(1, int(threads)))
     if not isinstance(settings, TissueSettings):
         settings = TissueSettings.from_config(settings)
     meta = read_json(slide_json)

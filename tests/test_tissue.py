@@ -680,3 +680,22 @@ def test_saturation_dark_and_ink_in_one_pass_equal_the_separate_functions():
             assert np.array_equal(d, luma < np.ceil(white)) and d.dtype == bool
             assert np.array_equal(ink, pen_mask(rgb, (hue, sat, val))) and ink.dtype == bool
             assert saturation_dark_and_ink(rgb, white, with_ink=False)[2] is None
+
+def test_the_tissue_rule_gives_opencv_the_jobs_cores_only(tmp_path):
+    """A `threads: 1` job on a cluster has one core: the tissue step tells OpenCV so (its pool
+    would otherwise start a worker per core of the node); called without ``threads`` (a user's
+    script) it leaves OpenCV as it was."""
+    import cv2
+
+    sj = tmp_path / "gone.json"
+    write_json(sj, {"slide_id": "gone", "status": "skipped", "reason": "download failed"})
+    outputs = [tmp_path / f"gone.{ext}" for ext in ("png", "geojson", "overlay.jpg", "json")]
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        detect_tissue_for_slide(sj, *outputs, {}, "fail")
+        assert cv2.getNumThreads() == 2
+        detect_tissue_for_slide(sj, *outputs, {}, "fail", threads=1)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
