@@ -1,5 +1,6 @@
 """Command line: ``histoflow demo-cohort`` writes the synthetic demo cohort, ``histoflow where``
-says where a run's report, checklist, QC table and MLflow store are."""
+says where a run's report, checklist, QC table and MLflow store are, ``histoflow gdc-cohort`` and
+``histoflow camelyon16-cohort`` write the samples sheet of a TCGA or CAMELYON16 cohort."""
 
 from __future__ import annotations
 
@@ -49,6 +50,40 @@ def _where(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(result, out: Path) -> None:
+    """What was written: counts only (no slide, patient or file ids)."""
+    print(f"{out}: {result.summary()}")
+    for note in result.notes:
+        print(f"  note: {note}")
+
+
+def _gdc_cohort(args: argparse.Namespace) -> int:
+    import logging
+
+    from .cohorts import SHEET_COLUMNS, gdc_cohort, write_sheet
+    from .download import DownloadSettings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = DownloadSettings.from_config({"retries": args.retries, "timeout_s": args.timeout,
+                                             "gdc_token_file": args.token_file, "gdc_token_env": args.token_env})
+    result = gdc_cohort(args.project, label_from=args.label_from, label_map=args.label_map,
+                        strategy=args.strategy or None, endpoint=args.endpoint, settings=settings,
+                        page_size=args.page_size)
+    _report(result, write_sheet(result, args.out, SHEET_COLUMNS))
+    return 0
+
+
+def _camelyon16_cohort(args: argparse.Namespace) -> int:
+    from .cohorts import camelyon16_rows, write_sheet
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)   # paths are written relative to its real folder
+    result = camelyon16_rows(args.root, out.parent, absolute=args.absolute, annotations=not args.no_annotations,
+                             reference=args.reference)
+    _report(result, write_sheet(result, out, ("slide_id", "patient_id", "label", "source", "split", "annotations")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     where = sub.add_parser("where", help="where a run's report, checklist, QC table and MLflow store are")
     where.add_argument("--outdir", default="results", help="the run's outdir (default results)")
     where.set_defaults(func=_where)
+
+    from .cohorts import GDC_API, GDC_PAGE_SIZE, GDC_STRATEGY
+
+    gdc = sub.add_parser("gdc-cohort", help="samples sheet of TCGA slides from the GDC API (one row per SVS file)")
+    gdc.add_argument("--project", action="append", required=True, help="GDC project id, repeatable (TCGA-LUAD)")
+    gdc.add_argument("--label-from", default="project",
+                     help="`project` (the project id) or a GDC field path, e.g. cases.diagnoses.primary_diagnosis")
+    gdc.add_argument("--label-map", help="TSV (value<TAB>label) or YAML mapping value -> label; other values are dropped")
+    gdc.add_argument("--strategy", default=GDC_STRATEGY,
+                     help=f'experimental_strategy (default "{GDC_STRATEGY}"; "Tissue Slide" for frozen sections; "" for any)')
+    gdc.add_argument("--endpoint", default=GDC_API, help=f"GDC API base URL or a mirror (default {GDC_API})")
+    gdc.add_argument("--out", required=True, help="samples sheet to write (TSV)")
+    gdc.add_argument("--token-file", help="GDC token file (controlled data); default: the variable --token-env")
+    gdc.add_argument("--token-env", default="GDC_TOKEN", help="environment variable holding the token (default GDC_TOKEN)")
+    gdc.add_argument("--page-size", type=int, default=GDC_PAGE_SIZE, help=f"hits asked per page (default {GDC_PAGE_SIZE})")
+    gdc.add_argument("--retries", type=int, default=5, help="retries of a failed request (default 5)")
+    gdc.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    gdc.set_defaults(func=_gdc_cohort)
+
+    c16 = sub.add_parser("camelyon16-cohort", help="samples sheet of CAMELYON16 (official train/test split, annotations)")
+    c16.add_argument("--root", required=True, help="the CAMELYON16 folder (holding training/ and testing/)")
+    c16.add_argument("--out", required=True, help="samples sheet to write (TSV)")
+    c16.add_argument("--reference", help="the test labels (default: testing/reference.csv)")
+    c16.add_argument("--absolute", action="store_true", help="absolute paths (default: relative to the sheet's folder)")
+    c16.add_argument("--no-annotations", action="store_true", help="leave the annotations column empty")
+    c16.set_defaults(func=_camelyon16_cohort)
     return parser
 
 
