@@ -306,7 +306,7 @@ def fetch_gdc_hits(projects: Iterable[str], *, label_from: str = "project", stra
         headers["X-Auth-Token"] = token
     scrub = _Scrubber([token] if token else [], url)
     body = {"filters": gdc_filters(projects, strategy), "fields": ",".join(gdc_fields(label_from)),
-            "format": "JSON", "size": page_size, "from": 0, "sort": "file_id:asc"}
+            "format": "JSON", "size": page_size, "from": 0, "sort": "file_name:asc"}
     log.info("GDC query %s (%s token): %s", redact_url(url), "with a" if token else "without",
              json.dumps(body["filters"], sort_keys=True))
     hits: list[dict] = []
