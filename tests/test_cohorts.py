@@ -184,7 +184,8 @@ def test_gdc_rows_dedupe_repeated_files_and_refuse_two_files_with_one_name():
     same_name = dict(b, file_id=uuid(9))                       # same name and md5: the same image twice
     result = rows_from_hits([b, a, a, same_name])
     assert [r["source"] for r in result.rows] == [f"gdc:{uuid(1)}", f"gdc:{uuid(2)}"]
-    assert sum(result.dropped.values()) == 2
+    assert dict(result.dropped) == {"repeated file_id (same file listed twice)": 1,
+                                    "duplicate file names with the same md5 (one kept)": 1}
     with pytest.raises(InputError, match="two different files named"):
         rows_from_hits([b, dict(b, file_id=uuid(9), md5sum="f" * 32)])
 
