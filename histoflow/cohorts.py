@@ -41,7 +41,10 @@ _GDC_FIELDS = ("file_id", "file_name", "md5sum", "cases.submitter_id", PROJECT_F
 # Values GDC uses for "no value": a case whose only value is one of these has no label.
 _MISSING = {"", "not reported", "unknown", "not applicable", "--", "none", "null"}
 _SLIDE_ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
-SHEET_COLUMNS = ("slide_id", "patient_id", "label", "source", "md5")
+SHEET_COLUMNS = ("slide_id", "patient_id", "label", "source", "md5", "site")
+# TCGA barcode TCGA-<TSS>-<participant>: the tissue source site, for split.preserve_site
+# (site signatures inflate TCGA accuracies: Howard et al., Nat Commun 2021).
+_TCGA_TSS = re.compile(r"^TCGA-([A-Z0-9]{2})-", re.I)
 
 
 @dataclass
@@ -218,8 +221,9 @@ def rows_from_hits(hits: Iterable[Mapping], label_from: str = "project",
             result.dropped[f"slides {why}"] += 1
             continue
         md5 = str(hit.get("md5sum") or "").strip().lower() or None
+        tss = _TCGA_TSS.match(patients[0])
         row = {"slide_id": slide_id_from_name(name), "patient_id": patients[0], "label": lab,
-               "source": f"gdc:{file_id}", "md5": md5}
+               "source": f"gdc:{file_id}", "md5": md5, "site": tss.group(1).upper() if tss else None}
         other = by_slide.get(row["slide_id"])
         if other is not None:
             if other["md5"] and md5 and other["md5"] != md5:
@@ -241,7 +245,7 @@ def _post_json(session, url: str, body: dict, headers: dict, settings: DownloadS
     """POST with retries on connection errors, timeouts, 408/429/5xx (download.py's backoff)."""
     import requests
 
-    from .download import DownloadError, _retry_after, backoff_seconds, redact_url
+    from .download import DownloadError, _retry_after, _Retryable, backoff_seconds, redact_url
 
     attempt = 0
     while True:
@@ -251,7 +255,7 @@ def _post_json(session, url: str, body: dict, headers: dict, settings: DownloadS
                                 allow_redirects=False)
             status = resp.status_code
             if status in (408, 429) or status >= 500:
-                raise _RetryableStatus(status, _retry_after(resp))
+                raise _Retryable(f"HTTP {status}", _retry_after(resp))
             if 300 <= status < 400:
                 raise DownloadError(f"{redact_url(url)} redirects (HTTP {status}); give --endpoint the final API URL")
             if status in (401, 403):
@@ -272,19 +276,13 @@ def _post_json(session, url: str, body: dict, headers: dict, settings: DownloadS
                 raise DownloadError(f"{redact_url(url)} did not answer JSON; check --endpoint (the GDC API, not the portal)") from None
         except DownloadError:
             raise
-        except (_RetryableStatus, requests.RequestException) as err:
-            reason = scrub(str(err) if isinstance(err, _RetryableStatus) else f"{type(err).__name__}: {err}")
+        except (_Retryable, requests.RequestException) as err:
+            reason = scrub(str(err) if isinstance(err, _Retryable) else f"{type(err).__name__}: {err}")
             if attempt > settings.retries:
                 raise DownloadError(f"gave up on {redact_url(url)} after {attempt} attempt(s): {reason}") from None
             wait = backoff_seconds(attempt, settings.backoff_s, getattr(err, "retry_after", None))
             log.warning("GDC query attempt %d failed (%s); retrying in %.1f s", attempt, reason, wait)
             time.sleep(wait)
-
-
-class _RetryableStatus(Exception):
-    def __init__(self, status: int, retry_after: float | None):
-        super().__init__(f"HTTP {status}")
-        self.retry_after = retry_after
 
 
 def fetch_gdc_hits(projects: Iterable[str], *, label_from: str = "project", strategy: str | None = GDC_STRATEGY,
@@ -310,6 +308,7 @@ def fetch_gdc_hits(projects: Iterable[str], *, label_from: str = "project", stra
     log.info("GDC query %s (%s token): %s", redact_url(url), "with a" if token else "without",
              json.dumps(body["filters"], sort_keys=True))
     hits: list[dict] = []
+    seen: set[str] = set()
     total: int | None = None
     with requests.Session() as session:
         while total is None or len(hits) < total:
@@ -328,6 +327,11 @@ def fetch_gdc_hits(projects: Iterable[str], *, label_from: str = "project", stra
             if not page and len(hits) < total:
                 raise DownloadError(f"GDC returned an empty page after {len(hits)} of {total} files; run again "
                                     "(the index may be updating)")
+            ids = {str(h.get("file_id")) for h in page if isinstance(h, dict)}
+            if page and ids <= seen:   # a server ignoring `from` would repeat page 1 until `total`
+                raise DownloadError(f"{redact_url(url)} sent the same files again for from={len(hits)}; it does not "
+                                    "page with from/size: use the GDC API or a mirror that does")
+            seen |= ids
             hits.extend(page)
             log.info("GDC: %d of %d files", len(hits), total)
     return hits

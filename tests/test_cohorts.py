@@ -55,7 +55,7 @@ class GDCHandler(http.server.BaseHTTPRequestHandler):
                 and h["data_format"] == conds["data_format"]
                 and h["experimental_strategy"] == conds.get("experimental_strategy", h["experimental_strategy"])]
         hits.sort(key=lambda h: h["file_id"])
-        start, size = int(body["from"]), int(body["size"])
+        start, size = (0 if self.server.ignore_from else int(body["from"])), int(body["size"])
         page = hits[start: start + min(size, self.server.max_page)]
         self._send(200, {"data": {"hits": page, "pagination": {
             "count": len(page), "total": len(hits), "size": size, "from": start,
@@ -74,6 +74,7 @@ class GDCHandler(http.server.BaseHTTPRequestHandler):
 def gdc():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GDCHandler)
     server.requests, server.catalogue, server.token, server.max_page, server.fail_first = [], [], None, 3, False
+    server.ignore_from = False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -102,7 +103,7 @@ def test_gdc_cohort_reads_every_page_sends_filters_and_token_and_never_shows_it(
                "--out", str(out), "--endpoint", gdc.url, "--page-size", "5", "--retries", "0"])
     assert rc == 0
     sheet = pd.read_csv(out, sep="\t", dtype=str, keep_default_na=False)
-    assert list(sheet.columns) == ["slide_id", "patient_id", "label", "source", "md5"]
+    assert list(sheet.columns) == ["slide_id", "patient_id", "label", "source", "md5", "site"]
     expected = sorted((h for h in gdc.catalogue[:16]), key=lambda h: h["file_name"])
     assert len(sheet) == 16                                   # 16 hits over 6 pages of at most 3
     assert list(sheet["slide_id"]) == sorted(sheet["slide_id"])
@@ -110,6 +111,7 @@ def test_gdc_cohort_reads_every_page_sends_filters_and_token_and_never_shows_it(
     assert list(sheet["source"]) == [f"gdc:{h['file_id']}" for h in expected]
     assert list(sheet["md5"]) == [h["md5sum"] for h in expected]
     assert list(sheet["patient_id"]) == [h["cases"][0]["submitter_id"] for h in expected]
+    assert set(sheet["site"]) == {"05", "18"}                 # tissue source site of the barcode
     assert set(sheet["label"]) == {"TCGA-LUAD", "TCGA-LUSC"}
     assert (sheet["label"] == "TCGA-LUAD").sum() == 8
     # what the server received: the filters, only the fields needed, offsets by hits received
@@ -177,6 +179,9 @@ def test_gdc_retries_a_busy_server_and_reports_a_refused_token_in_one_line(gdc, 
     assert rc == 1 and "HTTP 403" in err and "token" in err and TOKEN not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.tsv").exists()
+    gdc.token, gdc.ignore_from = None, True      # a server that does not page: an error, not 3 rows repeated
+    with pytest.raises(HistoflowError, match="does not page"):
+        gdc_cohort(["TCGA-LUAD"], endpoint=gdc.url, settings=fast)
 
 
 def test_gdc_rows_dedupe_repeated_files_and_refuse_two_files_with_one_name():
