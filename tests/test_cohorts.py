@@ -309,3 +309,20 @@ def test_samples_schema_accepts_split_train_val_test_only(tmp_path):
     frame.loc[1, "split"] = "holdout"
     with pytest.raises(InputError, match="split"):
         validate_samples(frame, "s.tsv")
+
+
+def test_camelyon16_full_release_gives_270_train_and_129_test_slides(tmp_path):
+    """The old release's file list (normal_001-160 with normal_086, tumor_001-111, test_001-130 with
+    test_049): the official 270 training and 129 test slides remain."""
+    root = tmp_path / "CAMELYON16"
+    for folder, prefix, n in (("training/normal", "normal", 160), ("training/tumor", "tumor", 111),
+                              ("testing/images", "test", 130)):
+        (root / folder).mkdir(parents=True)
+        for i in range(1, n + 1):
+            (root / folder / f"{prefix}_{i:03d}.tif").touch()
+    (root / "testing" / "reference.csv").write_text(
+        "".join(f"test_{i:03d},{'Tumor,Macro,Primary' if i % 3 == 0 else 'Normal'}\n" for i in range(1, 131)))
+    result = camelyon16_rows(root, tmp_path, annotations=False)
+    splits = pd.Series([r["split"] for r in result.rows]).value_counts().to_dict()
+    assert splits == {"train": 270, "test": 129}
+    assert sum(r["label"] == "normal" and r["split"] == "train" for r in result.rows) == 159
