@@ -512,10 +512,12 @@ def camelyon16_rows(root: str | os.PathLike, sheet_dir: str | os.PathLike | None
     else:
         result.notes.append("no testing/ folder: no test slides")
 
-    for stem, _p, _lab, _split in slides:
-        if not _C16_NAME.match(stem):
-            raise InputError(f"{str(_p)!r} is not a CAMELYON16 name (normal_XXX, tumor_XXX, test_XXX); move other files "
-                             "out of the challenge's folders")
+    for stem, p, lab, split in slides:
+        m = _C16_NAME.match(stem)
+        expected = "test" if split == "test" else lab   # the folder must agree with the name
+        if not m or m.group(1).lower() != expected:
+            raise InputError(f"{str(p)!r} is not a CAMELYON16 {expected} slide (its folder holds {expected}_XXX.tif); "
+                             "move other files out of the challenge's folders")
     tumour_without = 0
     if annotations and zips:   # a part whose annotations are still zipped
         z = zips[0]
@@ -526,8 +528,9 @@ def camelyon16_rows(root: str | os.PathLike, sheet_dir: str | os.PathLike | None
             result.dropped[C16_DROPPED[stem]] += 1
             continue
         a = ann.get(stem) if annotations and lab == "tumor" else None
-        if stem in C16_NO_LESION_EVAL and a is not None:
-            result.notes.append(C16_NO_LESION_EVAL[stem])
+        if stem in C16_NO_LESION_EVAL:
+            if a is not None:
+                result.notes.append(C16_NO_LESION_EVAL[stem])
             a = None
         elif annotations and lab == "tumor" and a is None:
             tumour_without += 1

@@ -297,6 +297,10 @@ def test_camelyon16_refuses_what_it_cannot_read(tmp_path):
     (root / "testing" / "images" / "test_099.tif").touch()
     with pytest.raises(InputError, match="test_099.tif' is not in"):
         camelyon16_rows(root, tmp_path)
+    (root / "testing" / "images" / "test_099.tif").unlink()
+    (root / "training" / "tumor" / "normal_003.tif").touch()          # a normal slide in the tumour folder
+    with pytest.raises(InputError, match="not a CAMELYON16 tumor slide"):
+        camelyon16_rows(root, tmp_path)
     with pytest.raises(InputError, match="neither training/ nor testing/"):
         camelyon16_rows(tmp_path / "extra" / "testing" / "images", tmp_path)
 
