@@ -37,7 +37,7 @@ GDC_API = "https://api.gdc.cancer.gov"
 GDC_STRATEGY = "Diagnostic Slide"    # FFPE diagnostic slides ("Tissue Slide" are frozen sections)
 GDC_PAGE_SIZE = 500
 PROJECT_FIELD = "cases.project.project_id"
-_GDC_FIELDS = ("file_id", "file_name", "md5sum", "cases.submitter_id", PROJECT_FIELD)
+_GDC_FIELDS = ("file_id", "file_name", "md5sum", "cases.submitter_id")
 # Values GDC uses for "no value": a case whose only value is one of these has no label.
 _MISSING = {"", "not reported", "unknown", "not applicable", "--", "none", "null"}
 _SLIDE_ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
@@ -91,12 +91,8 @@ def gdc_filters(projects: Iterable[str], strategy: str | None = GDC_STRATEGY) ->
 
 
 def gdc_fields(label_from: str) -> list[str]:
-    """Only what a row needs (the project is kept for the per-project count)."""
-    fields = list(_GDC_FIELDS)
-    lab = label_field(label_from)
-    if lab not in fields:
-        fields.append(lab)
-    return fields
+    """Only what a row needs: the file, its case and the label field."""
+    return [*_GDC_FIELDS, label_field(label_from)]
 
 
 def gdc_files_url(endpoint: str | None) -> str:

@@ -154,7 +154,8 @@ def test_gdc_label_map_maps_diagnoses_and_counts_what_it_drops(gdc, tmp_path, ca
     sheet = pd.read_csv(out, sep="\t", dtype=str, keep_default_na=False)
     assert dict(zip(sheet["source"], sheet["label"])) == {f"gdc:{uuid(1)}": "IDC", f"gdc:{uuid(2)}": "IDC",
                                                            f"gdc:{uuid(3)}": "ILC", f"gdc:{uuid(7)}": "ILC"}
-    assert "cases.diagnoses.primary_diagnosis" in gdc.requests[0][1]["fields"].split(",")
+    assert gdc.requests[0][1]["fields"].split(",") == ["file_id", "file_name", "md5sum", "cases.submitter_id",
+                                                        "cases.diagnoses.primary_diagnosis"]
     line = capsys.readouterr().out.splitlines()[0]
     assert "4 slides (IDC 2, ILC 2)" in line
     assert "1 slides whose value is not in the label map" in line
