@@ -51,7 +51,7 @@ def _where(args: argparse.Namespace) -> int:
 
 
 def _report(result, out: Path) -> None:
-    """What was written: counts only (no slide, patient or file ids)."""
+    """What was written: counts (no patient or file id; only the public CAMELYON16 exclusions are named)."""
     print(f"{out}: {result.summary()}")
     for note in result.notes:
         print(f"  note: {note}")
