@@ -2,7 +2,7 @@
 
 The JSON schemas in ``workflow/schemas/`` are the single source of truth for keys, types and
 defaults; this module turns schema violations and cohort-level mistakes (duplicate slides,
-a patient with two labels, a missing local file) into one line naming the row/field and the fix.
+a bad slide id, a missing local file) into one line naming the row/field and the fix.
 """
 
 from __future__ import annotations
@@ -122,13 +122,9 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
         rows_with = [i + 1 for i, s in enumerate(table["slide_id"]) if s == first]
         raise InputError(f"samples sheet {sheet!r}: slide_id {first!r} appears in rows {rows_with}; "
                          "each slide needs a unique slide_id")
-    labels = table.groupby("patient_id")["label"].nunique()
-    conflicted = labels[labels > 1]
-    if len(conflicted):
-        patient = conflicted.index[0]
-        seen = sorted(table.loc[table["patient_id"] == patient, "label"].unique())
-        raise InputError(f"samples sheet {sheet!r}: patient {patient!r} has slides labelled {seen}; "
-                         "all slides of one patient must share one label (splits are by patient)")
+    # Labels are per slide: one patient may carry a tumour (-01) and a normal (-11) slide (TCGA).
+    # Leakage is prevented by the splits (all slides of a patient on one side of every split), so
+    # a patient with mixed labels is valid; histoflow.splits stratifies by positive-if-any.
 
     sheet_dir = os.path.dirname(os.path.realpath(sheet))
     dir_cache: dict[str, str] = {}

@@ -5,6 +5,13 @@ the same side of every split: slide-level leakage inflates AUCs in pathology far
 model choice. The split table is long format, one row per (slide, fold), so every downstream
 stage reads "which role does this slide play in fold k" with a filter, not a join.
 
+Labels are per slide: one patient may have a tumour and a normal slide (TCGA -01 / -11). The
+split is still made over patients, and stratified by each patient's *positive-if-any* label (a
+patient counts as positive when any of its slides carries ``positive_label``). Why not the
+majority: the typical mixed patient has one tumour and one normal slide, a tie that majority
+would have to break arbitrarily; positive-if-any spreads the patients who bring positive slides
+(the class a fold's test set must not lack) evenly over the folds. Metrics use slide labels.
+
 Folds are numbered from 0. Strategies:
 
 * ``kfold``: fold k tests on group k of a stratified K-way partition of the patients; a
@@ -165,6 +172,7 @@ def _patient_table(samples: pd.DataFrame, positive_label: str, preserve_site: bo
             raise InputError(f"split.preserve_site is true but slide {missing.iloc[0]!r} has no `site` in the samples "
                              "sheet; fill the site column for every slide or set split.preserve_site: false")
     frame["y"] = (frame["label"].astype(str) == str(positive_label)).astype(int)
+    # stratum of a patient: positive if any of its slides is (see the module docstring)
     patients = (frame.groupby("patient_id", sort=True)
                 .agg(y=("y", "max"), sites=("site", lambda s: sorted({str(v) for v in s if v is not None})))
                 .reset_index())
