@@ -47,7 +47,25 @@ def validate_config(config: dict) -> dict:
         err = jsonschema.exceptions.best_match(errors)
         raise InputError(f"config key '{_field_path(err)}': {err.message} (fix it in config.yaml or --config)")
     _fill_defaults(config, schema)
+    _check_fit_on(config)
     return config
+
+
+def _check_fit_on(config: dict) -> None:
+    """``fit_on: train_only`` needs slides that are train-role in every fold: only a holdout split
+    with one inner fold has them (kfold tests every patient once; holdout with k >= 2 validates
+    every non-test patient once). Said at start-up, not after hours of tiling."""
+    split = config.get("split", {})
+    if split.get("strategy") == "holdout" and split.get("k") == 1:
+        return
+    used = {"ssl.fit_on": any(str(e).startswith("ssl:") for e in config.get("features", {}).get("encoders", [])),
+            "stain.fit_on": config.get("stain", {}).get("method", "none") != "none"}
+    for key, in_use in used.items():
+        section, name = key.split(".")
+        if in_use and config.get(section, {}).get(name) == "train_only":
+            raise InputError(f"config key '{key}' is train_only, but split.strategy {split.get('strategy')} with k={split.get('k')} "
+                             "leaves no slide train-role in every fold; use split: {strategy: holdout, k: 1} "
+                             f"(one fixed test and validation set) or {key}: all")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:

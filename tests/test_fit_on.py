@@ -178,3 +178,17 @@ def test_checklist_says_in_words_what_saw_the_test_slides(tmp_path, fit_on):
         assert "test slides included" not in " ".join(text[n] for n in (3, 4, 6))
         assert "train-role in every fold" in text[4] and "train-role in every fold" in text[6]
     assert "HED stain jitter sigma 0.05" in text[6] and "training views only" in text[6]
+
+
+@pytest.mark.parametrize("key", ["ssl", "stain"])
+def test_train_only_with_a_split_that_cannot_have_train_only_slides_is_refused_at_start(key):
+    from histoflow.config import validate_config
+
+    base = {"samples": "x.tsv", "features": {"encoders": ["ssl:resnet-tiny"]}, "stain": {"method": "macenko"}}
+    config = {**base, key: {**base.get(key, {}), "fit_on": "train_only"}}
+    with pytest.raises(InputError, match=f"{key}.fit_on") as err:
+        validate_config(json.loads(json.dumps(config)))
+    assert "holdout" in str(err.value) and "\n" not in str(err.value)
+    ok = validate_config({**json.loads(json.dumps(config)), "split": {"strategy": "holdout", "k": 1}})
+    assert ok[key]["fit_on"] == "train_only"
+    validate_config(json.loads(json.dumps(base)))   # the default (all) never needs a particular split
