@@ -184,14 +184,17 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
                    ssl_runs.get(a, {}).get("n_fit_slides", "?")) for a in ssl_archs}
     stain_json = _read_json(out / "stain" / "stain.json")
     stain_fit = stain_json.get("fit_on", cfg.get("stain", {}).get("fit_on", "all"))
-    seen_all = [f"the SSL encoder ssl:{a}" for a, (f, _) in ssl_fit.items() if f == "all"]
-    seen_all += ["the stain reference"] if stain_json.get("reference_source") == "auto" and stain_fit == "all" else []
+    def saw(fit_on: str, n: Any) -> str:
+        return ("every slide, test slides included (unlabelled, transductive: no label is read)" if fit_on == "all"
+                else f"only the {n} slides train-role in every fold")
+
+    fitted = [f"SSL encoder ssl:{a} on {saw(f, n)}" for a, (f, n) in ssl_fit.items()]
+    if stain_json.get("reference_source") == "auto":
+        fitted.append(f"stain reference drawn from {saw(stain_fit, stain_json.get('n_fit_slides', '?'))}")
     it.params.update({f"ssl_fit_on.{a}": f for a, (f, _) in ssl_fit.items()})
     it.params["stain_fit_on"] = stain_fit if stain_json else "not fitted"
-    it.summary.append((f"Fitted on every slide, test slides included (unlabelled, transductive; no label is read): "
-                       f"{' and '.join(seen_all)}." if seen_all else
-                       "Nothing unsupervised was fitted on validation or test slides (SSL encoder / stain reference: "
-                       "train-role slides of every fold only, or not used).")
+    it.summary.append(("Fitted outside the split: " + "; ".join(fitted) + "." if fitted else
+                       "Nothing was fitted outside the split (no SSL encoder, no stain reference drawn from the cohort).")
                       + " Labels are per slide; splits are by patient, stratified by positive-if-any.")
 
     # 4 normalisation

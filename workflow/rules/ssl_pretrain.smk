@@ -12,7 +12,7 @@ rule train_ssl_encoder:
     input:
         slides=slide_inputs("slides/{slide_id}.json"),
         tiles=slide_inputs("tiles/{slide_id}.parquet"),
-        splits=[out("splits/splits.tsv")] if config["ssl"]["fit_on"] == "train_only" else [],
+        splits=fit_on_splits("ssl"),
     output:
         checkpoint=out("ssl/{arch}/encoder.pt"),
         curve=out("ssl/{arch}/training.tsv"),
@@ -22,6 +22,7 @@ rule train_ssl_encoder:
         tiles=per_slide("tiles/{slide_id}.parquet"),
         settings=config["ssl"],
         seed=config["seed"],
+        splits_tsv=(fit_on_splits("ssl") or [None])[0],
         default_mpp=config["features"]["mpp"],
         stain_hed_jitter=config["stain"]["augment"]["hed_jitter"],
     wildcard_constraints:

@@ -11,7 +11,7 @@ rule fit_stain:
     input:
         slides=slide_inputs("slides/{slide_id}.json"),
         tiles=slide_inputs("tiles/{slide_id}.parquet"),
-        splits=[out("splits/splits.tsv")] if config["stain"]["fit_on"] == "train_only" else [],
+        splits=fit_on_splits("stain"),
     output:
         stain=out("stain/stain.json"),
         reference=report(
@@ -24,6 +24,7 @@ rule fit_stain:
         tiles=per_slide("tiles/{slide_id}.parquet"),
         settings=config["stain"],
         seed=config["seed"],
+        splits_tsv=(fit_on_splits("stain") or [None])[0],
         mpp=config["features"]["mpp"],
     log:
         log_path("fit_stain", "fit_stain"),

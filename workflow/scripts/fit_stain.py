@@ -1,10 +1,6 @@
 from histoflow.logs import first_log, log_to
 from histoflow.stain import fit_stain_for_cohort
 
-# fit_on: train_only adds splits.tsv as an input (a one-item list); absent or empty otherwise
-splits = getattr(snakemake.input, "splits", None)
-splits_tsv = splits if isinstance(splits, str) else (str(splits[0]) if splits else None)
-
 with log_to(first_log(snakemake)):
     fit_stain_for_cohort(
         slide_jsons=list(snakemake.params.slides),
@@ -14,5 +10,5 @@ with log_to(first_log(snakemake)):
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
         mpp=snakemake.params.mpp,
-        splits_tsv=splits_tsv,
+        splits_tsv=snakemake.params.splits_tsv,
     )

@@ -1,10 +1,6 @@
 from histoflow.logs import first_log, log_to
 from histoflow.ssl import run_ssl_pretrain
 
-# fit_on: train_only adds splits.tsv as an input (a one-item list); absent or empty otherwise
-splits = getattr(snakemake.input, "splits", None)
-splits_tsv = splits if isinstance(splits, str) else (str(splits[0]) if splits else None)
-
 with log_to(first_log(snakemake)):
     run_ssl_pretrain(
         slide_jsons=list(snakemake.params.slides),
@@ -17,6 +13,6 @@ with log_to(first_log(snakemake)):
         seed=snakemake.params.seed,
         default_mpp=snakemake.params.default_mpp,
         threads=snakemake.threads,
-        splits_tsv=splits_tsv,
+        splits_tsv=snakemake.params.splits_tsv,
         stain_hed_jitter=snakemake.params.stain_hed_jitter,
     )
