@@ -218,15 +218,18 @@ def test_a_signed_url_and_a_gdc_token_reach_nothing_in_the_mlflow_store(finished
     signed = f"{base}/bucket/s0.svs?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature={URL_SECRET}"
     uuid = "2f6b6a8e-1111-2222-3333-444455556666"
     sheet = tmp_path / "samples.tsv"
-    pd.DataFrame({"slide_id": ["s0", "s1"], "patient_id": ["p0", "p1"], "label": ["normal", "tumor"],
-                  "source": [signed, f"gdc:{uuid}"]}).to_csv(sheet, sep="\t", index=False)
+    uuid2 = "2f6b6a8e-1111-2222-3333-777788889999"
+    pd.DataFrame({"slide_id": ["s0", "s1", "s2"], "patient_id": ["p0", "p1", "p2"], "label": ["normal", "tumor", "tumor"],
+                  "source": [signed, f"gdc:{uuid}", f"gdc:{uuid2}"]}).to_csv(sheet, sep="\t", index=False)
     download = {"gdc_endpoint": f"{base}/data", "gdc_token_file": str(token_file), "gdc_md5": False,
                 "retries": 0, "backoff_s": 0.01}
-    for sid, source in (("s0", signed), ("s1", f"gdc:{uuid}")):
+    from_env = {k: v for k, v in download.items() if k != "gdc_token_file"}   # the token from $GDC_TOKEN
+    for sid, source, settings in (("s0", signed, download), ("s1", f"gdc:{uuid}", download),
+                                  ("s2", f"gdc:{uuid2}", from_env)):
         manifest = download_slide(sid, source, out / "downloads" / sid, out / "downloads" / f"{sid}.json", None,
-                                  download, "fail")
+                                  settings, "fail")
         assert manifest["status"] == "ok"
-    assert GDC_SECRET in seen_tokens   # the token really was used
+    assert seen_tokens.count(GDC_SECRET) == 2   # the token really was used, from the file and from the environment
 
     config = {**config_for(out), "download": download, "samples": str(sheet)}
     init_store(str(out), config, str(out / "mlflow" / "store.json"))
