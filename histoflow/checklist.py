@@ -176,6 +176,26 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it.artifacts += [p for p in [str(out / "splits" / "split.json")] if Path(p).exists()]
     it.summary.append(f"Patient-level, label-stratified splits ({split_json.get('strategy', split_cfg.get('strategy', 'kfold'))}, "
                       f"k={split_json.get('k', split_cfg.get('k', '?'))}, seed {cfg.get('seed')}); no patient in two roles of one fold.")
+    # what was fitted before/outside the split: say in words whether it saw the test slides
+    ssl_archs = sorted({e[4:] for e in cfg.get("features", {}).get("encoders", []) if str(e).startswith("ssl:")})
+    ssl_runs = {a: pd.read_csv(out / "ssl" / a / "training.tsv", sep="\t").iloc[-1].to_dict()
+                for a in ssl_archs if (out / "ssl" / a / "training.tsv").exists()}
+    ssl_fit = {a: (ssl_runs.get(a, {}).get("fit_on", cfg.get("ssl", {}).get("fit_on", "all")),
+                   ssl_runs.get(a, {}).get("n_fit_slides", "?")) for a in ssl_archs}
+    stain_json = _read_json(out / "stain" / "stain.json")
+    stain_fit = stain_json.get("fit_on", cfg.get("stain", {}).get("fit_on", "all"))
+    def saw(fit_on: str, n: Any) -> str:
+        return ("every slide, test slides included (unlabelled, transductive: no label is read)" if fit_on == "all"
+                else f"only the {n} slides train-role in every fold")
+
+    fitted = [f"SSL encoder ssl:{a} on {saw(f, n)}" for a, (f, n) in ssl_fit.items()]
+    if stain_json.get("reference_source") == "auto":
+        fitted.append(f"stain reference drawn from {saw(stain_fit, stain_json.get('n_fit_slides', '?'))}")
+    it.params.update({f"ssl_fit_on.{a}": f for a, (f, _) in ssl_fit.items()})
+    it.params["stain_fit_on"] = stain_fit if stain_json else "not fitted"
+    it.summary.append(("Fitted outside the split: " + "; ".join(fitted) + "." if fitted else
+                       "Nothing was fitted outside the split (no SSL encoder, no stain reference drawn from the cohort).")
+                      + " Labels are per slide; splits are by patient, stratified by positive-if-any.")
 
     # 4 normalisation
     it = items[4]
@@ -185,6 +205,13 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it.artifacts += [p for p in (str(out / "stain" / "stain.json"), str(out / "stain" / "reference.png")) if Path(p).exists()]
     it.summary.append(f"Stain normalisation: {cfg.get('stain', {}).get('method', 'none')}"
                       + (f", reference {stain.get('reference', stain.get('reference_source', '?'))}, fitted matrix in stain/stain.json." if stain else "."))
+    if stain and stain.get("reference_source") == "auto":
+        it.summary.append(f"The reference tile was chosen from the tiles of {stain.get('n_fit_slides', '?')} slides: "
+                          + ("every slide, test slides included (unlabelled, transductive; stain.fit_on: all)."
+                             if stain.get("fit_on", "all") == "all" else
+                             "only slides that are train-role in every fold (stain.fit_on: train_only)."))
+    elif stain:
+        it.summary.append("The reference is a tile given in the config, not chosen from the cohort's slides.")
 
     # 5 background removal
     it = items[5]
@@ -218,6 +245,16 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it.summary.append(f"Tiles of {tcfg.get('tile_px')} px at {tcfg.get('mpp')} µm/px, overlap {tcfg.get('overlap_px')} px, "
                       f"min tissue fraction {tcfg.get('min_tissue_fraction')}: {sum(counts.values())} tiles in {len(counts)} slides; "
                       f"features {cfg.get('features', {}).get('encoders')} (TTA {cfg.get('features', {}).get('tta')}).")
+    for arch, (fit_on, n_fit) in ssl_fit.items():
+        sigma = ssl_runs.get(arch, {}).get("hed_sigma", cfg.get("ssl", {}).get("hed_sigma"))
+        it.summary.append(f"SSL encoder ssl:{arch} trained (SimCLR) on tiles of {n_fit} slides: "
+                          + ("every slide, test slides included (unlabelled, transductive; ssl.fit_on: all)"
+                             if fit_on == "all" else "only slides train-role in every fold (ssl.fit_on: train_only)")
+                          + f"; augmentation, of its training views only: random resized crop, flips/90° rotations, "
+                            f"HED stain jitter sigma {sigma} (ssl.hed_sigma, else stain.augment.hed_jitter), "
+                            "brightness/contrast/saturation, greyscale, blur.")
+    it.summary.append("MIL and the patch classifier train on frozen features of unaugmented tiles"
+                      + (" (no SSL encoder in this run, so no augmentation is applied)." if not ssl_fit else "."))
 
     # 7 patch labelling
     it = items[7]

@@ -2,7 +2,7 @@
 
 The JSON schemas in ``workflow/schemas/`` are the single source of truth for keys, types and
 defaults; this module turns schema violations and cohort-level mistakes (duplicate slides,
-a patient with two labels, a missing local file) into one line naming the row/field and the fix.
+a bad slide id, a missing local file) into one line naming the row/field and the fix.
 """
 
 from __future__ import annotations
@@ -47,7 +47,25 @@ def validate_config(config: dict) -> dict:
         err = jsonschema.exceptions.best_match(errors)
         raise InputError(f"config key '{_field_path(err)}': {err.message} (fix it in config.yaml or --config)")
     _fill_defaults(config, schema)
+    _check_fit_on(config)
     return config
+
+
+def _check_fit_on(config: dict) -> None:
+    """``fit_on: train_only`` needs slides that are train-role in every fold: only a holdout split
+    with one inner fold has them (kfold tests every patient once; holdout with k >= 2 validates
+    every non-test patient once). Said at start-up, not after hours of tiling."""
+    split = config.get("split", {})
+    if split.get("strategy") == "holdout" and split.get("k") == 1:
+        return
+    used = {"ssl.fit_on": any(str(e).startswith("ssl:") for e in config.get("features", {}).get("encoders", [])),
+            "stain.fit_on": config.get("stain", {}).get("method", "none") != "none"}
+    for key, in_use in used.items():
+        section, name = key.split(".")
+        if in_use and config.get(section, {}).get(name) == "train_only":
+            raise InputError(f"config key '{key}' is train_only, but split.strategy {split.get('strategy')} with k={split.get('k')} "
+                             "leaves no slide train-role in every fold; use split: {strategy: holdout, k: 1} "
+                             f"(one fixed test and validation set) or {key}: all")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:
@@ -122,13 +140,9 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
         rows_with = [i + 1 for i, s in enumerate(table["slide_id"]) if s == first]
         raise InputError(f"samples sheet {sheet!r}: slide_id {first!r} appears in rows {rows_with}; "
                          "each slide needs a unique slide_id")
-    labels = table.groupby("patient_id")["label"].nunique()
-    conflicted = labels[labels > 1]
-    if len(conflicted):
-        patient = conflicted.index[0]
-        seen = sorted(table.loc[table["patient_id"] == patient, "label"].unique())
-        raise InputError(f"samples sheet {sheet!r}: patient {patient!r} has slides labelled {seen}; "
-                         "all slides of one patient must share one label (splits are by patient)")
+    # Labels are per slide: one patient may carry a tumour (-01) and a normal (-11) slide (TCGA).
+    # Leakage is prevented by the splits (all slides of a patient on one side of every split), so
+    # a patient with mixed labels is valid; histoflow.splits stratifies by positive-if-any.
 
     sheet_dir = os.path.dirname(os.path.realpath(sheet))
     dir_cache: dict[str, str] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -17,6 +18,29 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+
+# Temporary names: ``atomic_path`` writes ``.{name}.{random}.part{ext}`` beside the target
+# (tempfile.mkstemp's random part: [a-z0-9_]); tiling's image folders are ``.{name}.{random}.part``,
+# downloads in progress ``{name}.part`` with ``.partial.json``. ``is_temporary`` recognises all of
+# them, so a check for half-written files (the e2e test) matches what is really written.
+TEMP_MARK = ".part"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]+\.part(\.[^.]+)?$|\.part$|^\.partial\.json$")
+
+
+def temp_affixes(name: str, suffix: str) -> tuple[str, str]:
+    """(prefix, suffix) of the temporary file ``atomic_path`` makes for a target called ``name``."""
+    return f".{name}.", f"{TEMP_MARK}{suffix}"
+
+
+def is_temporary(name: str) -> bool:
+    """True for a file or folder name that only a write in progress (or a killed one) leaves."""
+    return bool(_TEMP_NAME.search(name))
+
+
+def leftover_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Every temporary file or folder under ``root`` (a finished run leaves none)."""
+    return sorted(p for p in Path(root).rglob("*") if is_temporary(p.name))
 
 
 @contextlib.contextmanager
@@ -29,7 +53,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else "".join(path.suffixes[-1:])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    prefix, tmp_suffix = temp_affixes(path.name, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=tmp_suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes 0600 files; results on a shared cluster must be group-readable like any file

@@ -3,7 +3,7 @@
 Per slide: vendor, format, size, pyramid, µm/px and where it came from, objective power,
 associated images, file size and md5. The µm/px is the one number everything physical
 (tile size, tissue area, lesion size) depends on, so it is resolved in a fixed order
-(slide metadata, TIFF resolution tags, sheet `mpp`, config `default_mpp`) and checked for
+(sheet `mpp`, slide metadata, TIFF resolution tags, config `default_mpp`) and checked for
 plausibility: generic TIFFs often carry a 72 dpi placeholder (352.8 µm/px) that must not be
 mistaken for a real resolution.
 """
@@ -26,7 +26,7 @@ MPP_MIN, MPP_MAX = 0.05, 20.0          # µm/px a slide can plausibly have at le
 TIFF_UNIT_UM = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0}
 
 SLIDE_FIELDS = ("slide_id", "status", "reason", "path", "vendor", "format", "width", "height", "level_count",
-                "level_dimensions", "level_downsamples", "mpp_x", "mpp_y", "mpp_source", "objective_power",
+                "level_dimensions", "level_downsamples", "mpp_x", "mpp_y", "mpp_source", "mpp_warning", "objective_power",
                 "associated_images", "file_size_bytes", "md5")
 
 
@@ -58,35 +58,48 @@ def mpp_from_properties(props: Mapping[str, str]) -> tuple[float | None, float |
     return None, None, None
 
 
+MPP_DISAGREEMENT = 0.10   # sheet vs file µm/px: a larger relative difference is warned about
+
+
 def resolve_mpp(slide_id: str, props: Mapping[str, str], sheet_mpp: Any = None,
                 default_mpp: Any = None) -> tuple[float, float, str, dict[str, Any]]:
-    """µm/px at level 0 and its source: the slide's own (if plausible), else the sheet's `mpp`,
-    else config `default_mpp`. Raises a one-line SlideError naming the slide and both options.
+    """µm/px at level 0 and its source: the sheet's `mpp` when given (the user knows the scanner:
+    it corrects a wrong value in the file), else the slide's own (if plausible), else config
+    `default_mpp`. Raises a one-line SlideError naming the slide and both options.
 
-    An implausible slide value (outside 0.05-20 µm/px) is treated as missing and reported in the
-    returned notes; an implausible sheet or config value is an error (it is a typo to fix)."""
+    Notes returned beside it: ``mpp_file`` / ``mpp_file_source`` (what the file says, whenever it
+    says something), ``mpp_warning`` (sheet and file differ by more than 10 %), and
+    ``slide_mpp_rejected`` (an implausible file value, outside 0.05-20 µm/px, treated as missing).
+    An implausible sheet or config value is an error (it is a typo to fix)."""
     notes: dict[str, Any] = {}
     mx, my, source = mpp_from_properties(props)
     sheet, default = _number(sheet_mpp), _number(default_mpp)
     if sheet_mpp not in (None, "") and sheet is None and not (isinstance(sheet_mpp, float) and math.isnan(sheet_mpp)):
         raise SlideError(slide_id, f"sheet mpp {sheet_mpp!r} is not a positive number; fix the `mpp` column")
-    if source and plausible_mpp(mx) and plausible_mpp(my):
-        if sheet and abs(sheet - mx) / mx > 0.1:
-            log.warning("slide %s: sheet mpp %.4g differs from the slide's %.4g µm/px; using the slide's", slide_id, sheet, mx)
-            notes["sheet_mpp_ignored"] = sheet
-        return mx, my, source, notes
+    file_ok = bool(source) and plausible_mpp(mx) and plausible_mpp(my)
     if source:
+        notes["mpp_file"] = [mx, my]
+        notes["mpp_file_source"] = source
+    if source and not file_ok:
         notes["slide_mpp_rejected"] = [mx, my]
         log.warning("slide %s: %s gives implausible %.4g x %.4g µm/px (outside %g-%g, e.g. a 72 dpi placeholder); ignoring it",
                     slide_id, source, mx, my, MPP_MIN, MPP_MAX)
-    for value, name, where in ((sheet, "sheet", "the samples sheet's `mpp` column"),
-                               (default, "default_mpp", "config `default_mpp`")):
-        if value is None:
-            continue
-        if not plausible_mpp(value):
-            raise SlideError(slide_id, f"{where} gives {value:g} µm/px, outside the plausible {MPP_MIN}-{MPP_MAX} µm/px "
-                                       "(0.25 is 40x, 0.5 is 20x); correct it")
-        return value, value, name, notes
+    if sheet is not None:
+        if not plausible_mpp(sheet):
+            raise SlideError(slide_id, f"the samples sheet's `mpp` column gives {sheet:g} µm/px, outside the plausible "
+                                       f"{MPP_MIN}-{MPP_MAX} µm/px (0.25 is 40x, 0.5 is 20x); correct it")
+        if file_ok and max(abs(sheet - mx) / mx, abs(sheet - my) / my) > MPP_DISAGREEMENT:
+            notes["mpp_warning"] = (f"sheet mpp {sheet:.4g} differs from the file's {mx:.4g} x {my:.4g} µm/px ({source}) "
+                                    f"by more than {MPP_DISAGREEMENT:.0%}; the sheet's value is used")
+            log.warning("slide %s: %s", slide_id, notes["mpp_warning"])
+        return sheet, sheet, "sheet", notes
+    if file_ok:
+        return mx, my, source, notes
+    if default is not None:
+        if not plausible_mpp(default):
+            raise SlideError(slide_id, f"config `default_mpp` gives {default:g} µm/px, outside the plausible "
+                                       f"{MPP_MIN}-{MPP_MAX} µm/px (0.25 is 40x, 0.5 is 20x); correct it")
+        return default, default, "default_mpp", notes
     found = f"the slide's own {mx:.4g} µm/px is implausible" if source else "the slide carries no µm/px"
     raise SlideError(slide_id, f"{found}; give it in the samples sheet's `mpp` column or set config "
                                "`default_mpp` (µm/px at level 0, e.g. 0.25 for 40x, 0.5 for 20x)")
@@ -145,7 +158,7 @@ def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None
             "level_count": int(slide.level_count),
             "level_dimensions": [[int(w), int(h)] for w, h in slide.level_dimensions],
             "level_downsamples": [float(d) for d in slide.level_downsamples],
-            "mpp_x": mpp_x, "mpp_y": mpp_y, "mpp_source": mpp_source,
+            "mpp_x": mpp_x, "mpp_y": mpp_y, "mpp_source": mpp_source, "mpp_warning": None,
             "objective_power": _objective_power(props),
             "associated_images": sorted(slide.associated_images.keys()),
             "file_size_bytes": path.stat().st_size,
@@ -195,7 +208,7 @@ def write_slide_metadata(slide_id: str, manifest_path, out_path, sheet_mpp=None,
 
 
 QC_COLUMNS = ["slide_id", "status", "reason", "vendor", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
-              "mpp_source", "objective_power", "file_size_bytes", "md5", "tissue_method", "tissue_area_mm2",
+              "mpp_source", "mpp_warning", "objective_power", "file_size_bytes", "md5", "tissue_method", "tissue_area_mm2",
               "pen_fraction"]
 
 
@@ -237,7 +250,7 @@ def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path) -> "Any":
             "status": "skipped" if s.get("status") != "ok" or t.get("status") == "skipped" else "ok",
             "reason": reason.replace("\t", " ").replace("\n", " "),
             **{k: s.get(k) for k in ("vendor", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
-                                     "mpp_source", "objective_power", "file_size_bytes", "md5")},
+                                     "mpp_source", "mpp_warning", "objective_power", "file_size_bytes", "md5")},
             "tissue_method": t.get("method"),
             "tissue_area_mm2": t.get("tissue_area_mm2"),
             "pen_fraction": t.get("pen_fraction"),

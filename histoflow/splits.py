@@ -5,6 +5,13 @@ the same side of every split: slide-level leakage inflates AUCs in pathology far
 model choice. The split table is long format, one row per (slide, fold), so every downstream
 stage reads "which role does this slide play in fold k" with a filter, not a join.
 
+Labels are per slide: one patient may have a tumour and a normal slide (TCGA -01 / -11). The
+split is still made over patients, and stratified by each patient's *positive-if-any* label (a
+patient counts as positive when any of its slides carries ``positive_label``). Why not the
+majority: the typical mixed patient has one tumour and one normal slide, a tie that majority
+would have to break arbitrarily; positive-if-any spreads the patients who bring positive slides
+(the class a fold's test set must not lack) evenly over the folds. Metrics use slide labels.
+
 Folds are numbered from 0. Strategies:
 
 * ``kfold``: fold k tests on group k of a stratified K-way partition of the patients; a
@@ -165,6 +172,7 @@ def _patient_table(samples: pd.DataFrame, positive_label: str, preserve_site: bo
             raise InputError(f"split.preserve_site is true but slide {missing.iloc[0]!r} has no `site` in the samples "
                              "sheet; fill the site column for every slide or set split.preserve_site: false")
     frame["y"] = (frame["label"].astype(str) == str(positive_label)).astype(int)
+    # stratum of a patient: positive if any of its slides is (see the module docstring)
     patients = (frame.groupby("patient_id", sort=True)
                 .agg(y=("y", "max"), sites=("site", lambda s: sorted({str(v) for v in s if v is not None})))
                 .reset_index())
@@ -326,3 +334,40 @@ def write_splits(samples: pd.DataFrame | list[dict[str, Any]], settings: dict[st
         log.info("fold %s: %s", fold, ", ".join(f"{r} {c['slides']} slides/{c['patients']} patients "
                                                  f"({c['positive_slides']} pos)" for r, c in counts.items()))
     return table
+
+
+FIT_ON = ("all", "train_only")
+
+
+def train_in_every_fold(table: pd.DataFrame) -> list[str]:
+    """Slides that are train-role in every fold (never validated, never tested), sorted."""
+    roles = table.groupby("slide_id")["role"].agg(lambda r: set(r) == {"train"})
+    return sorted(str(s) for s in roles[roles].index)
+
+
+def slides_to_fit(fit_on: str, splits_tsv: str | os.PathLike | None, key: str) -> set[str] | None:
+    """Which slides an unsupervised cohort-level fit (SSL encoder, stain reference) may see.
+
+    ``all`` (None: every slide, test slides included; no label is read, so this is transductive,
+    the usual protocol for self-supervised pretraining and a stain reference). ``train_only``:
+    the slides that are train-role in every fold. With kfold every patient is tested once and
+    with holdout k >= 2 every non-test patient validates once, so that set is empty; then this is
+    a one-line error: fitting per fold instead would extract every slide's features once per
+    fold (k x the most expensive stage, and a fold dimension in every table downstream).
+    """
+    if fit_on not in FIT_ON:
+        raise InputError(f"config key '{key}': {fit_on!r} is not one of {', '.join(FIT_ON)}")
+    if fit_on == "all":
+        return None
+    if not splits_tsv:
+        raise InputError(f"config key '{key}' is train_only but no splits.tsv was given to the rule; "
+                         "run it through the workflow (it reads {outdir}/splits/splits.tsv)")
+    table = read_splits(splits_tsv)
+    keep = train_in_every_fold(table)
+    if not keep:
+        tested_all = table.loc[table["role"] == "test", "slide_id"].nunique() == table["slide_id"].nunique()
+        strategy = "kfold tests every patient once" if tested_all else "every non-test patient is validated in some fold"
+        raise InputError(f"config key '{key}' is train_only, but no slide is train-role in every fold ({strategy}); "
+                         "use split.strategy: holdout with split.k: 1 (one fixed test and validation set), "
+                         f"or set {key}: all (fitted on every slide without labels; said in the checklist)")
+    return set(keep)

@@ -61,15 +61,22 @@ class SSLSettings:
     temperature: float = 0.2
     proj_dim: int = 64
     crop_scale_min: float = 0.35
-    hed_sigma: float = 0.05
+    hed_sigma: float = 0.05           # config null = stain.augment.hed_jitter (one stain-jitter knob)
     seed: int | None = None           # None = the workflow's global seed
     device: str = "auto"
+    fit_on: str = "all"               # all | train_only (histoflow.splits.slides_to_fit)
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None, **overrides: Any) -> "SSLSettings":
-        """Settings from the ``ssl:`` config section; unknown keys (threads, gpus: rule-level) ignored."""
+    def from_config(cls, section: Mapping[str, Any] | None, stain_hed_jitter: float | None = None,
+                    **overrides: Any) -> "SSLSettings":
+        """Settings from the ``ssl:`` config section; unknown keys (threads, gpus: rule-level) ignored.
+        ``hed_sigma: null`` takes ``stain_hed_jitter`` (config ``stain.augment.hed_jitter``)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in dict(section or {}).items() if k in known}
+        if values.get("hed_sigma") is None:
+            values.pop("hed_sigma", None)
+            if stain_hed_jitter is not None:
+                values["hed_sigma"] = float(stain_hed_jitter)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.check()
@@ -84,6 +91,8 @@ class SSLSettings:
             raise InputError(f"config key 'ssl.image_px': {self.image_px} is too small (use >= 32)")
         if self.batch_size < 2:
             raise InputError("config key 'ssl.batch_size': needs at least 2 (contrastive pairs)")
+        if self.fit_on not in ("all", "train_only"):
+            raise InputError(f"config key 'ssl.fit_on': {self.fit_on!r} is not one of all, train_only")
 
 
 def checkpoint_path(outdir: str | os.PathLike, arch: str) -> Path:
@@ -500,14 +509,21 @@ def plot_curve(history, path: str | os.PathLike, title: str) -> None:
 
 def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], checkpoint: str, curve_tsv: str,
                      curve_png: str, settings: Mapping[str, Any], arch: str, seed: int,
-                     default_mpp: float, threads: int = 1) -> dict[str, Any]:
+                     default_mpp: float, threads: int = 1, splits_tsv: str | None = None,
+                     stain_hed_jitter: float | None = None) -> dict[str, Any]:
     """The ``ssl_pretrain`` rule: choose tiles across the cohort, read them, train, write the
-    checkpoint, the training curve (TSV + PNG). Skipped slides contribute no tiles."""
+    checkpoint, the training curve (TSV + PNG). Skipped slides contribute no tiles.
+
+    ``ssl.fit_on: all`` trains on every slide, test slides included (no label is read: the usual
+    transductive protocol of self-supervised pretraining, stated in the checklist); ``train_only``
+    only on the slides that are train-role in every fold of ``splits_tsv``."""
     import torch
 
+    from .splits import slides_to_fit
     from .tiling import read_tiles_table
 
-    cfg = SSLSettings.from_config(settings, arch=arch)
+    cfg = SSLSettings.from_config(settings, stain_hed_jitter=stain_hed_jitter, arch=arch)
+    allowed = slides_to_fit(cfg.fit_on, splits_tsv, "ssl.fit_on")
     seed = int(cfg.seed if cfg.seed is not None else seed)
     mpp = float(cfg.mpp if cfg.mpp is not None else default_mpp)
     torch.set_num_threads(max(1, int(threads)))
@@ -519,6 +535,8 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
         if info.get("status") != "ok" or info["slide_id"] not in tiles_by_id:
             log.info("%s: skipped slide, no tiles for ssl", info.get("slide_id"))
             continue
+        if allowed is not None and info["slide_id"] not in allowed:
+            continue   # ssl.fit_on: train_only: a validation/test slide is never seen
         paths[info["slide_id"]] = info["path"]
         tables.append(read_tiles_table(tiles_by_id[info["slide_id"]]))
     chosen = choose_tiles(tables, cfg.max_tiles, mpp, seed)
@@ -526,13 +544,19 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
         available = sorted({float(m) for t in tables for m in t["target_mpp"].unique()}) if tables else []
         raise InputError(f"ssl_pretrain found {len(chosen)} tile(s) at {mpp} µm/px (tiles exist at {available}); "
                          "set ssl.mpp (or features.mpp) to one of tiling.mpp")
-    log.info("ssl: %d tiles from %d slides at %g µm/px, %s px", len(chosen), chosen["slide_id"].nunique(), mpp, cfg.image_px)
+    log.info("ssl: %d tiles from %d slides at %g µm/px, %s px (fit_on: %s)", len(chosen), chosen["slide_id"].nunique(),
+             mpp, cfg.image_px, cfg.fit_on)
     tiles = read_training_tiles(chosen, paths, cfg.image_px)
     t_read = time.perf_counter() - t0
     backbone, history, (mean, std) = pretrain(tiles, cfg, seed)
     history["read_seconds"] = t_read
+    # what the encoder saw, for the checklist (items 3 and 6) without loading the checkpoint
+    history["fit_on"] = cfg.fit_on
+    history["n_fit_slides"] = int(chosen["slide_id"].nunique())
+    history["hed_sigma"] = float(cfg.hed_sigma)
     save_encoder(checkpoint, backbone, cfg, mean, std, seed,
-                 extra={"n_tiles": int(len(chosen)), "n_slides": int(chosen["slide_id"].nunique()), "tile_mpp": mpp})
+                 extra={"n_tiles": int(len(chosen)), "n_slides": int(chosen["slide_id"].nunique()), "tile_mpp": mpp,
+                        "fit_on": cfg.fit_on})
     write_tsv(curve_tsv, history)
     plot_curve(history, curve_png, f"SimCLR ssl:{cfg.arch} ({len(chosen)} tiles)")
     total = time.perf_counter() - t0

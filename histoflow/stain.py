@@ -41,7 +41,8 @@ class StainSettings:
     min_tissue_fraction: float = 0.5  # a reference candidate must be at least this much tissue
     beta: float = 0.15               # OD threshold separating tissue from background
     alpha: float = 1.0               # Macenko angle percentile (robust extremes)
-    hed_jitter: float = 0.05         # sigma of stain augmentation (training-time views only)
+    hed_jitter: float = 0.05         # sigma of HED jitter of SSL training views (ssl.hed_sigma: null)
+    fit_on: str = "all"              # all | train_only: which slides the auto reference is drawn from
 
     @classmethod
     def from_config(cls, section: dict | None) -> "StainSettings":
@@ -54,6 +55,8 @@ class StainSettings:
         settings = cls(**kwargs)
         if settings.method not in METHODS:
             raise InputError(f"config key 'stain.method': {settings.method!r} is not one of {', '.join(METHODS)}")
+        if settings.fit_on not in ("all", "train_only"):
+            raise InputError(f"config key 'stain.fit_on': {settings.fit_on!r} is not one of all, train_only")
         return settings
 
 
@@ -331,31 +334,43 @@ def load_normalizer(stain_json: str | os.PathLike | None) -> StainNormalizer:
 
 
 def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str], out_json: str,
-                         out_png: str, settings: dict, seed: int, mpp: float) -> dict:
+                         out_png: str, settings: dict, seed: int, mpp: float,
+                         splits_tsv: str | None = None) -> dict:
     """Rule ``fit_stain``: fit the cohort's normaliser and write stain.json + reference.png.
 
     With ``reference: auto``, up to ``n_reference_tiles`` tiles at ``mpp`` are sampled across
     the cohort's non-skipped slides (seeded), and the most typical tissue tile is the reference.
+    ``stain.fit_on: all`` samples every slide, test slides included (no label is read:
+    transductive, stated in the checklist); ``train_only`` only the slides that are train-role in
+    every fold of ``splits_tsv``. stain.json records ``fit_on`` and ``n_fit_slides``.
     """
     from PIL import Image
 
     from .features import TileReader, load_tiles
     from .io import atomic_path, read_json, write_json
+    from .splits import slides_to_fit
 
     cfg = StainSettings.from_config(settings)
-    info: dict[str, Any] = {"method": cfg.method, "reference": cfg.reference, "seed": seed}
+    info: dict[str, Any] = {"method": cfg.method, "reference": cfg.reference, "seed": seed, "fit_on": cfg.fit_on}
     if cfg.reference != "auto":
         ref = _read_image(cfg.reference)
         info["reference_source"] = str(Path(cfg.reference).resolve())
+        info["n_fit_slides"] = 0   # a given tile: no cohort slide chose it
     else:
+        allowed = slides_to_fit(cfg.fit_on, splits_tsv, "stain.fit_on")
         rng = np.random.default_rng(seed)
         candidates: list[tuple[str, dict]] = []
+        fit_slides = set()
         for sj, tp in zip(slide_jsons, tile_tables):
             meta = read_json(sj)
             if meta.get("status") != "ok":
                 continue
+            if allowed is not None and meta["slide_id"] not in allowed:
+                continue   # stain.fit_on: train_only: a validation/test slide is never sampled
             tiles = load_tiles(tp, mpp)
             candidates += [(meta["path"], row) for row in tiles.to_dict("records")]
+            if len(tiles):
+                fit_slides.add(meta["slide_id"])
         if not candidates:
             raise InputError(f"stain.reference is 'auto' but no slide has tiles at {mpp} µm/px; "
                              "give a reference tile image in config 'stain.reference' or set stain.method: none")
@@ -374,6 +389,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
         info["reference_source"] = "auto"
         info["reference_tile"] = where[best]
         info["n_candidates"] = len(images)
+        info["n_fit_slides"] = len(fit_slides)
         log.info("stain reference: tile %s of %d sampled", where[best], len(images))
     normalizer = fit_normalizer(cfg.method, ref, cfg.beta, cfg.alpha, seed)
     info["normalizer"] = normalizer.to_dict()

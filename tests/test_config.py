@@ -56,13 +56,12 @@ def test_valid_sheet_resolves_relative_paths(tmp_path, slide_file):
     "rows, expected",
     [
         ([row(), row()], "appears in rows"),
-        ([row(), row("s2", "p1", "normal")], "patient 'p1'"),
         ([row("bad id!")], "slide 'bad id!'"),
         ([row(source="missing.svs")], "does not exist"),
         ([row(source="gdc:123")], "gdc:<file UUID>"),
         ([row(mpp="fast")], "not a number"),
     ],
-    ids=["duplicate-slide", "patient-two-labels", "bad-slide-id", "missing-file", "bad-gdc", "bad-mpp"],
+    ids=["duplicate-slide", "bad-slide-id", "missing-file", "bad-gdc", "bad-mpp"],
 )
 def test_bad_sheet_gives_one_line_naming_the_problem(tmp_path, slide_file, rows, expected):
     path = sheet(tmp_path, rows)
@@ -100,3 +99,11 @@ def test_optional_cells_left_empty_are_none(tmp_path, slide_file):
     assert samples.loc["s1", "annotations"] == str(ann.resolve())
     assert samples.loc["s2", "annotations"] is None
     assert samples.loc["s2", "mpp"] is None
+
+
+def test_a_patient_with_a_tumour_and_a_normal_slide_is_valid(tmp_path, slide_file):
+    """Labels are per slide (TCGA -01 tumour and -11 normal slides of one patient)."""
+    path = sheet(tmp_path, [row("TCGA-01", "p1", "tumor"), row("TCGA-11", "p1", "normal"), row("s3", "p2", "normal")])
+    samples = load_samples({"samples": str(path)})
+    assert samples.loc["TCGA-01", "label"] == "tumor" and samples.loc["TCGA-11", "label"] == "normal"
+    assert samples.loc["TCGA-01", "patient_id"] == samples.loc["TCGA-11", "patient_id"] == "p1"

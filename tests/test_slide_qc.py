@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,9 +30,20 @@ def qc(tmp_path, slide_id, path, sheet_mpp=None, default_mpp=None, on_error="fai
 
 # ---------------------------------------------------------------- µm/px resolution (pure)
 
-def test_slide_mpp_wins_and_is_reported_as_such():
-    mx, my, source, _ = resolve_mpp("s1", {"openslide.mpp-x": "0.2525", "openslide.mpp-y": "0.2525"}, 0.5, 1.0)
-    assert (mx, my, source) == (0.2525, 0.2525, "slide")
+def test_slide_mpp_is_used_when_the_sheet_gives_none():
+    mx, my, source, notes = resolve_mpp("s1", {"openslide.mpp-x": "0.2525", "openslide.mpp-y": "0.2525"}, None, 1.0)
+    assert (mx, my, source) == (0.2525, 0.2525, "slide") and "mpp_warning" not in notes
+
+
+def test_the_sheet_mpp_wins_over_the_file_and_a_disagreement_is_warned():
+    props = {"openslide.mpp-x": "0.2525", "openslide.mpp-y": "0.2525"}
+    mx, my, source, notes = resolve_mpp("s1", props, 0.5, 1.0)
+    assert (mx, my, source) == (0.5, 0.5, "sheet")
+    assert notes["mpp_file"] == [0.2525, 0.2525] and notes["mpp_file_source"] == "slide"
+    assert "0.5" in notes["mpp_warning"] and "0.2525" in notes["mpp_warning"]
+    # within 10 %: the sheet's value, no warning
+    mx, _, source, notes = resolve_mpp("s1", props, 0.27, None)
+    assert (mx, source) == (0.27, "sheet") and "mpp_warning" not in notes
 
 
 def test_missing_mpp_falls_back_to_sheet_then_default():
@@ -100,6 +112,33 @@ def test_generic_tiff_with_placeholder_resolution_needs_sheet_mpp(tmp_path, open
     assert rec["level_downsamples"][1] == pytest.approx(2.0)
 
 
+def _tiff_with_resolution(path: Path, mpp: float) -> Path:
+    """A small tiled TIFF whose resolution tags say ``mpp`` µm/px (OpenSlide reads them as mpp)."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, tile=(128, 128), photometric="rgb", compression="zlib",
+                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_sheet_mpp_overrides_a_tiff_resolution_tag_with_a_warning_in_json_and_qc_table(tmp_path):
+    path = _tiff_with_resolution(tmp_path / "scan.tiff", 0.25)
+    rec = qc(tmp_path, "scan", path)
+    assert rec["mpp_x"] == pytest.approx(0.25) and rec["mpp_source"] in ("slide", "tiff_resolution")
+    assert not rec["mpp_warning"]
+    rec = qc(tmp_path, "scan", path, sheet_mpp=0.5)
+    assert rec["mpp_x"] == 0.5 and rec["mpp_y"] == 0.5 and rec["mpp_source"] == "sheet"
+    assert rec["mpp_file"] == pytest.approx([0.25, 0.25]) and "more than 10%" in rec["mpp_warning"]
+    slide_json = tmp_path / "slides" / "scan.json"
+    write_qc_table([slide_json], [], [], tmp_path / "qc" / "slides.tsv")
+    table = pd.read_csv(tmp_path / "qc" / "slides.tsv", sep="\t")
+    assert table.loc[0, "mpp_source"] == "sheet" and "more than 10%" in table.loc[0, "mpp_warning"]
+    rec = qc(tmp_path, "scan", path, sheet_mpp=0.26)   # 4 % off: used, not warned
+    assert rec["mpp_x"] == 0.26 and rec["mpp_source"] == "sheet" and not rec["mpp_warning"]
+
+
 def test_dicom_fixture(tmp_path, openslide_fixtures):
     rec = qc(tmp_path, "dcm", openslide_fixtures / "boxes_0.dcm")
     assert rec["status"] == "ok" and rec["vendor"] == "dicom" and rec["mpp_source"] == "slide"
@@ -135,6 +174,12 @@ def test_cmu_small_region_svs(tmp_path, shared_data):
     assert rec["mpp_x"] == pytest.approx(0.499) and rec["objective_power"] == 20
     assert (rec["width"], rec["height"]) == (2220, 2967)
     assert {"label", "macro", "thumbnail"} <= set(rec["associated_images"])
+
+
+def test_cmu_small_region_svs_sheet_mpp_corrects_the_file(tmp_path, shared_data):
+    rec = qc(tmp_path, "cmu", shared_data / "slides" / "CMU-1-Small-Region.svs", sheet_mpp=0.25)
+    assert rec["mpp_x"] == 0.25 and rec["mpp_source"] == "sheet"
+    assert rec["mpp_file"][0] == pytest.approx(0.499) and rec["mpp_warning"]
 
 
 def test_dicom_series_opens_from_one_file(tmp_path, shared_data):

@@ -155,3 +155,36 @@ def test_snakemake_split_target_writes_the_split_from_the_sheet_alone(tmp_path, 
     table = read_splits(tmp_path / "out" / "splits" / "splits.tsv")
     assert table["fold"].nunique() == 3 and len(table) == 48
     assert json.loads((tmp_path / "out" / "splits" / "split.json").read_text())["strategy"] == "holdout"
+
+
+def mixed_cohort(n_patients: int = 16) -> pd.DataFrame:
+    """Every even patient has a tumour and a normal slide (TCGA -01/-11), odd patients one normal."""
+    rows = []
+    for p in range(n_patients):
+        if p % 2 == 0:
+            rows += [{"slide_id": f"P{p:02d}-01", "patient_id": f"P{p:02d}", "label": "tumor", "site": ""},
+                     {"slide_id": f"P{p:02d}-11", "patient_id": f"P{p:02d}", "label": "normal", "site": ""}]
+        else:
+            rows.append({"slide_id": f"P{p:02d}-11", "patient_id": f"P{p:02d}", "label": "normal", "site": ""})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("strategy", ["kfold", "holdout"])
+def test_a_patient_with_mixed_slide_labels_stays_on_one_side_of_every_split(strategy):
+    samples = mixed_cohort()
+    table = make_splits(samples, SplitSettings(strategy=strategy, k=4), "tumor", seed=3)
+    for fold, part in table.groupby("fold"):
+        roles = part.groupby("patient_id")["role"].nunique()
+        assert roles.max() == 1, (fold, roles[roles > 1].index.tolist())
+    # labels stay per slide: the normal slide of a tumour patient is a negative slide
+    y = table.drop_duplicates("slide_id").set_index("slide_id")["y"]
+    assert y["P00-01"] == 1 and y["P00-11"] == 0
+
+
+def test_stratification_counts_a_mixed_patient_as_positive():
+    """Positive-if-any: the 4 patients with a tumour slide are dealt one per fold (majority
+    voting would tie them 1-1 and could stack them in one fold)."""
+    table = make_splits(mixed_cohort(8), SplitSettings(k=4, val_fraction=0), "tumor", seed=0)
+    test = table[table["role"] == "test"]
+    per_fold = test[test["y"] == 1].groupby("fold")["patient_id"].nunique()
+    assert per_fold.reindex(range(4), fill_value=0).tolist() == [1, 1, 1, 1]

@@ -165,3 +165,81 @@ def test_mlflow_ui_lists_the_run_and_its_metrics(logged, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- a real secret on the real path
+
+URL_SECRET = "Zx9SIGNATUREq7Kp2Lw4Vb8Nm3Tr6Yh1"   # the signature of a pre-signed URL
+GDC_SECRET = "eyJhbGciOiJIUzI1NiJ9.gdctoken.Qw8Er7Ty6"   # a GDC token, in a file and the environment
+
+
+@pytest.fixture
+def slide_server():
+    """Serves the same bytes for any path (the query string, with its signature, is ignored)."""
+    import http.server
+    import threading
+
+    body = os.urandom(20_000)
+    seen_tokens = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            seen_tokens.append(self.headers.get("X-Auth-Token"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Disposition", 'attachment; filename="slide.svs"')
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", seen_tokens
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_signed_url_and_a_gdc_token_reach_nothing_in_the_mlflow_store(finished_outdir, tmp_path, slide_server,
+                                                                        monkeypatch):
+    """The real path: a samples sheet whose source is a pre-signed URL and a GDC file fetched with
+    a token (file + environment) are downloaded, and the run is logged to MLflow with that sheet.
+    Every byte of the store (database, artifacts) and of the results folder is searched."""
+    from histoflow.download import download_slide
+
+    base, seen_tokens = slide_server
+    out = tmp_path / "results"
+    shutil.copytree(finished_outdir, out, ignore=shutil.ignore_patterns("mlflow*", "mlruns", "downloads"))
+    token_file = tmp_path / "gdc-token.txt"
+    token_file.write_text(GDC_SECRET + "\n")
+    monkeypatch.setenv("GDC_TOKEN", GDC_SECRET)
+    signed = f"{base}/bucket/s0.svs?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature={URL_SECRET}"
+    uuid = "2f6b6a8e-1111-2222-3333-444455556666"
+    sheet = tmp_path / "samples.tsv"
+    uuid2 = "2f6b6a8e-1111-2222-3333-777788889999"
+    pd.DataFrame({"slide_id": ["s0", "s1", "s2"], "patient_id": ["p0", "p1", "p2"], "label": ["normal", "tumor", "tumor"],
+                  "source": [signed, f"gdc:{uuid}", f"gdc:{uuid2}"]}).to_csv(sheet, sep="\t", index=False)
+    download = {"gdc_endpoint": f"{base}/data", "gdc_token_file": str(token_file), "gdc_md5": False,
+                "retries": 0, "backoff_s": 0.01}
+    from_env = {k: v for k, v in download.items() if k != "gdc_token_file"}   # the token from $GDC_TOKEN
+    for sid, source, settings in (("s0", signed, download), ("s1", f"gdc:{uuid}", download),
+                                  ("s2", f"gdc:{uuid2}", from_env)):
+        manifest = download_slide(sid, source, out / "downloads" / sid, out / "downloads" / f"{sid}.json", None,
+                                  settings, "fail")
+        assert manifest["status"] == "ok"
+    assert seen_tokens.count(GDC_SECRET) == 2   # the token really was used, from the file and from the environment
+
+    config = {**config_for(out), "download": download, "samples": str(sheet)}
+    init_store(str(out), config, str(out / "mlflow" / "store.json"))
+    status = log_workflow(str(out), config, str(sheet), str(out / "mlflow" / "logged.json"))
+    assert status["status"] == "logged"
+    client = client_for(out)
+    run = client.get_run(status["run_id"])
+    assert run.data.params and run.data.tags   # the store really holds the run
+    store = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("mlflow.db") for p in store) and any("mlruns" in p.parts for p in store)
+    for secret in (URL_SECRET, GDC_SECRET, "AKIAEXAMPLE"):
+        leaked = [str(p.relative_to(out)) for p in store if secret.encode() in p.read_bytes()]
+        assert not leaked, f"secret {secret[:6]}... found in {leaked}"

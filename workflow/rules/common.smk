@@ -374,6 +374,12 @@ def batch_minutes(per_slide_minutes, fixed_minutes=10):
 # only called after those includes.
 
 
+def fit_on_splits(section):
+    """splits.tsv when `{section}.fit_on` is train_only (the fit keeps the train-in-every-fold
+    slides), else nothing: the default fit on all slides does not wait for the split."""
+    return [out("splits/splits.tsv")] if config[section]["fit_on"] == "train_only" else []
+
+
 def stain_json_input(wildcards=None):
     """The cohort's stain.json for rules that normalise tiles (empty when stain.method is none)."""
     return [out("stain/stain.json")] if STAIN_ON else []

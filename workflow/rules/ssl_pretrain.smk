@@ -1,6 +1,8 @@
 # Stage: ssl_pretrain. A small encoder trained with SimCLR on the cohort's own tiles, so the
 # workflow runs offline with no pretrained weights (features.encoders: [ssl:<arch>]).
 # Checkpoint: {outdir}/ssl/{arch}/encoder.pt (+ training.tsv / training.png curves).
+# ssl.fit_on: all trains on every slide (unlabelled, transductive: said in the checklist);
+# train_only reads the split and keeps the slides that are train-role in every fold.
 
 # The archs that feature extraction asks for; `snakemake ssl_pretrain` alone trains ssl.arch.
 SSL_ARCHS = sorted({e[len("ssl:"):] for e in config["features"]["encoders"] if e.startswith("ssl:")})
@@ -10,6 +12,7 @@ rule train_ssl_encoder:
     input:
         slides=slide_inputs("slides/{slide_id}.json"),
         tiles=slide_inputs("tiles/{slide_id}.parquet"),
+        splits=fit_on_splits("ssl"),
     output:
         checkpoint=out("ssl/{arch}/encoder.pt"),
         curve=out("ssl/{arch}/training.tsv"),
@@ -19,7 +22,9 @@ rule train_ssl_encoder:
         tiles=per_slide("tiles/{slide_id}.parquet"),
         settings=config["ssl"],
         seed=config["seed"],
+        splits_tsv=(fit_on_splits("ssl") or [None])[0],
         default_mpp=config["features"]["mpp"],
+        stain_hed_jitter=config["stain"]["augment"]["hed_jitter"],
     wildcard_constraints:
         arch=r"[A-Za-z0-9._-]+",
     log:

@@ -1,6 +1,8 @@
 # Stage: stain normalisation. One normaliser per cohort (Macenko, Reinhard or Vahadane), fitted
 # on a reference tile (given, or the most typical tissue tile of a seeded sample across slides)
 # and applied tile by tile while features are extracted. Method `none` builds nothing.
+# stain.fit_on: all draws the auto reference from every slide (unlabelled, transductive: said in
+# the checklist); train_only reads the split and keeps the slides train-role in every fold.
 
 STAIN_ON = config["stain"]["method"] != "none"
 
@@ -9,6 +11,7 @@ rule fit_stain:
     input:
         slides=slide_inputs("slides/{slide_id}.json"),
         tiles=slide_inputs("tiles/{slide_id}.parquet"),
+        splits=fit_on_splits("stain"),
     output:
         stain=out("stain/stain.json"),
         reference=report(
@@ -21,6 +24,7 @@ rule fit_stain:
         tiles=per_slide("tiles/{slide_id}.parquet"),
         settings=config["stain"],
         seed=config["seed"],
+        splits_tsv=(fit_on_splits("stain") or [None])[0],
         mpp=config["features"]["mpp"],
     log:
         log_path("fit_stain", "fit_stain"),

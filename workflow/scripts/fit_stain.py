@@ -10,4 +10,5 @@ with log_to(first_log(snakemake)):
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
         mpp=snakemake.params.mpp,
+        splits_tsv=snakemake.params.splits_tsv,
     )

@@ -13,4 +13,6 @@ with log_to(first_log(snakemake)):
         seed=snakemake.params.seed,
         default_mpp=snakemake.params.default_mpp,
         threads=snakemake.threads,
+        splits_tsv=snakemake.params.splits_tsv,
+        stain_hed_jitter=snakemake.params.stain_hed_jitter,
     )
