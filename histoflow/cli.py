@@ -1,6 +1,7 @@
 """Command line: ``histoflow demo-cohort`` writes the synthetic demo cohort, ``histoflow where``
 says where a run's report, checklist, QC table and MLflow store are, ``histoflow gdc-cohort`` and
-``histoflow camelyon16-cohort`` write the samples sheet of a TCGA or CAMELYON16 cohort."""
+``histoflow camelyon16-cohort`` write the samples sheet of a TCGA or CAMELYON16 cohort,
+``histoflow encoders [--build]`` lists (and builds offline) the named foundation encoders."""
 
 from __future__ import annotations
 
@@ -84,6 +85,20 @@ def _camelyon16_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encoders(args: argparse.Namespace) -> int:
+    from .encoders import ENCODER_COLUMNS, encoder_rows
+
+    def progress(row: dict) -> None:   # one line per model while the builds run (minutes for all)
+        sys.stderr.write(f"{row['name']}: {row['checked']}"
+                         + (f" in {row['seconds']} s" if "seconds" in row else "") + "\n")
+
+    rows = encoder_rows(build=args.build, only=args.only, progress=progress if args.build else None)
+    print("\t".join(ENCODER_COLUMNS))
+    for row in rows:
+        print("\t".join(str(row[c]) for c in ENCODER_COLUMNS))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     c16.add_argument("--absolute", action="store_true", help="absolute paths (default: relative to the sheet's folder)")
     c16.add_argument("--no-annotations", action="store_true", help="leave the annotations column empty")
     c16.set_defaults(func=_camelyon16_cohort)
+
+    enc = sub.add_parser("encoders", help="the named foundation encoders (TSV); --build builds each offline and measures it")
+    enc.add_argument("--build", action="store_true",
+                     help="build each architecture with random weights (no download), count parameters and run "
+                          "one forward pass at its input size: dim and params_m are then measured")
+    enc.add_argument("--only", action="append", metavar="NAME", help="only this model (repeatable), e.g. uni")
+    enc.set_defaults(func=_encoders)
     return parser
 
 

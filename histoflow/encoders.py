@@ -105,6 +105,12 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     mpp: float = 0.5                   # resolution the model was trained at (µm/px)
     licence: str = ""
+    # Offline build (`histoflow encoders --build`, tests): the timm architecture the Hub's
+    # config.json names and the model_args it holds; `kwargs` (the model card's) go on top.
+    timm_arch: str = ""
+    hub_args: Callable[[], dict] | None = None
+    params_m: float | None = None      # published parameter count (millions); None = not checked
+    sources: dict = field(default_factory=dict)  # registry field -> URL it was checked against
 
 
 def _uni_kwargs() -> dict:
@@ -135,30 +141,110 @@ def _hoptimus_kwargs() -> dict:
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
+# Where each registry value was checked (read in this repository's history, 2026-12): TRIDENT's
+# loaders (mahmoodlab) load every one of these checkpoints with strict=True from these kwargs and
+# build their eval transforms explicitly, so they are the reference we copy; the Hugging Face
+# model cards themselves are gated and were not readable offline (their URLs are listed too).
+_TRIDENT = "https://github.com/mahmoodlab/TRIDENT/blob/a91fa8490e0210ebbbe58452c3babe009e0ab7ca/"
+SRC_TRIDENT_LOAD = _TRIDENT + "trident/patch_encoder_models/load.py"
+SRC_TRIDENT_CONCH = _TRIDENT + "trident/patch_encoder_models/model_zoo/conchv1_5/conchv1_5.py"
+SRC_TRIDENT_MAG = _TRIDENT + ".claude/skills/trident/reference.md"   # dims + `--mag 20` per encoder
+SRC_VIRCHOW2_PAPER = "https://arxiv.org/abs/2408.00738"             # 632 M, mixed magnification
+SRC_HOPTIMUS1 = ("https://resources.bioptimus.com/bioptimus-launches-h-optimus-1-a-state-of-the-art-"
+                 "foundation-model-for-pathology")                   # 1.1 B
+SRC_BIORODEO = "https://bio.rodeo/models/"                           # secondary summaries (params, licence)
+SRC_ISSUE = "issue 20 (the lead's figure; not re-checked against a primary source)"
+
+
+def _card(repo: str) -> str:
+    return f"https://huggingface.co/{repo}"
+
+
+def _src(repo: str, *, arch=SRC_TRIDENT_LOAD, pre=SRC_TRIDENT_LOAD, params=None, mpp=SRC_TRIDENT_MAG,
+         licence=None, dim=SRC_TRIDENT_MAG) -> dict:
+    out = {"model_card": _card(repo), "architecture": arch, "preprocessing": pre, "dim": dim, "mpp": mpp}
+    if params:
+        out["params_m"] = params
+    if licence:
+        out["licence"] = licence
+    return out
+
+
+def _uni_hub_args() -> dict:
+    return {"img_size": 224, "patch_size": 16, "num_classes": 0}
+
+
+def _virchow_hub_args() -> dict:
+    return {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "mlp_ratio": 5.3375, "global_pool": "",
+            "dynamic_img_size": True}
+
+
+def _virchow2_hub_args() -> dict:
+    return {**_virchow_hub_args(), "reg_tokens": 4}
+
+
+def _hoptimus_hub_args() -> dict:
+    return {"img_size": 224, "num_classes": 0, "global_pool": "token"}
+
+
+def _gigapath_hub_args() -> dict:
+    # the Hub config overrides the dinov2 ViT-g/14 defaults: 16-px patches at 224 px
+    return {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+            "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0}
+
+
+def _conch15_trunk_args() -> dict:
+    # TITAN/TRIDENT's CONCH v1.5 trunk: an iBOT ViT-L/16 (timm key names) with LayerScale, built at
+    # 224 px and run at 448 px with its position embedding interpolated.
+    return {"img_size": 224, "patch_size": 16, "init_values": 1.0, "num_classes": 0, "dynamic_img_size": True}
+
+
 KNOWN_MODELS: dict[str, ModelSpec] = {s.repo: s for s in (
-    ModelSpec("MahmoodLab/UNI", 1024, kwargs=_uni_kwargs, aliases=("uni",), licence="CC-BY-NC-ND-4.0, gated"),
+    ModelSpec("MahmoodLab/UNI", 1024, kwargs=_uni_kwargs, aliases=("uni",), licence="CC-BY-NC-ND-4.0, gated",
+              timm_arch="vit_large_patch16_224", hub_args=_uni_hub_args, params_m=303.0,
+              sources=_src("MahmoodLab/UNI", params=SRC_ISSUE)),
     ModelSpec("MahmoodLab/UNI2-h", 1536, kwargs=_uni2_kwargs, aliases=("uni2-h", "uni2"),
-              licence="CC-BY-NC-ND-4.0, gated"),
+              licence="CC-BY-NC-ND-4.0, gated", timm_arch="vit_giant_patch14_224", params_m=681.0,
+              sources=_src("MahmoodLab/UNI2-h", params=SRC_ISSUE)),
+    # CONCH v1.5: the vision tower TITAN uses (pytorch_model_vision.bin): ViT-L/16 trunk + one-query
+    # attentional pooler + LayerNorm -> 768-d. Resize(448, bilinear) + CenterCrop(448), ImageNet.
+    ModelSpec("MahmoodLab/conchv1_5", 768, input_size=448, output="pooled", backend="conch",
+              aliases=("conch-v1.5", "conchv1_5", "conch_v15"), licence="CC-BY-NC-ND-4.0, gated",
+              timm_arch="vit_large_patch16_224", hub_args=_conch15_trunk_args,
+              sources=_src("MahmoodLab/conchv1_5", arch=SRC_TRIDENT_CONCH, pre=SRC_TRIDENT_CONCH)),
     # Virchow/Virchow2: the model card's embedding is [class token, mean of patch tokens]
     # (registers excluded), 2 x 1280.
     ModelSpec("paige-ai/Virchow", 2560, interpolation="bicubic", output="cls+mean_patch",
-              kwargs=_virchow_kwargs, aliases=("virchow",), licence="Apache-2.0, gated"),
+              kwargs=_virchow_kwargs, aliases=("virchow",), licence="Apache-2.0, gated",
+              timm_arch="vit_huge_patch14_224", hub_args=_virchow_hub_args, params_m=632.0,
+              sources=_src("paige-ai/Virchow", params=SRC_BIORODEO + "virchow")),
     ModelSpec("paige-ai/Virchow2", 2560, interpolation="bicubic", output="cls+mean_patch",
-              kwargs=_virchow_kwargs, aliases=("virchow2",), licence="CC-BY-NC-ND-4.0, gated"),
-    ModelSpec("bioptimus/H-optimus-0", 1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, interpolation="bicubic",
-              kwargs=_hoptimus_kwargs, aliases=("h-optimus-0",), licence="Apache-2.0, gated"),
-    ModelSpec("bioptimus/H-optimus-1", 1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, interpolation="bicubic",
-              kwargs=_hoptimus_kwargs, aliases=("h-optimus-1",), licence="CC-BY-NC-ND-4.0, gated"),
+              kwargs=_virchow_kwargs, aliases=("virchow2",), licence="CC-BY-NC-ND-4.0, gated",
+              timm_arch="vit_huge_patch14_224", hub_args=_virchow2_hub_args, params_m=632.0,
+              sources=_src("paige-ai/Virchow2", params=SRC_VIRCHOW2_PAPER)),
+    ModelSpec("bioptimus/H-optimus-0", 1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, interpolation="bilinear",
+              kwargs=_hoptimus_kwargs, aliases=("h-optimus-0",), licence="Apache-2.0, gated",
+              timm_arch="vit_giant_patch14_reg4_dinov2", hub_args=_hoptimus_hub_args, params_m=1100.0,
+              sources=_src("bioptimus/H-optimus-0", params=SRC_BIORODEO + "h-optimus-0",
+                           licence=SRC_BIORODEO + "h-optimus-0")),
+    ModelSpec("bioptimus/H-optimus-1", 1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, interpolation="bilinear",
+              kwargs=_hoptimus_kwargs, aliases=("h-optimus-1",), licence="CC-BY-NC-ND-4.0, gated",
+              timm_arch="vit_giant_patch14_reg4_dinov2", hub_args=_hoptimus_hub_args, params_m=1100.0,
+              sources=_src("bioptimus/H-optimus-1", params=SRC_HOPTIMUS1)),
     # Prov-GigaPath: Resize(256, bicubic) + CenterCrop(224) in its model card = crop_pct 0.875.
     ModelSpec("prov-gigapath/prov-gigapath", 1536, interpolation="bicubic", crop_pct=0.875,
-              aliases=("prov-gigapath", "gigapath"), licence="Apache-2.0, gated"),
+              aliases=("prov-gigapath", "gigapath"), licence="Apache-2.0, gated",
+              timm_arch="vit_giant_patch14_dinov2", hub_args=_gigapath_hub_args, params_m=1100.0,
+              sources=_src("prov-gigapath/prov-gigapath", params=SRC_ISSUE)),
     # Phikon / Phikon-v2 are Hugging Face transformers models (class token of last_hidden_state).
     ModelSpec("owkin/phikon-v2", 1024, output="cls", backend="transformers", aliases=("phikon-v2",),
-              licence="Owkin non-commercial"),
+              licence="Owkin non-commercial", sources=_src("owkin/phikon-v2")),
     ModelSpec("owkin/phikon", 768, output="cls", backend="transformers", aliases=("phikon",),
-              licence="Owkin non-commercial"),
+              licence="Owkin non-commercial", sources=_src("owkin/phikon")),
 )}
 ALIASES: dict[str, str] = {a: s.repo for s in KNOWN_MODELS.values() for a in s.aliases}
+# H-optimus-0/1: TRIDENT's transform is Resize(224) (torchvision's default, bilinear) on 224-px
+# tiles at 0.5 µm/px, so the resize is a no-op at the intended tile size.
 
 
 def resolve_name(name: str) -> str:
@@ -376,6 +462,8 @@ def load_timm(model_name: str, *, hub: bool, allow_random_weights: bool = False,
     spec = KNOWN_MODELS.get(model_name) if hub else None
     if spec is not None and spec.backend == "transformers":
         return _load_transformers(spec, device=device)
+    if spec is not None and spec.backend == "conch":
+        return load_conch_v15(spec, device=device, allow_random_weights=allow_random_weights)
     kwargs = dict(spec.kwargs() if (spec and spec.kwargs) else {})
     kwargs.setdefault("num_classes", 0)
     kwargs.update(extra_kwargs or {})
@@ -617,3 +705,258 @@ def describe_known_models() -> list[dict[str, Any]]:
              "mean": list(s.mean), "std": list(s.std), "interpolation": s.interpolation, "crop_pct": s.crop_pct,
              "output": s.output, "backend": s.backend, "mpp": s.mpp, "licence": s.licence}
             for s in KNOWN_MODELS.values()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline builds of the named foundation models (no download): `histoflow encoders [--build]`
+# and tests/test_encoder_registry.py. The architecture comes from the registry alone, so a wrong
+# kwarg shows up as a strict state_dict load failure against the real checkpoint's layout.
+
+ENCODER_COLUMNS = ("name", "repo", "dim", "params_m", "input_px", "mpp", "output", "licence", "checked")
+
+
+def registry_names() -> list[str]:
+    """The short name of every known foundation model (its first alias), in registry order."""
+    return [s.aliases[0] for s in KNOWN_MODELS.values()]
+
+
+def spec_for(name: str) -> ModelSpec:
+    """The registry entry for an alias, ``hf-hub:<repo>`` or ``<repo>``."""
+    resolved = resolve_name(name)
+    repo = resolved[len("hf-hub:"):] if resolved.startswith("hf-hub:") else resolved
+    if repo not in KNOWN_MODELS:
+        raise EncoderError(f"{name!r} is not a known foundation model; known: {', '.join(registry_names())}")
+    return KNOWN_MODELS[repo]
+
+
+def timm_build_kwargs(spec: ModelSpec) -> dict:
+    """``timm.create_model`` kwargs of an offline build: the Hub config's model_args + the card's kwargs."""
+    kwargs = dict(spec.hub_args() if spec.hub_args else {})
+    kwargs.update(spec.kwargs() if spec.kwargs else {})
+    kwargs.setdefault("num_classes", 0)
+    return kwargs
+
+
+def _conch_tower(trunk):
+    """CONCH v1.5's vision tower: trunk tokens -> one-query attentional pooler -> LayerNorm (768-d).
+
+    Module and parameter names are those of ``pytorch_model_vision.bin`` (TRIDENT's
+    ``CONCHVisionTower``): ``trunk.*``, ``attn_pool_contrast.{query,ln_q,ln_k,to_q,to_kv,to_out}``,
+    ``ln_contrast``. Plain torch instead of einops: the same arithmetic.
+    """
+    import torch
+    from torch import nn
+
+    class AttentionalPooler(nn.Module):
+        def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1):
+            super().__init__()
+            self.query = nn.Parameter(torch.randn(n_queries, d_model))
+            self.heads = n_head
+            self.scale = (d_model // n_head) ** -0.5
+            self.ln_k = nn.LayerNorm(context_dim)
+            self.ln_q = nn.LayerNorm(d_model)
+            self.to_q = nn.Linear(d_model, d_model, bias=False)
+            self.to_kv = nn.Linear(context_dim, d_model * 2, bias=False)
+            self.to_out = nn.Linear(d_model, d_model, bias=False)
+
+        def forward(self, x):                                  # x: B x N x context_dim
+            b, n, _ = x.shape
+            q = self.to_q(self.ln_q(self.query)).expand(b, -1, -1)   # B x Q x D
+            k, v = self.to_kv(self.ln_k(x)).chunk(2, dim=-1)         # B x N x D each
+            h = self.heads
+
+            def split(t):
+                return t.reshape(b, t.shape[1], h, -1).transpose(1, 2)  # B x h x T x d
+
+            q, k, v = split(q), split(k), split(v)
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = (attn @ v).transpose(1, 2).reshape(b, -1, h * q.shape[-1])
+            return self.to_out(out)                            # B x Q x D
+
+    class ConchVisionTower(nn.Module):
+        def __init__(self, trunk):
+            super().__init__()
+            self.trunk = trunk
+            self.attn_pool_contrast = AttentionalPooler(d_model=768, context_dim=trunk.embed_dim, n_head=8)
+            self.ln_contrast = nn.LayerNorm(768)
+
+        def forward(self, x):
+            tokens = self.trunk.forward_features(x)
+            return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+
+    return ConchVisionTower(trunk)
+
+
+def _transformers_config(spec: ModelSpec):
+    """Phikon (ViT-B/16, iBOT) / Phikon-v2 (ViT-L/16, DINOv2) configs, as their model cards name them."""
+    import transformers
+
+    if spec.repo == "owkin/phikon":
+        return transformers.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                      intermediate_size=3072, image_size=224, patch_size=16)
+    return transformers.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     image_size=224, patch_size=16)
+
+
+def build_backbone_offline(spec: ModelSpec):
+    """The named model's architecture with no weights loaded (call under ``torch.device('meta')``
+    for a free shape-only build). Its state_dict keys are the real checkpoint's."""
+    if spec.backend == "transformers":
+        try:
+            import transformers
+        except ImportError:
+            raise EncoderError(f"{spec.aliases[0]}: a Hugging Face transformers model and `transformers` "
+                               "is not installed (pip install transformers)") from None
+        return transformers.AutoModel.from_config(_transformers_config(spec))
+    import timm
+
+    trunk = timm.create_model(spec.timm_arch, pretrained=False, **timm_build_kwargs(spec))
+    return _conch_tower(trunk) if spec.backend == "conch" else trunk
+
+
+def encoder_module(spec: ModelSpec, backbone):
+    """Backbone + the output the registry names: what features are computed with (N x dim)."""
+    from torch import nn
+
+    if spec.backend == "conch":
+        return backbone
+    if spec.backend == "transformers":
+        class ClassToken(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(pixel_values=x).last_hidden_state[:, 0]
+
+        return ClassToken(backbone)
+    return _make_head(backbone, spec.output)
+
+
+def _random_fill(module) -> None:
+    """Cheap random weights for a module materialised from the meta device (timm's own init of a
+    1.1 B-parameter ViT costs far longer on CPU and adds nothing to a shape/width check)."""
+    import torch
+
+    with torch.no_grad():
+        for pname, p in module.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.02)
+            elif pname.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for b in module.buffers():
+            b.zero_()
+
+
+def build_offline(name: str, *, seed: int = 0) -> dict[str, Any]:
+    """Build ``name`` with random weights on CPU, count its parameters and run one forward pass
+    of one tile at its input size: the row of `histoflow encoders --build`, measured."""
+    import time
+
+    import torch
+
+    spec = spec_for(name)
+    row = encoder_row(spec)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        backbone = build_backbone_offline(spec)
+    backbone = backbone.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    _random_fill(backbone)
+    model = encoder_module(spec, backbone).eval()
+    n_params = sum(p.numel() for p in backbone.parameters())
+    x = torch.randn(1, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        y = model(x)
+    if y.ndim != 2 or y.shape[0] != 1 or not torch.isfinite(y).all():
+        raise EncoderError(f"{name}: one tile gave output of shape {tuple(y.shape)} (finite: "
+                           f"{bool(torch.isfinite(y).all())}), not 1 x dim")
+    row.update(dim=int(y.shape[1]), params_m=round(n_params / 1e6, 1), checked="built",
+               seconds=round(time.perf_counter() - t0, 1))
+    del model, backbone
+    return row
+
+
+def encoder_row(spec: ModelSpec) -> dict[str, Any]:
+    """The registry's (published) row of `histoflow encoders`."""
+    return {"name": spec.aliases[0], "repo": spec.repo, "dim": spec.dim,
+            "params_m": "" if spec.params_m is None else spec.params_m, "input_px": spec.input_size,
+            "mpp": spec.mpp, "output": spec.output, "licence": spec.licence, "checked": "registry"}
+
+
+def encoder_rows(*, build: bool = False, only: list[str] | None = None, progress=None) -> list[dict[str, Any]]:
+    """Rows of `histoflow encoders`: published values, or (``build``) measured ones. A model whose
+    builder is missing (transformers) keeps its published row, marked ``skipped: <why>``."""
+    specs = [spec_for(n) for n in only] if only else list(KNOWN_MODELS.values())
+    rows = []
+    for spec in specs:
+        if not build:
+            rows.append(encoder_row(spec))
+            continue
+        try:
+            row = build_offline(spec.aliases[0])
+        except EncoderError as err:
+            if spec.backend != "transformers":
+                raise
+            row = encoder_row(spec)
+            row["checked"] = f"skipped: {str(err).split(': ', 1)[-1]}"
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows
+
+
+def trained_mpp(name: str) -> float | None:
+    """µm/px a named foundation model was trained at (None for other encoders)."""
+    try:
+        return spec_for(name).mpp
+    except EncoderError:
+        return None
+
+
+CONCH_WEIGHTS = "pytorch_model_vision.bin"
+
+
+def fit_pos_embed(state: dict, model, key: str = "trunk.pos_embed") -> dict:
+    """Resample a checkpoint's position embedding to ``model``'s grid (what TRIDENT does before its
+    strict load of CONCH v1.5: bilinear, no antialias); the run then interpolates to 448 px."""
+    from timm.layers import resample_abs_pos_embed
+
+    target = model.state_dict()[key]
+    if key in state and tuple(state[key].shape) != tuple(target.shape):
+        trunk = model.trunk
+        prefix = 0 if getattr(trunk, "no_embed_class", False) else int(getattr(trunk, "num_prefix_tokens", 1))
+        state = dict(state)
+        state[key] = resample_abs_pos_embed(state[key], new_size=trunk.patch_embed.grid_size,
+                                            num_prefix_tokens=prefix, interpolation="bilinear",
+                                            antialias=False, verbose=False)
+    return state
+
+
+def load_conch_v15(spec: ModelSpec, *, device: str = "cpu", allow_random_weights: bool = False) -> LoadedEncoder:
+    """``conch-v1.5``: TITAN's CONCH v1.5 vision tower from the Hub's ``pytorch_model_vision.bin``."""
+    import torch
+
+    model = build_backbone_offline(spec)
+    if allow_random_weights:
+        source = "random-init (allow_random_weights)"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(spec.repo, CONCH_WEIGHTS)
+        except Exception as err:
+            if _is_hub_error(err):
+                raise EncoderError(_hf_message(spec.repo, err)) from None
+            raise
+        state = fit_pos_embed(torch.load(path, map_location="cpu", weights_only=True), model)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise EncoderError(f"{path} is not CONCH v1.5's vision tower ({_first_line(err)})") from None
+        source = f"hf-hub:{spec.repo}@{hub_revision(spec.repo)}"
+    return _finalise(model, name=f"hf-hub:{spec.repo}", input_size=spec.input_size, mean=spec.mean, std=spec.std,
+                     interpolation=spec.interpolation, crop_pct=spec.crop_pct, weights_source=source,
+                     output=spec.output, device=device, meta={"licence": spec.licence, "trained_mpp": spec.mpp})
