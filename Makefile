@@ -8,7 +8,7 @@ DEMO_DIR := demo
 OUTDIR ?= results
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-cohort test test-fast bench mlflow-ui install-profile lint clean
+.PHONY: install demo demo-cohort test test-fast test-slow bench mlflow-ui install-profile lint clean
 
 # The venv is rebuilt when the pinned lock file changes.
 $(STAMP): requirements.lock pyproject.toml
@@ -35,6 +35,10 @@ demo: demo-cohort
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+# The slow tests (deselected in `make test`): every named foundation encoder materialised on CPU.
+test-slow: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH nice $(BIN)/python -m pytest -q -m slow tests
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/run_all.py

@@ -48,7 +48,47 @@ def validate_config(config: dict) -> dict:
         raise InputError(f"config key '{_field_path(err)}': {err.message} (fix it in config.yaml or --config)")
     _fill_defaults(config, schema)
     _check_fit_on(config)
+    _encoder_mpp(config, schema)
     return config
+
+
+def _encoder_mpp(config: dict, schema: dict) -> None:
+    """A named foundation encoder (registry, histoflow/encoders.py) tiles at the µm/px it was
+    trained at unless the config says otherwise, and says so.
+
+    "Says otherwise" = features.mpp or tiling.mpp differs from its schema default: config.yaml
+    spells the defaults out, so a value equal to the default cannot be told from an unset one and
+    counts as unset. With several named encoders trained at different µm/px nothing is changed
+    (one features.mpp serves them all); each mismatch is then a warning naming the fix.
+    """
+    import logging
+
+    from .encoders import trained_mpp
+
+    log = logging.getLogger("histoflow.config")
+    features, tiling = config.setdefault("features", {}), config.setdefault("tiling", {})
+    named = {n: m for n in features.get("encoders") or () if (m := trained_mpp(n)) is not None}
+    if not named:
+        return
+    props = schema["properties"]
+    default_features = props["features"]["properties"]["mpp"]["default"]
+    default_tiling = props["tiling"]["properties"]["mpp"]["default"]
+    user_set = features.get("mpp") != default_features or list(tiling.get("mpp") or []) != list(default_tiling)
+    names = ", ".join(named)
+    if len(set(named.values())) == 1 and not user_set:
+        mpp = next(iter(named.values()))
+        changed = mpp != features.get("mpp")
+        if changed:
+            features["mpp"], tiling["mpp"] = mpp, [mpp]
+        (log.warning if changed else log.info)(
+            "features.mpp/tiling.mpp: tiling at %s µm/px, the resolution %s was trained at "
+            "(set features.mpp and tiling.mpp to use another)", mpp, names)
+        return
+    for name, mpp in named.items():
+        if abs(float(features.get("mpp")) - mpp) > 0.1 * mpp:
+            log.warning("features.mpp is %s µm/px but encoder %s was trained at %s µm/px: its features "
+                        "may be off; set features.mpp: %s (and add it to tiling.mpp) unless this is intended",
+                        features.get("mpp"), name, mpp, mpp)
 
 
 def _check_fit_on(config: dict) -> None:
