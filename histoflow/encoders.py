@@ -7,7 +7,8 @@ Names (``features.encoders`` in config.yaml):
 * ``timm:<model>``: any timm model (``timm:resnet50.a1_in1k``), pooled output.
 * ``hf-hub:<org>/<repo>``: a Hugging Face Hub model loaded by timm; pathology foundation models
   in :data:`KNOWN_MODELS` get their own size, normalisation, kwargs and output pooling.
-  Aliases (``uni``, ``uni2-h``, ``virchow2``, ``h-optimus-0``, ...) name the same models.
+  Aliases (``uni``, ``uni2-h``, ``conch-v1.5``, ``virchow2``, ``h-optimus-0``, ...) name the same models;
+  `histoflow encoders [--build]` lists them and builds each offline (:func:`encoder_rows`).
 * ``local:<path>``: a user's checkpoint (TorchScript, a histoflow checkpoint, or a state_dict
   with a sidecar JSON; see :func:`load_local` and docs/encoders.md).
 * ``ssl:<arch>``: an encoder trained on the cohort's own tiles by the ``ssl_pretrain`` rule

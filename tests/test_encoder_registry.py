@@ -231,6 +231,26 @@ def test_slow_cli_build_measures_dim_and_params():
 
 
 @pytest.mark.slow
+def test_slow_conch_v15_loads_its_hub_file_through_load_encoder(tmp_path, monkeypatch):
+    """The real path of `features.encoders: [conch-v1.5]`: pytorch_model_vision.bin from the HF
+    cache (here a synthetic one with a 448-px pos_embed grid), resampled, strictly loaded."""
+    import huggingface_hub
+
+    from histoflow.encoders import load_encoder
+
+    path = tmp_path / "pytorch_model_vision.bin"
+    torch.save(synthetic_state("conch-v1.5", real=True), path)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, fname: asked.append((repo, fname)) or str(path))
+    enc = load_encoder("conch-v1.5")
+    assert asked == [("MahmoodLab/conchv1_5", "pytorch_model_vision.bin")]
+    assert (enc.dim, enc.input_size, enc.interpolation) == (768, 448, "bilinear")
+    assert enc.weights_source.startswith("hf-hub:MahmoodLab/conchv1_5@")
+    torch.testing.assert_close(enc.model.attn_pool_contrast.to_kv.weight,
+                               synthetic_state("conch-v1.5", real=True)["attn_pool_contrast.to_kv.weight"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRANSFORMERS_NAMES)
 def test_slow_transformers_models_build_when_installed(name):
     pytest.importorskip("transformers")
