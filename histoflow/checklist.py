@@ -281,7 +281,9 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.artifacts += [q for q in _files(str(Path(p).parent / "*.png"))][:5]
     summary = ", ".join(f"{k} {v:.3f}" for k, v in it.metrics.items()
                         if k.split(".")[-1] in ("froc_score", "pooled", "mean_tumour_slides", "n_lesions", "n_lesions_detected"))
-    it.summary.append(f"Threshold + connected components on tile probabilities; {summary or 'no lesion metrics'}.")
+    it.summary.append(f"Lesion polygons and Dice: threshold {cfg.get('lesions', {}).get('threshold')} + connected components on "
+                      "tile probabilities; FROC: local maxima of the map, each scored by its probability, swept over the whole "
+                      f"probability range; test-role slides only; {summary or 'no lesion metrics'}.")
 
     # 11 metrics
     it = items[11]
