@@ -269,7 +269,8 @@ def lesions_for_slide(slide_id: str, source: str, prob_paths: list[str], slide_j
     positive = str(slide_label) == str(positive_label)
     record: dict[str, Any] = {"slide_id": slide_id, "source": source, "label": str(slide_label), "status": "ok",
                               "settings": asdict(settings)}
-    frame, fold, role = read_slide_probs(prob_paths, slide_id)
+    # holdout: a test slide's map is the mean of the fold models' maps, as its slide-level prediction
+    frame, fold, role = read_slide_probs(prob_paths, slide_id, mean_over_test_folds=True)
     if meta.get("status") == "skipped" or frame.empty:
         record.update(status="skipped" if meta.get("status") == "skipped" else "no_tiles", reason=meta.get("reason"),
                       gt_available=False, detections=[], lesions=[], n_lesions_detected=0, n_detections=0)

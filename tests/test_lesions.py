@@ -214,3 +214,17 @@ def test_froc_detections_one_per_peak_and_plateau():
     assert dets[0][:2] in {(1, 1), (1, 2), (2, 1), (2, 2)}
     assert froc_detections(np.ones((4, 4), np.float32)) and len(froc_detections(np.ones((4, 4), np.float32))) == 1
     assert froc_detections(np.zeros((3, 3), np.float32)) == []
+
+
+def test_holdout_test_slide_map_is_the_mean_of_the_fold_models(tmp_path):
+    probs = np.zeros((8, 8), np.float32)
+    probs[2:5, 2:5] = 0.9
+    p0, s = make_slide(tmp_path, "t1", probs=probs)
+    frame = pd.read_parquet(p0)
+    p1 = str(tmp_path / "fold1.parquet")
+    write_parquet(p1, frame.assign(fold=1, prob=frame["prob"] * 0.5))   # the second fold model: half as sure
+    gt = write_gt(tmp_path, [box(512, 512, 1280, 1280)])
+    rec = lesions_for_slide("t1", "patch_classifier", [p0, p1], s, gt, "tumor", "tumor", True, {}, {},
+                            tmp_path / "t1.geojson", tmp_path / "t1.out.json")
+    assert (rec["fold"], rec["role"]) == (-1, "test")
+    assert max(d["score"] for d in rec["detections"]) == pytest.approx(0.675)
