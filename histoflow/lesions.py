@@ -239,15 +239,25 @@ def froc(slides: Sequence[SlideEval], fp_rates: Sequence[float] = FROC_FP_RATES)
                 "no ground-truth lesion (all normal or ITC)", "n_slides": n_slides, "n_lesions": total_lesions}
     fp_scores_a, lesion_scores_a = np.asarray(fp_scores), np.asarray(lesion_scores)
     thresholds = np.unique(np.concatenate([fp_scores_a, lesion_scores_a]))[::-1]
-    fps = [0.0] + [float((fp_scores_a >= t).sum()) / n_slides for t in thresholds]
-    sens = [0.0] + [float((lesion_scores_a >= t).sum()) / total_lesions for t in thresholds]
+    # counts of scores >= each threshold by binary search: detections now span the whole
+    # probability range (thousands per slide), so no per-threshold pass over all of them
+    fp_sorted, lesion_sorted = np.sort(fp_scores_a), np.sort(lesion_scores_a)
+    fps = np.r_[0.0, (len(fp_sorted) - np.searchsorted(fp_sorted, thresholds, side="left")) / n_slides]
+    sens = np.r_[0.0, (len(lesion_sorted) - np.searchsorted(lesion_sorted, thresholds, side="left")) / total_lesions]
     curve = pd.DataFrame({"fp": fps, "sens": sens}).groupby("fp", as_index=False)["sens"].max()
     at = np.interp(np.asarray(fp_rates, float), curve["fp"].to_numpy(), curve["sens"].to_numpy())
+    # the stored curve keeps every point where sensitivity changes and both ends of each flat run
+    # (the interpolation and the plot are the same; the JSON stays small)
+    keep = np.ones(len(sens), dtype=bool)
+    if len(sens) > 2:
+        keep[1:-1] = (sens[1:-1] != sens[:-2]) | (sens[2:] != sens[1:-1])
+    t_all = np.r_[np.nan, thresholds]
     return {"available": True, "n_slides": n_slides, "n_lesions": total_lesions,
             "n_detections": int(sum(len(s.scores) for s in slides)),
             "fp_rates": [float(r) for r in fp_rates], "sensitivity": [float(v) for v in at],
             "froc_score": float(np.mean(at)),
-            "curve": {"thresholds": [None] + [float(t) for t in thresholds], "avg_fp": fps, "sensitivity": sens}}
+            "curve": {"thresholds": [None if np.isnan(t) else float(t) for t in t_all[keep]],
+                      "avg_fp": [float(v) for v in fps[keep]], "sensitivity": [float(v) for v in sens[keep]]}}
 
 
 # --- per slide and cohort (rule entry points) ------------------------------------------------
