@@ -16,6 +16,7 @@ where that fold's validation holds at least ``min_val_per_class`` slides of each
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,6 +211,11 @@ def choose_thresholds(predictions: pd.DataFrame, settings: MetricsSettings) -> t
         pooled = {"threshold": choose_threshold(val["y"].to_numpy(), val["prob"].to_numpy(), settings.threshold_method,
                                                 settings.fixed_threshold),
                   "threshold_source": "pooled_validation", "n_val_pos": pos, "n_val_neg": neg}
+    if pooled["threshold_source"] == "pooled_validation" and min(pos, neg) < settings.min_val_per_class:
+        logging.getLogger("histoflow.metrics").warning(
+            "the threshold rests on %d positive / %d negative validation predictions (all folds pooled): "
+            "fewer than metrics.min_val_per_class=%d of a class, so it is a rough operating point", pos, neg,
+            settings.min_val_per_class)
     per_fold = {}
     for fold in sorted(int(f) for f in predictions["fold"].unique()):
         fold_val = val[val["fold"] == fold]
