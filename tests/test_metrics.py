@@ -274,3 +274,22 @@ def test_bootstrap_resamples_whole_patients_not_slides():
     rng = np.random.default_rng(0)
     slide_acc = [((p[i] >= 0.5) == y[i]).mean() for i in (rng.integers(0, 200, 200) for _ in range(400))]
     assert hi - lo > 2.5 * (np.quantile(slide_acc, 0.975) - np.quantile(slide_acc, 0.025))
+
+
+def test_checklist_states_each_models_threshold_source_and_the_holdout_ensemble(tmp_path):
+    from histoflow.checklist import collect_checklist
+    from histoflow.metrics import write_metrics
+
+    paths = []
+    for fold, part in _holdout_predictions(3).groupby("fold"):
+        paths.append(str(tmp_path / f"f{fold}.tsv"))
+        part.to_csv(paths[-1], sep="\t", index=False)
+    out = tmp_path / "results" / "metrics"
+    out.mkdir(parents=True)
+    write_metrics({"mil-abmil": paths}, str(out / "metrics.json"), str(out / "metrics.tsv"), str(out / "roc.png"),
+                  str(out / "pr.png"), str(out / "calibration.png"), {"n_bootstrap": 100}, seed=1, strategy="holdout")
+    item = collect_checklist(str(tmp_path / "results"), {"metrics": {"n_bootstrap": 100}}, "samples.tsv")[10]
+    text = " ".join(item.summary)
+    assert "mean of the k fold models" in text and "on 12 slides of 6 patients" in text
+    assert "pooled validation predictions of all folds: mil-abmil" in text
+    assert item.params["mil-abmil.threshold_source"] == "pooled_validation"
