@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from shapely.geometry import Point, Polygon, box
+from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
@@ -195,13 +195,19 @@ def evaluation_lesions(gt: BaseGeometry, mpp: float, merge_distance_um: float = 
 def match_detections(points: np.ndarray, regions: Sequence[BaseGeometry], itc: Sequence[bool]) -> np.ndarray:
     """For each detection point (x, y): index of the evaluation lesion containing it, -1 outside
     every lesion (false positive), -2 inside an ITC lesion (ignored)."""
-    hits = np.full(len(points), -1, dtype=np.int64)
-    for i, (x, y) in enumerate(np.asarray(points, dtype=float).reshape(-1, 2)):
-        p = Point(x, y)
-        for j, region in enumerate(regions):
-            if region.covers(p):
-                hits[i] = -2 if itc[j] else j
-                break
+    import shapely
+
+    xy = np.asarray(points, dtype=float).reshape(-1, 2)
+    hits = np.full(len(xy), -1, dtype=np.int64)
+    pts = shapely.points(xy)
+    # vectorised per region (a slide has thousands of FROC detections); the first region wins
+    for j, region in enumerate(regions):
+        free = hits == -1
+        if not free.any():
+            break
+        inside = np.zeros(len(xy), dtype=bool)
+        inside[free] = shapely.covers(region, pts[free])
+        hits[inside] = -2 if itc[j] else j
     return hits
 
 
