@@ -318,7 +318,9 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.artifacts += [q for q in _files(str(Path(p).parent / "*.png"))][:5]
     summary = ", ".join(f"{k} {v:.3f}" for k, v in it.metrics.items()
                         if k.split(".")[-1] in ("froc_score", "pooled", "mean_tumour_slides", "n_lesions", "n_lesions_detected"))
-    it.summary.append(f"Threshold + connected components on tile probabilities; {summary or 'no lesion metrics'}.")
+    it.summary.append(f"Lesion polygons and Dice: threshold {cfg.get('lesions', {}).get('threshold')} + connected components on "
+                      "tile probabilities; FROC: local maxima of the map, each scored by its probability, swept over the whole "
+                      f"probability range; test-role slides only; {summary or 'no lesion metrics'}.")
 
     # 11 metrics
     it = items[11]
@@ -332,6 +334,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
             if lo is not None:
                 it.metrics[f"{model}.{k}_ci_low"] = float(lo)
                 it.metrics[f"{model}.{k}_ci_high"] = float(hi)
+        it.params[f"{model}.threshold"] = json.dumps(res.get("threshold"))
+        it.params[f"{model}.threshold_source"] = res.get("threshold_source", "?")
+        it.metrics[f"{model}.n_slides"] = float(res.get("n_slides", 0))
+        it.metrics[f"{model}.n_patients"] = float(res.get("n_patients", 0))
     it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("metrics.json", "metrics.tsv", "roc.png", "pr.png", "calibration.png")) if Path(p).exists()]
     if mj:
         best = mj.get("best_model")
@@ -340,9 +346,21 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         auc = b.get("pooled", {}).get("auc")
         auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
         ci_txt = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci[0] is not None else "n/a"
-        it.summary.append(f"{len(mj.get('models', {}))} models compared on out-of-fold test slides; best {best}: AUC {auc_txt} "
-                          f"(95% patient-bootstrap CI {ci_txt}); threshold chosen on validation; "
-                          f"{mj.get('settings', {}).get('n_bootstrap')} resamples; DeLong vs best in metrics.tsv.")
+        holdout = mj.get("settings", {}).get("strategy") == "holdout"
+        it.summary.append(f"{len(mj.get('models', {}))} models compared on "
+                          + ("the held-out test slides, each slide's prediction the mean of the k fold models"
+                             if holdout else "out-of-fold test slides, each slide once") + f"; best {best}: AUC {auc_txt} "
+                          f"(95% patient-bootstrap CI {ci_txt}) on {b.get('n_slides')} slides of {b.get('n_patients')} patients; "
+                          f"{mj.get('settings', {}).get('n_bootstrap')} patient resamples; DeLong vs best in metrics.tsv.")
+        from .metrics import THRESHOLD_WORDS
+
+        sources = {}
+        for model, res in mj.get("models", {}).items():
+            sources.setdefault(res.get("threshold_source", "?"), []).append(model)
+        it.summary.append("Decision thresholds from validation predictions only (never training or test): "
+                          + "; ".join(f"{THRESHOLD_WORDS.get(src, src)}: {', '.join(models)}" for src, models in sorted(sources.items()))
+                          + f" (a fold's own threshold needs >= {mj.get('settings', {}).get('min_val_per_class')} validation "
+                            "slides of each class).")
     else:
         it.summary.append("Metrics not computed yet.")
     # hardware/software is recorded by the audit itself; stain method none is a choice, not a gap

@@ -212,7 +212,10 @@ def _log_model(client, exp_id: str, parent: str, spec: dict) -> None:
     metrics.update({f"test.{k}": v for k, v in (result.get("pooled") or {}).items()})
     for k, (lo, hi) in (result.get("ci") or {}).items():
         metrics[f"test.{k}_ci_low"], metrics[f"test.{k}_ci_high"] = lo, hi
-    _log_batches(client, run_id, params={"model": spec["model"], "kind": spec["kind"]}, metrics=metrics)
+    params = {"model": spec["model"], "kind": spec["kind"]}
+    # where the operating point came from, as metrics.json says (pooled_validation, fold_validation, fixed)
+    params.update({k: result[k] for k in ("threshold", "threshold_source", "n_slides", "n_patients", "ci_method") if k in result})
+    _log_batches(client, run_id, params=params, metrics=metrics)
     for path in spec["artifacts"]:
         client.log_artifact(run_id, path)
     fold_results = {f"fold{f['fold']}": f for f in (result.get("folds") or [])}

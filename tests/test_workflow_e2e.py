@@ -113,6 +113,11 @@ def test_every_model_has_cis_a_validation_threshold_and_a_delong_test(run):
         assert column in table.columns, column
     assert (table["auc_ci_low"] <= table["auc"]).all() and (table["auc"] <= table["auc_ci_high"]).all()
     assert table["delong_p"].isna().sum() == 1          # every model but the best is tested against it
+    # every threshold says where it came from, and never from training predictions
+    assert set(table["threshold_source"]) <= {"fold_validation", "pooled_validation", "fixed",
+                                              "fold_validation+pooled_validation"}
+    for res in metrics["models"].values():
+        assert res["threshold_source"] and "patient bootstrap" in res["ci_method"], res
     for plot in ("roc.png", "pr.png", "calibration.png"):
         assert (run["outdir"] / "metrics" / plot).stat().st_size > 5000
 
