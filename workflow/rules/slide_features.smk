@@ -10,11 +10,6 @@ CROSSFIT = bool(config["slide_classifier"]["models"])
 INNER_FOLDS = list(range(int(config["slide_classifier"]["inner_folds"])))
 
 
-def crossfit_files(source):
-    """Every outer fold's cross-fitted tile probabilities of one source (none without classifiers)."""
-    return expand(out("tile_probs/{source}/fold{fold}.crossfit.parquet"), source=source, fold=FOLDS) if CROSSFIT else []
-
-
 rule make_inner_splits:
     input:
         splits=out("splits/splits.tsv"),
