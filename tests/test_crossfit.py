@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from histoflow.crossfit import crossfit_models, crossfit_patch_classifier, make_inner_splits, write_inner_splits
@@ -126,3 +127,45 @@ def test_slide_classifier_refuses_in_sample_training_features(tmp_path):
     honest = slide_features_of(tmp_path / "cf").reset_index()
     preds, _ = train_and_predict(honest, "logreg", SlideClassifierSettings(), seed=0)
     assert len(preds) == len(SLIDES)
+
+
+def test_mil_crossfit_scores_each_train_slide_with_the_inner_model_that_held_it_out(tmp_path):
+    """The MIL path (rules train_mil_inner + crossfit_tile_probs_mil): inner MIL models trained on
+    the inner split, and each train slide's cross-fitted tile probabilities are the instance
+    probabilities of the inner model for which it was a held-out (test) slide."""
+    from histoflow.crossfit import crossfit_mil, inner_seed
+    from histoflow.mil.train import train_fold
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for sid, _, y, _ in SLIDES:
+        n = 12
+        X = rng.normal(size=(n, DIM)) + (1.5 if y else 0.0) * (np.arange(n) < 4)[:, None]
+        coords = pd.DataFrame({"slide_id": sid, "x": np.arange(n) * 256, "y": 0, "target_mpp": 0.5, "tile_px": 256,
+                               "size0": 256, "col": np.arange(n), "row": 0})
+        table = pa.Table.from_pandas(coords, preserve_index=False)
+        feat = pa.FixedSizeListArray.from_arrays(pa.array(X.astype(np.float32).ravel()), DIM)
+        write_parquet(tmp_path / "features" / f"{sid}.parquet", table.append_column("feature", feat))
+        paths.append(str(tmp_path / "features" / f"{sid}.parquet"))
+    write_tsv(tmp_path / "splits.tsv", splits_table())
+    inner = write_inner_splits(tmp_path / "splits.tsv", 0, 3, 5, tmp_path / "inner.tsv")
+    settings = {"models": ["abmil"], "epochs": 2, "min_epochs": 1, "hidden_dim": DIM, "device": "cpu"}
+    scores = []
+    for j in range(3):
+        d = tmp_path / f"inner{j}"
+        train_fold(tmp_path / "inner.tsv", paths, "abmil", j, settings, inner_seed(5, 0), "enc", d / "c.pt",
+                   d / "h.tsv", d / "p.tsv", d / "tile_scores.parquet")
+        preds = pd.read_csv(d / "p.tsv", sep="\t")
+        assert not set(preds["slide_id"]) & {"s10", "s11"}                 # outer test slides never seen
+        scores.append(d / "tile_scores.parquet")
+    cf = crossfit_mil(tmp_path / "inner.tsv", scores, tmp_path / "fold0.crossfit.parquet", "mil-abmil")
+    assert sorted(cf["slide_id"].unique()) == sorted(s for s, _, _, r in SLIDES if r == "train")
+    assert (cf["role"] == "train").all() and (cf["fold"] == 0).all()
+    record = crossfit_models(tmp_path / "fold0.crossfit.parquet")
+    for sid, part in cf.groupby("slide_id"):
+        j = int(part["inner_fold"].iloc[0])
+        assert sid in record[str(j)]["scored"] and sid not in record[str(j)]["trained_on"]
+        role = inner[(inner["fold"] == j) & (inner["slide_id"] == sid)]["role"].item()
+        assert role == "test"                                              # held out by that inner model
+        own = pq.read_table(scores[j]).to_pandas().query("slide_id == @sid")
+        np.testing.assert_array_equal(part.sort_values("x")["prob"].to_numpy(), own.sort_values("x")["instance_prob"].to_numpy())
