@@ -305,6 +305,14 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
             it.metrics[f"{model}.{fold}.best_val_auc"] = float(h["val_auc"].max())
     it.summary.append(f"MIL models: {', '.join(models) or 'none'}; feature-based slide classifiers: {', '.join(classic) or 'none'}; "
                       "training curves per fold in nested MLflow runs.")
+    crossfit = _files(str(out / "tile_probs" / "*" / "fold*.crossfit.parquet"))
+    if classic:
+        inner = cfg.get("slide_classifier", {}).get("inner_folds", 3)
+        it.params["slide_classifier_train_features"] = "crossfit" if crossfit else "missing"
+        it.summary.append(f"Feature-based slide classifiers train on cross-fitted features: each fold's train patients are "
+                          f"dealt into {inner} inner folds and every train slide's tile probabilities come from a tile model "
+                          "(patch classifier or MIL, trained as the fold's own) that did not see it, as the test slides' "
+                          "come from the fold's model; training on in-sample features is refused.")
 
     # 10 lesion detection
     it = items[10]

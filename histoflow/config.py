@@ -48,6 +48,7 @@ def validate_config(config: dict) -> dict:
         raise InputError(f"config key '{_field_path(err)}': {err.message} (fix it in config.yaml or --config)")
     _fill_defaults(config, schema)
     _check_fit_on(config)
+    _drop_deprecated(config)
     return config
 
 
@@ -66,6 +67,26 @@ def _check_fit_on(config: dict) -> None:
             raise InputError(f"config key '{key}' is train_only, but split.strategy {split.get('strategy')} with k={split.get('k')} "
                              "leaves no slide train-role in every fold; use split: {strategy: holdout, k: 1} "
                              f"(one fixed test and validation set) or {key}: all")
+
+
+# Keys still accepted (old configs, old demo/config.yaml) but ignored: (section, key) -> why.
+DEPRECATED_KEYS = {
+    ("tiling", "annotation_share"): (
+        "is deprecated and ignored: bag tiles (tiles/{slide}.parquet) never depend on annotations, "
+        "because a lesion-enriched sample of test slides inflates MIL, heatmap and slide-feature "
+        "results; to choose the patch classifier's training tiles near lesions (train-role slides "
+        "only) set patch_classifier.lesion_share"),
+}
+
+
+def _drop_deprecated(config: dict) -> None:
+    """Remove deprecated keys from ``config`` with one warning line each (stderr)."""
+    import sys
+
+    for (section, key), why in DEPRECATED_KEYS.items():
+        if isinstance(config.get(section), dict) and key in config[section]:
+            config[section].pop(key)
+            sys.stderr.write(f"histoflow: warning: config key '{section}.{key}' {why}\n")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:

@@ -34,6 +34,9 @@ class PatchClassifierSettings:
     label_smoothing: float = 0.0       # targets become y*(1-e) + e/2
     soft_labels: bool = False          # target = lesion overlap fraction (ambiguous tiles included)
     max_tiles_per_slide: int | None = 2000
+    # informed sampling: share of each train slide's max_tiles_per_slide sample taken from tiles on
+    # lesions (overlap > 0); None = uniform. Train-role slides only: val/test tiles are never sampled.
+    lesion_share: float | None = None
     balance: bool = True               # weight classes equally (lesion tiles are rare)
     calibrate: bool = True             # Platt scaling on val tiles
     C: float = 1.0                     # logreg inverse L2 strength
@@ -53,6 +56,8 @@ class PatchClassifierSettings:
             raise InputError(f"config patch_classifier.model: {s.model!r} is not logreg or mlp")
         if not 0.0 <= s.label_smoothing < 1.0:
             raise InputError("config patch_classifier.label_smoothing must be in [0, 1)")
+        if s.lesion_share is not None and not 0.0 <= float(s.lesion_share) <= 1.0:
+            raise InputError(f"config patch_classifier.lesion_share: {s.lesion_share} must be in [0, 1] or null")
         return s
 
 
@@ -113,7 +118,14 @@ class TileSet:
 
 def assemble(slide_ids: list[str], features: dict[str, str], labels: dict[str, str],
              settings: PatchClassifierSettings, rng: np.random.Generator, subsample: bool = True) -> TileSet:
-    """Labelled tiles of ``slide_ids``: features joined to patch labels on (x, y, target_mpp)."""
+    """Labelled tiles of ``slide_ids``: features joined to patch labels on (x, y, target_mpp).
+
+    ``subsample`` (train-role slides only): at most ``max_tiles_per_slide`` tiles per slide, a
+    seeded sample, with ``lesion_share`` of it from tiles on lesions when set (the only place
+    annotations choose tiles). Without it (val/test slides) every labelled tile is kept and no
+    annotation information chooses any tile."""
+    from .tiling import sample_indices
+
     Xs, ys, ts, ss = [], [], [], []
     for sid in slide_ids:
         if sid not in features or sid not in labels:
@@ -128,7 +140,13 @@ def assemble(slide_ids: list[str], features: dict[str, str], labels: dict[str, s
         target = target[use]
         hard = (merged["label"].to_numpy()[use] == 1).astype(np.int8)
         if subsample and settings.max_tiles_per_slide and len(idx) > settings.max_tiles_per_slide:
-            keep = np.sort(rng.choice(len(idx), settings.max_tiles_per_slide, replace=False))
+            if settings.lesion_share is None:
+                keep = np.sort(rng.choice(len(idx), settings.max_tiles_per_slide, replace=False))
+            else:
+                overlap = merged["overlap"].to_numpy(dtype=np.float64)[use]
+                on_lesion = np.nan_to_num(overlap, nan=0.0) > 0
+                keep = sample_indices(len(idx), settings.max_tiles_per_slide, rng, on_lesion,
+                                      float(settings.lesion_share))
             idx, target, hard = idx[keep], target[keep], hard[keep]
         Xs.append(X[idx]); ys.append(hard); ts.append(target); ss.append(np.full(len(idx), sid, dtype=object))
     if not Xs:

@@ -94,7 +94,7 @@ def tile_slide(job: SlideJob) -> None:
                             tissue_json=job.input["stats"], overlay_jpg=job.input["overlay"],
                             out_path=job.output["tiles"], preview_path=job.output["preview"],
                             settings=job.params["settings"], seed=job.params["seed"],
-                            annotations=job.params["annotations"], on_error=job.params["on_error"])
+                            on_error=job.params["on_error"])
 
 
 def export_tile_images(job: SlideJob) -> None:

@@ -161,3 +161,22 @@ def test_platt_calibration_on_separable_val_tiles_keeps_the_ranking():
     assert 0 < a < 10 and abs(b) < 20
     probs = 1 / (1 + np.exp(-(a * np.linspace(-8, 10, 200) + b)))
     assert len(np.unique(probs)) == 200 and probs.min() > 0 and probs.max() < 1
+
+
+def test_lesion_share_enriches_only_the_train_slides_sample(tmp_path):
+    """patch_classifier.lesion_share: informed sampling of the train slides' labelled tiles
+    (lesion tiles preferred); val and test tiles are never sampled, with or without it."""
+    feats, labels = make_cohort(tmp_path)
+    out = {}
+    for share in (None, 0.8):
+        settings = {"model": "logreg", "max_tiles_per_slide": 10, "lesion_share": share}
+        out[share] = train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, settings, 7,
+                                            tmp_path / f"m{share}.joblib", tmp_path / f"m{share}.json")
+    # 4 train slides x 10 tiles; the two tumour train slides give 8 lesion tiles each at share 0.8
+    assert out[0.8]["train"]["n_tiles"] == out[None]["train"]["n_tiles"] == 40
+    assert out[0.8]["train"]["n_positive"] == 16 > out[None]["train"]["n_positive"]
+    for role in ("val", "test"):
+        for key in ("n_tiles", "n_positive", "n_negative"):
+            assert out[0.8][role][key] == out[None][role][key] == {"n_tiles": 200, "n_positive": 30, "n_negative": 170}[key]
+    with pytest.raises(InputError, match="lesion_share"):
+        PatchClassifierSettings.from_config({"lesion_share": 1.5})

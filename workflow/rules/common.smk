@@ -370,7 +370,7 @@ def batch_minutes(per_slide_minutes, fixed_minutes=10):
 
 # ------------------------------------------------------------------------------------------------
 # Input functions of the stages. They read globals that the stage files define when included
-# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS), and are
+# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS, CROSSFIT), and are
 # only called after those includes.
 
 
@@ -404,6 +404,12 @@ def feature_inputs(encoder_name):
 def tile_prob_files(source):
     """Every fold's tile-probability table of one source (for heatmaps, lesions, slide features)."""
     return expand(out("tile_probs/{source}/fold{fold}.parquet"), source=source, fold=FOLDS)
+
+
+def crossfit_files(source):
+    """Every outer fold's cross-fitted tile probabilities of one source, on which the slide
+    classifiers train (CROSSFIT, slide_features.smk: none without slide classifiers)."""
+    return expand(out("tile_probs/{source}/fold{fold}.crossfit.parquet"), source=source, fold=FOLDS) if CROSSFIT else []
 
 
 def model_predictions():
