@@ -20,7 +20,13 @@ from .errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
-SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+# A plain file name: never `.`/`..` or hidden (a slide id is a folder and file name in every
+# stage), and short enough for any filesystem once suffixed. The samples schema and
+# common.smk's wildcard_constraints carry the same pattern.
+SLIDE_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}"
+SLIDE_ID_RE = re.compile(f"^{SLIDE_ID_PATTERN}$")
+SLIDE_ID_RULE = ("a slide_id must be a plain file name: letters, digits, '.', '_' and '-', "
+                 "not starting with '.' (so never '.' or '..'), at most 200 characters")
 SAMPLE_COLUMNS = ("slide_id", "patient_id", "label", "source")
 OPTIONAL_COLUMNS = ("md5", "mpp", "site", "annotations")
 
@@ -220,7 +226,7 @@ def _check_row(raw: dict, i: int, sheet: str, validator) -> None:
     for err in validator.iter_errors(row):
         field = _field_path(err)
         if field == "slide_id" and err.validator == "pattern":
-            fix = "use only letters, digits, '.', '_' and '-' (it becomes a file name)"
+            fix = f"rename it ({SLIDE_ID_RULE})"
         elif err.validator == "required":
             fix = "fill in every required column: " + ", ".join(SAMPLE_COLUMNS)
         else:

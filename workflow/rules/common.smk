@@ -13,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from histoflow.batches import slide_batches, slides_per_job
-from histoflow.config import load_samples, validate_config
+from histoflow.config import SLIDE_ID_PATTERN, load_samples, validate_config
 from histoflow.errors import InputError
 from histoflow.encoders import encoder_slug
 
@@ -31,6 +31,8 @@ except InputError as err:
 
 # Jobs (local, SLURM or in per-rule conda envs) import histoflow from this checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
+# ... and know the output folder, the only place their deletes may touch (histoflow.io.safe_remove).
+os.environ["HISTOFLOW_OUTDIR"] = os.path.abspath(config["outdir"])
 
 OUTDIR = config["outdir"]
 SLIDES = list(samples["slide_id"])
@@ -40,7 +42,7 @@ SCRIPTS = str(Path(workflow.basedir) / "workflow" / "scripts")
 TARGETS = []
 
 wildcard_constraints:
-    slide_id=r"[A-Za-z0-9._-]+",
+    slide_id=SLIDE_ID_PATTERN,   # histoflow.config: a plain file name, never . or ..
 
 
 def out(path):
