@@ -53,7 +53,26 @@ def validate_config(config: dict) -> dict:
         err = jsonschema.exceptions.best_match(errors)
         raise InputError(f"config key '{_field_path(err)}': {err.message} (fix it in config.yaml or --config)")
     _fill_defaults(config, schema)
+    _check_encoders(config)
     return config
+
+
+def _check_encoders(config: dict) -> None:
+    """Encoders that would run code or need a package the lock file lacks: refused here, before
+    any job, with one line naming features.encoders and the fix."""
+    import importlib.util
+
+    from .encoders import TORCHSCRIPT_NEEDS_TRUST, is_torchscript_file, needs_transformers
+
+    features = config.get("features") or {}
+    for name in features.get("encoders") or ():
+        if (name.startswith("local:") and not features.get("trust_local_code")
+                and is_torchscript_file(name[len("local:"):])):
+            raise InputError(f"config key 'features.encoders': {name!r}: {TORCHSCRIPT_NEEDS_TRUST}")
+        if needs_transformers(name) and importlib.util.find_spec("transformers") is None:
+            raise InputError(f"config key 'features.encoders': {name!r} is a Hugging Face transformers model and "
+                             "`transformers` is not installed (it is not in requirements.lock): "
+                             "pip install transformers (and add it to envs/torch.yaml), or choose another encoder")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:
