@@ -20,7 +20,7 @@ rule tile_slide:
     params:
         settings=config["tiling"],
         seed=config["seed"],
-        annotations=slide_field("annotations"),
+        annotations=sheet_ref("annotations"),   # the report shows params: no local path in it
         on_error=config["on_error"],
     log:
         log_path("tile_slide"),
