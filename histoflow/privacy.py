@@ -190,7 +190,7 @@ class Exporter:
             frame["source_kind"] = [source_kind(str(s)) for s in frame["source"]]
         frame = frame.drop(columns=[c for c in PATH_COLUMNS if c in frame])
         for col in frame.columns:
-            if frame[col].dtype == object:
+            if not pd.api.types.is_numeric_dtype(frame[col]):   # object or pandas' string dtype
                 frame[col] = [self.text(v) if isinstance(v, str) else v for v in frame[col]]
         return frame
 
