@@ -224,3 +224,44 @@ def test_exporter_drops_path_columns_and_hashes_patients(tmp_path):
     frame = ex.frame(pd.DataFrame({"slide_id": ["s1"], "patient_id": ["Jane"], "path": ["/w/Jane.svs"],
                                    "note": ["from /w/Jane.svs"]}))
     assert list(frame.columns) == ["slide_id", "patient_hash", "note"] and "Jane" not in frame.to_csv()
+
+
+@pytest.mark.shared
+def test_label_and_macro_images_are_never_read(tmp_path, shared_data, monkeypatch):
+    """CMU-1-Small-Region.svs has a label (which can carry a patient's name) and a macro photo:
+    slide QC, tissue detection, tiling and tile images run with both made unreadable, and only
+    their names reach the slide record."""
+    import openslide
+    import pyvips
+
+    from histoflow.tiff import read_tiff_pages
+    from histoflow.tiling import export_tile_images, tile_slide_with_preview
+    from test_tissue import run_rule, slide_json
+
+    path = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    with openslide.OpenSlide(str(path)) as slide:
+        assert {"label", "macro"} <= set(slide.associated_images.keys())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an associated image (label/macro/thumbnail) was read")
+
+    real_tiffload = pyvips.Image.tiffload
+    pages_read = []
+
+    def tiffload(file, page=0, **kwargs):   # libvips may read pyramid pages only (tiled)
+        pages = read_tiff_pages(file, page)
+        pages_read.append(page)
+        assert pages is not None and pages[-1].tiled, f"page {page} of {file} is not a pyramid level"
+        return real_tiffload(file, page=page, **kwargs)
+
+    monkeypatch.setattr(openslide.lowlevel, "read_associated_image", refuse)
+    monkeypatch.setattr(pyvips.Image, "tiffload", staticmethod(tiffload))
+    sj = slide_json(tmp_path, "cmu", path)
+    record = json.loads(sj.read_text())
+    assert record["status"] == "ok" and {"label", "macro"} <= set(record["associated_images"])
+    stats, paths = run_rule(tmp_path, sj)
+    assert stats["status"] == "ok"
+    tiles, preview = tmp_path / "cmu.parquet", tmp_path / "cmu.preview.jpg"
+    tile_slide_with_preview(sj, paths["png"], paths["json"], paths["overlay.jpg"], tiles, preview,
+                            {"mpp": [1.0], "tile_px": 224, "max_tiles_per_slide": 4}, seed=0)
+    assert export_tile_images(sj, tiles, tmp_path / "tile_images" / "cmu", "png") > 0
