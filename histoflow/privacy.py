@@ -62,7 +62,9 @@ def privacy_salt(outdir: str | os.PathLike) -> bytes:
     except FileExistsError:
         pass
     finally:
-        os.unlink(tmp)
+        from .io import safe_remove
+
+        safe_remove(tmp, path.parent, outdir_check=False)   # our own temporary file
     return bytes.fromhex(path.read_text().strip())
 
 
