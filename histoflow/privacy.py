@@ -160,8 +160,12 @@ class Exporter:
                         if host:
                             literal[host] = "<host>"
             tokens = [(re.compile(re.escape(k)), v) for k, v in sorted(literal.items(), key=lambda kv: -len(kv[0]))]
-            for pid in set(sheet.get("patient_id", pd.Series(dtype=str)).astype(str)) - slides - {""}:
-                tokens.append((re.compile(rf"(?<![A-Za-z0-9_-]){re.escape(pid)}(?![A-Za-z0-9_-])"), self.patient(pid)))
+            # patient ids in free text: whole tokens only, never part of a number ("0.1234"), and
+            # only ids distinctive enough (4+ characters) not to rewrite ordinary counts
+            for pid in set(sheet.get("patient_id", pd.Series(dtype=str)).astype(str)) - slides:
+                if len(pid) >= 4:
+                    tokens.append((re.compile(rf"(?<![A-Za-z0-9_.-]){re.escape(pid)}(?![A-Za-z0-9_-]|\.\d)"),
+                                   self.patient(pid)))
             self._tokens = tokens
         return self._tokens
 
