@@ -125,8 +125,12 @@ def hardware_software() -> dict[str, Any]:
 
 def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[ChecklistItem]:
     """Read every stage's outputs under ``outdir`` and describe the 11 checklist items."""
+    from .privacy import Exporter, deidentify_config
+
     out = Path(outdir)
-    cfg = redact(config)
+    # privacy.export: what the checklist and MLflow carry (histoflow/privacy.py)
+    exporter = Exporter(outdir, config, samples_path)
+    cfg = redact(config) if exporter.full else deidentify_config(config)
     items = {n: ChecklistItem(n, t) for n, t in TITLES.items()}
 
     # 1 hardware / software
@@ -143,7 +147,8 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it = items[2]
     manifests = [_read_json(p) for p in _files(str(out / "downloads" / "*.json"))]
     kinds = pd.Series([m.get("source_kind", "?") for m in manifests]).value_counts().to_dict() if manifests else {}
-    it.params = {"samples_sheet": samples_path, "n_slides": len(manifests), **{f"n_source_{k}": v for k, v in kinds.items()}}
+    it.params = {"samples_sheet": samples_path if exporter.full else "<samples sheet>", "n_slides": len(manifests),
+                 **{f"n_source_{k}": v for k, v in kinds.items()}, "privacy.export": exporter.mode}
     secs = [m.get("download_seconds") or 0 for m in manifests]
     it.metrics = {"download_seconds_total": float(sum(secs)), "n_slides": float(len(manifests))}
     if manifests:
@@ -163,6 +168,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it.params["n_skipped"] = n_skipped
     it.summary.append(f"{len(manifests)} slides from {', '.join(f'{v} {k}' for k, v in kinds.items()) or 'no source'}; "
                       f"md5 recorded per slide; {n_skipped} skipped by QC (reasons in qc/slides.tsv).")
+    it.summary.append("Exported de-identified (privacy.export: deidentified): slide ids, salted patient hashes, "
+                      "source kind and md5, counts; no patient ids, paths, hosts or file names." if not exporter.full else
+                      "Exported in full (privacy.export: full): patient ids, paths and sources as in the sheet; "
+                      "for a tracking store that stays on site only.")
 
     # 3 splitting
     it = items[3]
@@ -377,6 +386,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         items[4].params.setdefault("status", "off (stain.method: none)")
     for it in items.values():
         it.params.setdefault("status", "done" if (it.metrics or it.artifacts) else "not run in this workflow")
+        if not exporter.full:   # the safety net: nothing from the sheet in any exported text
+            it.params = {k: exporter.value(v) for k, v in it.params.items()}
+            it.summary = [exporter.text(s, file_names=False) for s in it.summary]
+            it.artifacts = [exporter.artifact(p) for p in dict.fromkeys(it.artifacts) if Path(p).is_file()]
     return [items[n] for n in sorted(items)]
 
 
@@ -398,8 +411,9 @@ def render_checklist(items: list[ChecklistItem]) -> str:
     return "\n".join(lines)
 
 
-def write_checklist(outdir: str, config: dict, samples_path: str, out_path: str) -> None:
-    """Rule `checklist`: {outdir}/checklist.md."""
+def write_checklist(outdir: str | None, config: dict, samples_path: str, out_path: str) -> None:
+    """Rule `checklist`: {outdir}/checklist.md (``outdir`` None: the folder of ``out_path``)."""
     from .io import write_text
 
+    outdir = outdir if outdir is not None else str(Path(out_path).parent)
     write_text(out_path, render_checklist(collect_checklist(outdir, config, samples_path)))

@@ -64,6 +64,7 @@ class FeatureSettings:
     gpu: int = 0
     weights_dir: str | None = None
     allow_random_weights: bool = False
+    trust_local_code: bool = False      # a local: TorchScript encoder is code: load it only when true
 
     @classmethod
     def from_config(cls, section: dict | None, tiling_mpp: Sequence[float] | None = None) -> "FeatureSettings":
@@ -463,14 +464,14 @@ def read_feature_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _loaded_encoder(name: str, ssl_checkpoint: str | None, checkpoint_stamp: int | None, device: str,
-                    weights_dir: str | None, allow_random_weights: bool):
+                    weights_dir: str | None, allow_random_weights: bool, trust_local_code: bool = False):
     """The encoder, loaded once per process: a batch job (slides_per_job > 1) extracts many
     slides with one load. The caller seeds torch first, so random weights are the same either way;
     `checkpoint_stamp` (the checkpoint's mtime) makes a retrained SSL checkpoint load anew."""
     from .encoders import load_encoder
 
     return load_encoder(name, ssl_checkpoint=ssl_checkpoint, device=device, weights_dir=weights_dir,
-                        allow_random_weights=allow_random_weights)
+                        allow_random_weights=allow_random_weights, trust_local_code=trust_local_code)
 
 
 def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, encoder_name: str,
@@ -502,7 +503,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     if encoder is None:
         checkpoint_stamp = os.stat(ssl_checkpoint).st_mtime_ns if ssl_checkpoint else None
         encoder = _loaded_encoder(encoder_name, ssl_checkpoint, checkpoint_stamp, device, cfg.weights_dir,
-                                  cfg.allow_random_weights)
+                                  cfg.allow_random_weights, cfg.trust_local_code)
         # the same RNG state after a fresh or a cached load (a batch job reuses the encoder)
         torch.manual_seed(seed)
     tiles = load_tiles(tiles_path, cfg.mpp) if meta_slide.get("status") == "ok" else pd.DataFrame()

@@ -65,7 +65,10 @@ def _single(paths: Any) -> str | None:
 def download_slide(job: SlideJob) -> None:
     from .download import download_slide as run
 
-    run(slide_id=job.slide_id, source=job.params["source"], dest_dir=job.params["dest_dir"],
+    from .privacy import resolve_sheet_value
+
+    run(slide_id=job.slide_id, source=resolve_sheet_value(job.params["source"], job.slide_id),
+        dest_dir=job.params["dest_dir"],
         manifest_path=job.output["manifest"], md5=job.params["md5"], settings=job.params["settings"],
         on_error=job.params["on_error"])
 
@@ -88,6 +91,7 @@ def detect_tissue(job: SlideJob) -> None:
 
 
 def tile_slide(job: SlideJob) -> None:
+    from .privacy import resolve_sheet_value
     from .tiling import tile_slide_with_preview
 
     tile_slide_with_preview(slide_json=job.input["slide"], mask_png=job.input["mask"],

@@ -226,11 +226,15 @@ def _tile_counts(path) -> dict[str, int]:
     return counts
 
 
-def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path) -> "Any":
+def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path, privacy: str = "full") -> "Any":
     """Rule `qc_table`: one row per slide (status, reason, metadata, tissue area, tiles per µm/px)
     to qc/slides.tsv. Inputs are matched by slide_id, so order does not matter; missing tissue or
-    tile outputs give empty cells / zero counts."""
+    tile outputs give empty cells / zero counts. With ``privacy="deidentified"`` (config
+    privacy.export; the table is in the report) reasons lose paths, URLs and file names (the
+    full reason stays in slides/{id}.json and the logs)."""
     import pandas as pd
+
+    from .privacy import scrub_text
 
     from .io import write_tsv
 
@@ -248,7 +252,7 @@ def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path) -> "Any":
         row = {
             "slide_id": sid,
             "status": "skipped" if s.get("status") != "ok" or t.get("status") == "skipped" else "ok",
-            "reason": reason.replace("\t", " ").replace("\n", " "),
+            "reason": (scrub_text(reason) if privacy == "deidentified" else reason).replace("\t", " ").replace("\n", " "),
             **{k: s.get(k) for k in ("vendor", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
                                      "mpp_source", "mpp_warning", "objective_power", "file_size_bytes", "md5")},
             "tissue_method": t.get("method"),

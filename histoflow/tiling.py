@@ -620,17 +620,24 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     The folder appears complete or not at all (built beside it, then renamed). A skipped slide
     gives an empty folder. Returns the number of images written.
     """
-    import shutil
+    import contextlib
     import tempfile
 
     from PIL import Image
     from tqdm import tqdm
 
+    from .io import inside_root, safe_remove
     from .slide import open_slide
 
     out_dir = Path(out_dir)
     meta = read_json(slide_json)
     slide_id = str(meta.get("slide_id") or Path(slide_json).stem)
+    # refused before any work: a folder named '.'/'..' or outside the output folder is never replaced
+    root = out_dir.parent
+    try:
+        inside_root(out_dir, root, "replace")
+    except ValueError as err:
+        raise InputError(f"slide {slide_id!r}: {err}; slide ids must be plain file names") from None
     frame = read_tiles_table(tiles_path)
     if image_format not in IMAGE_FORMATS and image_format != "none":
         raise InputError(f"config key 'tiling.export_images': {image_format!r} must be none, jpeg or png")
@@ -649,11 +656,12 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
                         img.save(tmp / name)
             finally:
                 slide.close()
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if out_dir.exists() or out_dir.is_symlink():
+            safe_remove(out_dir, root)
         os.replace(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            safe_remove(tmp, root)
         raise
     n = len(list(out_dir.iterdir()))
     log.info("slide %s: %d tile images in %s", slide_id, n, out_dir)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from .checklist import ChecklistItem, collect_checklist, redact, redact_url
 from .io import read_json, write_json
+from .privacy import Exporter, exported_config, exported_model_spec
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -165,8 +166,9 @@ def log_workflow(outdir: str, config: dict, samples_path: str, status_json: str,
             return status
         items = collect_checklist(outdir, config, samples_path)
         parent = _log_parent(client, exp_id, items, config, key)
+        exporter = Exporter(outdir, config, samples_path)   # privacy.export: what leaves the site
         for spec in _model_runs(outdir):
-            _log_model(client, exp_id, parent, spec)
+            _log_model(client, exp_id, parent, exported_model_spec(spec, exporter))
         client.set_terminated(parent, "FINISHED")
         status.update(status="logged", run_id=parent, experiment_id=exp_id, result_key=key,
                       items_logged=[it.key for it in items])
@@ -194,7 +196,7 @@ def _log_parent(client, exp_id: str, items: list[ChecklistItem], config: dict, k
         params.update({f"{prefix}.{k}": v for k, v in it.params.items()})
         metrics.update({f"{prefix}.{k}": v for k, v in it.metrics.items()})
         tags[f"checklist.{it.key}"] = " ".join(it.summary)[:MAX_PARAM_CHARS] or "logged"
-    params.update({f"config.{k}": v for k, v in flatten("", redact(config)).items()})
+    params.update({f"config.{k}": v for k, v in flatten("", exported_config(config)).items()})
     _log_batches(client, run_id, params=params, metrics=metrics, tags=tags)
     for it in items:
         for path in dict.fromkeys(it.artifacts):

@@ -65,8 +65,8 @@ def slide_features_of(root, flip=None, crossfit=True):
     probabilities, inner splits and cross-fitted probabilities, slide features."""
     feats, labels = make_cohort(root, flip=flip)
     settings = {"model": "logreg", "max_tiles_per_slide": None}
-    train_patch_classifier(root / "splits.tsv", 0, feats, labels, settings, 5, root / "model.joblib", root / "m.json")
-    predict_tile_probs(root / "model.joblib", root / "splits.tsv", 0, feats, root / "fold0.parquet")
+    train_patch_classifier(root / "splits.tsv", 0, feats, labels, settings, 5, root / "model.safetensors", root / "m.json")
+    predict_tile_probs(root / "model.safetensors", root / "splits.tsv", 0, feats, root / "fold0.parquet")
     write_inner_splits(root / "splits.tsv", 0, 3, 5, root / "inner.tsv")
     crossfit_patch_classifier(root / "inner.tsv", feats, labels, settings, 5, root / "fold0.crossfit.parquet",
                               root / "inner.json")

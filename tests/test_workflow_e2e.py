@@ -156,6 +156,34 @@ def test_report_gathers_the_figures(run):
         assert caption_word.lower() in html.lower(), caption_word
 
 
+def test_report_checklist_and_mlflow_carry_no_patient_id_or_sheet_path(run):
+    """privacy.export: deidentified (the default): the sheet's patient ids and the local paths of
+    its slides and annotations are in no exported text (report, checklist.md, MLflow params,
+    tags and text artifacts); patient hashes are there instead."""
+    from mlflow.tracking import MlflowClient
+
+    sheet = pd.read_csv(run["sheet"], sep="\t", dtype=str, keep_default_na=False)
+    base = run["sheet"].parent.resolve()
+    paths = {str((base / v).resolve()) for col in ("source", "annotations") if col in sheet for v in sheet[col] if v}
+    pids = set(sheet["patient_id"])
+    outdir = run["outdir"]
+    # embedded images (base64) are pixels, not text: dropped before the scan
+    html = re.sub(r"[A-Za-z0-9+/=]{120,}", "", (outdir / "report.html").read_text(errors="replace"))
+    texts = {"report.html": html, "checklist.md": (outdir / "checklist.md").read_text()}
+    client = MlflowClient(tracking_uri=f"sqlite:///{outdir / 'mlflow.db'}")
+    for r in client.search_runs([client.get_experiment_by_name("histoflow").experiment_id], max_results=500):
+        texts[f"run {r.info.run_name}"] = json.dumps([r.data.params, r.data.tags, r.info.run_name])
+    for path in (outdir / "mlruns").rglob("*"):
+        if path.is_file() and path.suffix in (".tsv", ".json", ".md", ".txt", ".csv"):
+            texts[str(path.relative_to(outdir))] = path.read_text(errors="replace")
+    leaks = [f"{p} in {where}" for where, text in texts.items() for p in paths if p in text]
+    leaks += [f"{pid} in {where}" for where, text in texts.items() for pid in pids
+              if re.search(rf"(?<![A-Za-z0-9_]){re.escape(pid)}(?![A-Za-z0-9_])", text)]
+    assert not leaks, leaks[:10]
+    assert "privacy.export: deidentified" in texts["checklist.md"]
+    assert any("patient_hash" in t for k, t in texts.items() if k.endswith("splits.tsv"))
+
+
 def test_no_half_written_file_is_left_and_nothing_is_left_to_do(run):
     from histoflow.io import leftover_temporaries
 

@@ -55,6 +55,7 @@ rule qc_table:
         slides=per_slide("slides/{slide_id}.json"),
         tissue=per_slide("tissue/{slide_id}.json"),
         tiles=per_slide("tiles/{slide_id}.parquet"),
+        privacy=config["privacy"]["export"],
     log:
         log_path("qc_table", "qc_table"),
     conda:
