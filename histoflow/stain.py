@@ -355,7 +355,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
             if meta.get("status") != "ok":
                 continue
             tiles = load_tiles(tp, mpp)
-            candidates += [(meta["path"], row) for row in tiles.to_dict("records")]
+            candidates += [((meta["path"], meta.get("colour_fix")), row) for row in tiles.to_dict("records")]
         if not candidates:
             raise InputError(f"stain.reference is 'auto' but no slide has tiles at {mpp} µm/px; "
                              "give a reference tile image in config 'stain.reference' or set stain.method: none")
@@ -364,7 +364,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
         readers: dict[str, TileReader] = {}
         for i in pick:
             path, row = candidates[i]
-            reader = readers.setdefault(path, TileReader(path, slide_id=row["slide_id"]))
+            reader = readers.setdefault(path, TileReader(path[0], slide_id=row["slide_id"], colour_fix=path[1]))
             images.append(reader.read(row))
             where.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
         for r in readers.values():
