@@ -475,7 +475,10 @@ def save_encoder(path: str | os.PathLike, backbone, settings: SSLSettings, mean,
            "settings": {f.name: getattr(settings, f.name) for f in fields(settings)}}
     obj.update(dict(extra or {}))
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # through a handle: saved to a path, torch names the archive's records after the (random)
+        # temporary file name, and reruns would not be byte-identical
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
 
 
 def plot_curve(history, path: str | os.PathLike, title: str) -> None:
