@@ -129,15 +129,23 @@ def test_the_same_tissue_in_two_formats_gives_the_same_area_tiles_and_colour(pai
 
 
 @pytest.mark.shared
-def test_features_read_the_dicom_in_rgb(pair):
-    from histoflow.features import TileReader
+def test_features_see_the_dicom_in_rgb(pair):
+    """Through the features stage (its readers take colour_fix from slides/{id}.json): an
+    encoder whose features are the tile's mean colour gives the same colours for both formats."""
+    from torch import nn
 
-    dcm = pair["dcm"]
-    row = dcm["tiles"].iloc[len(dcm["tiles"]) // 2]
-    reader = TileReader(dcm["record"]["path"], "dcm", colour_fix=dcm["record"]["colour_fix"])
-    fixed = reader.read(row)
-    reader.close()
-    raw = TileReader(dcm["record"]["path"], "dcm").read(row)
-    index = dcm["tiles"].index.get_loc(row.name)
-    assert np.abs(fixed.astype(int) - dcm["images"][index].astype(int)).mean() < 2   # features see what tiling saw
-    assert np.abs(raw.astype(int) - fixed.astype(int)).mean() > 20                   # and not the raw YCbCr
+    from histoflow.features import extract_slide_features, read_features
+    from test_features import TinyEncoder
+
+    encoder = TinyEncoder(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(), name="mean-colour",
+                          input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), dim=3)
+    colours = {}
+    for sid in ("svs", "dcm"):
+        root = pair[sid]["root"]
+        out = root / f"{sid}.features.parquet"
+        extract_slide_features(str(root / f"{sid}.json"), str(root / f"{sid}.parquet"), str(out), "mean-colour",
+                               {"mpp": 0.5, "num_workers": 0, "dtype": "float32"}, [0.5], encoder=encoder)
+        _, feats = read_features(out)
+        assert len(feats) == len(pair[sid]["tiles"])
+        colours[sid] = feats.mean(axis=0) * 255
+    assert np.abs(colours["dcm"] - colours["svs"]).max() < 6, colours
