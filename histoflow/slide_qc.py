@@ -267,7 +267,9 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
                     slide.read_region((int(x * choice.downsample), int(y * choice.downsample)), choice.level, (pw, ph))
                 except Exception as err:  # noqa: BLE001 - a decode error; OpenSlide's handle is then unusable
                     failed += 1
-                    first_error = first_error or str(err).splitlines()[0][:200]
+                    # the decoder's words, not the file's name or folder (reasons leave the site)
+                    first_error = first_error or (str(err).splitlines() or [type(err).__name__])[0][:200] \
+                        .replace(str(path), "<slide>").replace(path.name, "<slide>")
                     slide.close()
                     slide = None
     finally:
