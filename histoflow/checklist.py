@@ -246,14 +246,27 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         except Exception:
             counts[Path(p).stem] = 0
     it.params = flatten("tiling", cfg.get("tiling", {}))
-    it.params.update(flatten("features", {k: v for k, v in cfg.get("features", {}).items() if k in ("encoders", "mpp", "tta", "dtype")}))
+    it.params.update(flatten("features", {k: v for k, v in cfg.get("features", {}).items()
+                                          if k in ("encoders", "mpp", "tta", "dtype", "max_failed_tile_fraction")}))
     it.params.update(flatten("augmentation", {"ssl": cfg.get("ssl", {}), "stain_augment": cfg.get("stain", {}).get("augment")}))
     it.metrics = {"n_tiles_total": float(sum(counts.values()))}
     it.metrics.update({f"n_tiles.{k}": float(v) for k, v in counts.items()})
+    # tiles that failed to read (or gave non-finite features), per slide, from the features files
+    from .features import features_qc_rows
+
+    fqc = features_qc_rows(_files(str(out / "features" / "*" / "*.parquet")))
+    failed = fqc.groupby("slide_id")["failed_tiles"].max() if len(fqc) else pd.Series(dtype=float)
+    it.metrics["n_failed_tiles_total"] = float(failed.sum())
+    it.metrics.update({f"n_failed_tiles.{k}": float(v) for k, v in failed.items()})
+    n_failed_skipped = int(fqc.loc[fqc["status"] != "ok", "slide_id"].nunique()) if len(fqc) else 0
+    if (out / "qc" / "features.tsv").exists():
+        it.artifacts.append(str(out / "qc" / "features.tsv"))
     tcfg = cfg.get("tiling", {})
     it.summary.append(f"Tiles of {tcfg.get('tile_px')} px at {tcfg.get('mpp')} µm/px, overlap {tcfg.get('overlap_px')} px, "
                       f"min tissue fraction {tcfg.get('min_tissue_fraction')}: {sum(counts.values())} tiles in {len(counts)} slides; "
-                      f"features {cfg.get('features', {}).get('encoders')} (TTA {cfg.get('features', {}).get('tta')}).")
+                      f"features {cfg.get('features', {}).get('encoders')} (TTA {cfg.get('features', {}).get('tta')}); "
+                      f"{int(failed.sum())} tiles failed to read (qc/features.tsv), {n_failed_skipped} slide(s) over "
+                      f"features.max_failed_tile_fraction {cfg.get('features', {}).get('max_failed_tile_fraction', 0.01)}.")
     for arch, (fit_on, n_fit) in ssl_fit.items():
         sigma = ssl_runs.get(arch, {}).get("hed_sigma", cfg.get("ssl", {}).get("hed_sigma"))
         it.summary.append(f"SSL encoder ssl:{arch} trained (SimCLR) on tiles of {n_fit} slides: "

@@ -8,6 +8,7 @@ on POSIX within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -64,9 +65,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
-        safe_remove(tmp_path, tmp_path.parent, outdir_check=False)   # our own mkstemp file
+    except BaseException as err:
+        safe_remove(tmp_path, tmp_path.parent, outdir_check=False)   # our own mkstemp file; also gives back the space a full disk needs
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            from .errors import OutputError
+
+            raise OutputError(err.errno, f"cannot write {path}: {os.strerror(err.errno)} (disk full, quota or "
+                                         "file-size limit); nothing was written there: free space or raise the "
+                                         "limit, then rerun") from None
         raise
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 # common.smk exports the run's output folder to every job: no delete in a job may leave it.

@@ -78,7 +78,8 @@ def slide_qc(job: SlideJob) -> None:
 
     write_slide_metadata(slide_id=job.slide_id, manifest_path=job.input["manifest"],
                          out_path=job.output["slide"], sheet_mpp=job.params["sheet_mpp"],
-                         default_mpp=job.params["default_mpp"], on_error=job.params["on_error"])
+                         default_mpp=job.params["default_mpp"], on_error=job.params["on_error"],
+                         tile_check=job.params.get("tile_check"))
 
 
 def detect_tissue(job: SlideJob) -> None:
@@ -116,7 +117,8 @@ def extract_features(job: SlideJob) -> None:
                            settings=job.params["settings"], tiling_mpp=job.params["tiling_mpp"],
                            stain_json=_single(job.input["stain"]),
                            ssl_checkpoint=_single(job.input["ssl_checkpoint"]),
-                           seed=job.params["seed"], threads=job.threads)
+                           seed=job.params["seed"], threads=job.threads,
+                           on_error=job.params.get("on_error", "fail"))
 
 
 def patch_labels(job: SlideJob) -> None:

@@ -645,7 +645,7 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
     try:
         if len(frame) and image_format != "none" and meta.get("status") == "ok":
-            slide = open_slide(meta["path"], slide_id)
+            slide = open_slide(meta["path"], slide_id, meta.get("colour_fix"))
             try:
                 for row in tqdm(frame.to_dict("records"), desc=f"tiles {slide_id}", unit="tile", mininterval=5):
                     img = Image.fromarray(read_tile(slide, row))
