@@ -156,7 +156,7 @@ def rule_job(stage: str, out: Path, cfg: dict):
         io = dict(input=NS(slide=f("slides/bench.json"), mask=f("tissue/bench.png"), stats=f("tissue/bench.json"),
                            overlay=f("tissue/bench.overlay.jpg")),
                   output=NS(tiles=f("tiles/bench.parquet"), preview=f("tiles/bench.preview.jpg")),
-                  params=NS(settings=cfg["tiling"], seed=0, annotations=None, on_error="fail"))
+                  params=NS(settings=cfg["tiling"], seed=0, on_error="fail"))
     return NS(wildcards=NS(slide_id="bench"), log=[f(f"logs/{RULES[stage]}/bench.log")], threads=1, **io)
 
 

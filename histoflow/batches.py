@@ -92,14 +92,13 @@ def is_current(stamp_path: Path, rule: str, job: SlideJob) -> bool:
 
 
 def _remove_outputs(job: SlideJob) -> None:
-    """What Snakemake does before a job runs: no stale output or log survives a redo."""
-    import shutil
+    """What Snakemake does before a job runs: no stale output or log survives a redo. Each is
+    removed only inside its own stage folder (and, in a job, the output folder)."""
+    from .io import safe_remove
 
     for path in [*_paths(job.output.values()), *([job.log] if job.log else [])]:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+        if os.path.lexists(path):
+            safe_remove(path, Path(path).parent)
 
 
 def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: str | os.PathLike,
@@ -117,6 +116,8 @@ def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: st
     from .io import write_json
     from .logs import log_to
 
+    from .io import safe_remove
+
     step = SLIDE_STEPS[rule]
     prepare_step(rule)
     manifest_path = Path(manifest_path)
@@ -132,7 +133,7 @@ def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: st
             start = time.perf_counter()
             reused = is_current(stamp, rule, job)
             if not reused:
-                stamp.unlink(missing_ok=True)
+                safe_remove(stamp, done_dir)
                 _remove_outputs(job)
                 try:
                     with log_to(job.log):

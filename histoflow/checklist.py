@@ -125,8 +125,12 @@ def hardware_software() -> dict[str, Any]:
 
 def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[ChecklistItem]:
     """Read every stage's outputs under ``outdir`` and describe the 11 checklist items."""
+    from .privacy import Exporter, deidentify_config
+
     out = Path(outdir)
-    cfg = redact(config)
+    # privacy.export: what the checklist and MLflow carry (histoflow/privacy.py)
+    exporter = Exporter(outdir, config, samples_path)
+    cfg = redact(config) if exporter.full else deidentify_config(config)
     items = {n: ChecklistItem(n, t) for n, t in TITLES.items()}
 
     # 1 hardware / software
@@ -143,7 +147,8 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it = items[2]
     manifests = [_read_json(p) for p in _files(str(out / "downloads" / "*.json"))]
     kinds = pd.Series([m.get("source_kind", "?") for m in manifests]).value_counts().to_dict() if manifests else {}
-    it.params = {"samples_sheet": samples_path, "n_slides": len(manifests), **{f"n_source_{k}": v for k, v in kinds.items()}}
+    it.params = {"samples_sheet": samples_path if exporter.full else "<samples sheet>", "n_slides": len(manifests),
+                 **{f"n_source_{k}": v for k, v in kinds.items()}, "privacy.export": exporter.mode}
     secs = [m.get("download_seconds") or 0 for m in manifests]
     it.metrics = {"download_seconds_total": float(sum(secs)), "n_slides": float(len(manifests))}
     if manifests:
@@ -163,6 +168,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it.params["n_skipped"] = n_skipped
     it.summary.append(f"{len(manifests)} slides from {', '.join(f'{v} {k}' for k, v in kinds.items()) or 'no source'}; "
                       f"md5 recorded per slide; {n_skipped} skipped by QC (reasons in qc/slides.tsv).")
+    it.summary.append("Exported de-identified (privacy.export: deidentified): slide ids, salted patient hashes, "
+                      "source kind and md5, counts; no patient ids, paths, hosts or file names." if not exporter.full else
+                      "Exported in full (privacy.export: full): patient ids, paths and sources as in the sheet; "
+                      "for a tracking store that stays on site only.")
 
     # 3 splitting
     it = items[3]
@@ -237,14 +246,27 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         except Exception:
             counts[Path(p).stem] = 0
     it.params = flatten("tiling", cfg.get("tiling", {}))
-    it.params.update(flatten("features", {k: v for k, v in cfg.get("features", {}).items() if k in ("encoders", "mpp", "tta", "dtype")}))
+    it.params.update(flatten("features", {k: v for k, v in cfg.get("features", {}).items()
+                                          if k in ("encoders", "mpp", "tta", "dtype", "max_failed_tile_fraction")}))
     it.params.update(flatten("augmentation", {"ssl": cfg.get("ssl", {}), "stain_augment": cfg.get("stain", {}).get("augment")}))
     it.metrics = {"n_tiles_total": float(sum(counts.values()))}
     it.metrics.update({f"n_tiles.{k}": float(v) for k, v in counts.items()})
+    # tiles that failed to read (or gave non-finite features), per slide, from the features files
+    from .features import features_qc_rows
+
+    fqc = features_qc_rows(_files(str(out / "features" / "*" / "*.parquet")))
+    failed = fqc.groupby("slide_id")["failed_tiles"].max() if len(fqc) else pd.Series(dtype=float)
+    it.metrics["n_failed_tiles_total"] = float(failed.sum())
+    it.metrics.update({f"n_failed_tiles.{k}": float(v) for k, v in failed.items()})
+    n_failed_skipped = int(fqc.loc[fqc["status"] != "ok", "slide_id"].nunique()) if len(fqc) else 0
+    if (out / "qc" / "features.tsv").exists():
+        it.artifacts.append(str(out / "qc" / "features.tsv"))
     tcfg = cfg.get("tiling", {})
     it.summary.append(f"Tiles of {tcfg.get('tile_px')} px at {tcfg.get('mpp')} µm/px, overlap {tcfg.get('overlap_px')} px, "
                       f"min tissue fraction {tcfg.get('min_tissue_fraction')}: {sum(counts.values())} tiles in {len(counts)} slides; "
-                      f"features {cfg.get('features', {}).get('encoders')} (TTA {cfg.get('features', {}).get('tta')}).")
+                      f"features {cfg.get('features', {}).get('encoders')} (TTA {cfg.get('features', {}).get('tta')}); "
+                      f"{int(failed.sum())} tiles failed to read (qc/features.tsv), {n_failed_skipped} slide(s) over "
+                      f"features.max_failed_tile_fraction {cfg.get('features', {}).get('max_failed_tile_fraction', 0.01)}.")
     for arch, (fit_on, n_fit) in ssl_fit.items():
         sigma = ssl_runs.get(arch, {}).get("hed_sigma", cfg.get("ssl", {}).get("hed_sigma"))
         it.summary.append(f"SSL encoder ssl:{arch} trained (SimCLR) on tiles of {n_fit} slides: "
@@ -305,6 +327,14 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
             it.metrics[f"{model}.{fold}.best_val_auc"] = float(h["val_auc"].max())
     it.summary.append(f"MIL models: {', '.join(models) or 'none'}; feature-based slide classifiers: {', '.join(classic) or 'none'}; "
                       "training curves per fold in nested MLflow runs.")
+    crossfit = _files(str(out / "tile_probs" / "*" / "fold*.crossfit.parquet"))
+    if classic:
+        inner = cfg.get("slide_classifier", {}).get("inner_folds", 3)
+        it.params["slide_classifier_train_features"] = "crossfit" if crossfit else "missing"
+        it.summary.append(f"Feature-based slide classifiers train on cross-fitted features: each fold's train patients are "
+                          f"dealt into {inner} inner folds and every train slide's tile probabilities come from a tile model "
+                          "(patch classifier or MIL, trained as the fold's own) that did not see it, as the test slides' "
+                          "come from the fold's model; training on in-sample features is refused.")
 
     # 10 lesion detection
     it = items[10]
@@ -318,7 +348,9 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.artifacts += [q for q in _files(str(Path(p).parent / "*.png"))][:5]
     summary = ", ".join(f"{k} {v:.3f}" for k, v in it.metrics.items()
                         if k.split(".")[-1] in ("froc_score", "pooled", "mean_tumour_slides", "n_lesions", "n_lesions_detected"))
-    it.summary.append(f"Threshold + connected components on tile probabilities; {summary or 'no lesion metrics'}.")
+    it.summary.append(f"Lesion polygons and Dice: threshold {cfg.get('lesions', {}).get('threshold')} + connected components on "
+                      "tile probabilities; FROC: local maxima of the map, each scored by its probability, swept over the whole "
+                      f"probability range; test-role slides only; {summary or 'no lesion metrics'}.")
 
     # 11 metrics
     it = items[11]
@@ -332,6 +364,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
             if lo is not None:
                 it.metrics[f"{model}.{k}_ci_low"] = float(lo)
                 it.metrics[f"{model}.{k}_ci_high"] = float(hi)
+        it.params[f"{model}.threshold"] = json.dumps(res.get("threshold"))
+        it.params[f"{model}.threshold_source"] = res.get("threshold_source", "?")
+        it.metrics[f"{model}.n_slides"] = float(res.get("n_slides", 0))
+        it.metrics[f"{model}.n_patients"] = float(res.get("n_patients", 0))
     it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("metrics.json", "metrics.tsv", "roc.png", "pr.png", "calibration.png")) if Path(p).exists()]
     if mj:
         best = mj.get("best_model")
@@ -340,9 +376,21 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         auc = b.get("pooled", {}).get("auc")
         auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
         ci_txt = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci[0] is not None else "n/a"
-        it.summary.append(f"{len(mj.get('models', {}))} models compared on out-of-fold test slides; best {best}: AUC {auc_txt} "
-                          f"(95% patient-bootstrap CI {ci_txt}); threshold chosen on validation; "
-                          f"{mj.get('settings', {}).get('n_bootstrap')} resamples; DeLong vs best in metrics.tsv.")
+        holdout = mj.get("settings", {}).get("strategy") == "holdout"
+        it.summary.append(f"{len(mj.get('models', {}))} models compared on "
+                          + ("the held-out test slides, each slide's prediction the mean of the k fold models"
+                             if holdout else "out-of-fold test slides, each slide once") + f"; best {best}: AUC {auc_txt} "
+                          f"(95% patient-bootstrap CI {ci_txt}) on {b.get('n_slides')} slides of {b.get('n_patients')} patients; "
+                          f"{mj.get('settings', {}).get('n_bootstrap')} patient resamples; DeLong vs best in metrics.tsv.")
+        from .metrics import THRESHOLD_WORDS
+
+        sources = {}
+        for model, res in mj.get("models", {}).items():
+            sources.setdefault(res.get("threshold_source", "?"), []).append(model)
+        it.summary.append("Decision thresholds from validation predictions only (never training or test): "
+                          + "; ".join(f"{THRESHOLD_WORDS.get(src, src)}: {', '.join(models)}" for src, models in sorted(sources.items()))
+                          + f" (a fold's own threshold needs >= {mj.get('settings', {}).get('min_val_per_class')} validation "
+                            "slides of each class).")
     else:
         it.summary.append("Metrics not computed yet.")
     # hardware/software is recorded by the audit itself; stain method none is a choice, not a gap
@@ -351,6 +399,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         items[4].params.setdefault("status", "off (stain.method: none)")
     for it in items.values():
         it.params.setdefault("status", "done" if (it.metrics or it.artifacts) else "not run in this workflow")
+        if not exporter.full:   # the safety net: nothing from the sheet in any exported text
+            it.params = {k: exporter.value(v) for k, v in it.params.items()}
+            it.summary = [exporter.text(s, file_names=False) for s in it.summary]
+            it.artifacts = [exporter.artifact(p) for p in dict.fromkeys(it.artifacts) if Path(p).is_file()]
     return [items[n] for n in sorted(items)]
 
 
@@ -372,8 +424,9 @@ def render_checklist(items: list[ChecklistItem]) -> str:
     return "\n".join(lines)
 
 
-def write_checklist(outdir: str, config: dict, samples_path: str, out_path: str) -> None:
-    """Rule `checklist`: {outdir}/checklist.md."""
+def write_checklist(outdir: str | None, config: dict, samples_path: str, out_path: str) -> None:
+    """Rule `checklist`: {outdir}/checklist.md (``outdir`` None: the folder of ``out_path``)."""
     from .io import write_text
 
+    outdir = outdir if outdir is not None else str(Path(out_path).parent)
     write_text(out_path, render_checklist(collect_checklist(outdir, config, samples_path)))

@@ -20,7 +20,13 @@ from .errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
-SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+# A plain file name: never `.`/`..` or hidden (a slide id is a folder and file name in every
+# stage), and short enough for any filesystem once suffixed. The samples schema and
+# common.smk's wildcard_constraints carry the same pattern.
+SLIDE_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}"
+SLIDE_ID_RE = re.compile(f"^{SLIDE_ID_PATTERN}$")
+SLIDE_ID_RULE = ("a slide_id must be a plain file name: letters, digits, '.', '_' and '-', "
+                 "not starting with '.' (so never '.' or '..'), at most 200 characters")
 SAMPLE_COLUMNS = ("slide_id", "patient_id", "label", "source")
 OPTIONAL_COLUMNS = ("md5", "mpp", "site", "annotations")
 
@@ -48,6 +54,8 @@ def validate_config(config: dict) -> dict:
         raise InputError(f"config key '{_field_path(err)}': {err.message} (fix it in config.yaml or --config)")
     _fill_defaults(config, schema)
     _check_fit_on(config)
+    _check_encoders(config)
+    _drop_deprecated(config)
     _encoder_mpp(config, schema)
     return config
 
@@ -106,6 +114,44 @@ def _check_fit_on(config: dict) -> None:
             raise InputError(f"config key '{key}' is train_only, but split.strategy {split.get('strategy')} with k={split.get('k')} "
                              "leaves no slide train-role in every fold; use split: {strategy: holdout, k: 1} "
                              f"(one fixed test and validation set) or {key}: all")
+
+
+# Keys still accepted (old configs, old demo/config.yaml) but ignored: (section, key) -> why.
+DEPRECATED_KEYS = {
+    ("tiling", "annotation_share"): (
+        "is deprecated and ignored: bag tiles (tiles/{slide}.parquet) never depend on annotations, "
+        "because a lesion-enriched sample of test slides inflates MIL, heatmap and slide-feature "
+        "results; to choose the patch classifier's training tiles near lesions (train-role slides "
+        "only) set patch_classifier.lesion_share"),
+}
+
+
+def _drop_deprecated(config: dict) -> None:
+    """Remove deprecated keys from ``config`` with one warning line each (stderr)."""
+    import sys
+
+    for (section, key), why in DEPRECATED_KEYS.items():
+        if isinstance(config.get(section), dict) and key in config[section]:
+            config[section].pop(key)
+            sys.stderr.write(f"histoflow: warning: config key '{section}.{key}' {why}\n")
+
+
+def _check_encoders(config: dict) -> None:
+    """Encoders that would run code or need a package the lock file lacks: refused here, before
+    any job, with one line naming features.encoders and the fix."""
+    import importlib.util
+
+    from .encoders import TORCHSCRIPT_NEEDS_TRUST, is_torchscript_file, needs_transformers
+
+    features = config.get("features") or {}
+    for name in features.get("encoders") or ():
+        if (name.startswith("local:") and not features.get("trust_local_code")
+                and is_torchscript_file(name[len("local:"):])):
+            raise InputError(f"config key 'features.encoders': {name!r}: {TORCHSCRIPT_NEEDS_TRUST}")
+        if needs_transformers(name) and importlib.util.find_spec("transformers") is None:
+            raise InputError(f"config key 'features.encoders': {name!r} is a Hugging Face transformers model and "
+                             "`transformers` is not installed (it is not in requirements.lock): "
+                             "pip install transformers (and add it to envs/torch.yaml), or choose another encoder")
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:
@@ -274,7 +320,7 @@ def _check_row(raw: dict, i: int, sheet: str, validator) -> None:
     for err in validator.iter_errors(row):
         field = _field_path(err)
         if field == "slide_id" and err.validator == "pattern":
-            fix = "use only letters, digits, '.', '_' and '-' (it becomes a file name)"
+            fix = f"rename it ({SLIDE_ID_RULE})"
         elif err.validator == "required":
             fix = "fill in every required column: " + ", ".join(SAMPLE_COLUMNS)
         else:

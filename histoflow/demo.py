@@ -40,7 +40,7 @@ import yaml
 from scipy import ndimage as ndi
 
 from .errors import InputError
-from .io import atomic_path, write_json, write_text, write_tsv
+from .io import atomic_path, safe_remove, write_json, write_text, write_tsv
 
 log = logging.getLogger("histoflow.demo")
 
@@ -507,7 +507,7 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
                      tile_width=256, tile_height=256, xres=px_per_mm, yres=px_per_mm,
                      resunit="cm", strip=True)
     del img
-    raw.unlink()
+    safe_remove(raw, tmp_dir)
 
     polygons = lesion_polygons(lesion)
     truth = {
@@ -726,7 +726,7 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
             write_text(out / "annotations" / f"{plan.slide_id}.xml", lesion_asap_xml(result.lesion_polygons))
             row["annotations"] = f"annotations/{plan.slide_id}.geojson"
         rows.append(row)
-    (out / ".tmp").rmdir()
+    safe_remove(out / ".tmp", out)
     sheet = out / "samples.tsv"
     write_tsv(sheet, pd.DataFrame(rows))
     write_text(out / "config.yaml",

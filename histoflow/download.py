@@ -39,7 +39,13 @@ from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlun
 from . import __version__
 from .config import source_kind
 from .errors import InputError, SlideError
-from .io import read_json, write_json
+from .io import read_json, safe_remove, write_json
+
+
+def _remove(path: Path) -> None:
+    """Delete a file of a slide's download folder ``{outdir}/downloads/<slide>/``: never outside
+    the downloads folder (nor the output folder)."""
+    safe_remove(path, Path(path).parent.parent)
 
 log = logging.getLogger("histoflow.download")
 
@@ -291,8 +297,8 @@ def _read_partial(dest_dir: Path, label: str) -> tuple[Path | None, dict]:
     if meta.get("source") == label and part is not None and part.is_file():
         return part, meta
     for stray in dest_dir.glob("*.part"):  # another source's leftovers are never used
-        stray.unlink()
-    meta_path.unlink(missing_ok=True)
+        _remove(stray)
+    _remove(meta_path)
     return None, {}
 
 
@@ -343,7 +349,7 @@ def fetch_http(url: str, dest_dir: str | os.PathLike, settings: DownloadSettings
                 with resp:
                     status = resp.status_code
                     if status == 416 and part is not None:  # the .part is no prefix of this file: start over
-                        part.unlink(missing_ok=True)
+                        _remove(part)
                         part = None
                         raise _Retryable("HTTP 416 for the resumed range; restarting from byte 0")
                     if status in (408, 429) or status >= 500:
@@ -356,7 +362,7 @@ def fetch_http(url: str, dest_dir: str | os.PathLike, settings: DownloadSettings
                     if status == 206 and offset:
                         crange = parse_content_range(resp.headers.get("Content-Range"))
                         if crange is None or crange[0] != offset:
-                            part.unlink(missing_ok=True)
+                            _remove(part)
                             part = None
                             raise _Retryable("server answered a different byte range; restarting from byte 0")
                         total = crange[1] if crange[1] is not None else (offset + length if length is not None else None)
@@ -369,7 +375,7 @@ def fetch_http(url: str, dest_dir: str | os.PathLike, settings: DownloadSettings
                     else:
                         if offset:
                             log.info("%s: server ignored the Range request (HTTP %d); restarting from byte 0", slide_id, status)
-                            part.unlink(missing_ok=True)
+                            _remove(part)
                         offset, resumed = 0, False
                         total = length
                         if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
@@ -423,12 +429,12 @@ def fetch_http(url: str, dest_dir: str | os.PathLike, settings: DownloadSettings
     md5 = digest.hexdigest()
     if expected_md5 and md5.lower() != expected_md5.lower():
         bad = _reject(part, dest_dir, name)
-        (dest_dir / PARTIAL_NAME).unlink(missing_ok=True)
+        _remove(dest_dir / PARTIAL_NAME)
         raise DownloadError(f"md5 mismatch: the download has {md5}, expected {expected_md5.lower()}; the file is kept "
                             f"in {str(bad)!r} and not used; check the md5 column or the source")
     final = dest_dir / name
     os.replace(part, final)
-    (dest_dir / PARTIAL_NAME).unlink(missing_ok=True)
+    _remove(dest_dir / PARTIAL_NAME)
     seconds = time.monotonic() - start
     log.info("%s: %s (%s) in %.1f s, %d attempt(s)%s, md5 %s", slide_id, final.name, _human(size), seconds,
              attempt, ", resumed" if resumed else "", md5)
@@ -467,7 +473,7 @@ def _symlink(target: Path, link: Path) -> None:
     if link.exists() and not link.is_symlink():
         raise DownloadError(f"{str(link)!r} exists and is not a link; remove it so the source can be linked")
     tmp = link.parent / f".{link.name}.link-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    _remove(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, link)
 
@@ -532,7 +538,7 @@ def link_local(source: str | os.PathLike, dest_dir: str | os.PathLike, *, slide_
         md5 = md5_file(path)
         if md5 != expected_md5.lower():
             for link in links:  # a file that fails its check is never left where it would be used
-                link.unlink(missing_ok=True)
+                _remove(link)
             raise DownloadError(f"md5 mismatch: local file {str(src)!r} has {md5}, the sheet says "
                                 f"{expected_md5.lower()}; check the md5 column or the file")
     return path, size, md5

@@ -592,7 +592,25 @@ def build_architecture(arch: str, timm_kwargs: dict | None = None):
     raise EncoderError(f"sidecar arch {arch!r} is not resnet50-trunc, timm:<model> or ssl:<arch>")
 
 
-def load_local(path: str | os.PathLike, *, device: str = "cpu", name: str | None = None) -> LoadedEncoder:
+TORCHSCRIPT_NEEDS_TRUST = ("a TorchScript file is code (it runs when loaded); set features.trust_local_code: true "
+                           "if you trust it, or give a weights-only state_dict with a sidecar JSON (docs/encoders.md)")
+
+
+def is_torchscript_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding compiled code), not plain weights."""
+    path = Path(path).expanduser()
+    return path.is_file() and _is_torchscript(path)
+
+
+def needs_transformers(name: str) -> bool:
+    """Whether encoder ``name`` (e.g. phikon, phikon-v2) is a Hugging Face transformers model."""
+    resolved = resolve_name(name)
+    spec = KNOWN_MODELS.get(resolved[len("hf-hub:"):]) if resolved.startswith("hf-hub:") else None
+    return spec is not None and spec.backend == "transformers"
+
+
+def load_local(path: str | os.PathLike, *, device: str = "cpu", name: str | None = None,
+               trust_local_code: bool = False) -> LoadedEncoder:
     """``local:<path>``: a TorchScript file, a histoflow checkpoint, or a state_dict + sidecar JSON.
 
     Sidecar ``<path>.json`` (or ``<stem>.json``) keys: ``arch`` (required for a state_dict),
@@ -613,6 +631,8 @@ def load_local(path: str | os.PathLike, *, device: str = "cpu", name: str | None
                   std=side.get("std", IMAGENET_STD), interpolation=side.get("interpolation", "bilinear"),
                   crop_pct=side.get("crop_pct", 1.0))
     if _is_torchscript(path):
+        if not trust_local_code:
+            raise EncoderError(f"encoder {name!r}: {TORCHSCRIPT_NEEDS_TRUST}")
         if not side_file:
             log.warning("%s: TorchScript without a sidecar JSON: assuming 224 px, ImageNet mean/std", path)
         net = torch.jit.load(str(path), map_location="cpu")
@@ -675,8 +695,10 @@ def load_ssl_checkpoint(path: str | os.PathLike, *, device: str = "cpu", name: s
 
 
 def load_encoder(name: str, *, ssl_checkpoint: str | os.PathLike | None = None, device: str = "cpu",
-                 weights_dir: str | os.PathLike | None = None, allow_random_weights: bool = False) -> LoadedEncoder:
-    """Build the encoder ``name`` (see the module docstring for the names), frozen, in eval mode."""
+                 weights_dir: str | os.PathLike | None = None, allow_random_weights: bool = False,
+                 trust_local_code: bool = False) -> LoadedEncoder:
+    """Build the encoder ``name`` (see the module docstring for the names), frozen, in eval mode.
+    A ``local:`` TorchScript file runs code when loaded: only with ``trust_local_code``."""
     raw = name
     name = resolve_name(name)
     if name == "resnet50-trunc":
@@ -689,7 +711,7 @@ def load_encoder(name: str, *, ssl_checkpoint: str | os.PathLike | None = None, 
             raise EncoderError(f"encoder {raw!r}: give hf-hub:<org>/<model> (e.g. hf-hub:MahmoodLab/UNI2-h)")
         return load_timm(repo, hub=True, allow_random_weights=allow_random_weights, device=device)
     if name.startswith("local:"):
-        return load_local(name[len("local:"):], device=device, name=name)
+        return load_local(name[len("local:"):], device=device, name=name, trust_local_code=trust_local_code)
     if name.startswith("ssl:"):
         if ssl_checkpoint is None:
             raise EncoderError(f"encoder {raw!r} needs its checkpoint {{outdir}}/ssl/{name[4:]}/encoder.pt "

@@ -15,3 +15,11 @@ class SlideError(HistoflowError):
     def __init__(self, slide_id: str, message: str):
         self.slide_id = slide_id
         super().__init__(f"slide {slide_id!r}: {message}")
+
+
+class OutputError(HistoflowError, OSError):
+    """An output cannot be written (disk full, file-size or quota limit); nothing half-written
+    is left at its path. Still an OSError, for callers that handle those."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()

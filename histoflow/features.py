@@ -35,7 +35,8 @@ COORD_TYPES = {"slide_id": "string", "x": "int64", "y": "int64", "target_mpp": "
 FEATURE_METADATA = ("histoflow.encoder", "histoflow.dim", "histoflow.dtype", "histoflow.input_size",
                     "histoflow.stain_method", "histoflow.tta", "histoflow.mpp", "histoflow.n_tiles",
                     "histoflow.dropped_tiles", "histoflow.dropped_decode", "histoflow.dropped_nonfinite",
-                    "histoflow.encoder_weights")
+                    "histoflow.encoder_weights", "histoflow.status", "histoflow.reason",
+                    "histoflow.max_failed_tile_fraction", "histoflow.slide_id")
 MPP_TOL = 1e-3  # relative: 0.5 and 0.5000001 are the same resolution
 
 
@@ -64,6 +65,8 @@ class FeatureSettings:
     gpu: int = 0
     weights_dir: str | None = None
     allow_random_weights: bool = False
+    trust_local_code: bool = False      # a local: TorchScript encoder is code: load it only when true
+    max_failed_tile_fraction: float = 0.01
 
     @classmethod
     def from_config(cls, section: dict | None, tiling_mpp: Sequence[float] | None = None) -> "FeatureSettings":
@@ -181,11 +184,13 @@ class TileReader:
     """
 
     def __init__(self, path: str | os.PathLike, slide_id: str = "?", out_px: int | None = None,
-                 fast_jpeg: bool = True):
+                 fast_jpeg: bool = True, colour_fix: str | None = None):
         self.path = str(path)
         self.slide_id = slide_id
         self.out_px = out_px
-        self.fast_jpeg = fast_jpeg
+        # a slide QC found in the wrong colour space is read through OpenSlide and converted
+        self.colour_fix = colour_fix
+        self.fast_jpeg = fast_jpeg and not colour_fix
         self._slide = None
         self._jpeg: JpegTiles | None | bool = None  # None: not tried yet; False: not available
 
@@ -194,7 +199,7 @@ class TileReader:
         if self._slide is None:
             from .slide import open_slide
 
-            self._slide = open_slide(self.path, self.slide_id)
+            self._slide = open_slide(self.path, self.slide_id, self.colour_fix)
         return self._slide
 
     @property
@@ -283,14 +288,15 @@ class TileDataset:
     """
 
     def __init__(self, slide_path: str, slide_id: str, tiles: pd.DataFrame, input_size: int,
-                 normalizer=None, interpolation: str = "bilinear", crop_pct: float = 1.0):
+                 normalizer=None, interpolation: str = "bilinear", crop_pct: float = 1.0,
+                 colour_fix: str | None = None):
         cols = ["x", "y", "read_level", "read_w", "read_h", "tile_px"]
         self.coords = tiles[cols].to_numpy(np.int64) if len(tiles) else np.zeros((0, 6), np.int64)
         self.input_size = int(input_size)
         self.resize_px = int(math.floor(input_size / crop_pct)) if crop_pct < 1 else self.input_size
         self.interpolation = interpolation
         self.normalizer = normalizer
-        self.reader = TileReader(slide_path, slide_id)
+        self.reader = TileReader(slide_path, slide_id, colour_fix=colour_fix)
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -463,23 +469,27 @@ def read_feature_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _loaded_encoder(name: str, ssl_checkpoint: str | None, checkpoint_stamp: int | None, device: str,
-                    weights_dir: str | None, allow_random_weights: bool):
+                    weights_dir: str | None, allow_random_weights: bool, trust_local_code: bool = False):
     """The encoder, loaded once per process: a batch job (slides_per_job > 1) extracts many
     slides with one load. The caller seeds torch first, so random weights are the same either way;
     `checkpoint_stamp` (the checkpoint's mtime) makes a retrained SSL checkpoint load anew."""
     from .encoders import load_encoder
 
     return load_encoder(name, ssl_checkpoint=ssl_checkpoint, device=device, weights_dir=weights_dir,
-                        allow_random_weights=allow_random_weights)
+                        allow_random_weights=allow_random_weights, trust_local_code=trust_local_code)
 
 
 def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, encoder_name: str,
                            settings: dict, tiling_mpp: Sequence[float], stain_json: str | None = None,
                            ssl_checkpoint: str | None = None, seed: int = 0, threads: int = 1,
-                           encoder: EncoderLike | None = None) -> dict[str, str]:
+                           encoder: EncoderLike | None = None, on_error: str = "fail") -> dict[str, str]:
     """Rule ``features``: features of one slide's tiles at ``features.mpp`` for one encoder.
 
     A skipped slide or one without tiles gives an empty table (full schema) and a warning.
+    Tiles that fail to read (or give non-finite features) are dropped and counted; more than
+    ``features.max_failed_tile_fraction`` of them fails the slide with one line (``on_error:
+    fail``, nothing written) or gives an empty table whose metadata says skipped and why
+    (``on_error: skip``).
     ``encoder`` may be passed in (tests, notebooks); otherwise it is loaded by name.
     Returns the schema metadata written.
     """
@@ -502,7 +512,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     if encoder is None:
         checkpoint_stamp = os.stat(ssl_checkpoint).st_mtime_ns if ssl_checkpoint else None
         encoder = _loaded_encoder(encoder_name, ssl_checkpoint, checkpoint_stamp, device, cfg.weights_dir,
-                                  cfg.allow_random_weights)
+                                  cfg.allow_random_weights, cfg.trust_local_code)
         # the same RNG state after a fresh or a cached load (a batch job reuses the encoder)
         torch.manual_seed(seed)
     tiles = load_tiles(tiles_path, cfg.mpp) if meta_slide.get("status") == "ok" else pd.DataFrame()
@@ -514,7 +524,8 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         feats, ok = np.zeros((0, encoder.dim), np.float32), np.zeros(0, bool)
     else:
         dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer,
-                              getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0))
+                              getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0),
+                              colour_fix=meta_slide.get("colour_fix"))
         feats, ok = extract_features(dataset, encoder, cfg.batch_size, cfg.num_workers, device, cfg.tta)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
     with np.errstate(over="ignore", invalid="ignore"):
@@ -526,6 +537,17 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     if n_decode or n_nonfinite:
         log.warning("slide %r: dropped %d tile(s) that failed to decode and %d with non-finite features",
                     slide_id, n_decode, n_nonfinite)
+    status, reason = ("ok", "") if meta_slide.get("status") == "ok" else ("skipped", "skipped upstream")
+    n_failed = n_decode + n_nonfinite
+    if len(tiles) and n_failed > cfg.max_failed_tile_fraction * len(tiles):
+        err = SlideError(slide_id, f"{n_failed} of {len(tiles)} tiles failed ({n_decode} to read, {n_nonfinite} with "
+                                   f"non-finite features), more than features.max_failed_tile_fraction "
+                                   f"{cfg.max_failed_tile_fraction:g}; the file is corrupt: re-download it, or set "
+                                   "on_error: skip")
+        if on_error != "skip":
+            raise err
+        log.error("%s; skipped (on_error: skip)", err)
+        status, reason, keep = "skipped", str(err), np.zeros(len(tiles), bool)
     table = feature_table(tiles.loc[keep] if len(tiles) else tiles, out[keep], cfg.dtype)
     metadata = {
         "histoflow.encoder": encoder_name, "histoflow.dim": str(encoder.dim), "histoflow.dtype": cfg.dtype,
@@ -534,9 +556,46 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         "histoflow.n_tiles": str(len(tiles)), "histoflow.dropped_tiles": str(n_decode + n_nonfinite),
         "histoflow.dropped_decode": str(n_decode), "histoflow.dropped_nonfinite": str(n_nonfinite),
         "histoflow.encoder_weights": str(getattr(encoder, "weights_source", "")),
+        "histoflow.status": status, "histoflow.reason": reason,
+        "histoflow.max_failed_tile_fraction": f"{cfg.max_failed_tile_fraction:g}",
+        "histoflow.slide_id": str(slide_id),
     }
     write_parquet(out_path, table, metadata)
     elapsed = time.perf_counter() - t0
     log.info("slide %r: %d tiles -> %s features (%s, dim %d) in %.1f s (%.1f tiles/s) on %s", slide_id,
              int(keep.sum()), encoder_name, cfg.dtype, encoder.dim, elapsed, len(tiles) / max(elapsed, 1e-9), device)
     return metadata
+
+
+FEATURES_QC_COLUMNS = ["slide_id", "encoder", "status", "reason", "n_tiles", "failed_tiles", "failed_decode",
+                       "failed_nonfinite", "failed_fraction"]
+
+
+def features_qc_rows(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """One row per features file (slide x encoder): the tiles in, how many failed (to read, or
+    with non-finite features), the fraction, and the slide's features status and reason."""
+    rows = []
+    for path in paths:
+        meta = read_feature_metadata(path)
+        n = int(meta.get("histoflow.n_tiles", 0) or 0)
+        failed = int(meta.get("histoflow.dropped_tiles", 0) or 0)
+        rows.append({"slide_id": meta.get("histoflow.slide_id") or os.path.basename(str(path))[: -len(".parquet")],
+                     "encoder": meta.get("histoflow.encoder", ""), "status": meta.get("histoflow.status", "ok"),
+                     "reason": meta.get("histoflow.reason", "").replace("\t", " ").replace("\n", " "),
+                     "n_tiles": n, "failed_tiles": failed,
+                     "failed_decode": int(meta.get("histoflow.dropped_decode", 0) or 0),
+                     "failed_nonfinite": int(meta.get("histoflow.dropped_nonfinite", 0) or 0),
+                     "failed_fraction": failed / n if n else 0.0})
+    frame = pd.DataFrame(rows, columns=FEATURES_QC_COLUMNS)
+    return frame.sort_values(["slide_id", "encoder"], kind="stable").reset_index(drop=True)
+
+
+def write_features_qc(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> pd.DataFrame:
+    """Rule ``features_qc``: qc/features.tsv, the failed-tile counts of every slide and encoder."""
+    from .io import write_tsv
+
+    frame = features_qc_rows(paths)
+    write_tsv(out_path, frame)
+    log.info("features qc: %d file(s), %d failed tile(s), %d slide(s) skipped", len(frame),
+             int(frame["failed_tiles"].sum()) if len(frame) else 0, int((frame["status"] != "ok").sum()) if len(frame) else 0)
+    return frame

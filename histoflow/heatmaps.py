@@ -107,7 +107,7 @@ def _thumbnail(slide_meta: dict, max_px: int) -> np.ndarray | None:
     try:
         from .slide import open_slide
 
-        slide = open_slide(slide_meta["path"], slide_meta.get("slide_id", "?"))
+        slide = open_slide(slide_meta["path"], slide_meta.get("slide_id", "?"), slide_meta.get("colour_fix"))
         ds = max(slide.dimensions) / max_px
         level = slide.get_best_level_for_downsample(max(ds, 1.0))
         w, h = slide.level_dimensions[level]

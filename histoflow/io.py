@@ -8,6 +8,7 @@ on POSIX within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -64,10 +65,63 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+    except BaseException as err:
+        safe_remove(tmp_path, tmp_path.parent, outdir_check=False)   # our own mkstemp file; also gives back the space a full disk needs
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            from .errors import OutputError
+
+            raise OutputError(err.errno, f"cannot write {path}: {os.strerror(err.errno)} (disk full, quota or "
+                                         "file-size limit); nothing was written there: free space or raise the "
+                                         "limit, then rerun") from None
         raise
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+# common.smk exports the run's output folder to every job: no delete in a job may leave it.
+OUTDIR_ENV = "HISTOFLOW_OUTDIR"
+
+
+def inside_root(path: str | os.PathLike, root: str | os.PathLike, action: str = "delete",
+                outdir_check: bool = True) -> str:
+    """The resolved ``path`` (last component not followed) if it lies strictly inside ``root``
+    and, in a workflow job, inside the output folder ($HISTOFLOW_OUTDIR); ValueError otherwise."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise ValueError(f"refusing to {action} {str(path)!r}: not a plain file name inside {str(root)!r}")
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    roots = [root, *([os.environ[OUTDIR_ENV]] if outdir_check and os.environ.get(OUTDIR_ENV) else [])]
+    for folder in roots:
+        real_root = os.path.realpath(folder)
+        if real == real_root or os.path.commonpath([real, real_root]) != real_root:
+            raise ValueError(f"refusing to {action} {str(path)!r}: it is not inside {str(folder)!r}")
+    return real
+
+
+def safe_remove(path: str | os.PathLike, root: str | os.PathLike, missing_ok: bool = True,
+                outdir_check: bool = True) -> bool:
+    """Delete ``path`` (a file, a link, or a folder with its contents) only if it lies strictly
+    inside ``root`` (and the output folder, see :func:`inside_root`); every delete in histoflow
+    goes through here.
+
+    A crafted path such as ``tile_images/..`` or ``/etc`` is refused (ValueError) before anything
+    is touched. The parent folders are resolved (symlinks, ``..``); the last component is not
+    followed, so a link is removed, never its target. Returns whether something was removed.
+    """
+    import shutil
+
+    real = inside_root(path, root, "delete", outdir_check)
+    if os.path.isdir(real) and not os.path.islink(real):
+        shutil.rmtree(real)
+        return True
+    try:
+        os.unlink(real)
+        return True
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        return False
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,9 +1,22 @@
 """Performance metrics (checklist item 11): slide-level metrics at a threshold chosen on
 validation data, calibration, patient-level bootstrap confidence intervals, fold summaries and
-DeLong's test for paired ROC curves. Pure functions on arrays; plots and files at the edges."""
+DeLong's test for paired ROC curves. Pure functions on arrays; plots and files at the edges.
+
+Each slide counts once: with ``kfold`` every slide is a test slide of exactly one fold (its
+out-of-fold prediction); with ``holdout`` the same test slides are scored by each of the k fold
+models and a slide's test prediction is the mean of the k probabilities (an ensemble), so
+``n_slides``, the bootstrap and DeLong see unique slides and patients.
+
+Thresholds come from validation predictions only, never from training or test ones: per fold
+where that fold's validation holds at least ``min_val_per_class`` slides of each class
+(``fold_validation``), else from the validation predictions of all folds pooled
+(``pooled_validation``), else (no two-class validation at all, or ``threshold_method: fixed``)
+``fixed_threshold`` (``fixed``)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +34,19 @@ class MetricsSettings:
     threshold_method: str = "youden"      # youden | f1 | fixed
     fixed_threshold: float = 0.5
     ece_bins: int = 10
+    min_val_per_class: int = 5            # a fold's own threshold needs this many val slides per class
     seed: int = 1337
 
     @classmethod
     def from_config(cls, metrics: dict | None, seed: int = 1337) -> "MetricsSettings":
         metrics = dict(metrics or {})
-        known = {k: metrics[k] for k in ("n_bootstrap", "ci", "threshold_method", "fixed_threshold", "ece_bins") if k in metrics}
+        known = {k: metrics[k] for k in ("n_bootstrap", "ci", "threshold_method", "fixed_threshold", "ece_bins",
+                                         "min_val_per_class") if k in metrics}
         return cls(seed=seed, **known)
+
+    @property
+    def ci_method(self) -> str:
+        return f"patient bootstrap (percentile), n_bootstrap={self.n_bootstrap}, ci={self.ci}, seed={self.seed}"
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -161,59 +180,167 @@ def delong_test(y: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> tuple[float, f
     return diff, float(z), float(2 * stats.norm.sf(abs(z)))
 
 
-def evaluate_model(predictions: pd.DataFrame, settings: MetricsSettings) -> dict:
+THRESHOLD_SOURCES = ("fold_validation", "pooled_validation", "fixed")
+THRESHOLD_WORDS = {"pooled_validation": "pooled validation predictions of all folds",
+                   "fold_validation": "each fold's own validation slides",
+                   "fold_validation+pooled_validation": "own validation where large enough, else pooled validation",
+                   "fixed": "fixed threshold (no two-class validation predictions)"}
+
+
+def _class_counts(frame: pd.DataFrame) -> tuple[int, int]:
+    y = frame["y"].astype(int)
+    return int((y == 1).sum()), int((y == 0).sum())
+
+
+def choose_thresholds(predictions: pd.DataFrame, settings: MetricsSettings) -> tuple[dict[int, dict], dict]:
+    """The decision threshold of each fold and the pooled one, each with where it came from.
+
+    Only ``val``-role predictions are read (never train, never test). Pooled: the validation
+    predictions of all folds together (each made by the model of the fold in which that slide
+    was held out for validation). A fold gets its own threshold only where its validation has at
+    least ``min_val_per_class`` slides of each class (a threshold on one or two patients is
+    noise); otherwise it uses the pooled one. No two-class validation anywhere: ``fixed``.
+    Returns ({fold: info}, pooled info); info = {threshold, threshold_source, n_val_pos, n_val_neg}.
+    """
+    scored = predictions[predictions["prob"].notna()]
+    val = scored[scored["role"] == "val"]
+    pos, neg = _class_counts(val)
+    if settings.threshold_method == "fixed" or pos == 0 or neg == 0:
+        pooled = {"threshold": float(settings.fixed_threshold), "threshold_source": "fixed", "n_val_pos": pos, "n_val_neg": neg}
+    else:
+        pooled = {"threshold": choose_threshold(val["y"].to_numpy(), val["prob"].to_numpy(), settings.threshold_method,
+                                                settings.fixed_threshold),
+                  "threshold_source": "pooled_validation", "n_val_pos": pos, "n_val_neg": neg}
+    if pooled["threshold_source"] == "pooled_validation" and min(pos, neg) < settings.min_val_per_class:
+        logging.getLogger("histoflow.metrics").warning(
+            "the threshold rests on %d positive / %d negative validation predictions (all folds pooled): "
+            "fewer than metrics.min_val_per_class=%d of a class, so it is a rough operating point", pos, neg,
+            settings.min_val_per_class)
+    per_fold = {}
+    for fold in sorted(int(f) for f in predictions["fold"].unique()):
+        fold_val = val[val["fold"] == fold]
+        fpos, fneg = _class_counts(fold_val)
+        if settings.threshold_method != "fixed" and min(fpos, fneg) >= max(1, settings.min_val_per_class):
+            per_fold[fold] = {"threshold": choose_threshold(fold_val["y"].to_numpy(), fold_val["prob"].to_numpy(),
+                                                            settings.threshold_method, settings.fixed_threshold),
+                              "threshold_source": "fold_validation", "n_val_pos": fpos, "n_val_neg": fneg}
+        else:
+            per_fold[fold] = dict(pooled)
+    return per_fold, pooled
+
+
+def _source_name(sources) -> str:
+    """One name per model: a single source, or e.g. ``fold_validation+pooled_validation``."""
+    present = set(sources)
+    return "+".join(s for s in THRESHOLD_SOURCES if s in present)
+
+
+def evaluate_model(predictions: pd.DataFrame, settings: MetricsSettings, strategy: str | None = None) -> dict:
     """Metrics of one model from its long predictions table (slide_id, patient_id, y, prob, fold,
-    role). Per fold: threshold chosen on that fold's validation slides, metrics on its test slides.
-    Pooled: every slide's out-of-fold test prediction, with the per-fold thresholds, and
-    patient-bootstrap CIs."""
-    folds = []
-    pooled = []
-    for fold, part in predictions.groupby("fold", sort=True):
-        val = part[part["role"] == "val"]
-        if val.empty or val["y"].nunique() < 2:
-            val = part[part["role"] == "train"]
-        threshold = choose_threshold(val["y"].to_numpy(), val["prob"].to_numpy(), settings.threshold_method, settings.fixed_threshold)
-        test = part[part["role"] == "test"]
-        if test.empty:
-            continue
-        m = binary_metrics(test["y"].to_numpy(), test["prob"].to_numpy(), threshold, settings.ece_bins)
-        folds.append({"fold": int(fold), "threshold": threshold, "n_test": int(len(test)), **m})
-        pooled.append(test.assign(threshold=threshold))
-    if not pooled:
+    role), each test slide counted once.
+
+    ``strategy`` (split.strategy; None = inferred: one test row per slide is kfold):
+    ``kfold``: every slide's out-of-fold test prediction at its fold's threshold (a slide that is
+    test in two folds is an error); ``holdout``: per test slide the mean probability of the k fold
+    models, at the pooled validation threshold. Per fold: that fold's test slides at its
+    threshold (the spread over folds). CIs: patient bootstrap on the unique test slides."""
+    predictions = predictions.copy()
+    predictions["fold"] = predictions["fold"].astype(int)
+    per_fold_t, pooled_t = choose_thresholds(predictions, settings)
+    test_rows = predictions[predictions["role"] == "test"]
+    if test_rows.empty:
         raise ValueError("no test-role predictions: nothing to evaluate")
-    pooled = pd.concat(pooled, ignore_index=True)
-    y = pooled["y"].to_numpy()
+    # a slide without tiles has no probability: it is reported, not scored
+    unscored = sorted(set(test_rows.loc[test_rows["prob"].isna(), "slide_id"]) - set(test_rows.loc[test_rows["prob"].notna(), "slide_id"]))
+    test_rows = test_rows[test_rows["prob"].notna()].sort_values("fold", kind="stable")
+    if test_rows.empty:
+        raise ValueError("no test-role prediction has a probability: nothing to evaluate")
+    rows_per_slide = test_rows.groupby("slide_id").size()
+    if strategy is None:
+        strategy = "kfold" if int(rows_per_slide.max()) == 1 else "holdout"
+    if strategy == "kfold":
+        dup = rows_per_slide[rows_per_slide > 1]
+        if len(dup):
+            raise ValueError(f"split.strategy kfold, but slide {dup.index[0]!r} is a test slide in {int(dup.iloc[0])} folds; "
+                             "each slide must be tested once (regenerate splits/splits.tsv)")
+    elif strategy != "holdout":
+        raise ValueError(f"unknown split strategy {strategy!r}; use kfold or holdout")
+    folds = []
+    for fold, part in test_rows.groupby("fold", sort=True):
+        t = per_fold_t[int(fold)]
+        m = binary_metrics(part["y"].to_numpy(), part["prob"].to_numpy(), t["threshold"], settings.ece_bins)
+        folds.append({"fold": int(fold), "threshold": t["threshold"], "threshold_source": t["threshold_source"],
+                      "n_val_pos": t["n_val_pos"], "n_val_neg": t["n_val_neg"], "n_test": int(len(part)), **m})
+    if strategy == "kfold":
+        slides = test_rows.assign(threshold=[per_fold_t[int(f)]["threshold"] for f in test_rows["fold"]], n_models=1)
+        used = [per_fold_t[f["fold"]] for f in folds]
+        source = _source_name(t["threshold_source"] for t in used)
+        values = [t["threshold"] for t in used]
+        threshold: float | list[float] = values[0] if len(set(values)) == 1 else values
+        test_prediction = "out-of-fold: each slide's prediction by the model of the one fold in which it is a test slide"
+    else:
+        labels = test_rows.groupby("slide_id")["y"].nunique()
+        if (labels > 1).any():
+            raise ValueError(f"slide {labels[labels > 1].index[0]!r} has different labels in different folds")
+        # holdout: every fold model scores the same test slides; one prediction per slide, their mean
+        slides = (test_rows.groupby("slide_id", sort=True)
+                  .agg(patient_id=("patient_id", "first"), y=("y", "first"), prob=("prob", "mean"), n_models=("fold", "nunique"))
+                  .reset_index().assign(fold=-1, threshold=pooled_t["threshold"]))
+        source, threshold = pooled_t["threshold_source"], pooled_t["threshold"]
+        test_prediction = (f"holdout ensemble: each test slide's probability is the mean of the {int(slides['n_models'].max())} "
+                           "fold models' probabilities")
+    y = slides["y"].to_numpy().astype(int)
     # each slide is judged at its own fold's threshold: compare prob - threshold against 0
-    margin = pooled["prob"].to_numpy()
-    pred_at = (margin >= pooled["threshold"].to_numpy()).astype(float)
+    margin = slides["prob"].to_numpy(dtype=float)
+    cut = slides["threshold"].to_numpy(dtype=float)
+    pred_at = (margin >= cut).astype(float)
     summary = binary_metrics(y, margin, 0.5, settings.ece_bins)
     thresholded = binary_metrics(y, pred_at, 0.5, settings.ece_bins)
     for name in ("balanced_accuracy", "accuracy", "f1", "sensitivity", "specificity", "ppv", "npv"):
         summary[name] = thresholded[name]
-    shifted = np.clip(margin - pooled["threshold"].to_numpy() + 0.5, 0, 1)
-    ci = bootstrap_ci(y, shifted, pooled["patient_id"].to_numpy(), 0.5, settings.n_bootstrap, settings.ci,
-                      settings.seed, settings.ece_bins)
+    patients = slides["patient_id"].to_numpy()
+    shifted = np.clip(margin - cut + 0.5, 0, 1)
+    ci = bootstrap_ci(y, shifted, patients, 0.5, settings.n_bootstrap, settings.ci, settings.seed, settings.ece_bins)
     # AUC, Brier and ECE CIs must use the raw probabilities, not the threshold-shifted ones
-    raw_ci = bootstrap_ci(y, margin, pooled["patient_id"].to_numpy(), 0.5, settings.n_bootstrap, settings.ci,
-                          settings.seed, settings.ece_bins)
+    raw_ci = bootstrap_ci(y, margin, patients, 0.5, settings.n_bootstrap, settings.ci, settings.seed, settings.ece_bins)
     for name in ("auc", "brier", "ece"):
         ci[name] = raw_ci[name]
     fold_frame = pd.DataFrame(folds)
     across = {name: (float(fold_frame[name].mean()), float(fold_frame[name].std(ddof=1)) if len(fold_frame) > 1 else 0.0)
               for name in METRIC_NAMES}
+    n_slides, n_patients = int(slides["slide_id"].nunique()), int(slides["patient_id"].nunique())
+    assert n_slides == len(slides), "a slide counted twice"  # the property every number below rests on
+    method = {
+        "test_prediction": test_prediction,
+        "threshold": {"fold_validation": f"chosen ({settings.threshold_method}) per fold on that fold's validation slides "
+                                         f"(>= {settings.min_val_per_class} of each class)",
+                      "pooled_validation": f"chosen ({settings.threshold_method}) on the validation predictions of all folds pooled",
+                      "fixed": f"fixed_threshold {settings.fixed_threshold} (no two-class validation predictions, or "
+                               "threshold_method fixed)"}[source] if "+" not in source else
+                     f"chosen ({settings.threshold_method}) per fold where its validation has >= {settings.min_val_per_class} "
+                     "slides of each class, elsewhere on the validation predictions of all folds pooled",
+        "ci": settings.ci_method,
+        "fold_mean_sd": f"mean and SD over the {len(folds)} folds' test metrics (each fold at its own threshold)",
+        "counts": "n_slides / n_patients: unique test slides / patients with a prediction",
+    }
     return {"pooled": summary, "ci": ci, "folds": folds, "fold_mean_sd": across,
-            "n_slides": int(len(pooled)), "n_patients": int(pooled["patient_id"].nunique()),
-            "oof": pooled[["slide_id", "patient_id", "y", "prob", "fold", "threshold"]]}
+            "n_slides": n_slides, "n_patients": n_patients, "strategy": strategy,
+            "threshold": threshold, "threshold_source": source, "threshold_pooled_validation": pooled_t,
+            "n_test_slides_without_prediction": len(unscored), "method": method,
+            "oof": slides[["slide_id", "patient_id", "y", "prob", "fold", "threshold", "n_models"]].reset_index(drop=True)}
 
 
 def compare_models(results: dict[str, dict]) -> pd.DataFrame:
     """One comparison row per model; DeLong test of the best-AUC model against each other one on
-    the slides both scored out of fold."""
+    the (unique) slides both scored."""
     rows = []
     best = max(results, key=lambda k: np.nan_to_num(results[k]["pooled"]["auc"], nan=-1))
     best_oof = results[best]["oof"].set_index("slide_id")
     for name, res in results.items():
-        row = {"model": name, "n_slides": res["n_slides"], "n_patients": res["n_patients"]}
+        threshold = res.get("threshold")
+        row = {"model": name, "n_slides": res["n_slides"], "n_patients": res["n_patients"],
+               "threshold": json.dumps(threshold) if isinstance(threshold, list) else threshold,
+               "threshold_source": res.get("threshold_source")}
         for metric in METRIC_NAMES:
             lo, hi = res["ci"][metric]
             mean, sd = res["fold_mean_sd"][metric]
@@ -223,13 +350,13 @@ def compare_models(results: dict[str, dict]) -> pd.DataFrame:
             row[f"{metric}_fold_mean"] = mean
             row[f"{metric}_fold_sd"] = sd
         if name == best:
-            row.update(delong_vs_best="(best)", delong_auc_diff=0.0, delong_p=float("nan"))
+            row.update(delong_vs_best="(best)", delong_auc_diff=0.0, delong_p=float("nan"), delong_n_slides=res["n_slides"])
         else:
             other = res["oof"].set_index("slide_id")
             common = best_oof.index.intersection(other.index)
             diff, _z, pval = delong_test(best_oof.loc[common, "y"].to_numpy(), best_oof.loc[common, "prob"].to_numpy(),
                                          other.loc[common, "prob"].to_numpy())
-            row.update(delong_vs_best=best, delong_auc_diff=diff, delong_p=pval)
+            row.update(delong_vs_best=best, delong_auc_diff=diff, delong_p=pval, delong_n_slides=int(len(common)))
         rows.append(row)
     return pd.DataFrame(rows).sort_values("auc", ascending=False, na_position="last").reset_index(drop=True)
 
@@ -285,22 +412,30 @@ def plot_curves(results: dict[str, dict], roc_png: str, pr_png: str, calibration
 
 
 def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_tsv: str, roc_png: str,
-                  pr_png: str, calibration_png: str, settings: dict | None, seed: int) -> None:
+                  pr_png: str, calibration_png: str, settings: dict | None, seed: int,
+                  strategy: str | None = None) -> None:
     """Rule `metrics`: every model (MIL and feature-based) in one comparison table, with CIs,
-    fold spread, DeLong tests and plots."""
+    fold spread, DeLong tests and plots. ``strategy``: config split.strategy (None: inferred)."""
     from .io import write_json, write_tsv
     from .logs import get_logger
 
     cfg = MetricsSettings.from_config(settings, seed)
-    results = {model: evaluate_model(load_predictions(paths), cfg) for model, paths in predictions.items()}
+    results = {model: evaluate_model(load_predictions(paths), cfg, strategy) for model, paths in predictions.items()}
     table = compare_models(results)
     payload = {
         "settings": {"n_bootstrap": cfg.n_bootstrap, "ci": cfg.ci, "threshold_method": cfg.threshold_method,
-                     "resampling_unit": "patient", "seed": cfg.seed},
+                     "fixed_threshold": cfg.fixed_threshold, "min_val_per_class": cfg.min_val_per_class,
+                     "resampling_unit": "patient", "ci_method": cfg.ci_method, "seed": cfg.seed,
+                     "strategy": strategy or sorted({res["strategy"] for res in results.values()})[0]},
         "best_model": str(table.loc[0, "model"]),
         "models": {model: {"pooled": res["pooled"], "ci": {k: list(v) for k, v in res["ci"].items()},
+                           "ci_method": cfg.ci_method,
                            "fold_mean_sd": {k: list(v) for k, v in res["fold_mean_sd"].items()},
-                           "folds": res["folds"], "n_slides": res["n_slides"], "n_patients": res["n_patients"]}
+                           "folds": res["folds"], "n_slides": res["n_slides"], "n_patients": res["n_patients"],
+                           "n_test_slides_without_prediction": res["n_test_slides_without_prediction"],
+                           "strategy": res["strategy"], "threshold": res["threshold"],
+                           "threshold_source": res["threshold_source"],
+                           "threshold_pooled_validation": res["threshold_pooled_validation"], "method": res["method"]}
                    for model, res in results.items()},
         "comparison": table.to_dict("records"),
     }

@@ -34,6 +34,9 @@ class PatchClassifierSettings:
     label_smoothing: float = 0.0       # targets become y*(1-e) + e/2
     soft_labels: bool = False          # target = lesion overlap fraction (ambiguous tiles included)
     max_tiles_per_slide: int | None = 2000
+    # informed sampling: share of each train slide's max_tiles_per_slide sample taken from tiles on
+    # lesions (overlap > 0); None = uniform. Train-role slides only: val/test tiles are never sampled.
+    lesion_share: float | None = None
     balance: bool = True               # weight classes equally (lesion tiles are rare)
     calibrate: bool = True             # Platt scaling on val tiles
     C: float = 1.0                     # logreg inverse L2 strength
@@ -53,6 +56,8 @@ class PatchClassifierSettings:
             raise InputError(f"config patch_classifier.model: {s.model!r} is not logreg or mlp")
         if not 0.0 <= s.label_smoothing < 1.0:
             raise InputError("config patch_classifier.label_smoothing must be in [0, 1)")
+        if s.lesion_share is not None and not 0.0 <= float(s.lesion_share) <= 1.0:
+            raise InputError(f"config patch_classifier.lesion_share: {s.lesion_share} must be in [0, 1] or null")
         return s
 
 
@@ -113,7 +118,14 @@ class TileSet:
 
 def assemble(slide_ids: list[str], features: dict[str, str], labels: dict[str, str],
              settings: PatchClassifierSettings, rng: np.random.Generator, subsample: bool = True) -> TileSet:
-    """Labelled tiles of ``slide_ids``: features joined to patch labels on (x, y, target_mpp)."""
+    """Labelled tiles of ``slide_ids``: features joined to patch labels on (x, y, target_mpp).
+
+    ``subsample`` (train-role slides only): at most ``max_tiles_per_slide`` tiles per slide, a
+    seeded sample, with ``lesion_share`` of it from tiles on lesions when set (the only place
+    annotations choose tiles). Without it (val/test slides) every labelled tile is kept and no
+    annotation information chooses any tile."""
+    from .tiling import sample_indices
+
     Xs, ys, ts, ss = [], [], [], []
     for sid in slide_ids:
         if sid not in features or sid not in labels:
@@ -128,7 +140,13 @@ def assemble(slide_ids: list[str], features: dict[str, str], labels: dict[str, s
         target = target[use]
         hard = (merged["label"].to_numpy()[use] == 1).astype(np.int8)
         if subsample and settings.max_tiles_per_slide and len(idx) > settings.max_tiles_per_slide:
-            keep = np.sort(rng.choice(len(idx), settings.max_tiles_per_slide, replace=False))
+            if settings.lesion_share is None:
+                keep = np.sort(rng.choice(len(idx), settings.max_tiles_per_slide, replace=False))
+            else:
+                overlap = merged["overlap"].to_numpy(dtype=np.float64)[use]
+                on_lesion = np.nan_to_num(overlap, nan=0.0) > 0
+                keep = sample_indices(len(idx), settings.max_tiles_per_slide, rng, on_lesion,
+                                      float(settings.lesion_share))
             idx, target, hard = idx[keep], target[keep], hard[keep]
         Xs.append(X[idx]); ys.append(hard); ts.append(target); ss.append(np.full(len(idx), sid, dtype=object))
     if not Xs:
@@ -340,10 +358,6 @@ def train_patch_classifier(splits_path: str | os.PathLike, fold: int, feature_pa
                            settings: dict | PatchClassifierSettings, seed: int, model_out: str | os.PathLike,
                            metrics_out: str | os.PathLike) -> dict[str, Any]:
     """Rule entry point: fit on the fold's train slides, report tile metrics on train/val/test."""
-    import joblib
-
-    from .io import atomic_path
-
     settings = settings if isinstance(settings, PatchClassifierSettings) else PatchClassifierSettings.from_config(settings)
     roles = _fold_roles(splits_path, fold)
     feats, labels = _by_stem(feature_paths), _by_stem(label_paths)
@@ -355,8 +369,7 @@ def train_patch_classifier(splits_path: str | os.PathLike, fold: int, feature_pa
              len(slides["train"]), val.n)
     model = fit_patch_classifier(train, val, settings, seed + int(fold))
     model.info.update({"fold": int(fold), "train_slides": slides["train"], "seed": seed, "settings": asdict(settings)})
-    with atomic_path(model_out) as tmp:
-        joblib.dump(model, tmp)
+    save_patch_classifier(model, model_out)
     metrics: dict[str, Any] = {"fold": int(fold), "model": settings.model, "settings": asdict(settings),
                                "slides": dict(slides),
                                "training": {k: model.info[k] for k in ("best_epoch", "epochs_run", "monitor", "best_loss")
@@ -371,10 +384,59 @@ def train_patch_classifier(splits_path: str | os.PathLike, fold: int, feature_pa
     return metrics
 
 
-def load_patch_classifier(path: str | os.PathLike) -> PatchClassifier:
-    import joblib
+MODEL_FORMAT = "histoflow.patch_classifier/1"
 
-    return joblib.load(path)
+
+def save_patch_classifier(model: PatchClassifier, path: str | os.PathLike) -> None:
+    """Write the model as data, never code: a safetensors file (arrays: ``mean``, ``scale``, the
+    logreg ``coef``/``intercept`` or the MLP's state dict as ``state_dict.<name>``) whose header
+    metadata holds the kind, Platt calibration and info as JSON. Loading it runs nothing (a pickle
+    or joblib file would run whatever it was made to)."""
+    import json
+
+    from safetensors.numpy import save
+
+    from .io import _json_default, atomic_path
+
+    arrays = {"mean": np.asarray(model.mean, np.float32), "scale": np.asarray(model.scale, np.float32)}
+    meta = {"format": MODEL_FORMAT, "kind": model.kind, "platt": json.dumps([float(v) for v in model.platt]),
+            "info": json.dumps(model.info, sort_keys=True, default=_json_default)}
+    if model.kind == "logreg":
+        arrays["coef"] = np.asarray(model.params["coef"], np.float64)
+        arrays["intercept"] = np.asarray([model.params["intercept"]], np.float64)
+    else:
+        arrays.update({f"state_dict.{k}": np.ascontiguousarray(v) for k, v in model.params["state_dict"].items()})
+        meta["hidden_dim"] = str(int(model.params["hidden_dim"]))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(save(arrays, metadata=meta))
+
+
+def load_patch_classifier(path: str | os.PathLike) -> PatchClassifier:
+    """The model :func:`save_patch_classifier` wrote (data only: nothing in the file is executed)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    data = Path(path).read_bytes()
+    try:
+        arrays = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError) as err:
+        raise InputError(f"{str(path)!r} is not a histoflow patch classifier (safetensors): {err}; "
+                         "retrain it (older model.joblib files are not loaded: a pickle can run code)") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise InputError(f"{str(path)!r} is not a {MODEL_FORMAT} file; retrain the patch classifier")
+    kind = meta["kind"]
+    if kind == "logreg":
+        params: dict[str, Any] = {"coef": arrays["coef"], "intercept": float(arrays["intercept"][0])}
+    else:
+        params = {"state_dict": {k[len("state_dict."):]: v for k, v in arrays.items() if k.startswith("state_dict.")},
+                  "hidden_dim": int(meta["hidden_dim"])}
+    a, b = json.loads(meta["platt"])
+    return PatchClassifier(kind=kind, mean=arrays["mean"], scale=arrays["scale"], params=params,
+                           platt=(float(a), float(b)), info=json.loads(meta["info"]))
 
 
 def predict_tile_probs(model_path: str | os.PathLike, splits_path: str | os.PathLike, fold: int,

@@ -12,21 +12,79 @@ import numpy as np
 from .errors import SlideError
 
 
-def open_slide(path: str | os.PathLike, slide_id: str = "?"):
-    """Open a slide with OpenSlide, turning every failure into a one-line SlideError."""
+COLOUR_FIXES = ("ycbcr_to_rgb",)
+
+
+def open_slide(path: str | os.PathLike, slide_id: str = "?", colour_fix: str | None = None):
+    """Open a slide with OpenSlide, turning every failure into a one-line SlideError.
+
+    ``colour_fix`` (the ``colour_fix`` of slides/{id}.json, set by slide QC): ``ycbcr_to_rgb``
+    wraps the handle so every ``read_region`` / ``get_thumbnail`` returns converted RGB (frames
+    stored as YCbCr JPEG that the container calls RGB, which OpenSlide passes through raw)."""
     import openslide
 
     path = Path(path)
     if not path.exists():
         raise SlideError(slide_id, f"file {str(path)!r} does not exist")
+    if colour_fix and colour_fix not in COLOUR_FIXES:
+        raise SlideError(slide_id, f"unknown colour_fix {colour_fix!r} in its slides json (known: "
+                                   f"{', '.join(COLOUR_FIXES)}); re-run slide_qc")
     try:
-        return openslide.OpenSlide(str(path))
+        slide = openslide.OpenSlide(str(path))
+        return ColourFixedSlide(slide) if colour_fix == "ycbcr_to_rgb" else slide
     except openslide.OpenSlideUnsupportedFormatError:
         raise SlideError(slide_id, f"{path.name!r} is not a slide format OpenSlide can read "
                                    "(corrupt, truncated, or not a WSI); check the source or set on_error: skip") from None
     except openslide.OpenSlideError as err:
         raise SlideError(slide_id, f"{path.name!r} cannot be read: {err} (corrupt file?); "
                                    "re-download it or set on_error: skip") from None
+
+
+def ycbcr_to_rgb(img):
+    """A PIL RGB/RGBA image whose channels hold full-range (JPEG) Y, Cb, Cr -> the same mode in
+    RGB; alpha is kept (PIL's conversion is libjpeg's JFIF one)."""
+    from PIL import Image
+
+    bands = img.split()
+    rgb = Image.merge("YCbCr", bands[:3]).convert("RGB")
+    if img.mode == "RGBA":
+        rgb.putalpha(bands[3])
+    return rgb
+
+
+def ycbcr_to_rgb_array(arr: np.ndarray) -> np.ndarray:
+    """uint8 H x W x 3 (Y, Cb, Cr) -> uint8 RGB."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., :3]), "YCbCr").convert("RGB"))
+
+
+class ColourFixedSlide:
+    """An OpenSlide handle whose pixels are converted YCbCr -> RGB on every read; everything
+    else (levels, properties, close) is the wrapped handle's."""
+
+    colour_fix = "ycbcr_to_rgb"
+
+    def __init__(self, slide):
+        self._slide = slide
+
+    def read_region(self, location, level, size):
+        return ycbcr_to_rgb(self._slide.read_region(location, level, size))
+
+    def get_thumbnail(self, size):
+        import openslide
+
+        # OpenSlide's own, on the converted read_region (it composites on white after reading)
+        return openslide.AbstractSlide.get_thumbnail(self, size)
+
+    def __getattr__(self, name):
+        return getattr(self._slide, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._slide.close()
 
 
 @dataclass(frozen=True)

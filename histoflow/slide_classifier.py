@@ -1,6 +1,10 @@
 """Classic slide classifiers (checklist item 9, beside MIL) on slide-level features: random
 forest, gradient boosting and logistic regression, trained per fold on exactly the folds MIL
-uses, so the two paths are compared on identical splits."""
+uses, so the two paths are compared on identical splits.
+
+They train on honest features: a train-role slide's features come from tile probabilities of a
+model that did not see that slide (cross-fitted over inner folds, :mod:`histoflow.crossfit`),
+as a test slide's do; training on in-sample features is refused (:func:`check_honest_training`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-META_COLUMNS = ("slide_id", "patient_id", "y", "fold", "role")
+META_COLUMNS = ("slide_id", "patient_id", "y", "fold", "role", "tile_probs_model")
 CLASSIFIERS = ("rf", "gb", "logreg")
 
 
@@ -52,11 +56,33 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in META_COLUMNS]
 
 
+def check_honest_training(table: pd.DataFrame) -> None:
+    """Raise unless every train-role row's features come from a cross-fitted (inner-fold) tile
+    model: ``tile_probs_model`` ``fold{k}.inner{j}``, not the fold's own model ``fold{k}``."""
+    from .errors import InputError
+
+    train = table[table["role"] == "train"]
+    if "tile_probs_model" not in table.columns:
+        raise InputError("slide features lack `tile_probs_model`: their training rows may be in-sample; "
+                         "rebuild them (snakemake slide_features) so train slides use cross-fitted tile probabilities")
+    expected = "fold" + train["fold"].astype(int).astype(str) + r".inner"
+    model = train["tile_probs_model"].astype(str)
+    ok = [m.startswith(e) and m[len(e):].isdigit() for m, e in zip(model, expected)]
+    bad = train[~np.asarray(ok, dtype=bool)] if len(train) else train
+    if len(bad):
+        rec = bad.iloc[0]
+        raise InputError(f"slide {rec['slide_id']!r} trains the fold-{rec['fold']} slide classifier on tile "
+                         f"probabilities of {rec['tile_probs_model']!r}, a model fitted on it (in-sample); "
+                         "slide features of train slides must be cross-fitted (tile_probs/<source>/fold<k>.crossfit.parquet)")
+
+
 def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierSettings, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per fold: fit on train-role slides, score every slide of that fold.
+    """Per fold: fit on train-role slides (cross-fitted features, checked), score every slide of
+    that fold.
 
     Returns (predictions: slide_id, patient_id, y, prob, fold, role; importances: fold, feature,
     importance)."""
+    check_honest_training(table)
     cols = feature_columns(table)
     preds, importances = [], []
     for fold, part in table.groupby("fold", sort=True):
@@ -66,7 +92,7 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
         model = make_classifier(name, settings, seed + int(fold))
         model.fit(train[cols].to_numpy(dtype=float), train["y"].to_numpy())
         prob = model.predict_proba(part[cols].to_numpy(dtype=float))[:, 1]
-        preds.append(part[["slide_id", "patient_id", "y", "fold", "role"]].assign(prob=prob))
+        preds.append(part[["slide_id", "patient_id", "y", "fold", "role"]].assign(prob=prob))  # columns as before
         final = model[-1]
         weights = getattr(final, "feature_importances_", None)
         if weights is None and hasattr(final, "coef_"):

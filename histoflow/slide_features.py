@@ -105,10 +105,12 @@ def grid_step_um(tiles: pd.DataFrame, mpp_x: float) -> float:
 
 
 def cohort_slide_features(tile_probs: pd.DataFrame, slide_mpp: dict[str, float], splits: pd.DataFrame,
-                          settings: SlideFeatureSettings) -> pd.DataFrame:
+                          settings: SlideFeatureSettings, provenance: dict | None = None) -> pd.DataFrame:
     """One row per (slide, fold) of the split table (slide_id, patient_id, y, fold, role) from a
     long tile-probability table (slide_id, fold, x, col, row, size0, prob). A slide without a single
-    tile still gets a row (zeros), so no slide silently drops out of the comparison."""
+    tile still gets a row (zeros), so no slide silently drops out of the comparison.
+    ``provenance``: (fold, slide_id) -> the model that scored its tiles (column
+    ``tile_probs_model``; default ``fold{k}``, the outer fold's model)."""
     by_key = {key: part for key, part in tile_probs.groupby(["fold", "slide_id"], sort=False)}
     empty = tile_probs.iloc[0:0]
     rows = []
@@ -116,14 +118,42 @@ def cohort_slide_features(tile_probs: pd.DataFrame, slide_mpp: dict[str, float],
         part = by_key.get((rec["fold"], rec["slide_id"]), empty)
         cell = grid_step_um(part, slide_mpp.get(rec["slide_id"], 0.0))
         feats = slide_features(part["col"].to_numpy(), part["row"].to_numpy(), part["prob"].to_numpy(), cell, settings)
+        model = (provenance or {}).get((int(rec["fold"]), rec["slide_id"]), f"fold{int(rec['fold'])}")
         rows.append({"slide_id": rec["slide_id"], "patient_id": rec["patient_id"], "y": int(rec["y"]),
-                     "fold": int(rec["fold"]), "role": rec["role"], **feats})
+                     "fold": int(rec["fold"]), "role": rec["role"], "tile_probs_model": model, **feats})
     return pd.DataFrame(rows)
 
 
+def honest_tile_probs(fold_probs: pd.DataFrame, crossfit_paths: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Fold models' tile probabilities with every train-role slide's rows replaced by its
+    cross-fitted ones (:mod:`histoflow.crossfit`: scored by an inner model that did not see it),
+    and the provenance of each (fold, slide): ``fold{k}`` (the outer model: val and test
+    slides) or ``fold{k}.inner{j}``."""
+    from .crossfit import crossfit_models
+
+    parts, provenance = [fold_probs[fold_probs["role"] != "train"]], {}
+    for path in crossfit_paths:
+        cf = pd.read_parquet(path)
+        outer = int((pq_metadata(path).get("histoflow.outer_fold")) or cf["fold"].iloc[0])
+        for j, info in crossfit_models(path).items():
+            for sid in info["scored"]:
+                provenance[(outer, sid)] = f"fold{outer}.inner{int(j)}"
+        parts.append(cf.drop(columns=["inner_fold"], errors="ignore"))
+    return pd.concat(parts, ignore_index=True), provenance
+
+
+def pq_metadata(path: str) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    return {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+
+
 def write_slide_features(tile_prob_paths: list[str], splits_path: str, slide_jsons: list[str], out_path: str,
-                         settings: dict | None, source: str) -> None:
-    """Rule `slide_features`: one Parquet per tumour-probability source, a row per (slide, fold)."""
+                         settings: dict | None, source: str, crossfit_paths: list[str] | None = None) -> None:
+    """Rule `slide_features`: one Parquet per tumour-probability source, a row per (slide, fold).
+    With ``crossfit_paths`` (one per outer fold), train-role rows come from cross-fitted tile
+    probabilities (what the slide classifiers train on); without, they are in-sample and
+    ``tile_probs_model`` says so (``fold{k}`` on a train row)."""
     import json
 
     from .io import write_parquet
@@ -132,12 +162,17 @@ def write_slide_features(tile_prob_paths: list[str], splits_path: str, slide_jso
     log = get_logger(__name__)
     cfg = SlideFeatureSettings.from_config(settings)
     tile_probs = pd.concat([pd.read_parquet(p) for p in tile_prob_paths], ignore_index=True)
+    provenance = None
+    if crossfit_paths:
+        tile_probs, provenance = honest_tile_probs(tile_probs, list(crossfit_paths))
     splits = pd.read_csv(splits_path, sep="\t", dtype={"slide_id": str, "patient_id": str})
     slide_mpp = {}
     for path in slide_jsons:
         meta = json.loads(open(path).read())
         slide_mpp[meta["slide_id"]] = float(meta.get("mpp_x") or 0.0)
-    table = cohort_slide_features(tile_probs, slide_mpp, splits, cfg)
-    log.info("source %s: %d slide-fold rows, %d features", source, len(table), table.shape[1] - 5)
+    table = cohort_slide_features(tile_probs, slide_mpp, splits, cfg, provenance)
+    log.info("source %s: %d slide-fold rows, %d features (train rows %s)", source, len(table), table.shape[1] - 6,
+             "cross-fitted" if crossfit_paths else "in-sample")
     write_parquet(out_path, table, metadata={"histoflow.source": source,
-                                             "histoflow.thresholds": ",".join(map(str, cfg.thresholds))})
+                                             "histoflow.thresholds": ",".join(map(str, cfg.thresholds)),
+                                             "histoflow.train_tile_probs": "crossfit" if crossfit_paths else "in_sample"})

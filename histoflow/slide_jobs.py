@@ -65,7 +65,10 @@ def _single(paths: Any) -> str | None:
 def download_slide(job: SlideJob) -> None:
     from .download import download_slide as run
 
-    run(slide_id=job.slide_id, source=job.params["source"], dest_dir=job.params["dest_dir"],
+    from .privacy import resolve_sheet_value
+
+    run(slide_id=job.slide_id, source=resolve_sheet_value(job.params["source"], job.slide_id),
+        dest_dir=job.params["dest_dir"],
         manifest_path=job.output["manifest"], md5=job.params["md5"], settings=job.params["settings"],
         on_error=job.params["on_error"])
 
@@ -75,7 +78,8 @@ def slide_qc(job: SlideJob) -> None:
 
     write_slide_metadata(slide_id=job.slide_id, manifest_path=job.input["manifest"],
                          out_path=job.output["slide"], sheet_mpp=job.params["sheet_mpp"],
-                         default_mpp=job.params["default_mpp"], on_error=job.params["on_error"])
+                         default_mpp=job.params["default_mpp"], on_error=job.params["on_error"],
+                         tile_check=job.params.get("tile_check"))
 
 
 def detect_tissue(job: SlideJob) -> None:
@@ -88,13 +92,14 @@ def detect_tissue(job: SlideJob) -> None:
 
 
 def tile_slide(job: SlideJob) -> None:
+    from .privacy import resolve_sheet_value
     from .tiling import tile_slide_with_preview
 
     tile_slide_with_preview(slide_json=job.input["slide"], mask_png=job.input["mask"],
                             tissue_json=job.input["stats"], overlay_jpg=job.input["overlay"],
                             out_path=job.output["tiles"], preview_path=job.output["preview"],
                             settings=job.params["settings"], seed=job.params["seed"],
-                            annotations=job.params["annotations"], on_error=job.params["on_error"])
+                            on_error=job.params["on_error"])
 
 
 def export_tile_images(job: SlideJob) -> None:
@@ -112,7 +117,8 @@ def extract_features(job: SlideJob) -> None:
                            settings=job.params["settings"], tiling_mpp=job.params["tiling_mpp"],
                            stain_json=_single(job.input["stain"]),
                            ssl_checkpoint=_single(job.input["ssl_checkpoint"]),
-                           seed=job.params["seed"], threads=job.threads)
+                           seed=job.params["seed"], threads=job.threads,
+                           on_error=job.params.get("on_error", "fail"))
 
 
 def patch_labels(job: SlideJob) -> None:

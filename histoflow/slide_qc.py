@@ -135,8 +135,173 @@ def _check_readable(slide, slide_id: str, name: str) -> None:
                                    "re-download it or set on_error: skip") from None
 
 
+# ------------------------------------------------------------------------------ colour space
+
+COLOUR_SAMPLE_PX = 1024       # the colour check reads a level (or a patch) at most this size
+BACKGROUND_CHROMA_MAX = 20    # max - min channel of a bright-field slide's glass: near grey
+WRONG_CHROMA_MIN = 40         # glass this coloured, and grey once read as YCbCr: it is YCbCr
+
+
+def jpeg_colour_space(data: bytes) -> str | None:
+    """What a JPEG stream's markers say its 3 components are, as libjpeg decides it: "rgb"
+    (Adobe APP14 transform 0, or component ids 'R','G','B'), "ycbcr" (JFIF, Adobe transform 1,
+    ids 1,2,3) or None (not a 3-component JPEG, or no stream found)."""
+    start = data.find(b"\xff\xd8\xff")
+    if start < 0:
+        return None
+    pos, jfif, adobe, ids = start + 2, False, None, None
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos + 4:pos + 2 + length]
+        if marker == 0xE0 and segment.startswith(b"JFIF"):
+            jfif = True
+        elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
+            adobe = segment[11]
+        elif marker in (0xC0, 0xC1, 0xC2) and len(segment) >= 6:
+            n = segment[5]
+            ids = tuple(segment[6 + 3 * i] for i in range(n)) if len(segment) >= 6 + 3 * n else None
+        elif marker == 0xDA:
+            break
+        pos += 2 + length
+    if not ids or len(ids) != 3:
+        return None
+    if jfif:
+        return "ycbcr"
+    if adobe is not None:
+        return "rgb" if adobe == 0 else "ycbcr"
+    if ids == (ord("R"), ord("G"), ord("B")):
+        return "rgb"
+    return "ycbcr"
+
+
+def _container_contradiction(path: Path, props: Mapping[str, str]) -> str | None:
+    """A reason when the container's colour space contradicts its JPEG frames (a DICOM saying
+    RGB whose frames are YCbCr, as bfconvert writes), else None. Reads the first frame's
+    markers only (the first MB of the file)."""
+    said = str(props.get("dicom.PhotometricInterpretation", "")).upper()
+    if said != "RGB":
+        return None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError:
+        return None
+    if jpeg_colour_space(head) == "ycbcr":
+        return "its JPEG frames are YCbCr (JFIF / component ids) while its PhotometricInterpretation says RGB"
+    return None
+
+
+def _chroma_of_glass(rgb) -> float:
+    """Median chroma (max - min channel) of the brightest tenth of the pixels: the glass of a
+    bright-field slide, which is near grey when the colours are right."""
+    import numpy as np
+
+    pixels = rgb.reshape(-1, 3).astype(np.int16)
+    luma = pixels.sum(axis=1)
+    bright = pixels[luma >= np.quantile(luma, 0.9)]
+    return float(np.median(bright.max(axis=1) - bright.min(axis=1)))
+
+
+def check_colour_space(slide, slide_id: str, path: Path, props: Mapping[str, str]) -> dict[str, Any]:
+    """Decide whether OpenSlide's pixels are RGB or unconverted YCbCr: the same pixels read both
+    ways, and the one whose glass is grey wins; a container that contradicts its JPEG frames is
+    the second witness. Returns the record's ``colour_fix`` (None or "ycbcr_to_rgb") and
+    ``colour_check`` (the numbers). Raises SlideError when the container contradicts its
+    frames and the pixels cannot tell which is right (the slide would be read in wrong colours)."""
+    import numpy as np
+
+    from .slide import ycbcr_to_rgb_array
+
+    level = next((i for i, (w, h) in enumerate(slide.level_dimensions) if max(w, h) <= COLOUR_SAMPLE_PX),
+                 slide.level_count - 1)
+    w, h = slide.level_dimensions[level]
+    pw, ph = min(w, COLOUR_SAMPLE_PX), min(h, COLOUR_SAMPLE_PX)
+    ds = slide.level_downsamples[level]
+    x, y = (w - pw) // 2, (h - ph) // 2
+    rgba = np.asarray(slide.read_region((int(x * ds), int(y * ds)), level, (pw, ph)))
+    scanned = rgba[..., :3][rgba[..., 3] == 255]
+    contradiction = _container_contradiction(path, props)
+    check: dict[str, Any] = {"level": int(level), "n_pixels": int(len(scanned)), "container": contradiction or "consistent"}
+    fix = None
+    if len(scanned) >= 256:
+        as_read = _chroma_of_glass(scanned)
+        converted = _chroma_of_glass(ycbcr_to_rgb_array(scanned[None]))
+        check.update(glass_chroma_as_read=as_read, glass_chroma_as_ycbcr=converted)
+        if as_read > WRONG_CHROMA_MIN and converted <= BACKGROUND_CHROMA_MAX:
+            fix = "ycbcr_to_rgb"
+            log.warning("slide %s: pixels are YCbCr read as RGB (glass chroma %.0f, %.0f once converted)%s; "
+                        "reading it with colour_fix ycbcr_to_rgb", slide_id, as_read, converted,
+                        f"; {contradiction}" if contradiction else "")
+        elif contradiction and as_read > BACKGROUND_CHROMA_MAX:
+            raise SlideError(slide_id, f"{contradiction}, and its pixels do not show which is right (glass chroma "
+                                       f"{as_read:.0f} as read, {converted:.0f} as YCbCr); convert the slide to a format "
+                                       "with consistent colour (e.g. SVS/TIFF) or set on_error: skip")
+    elif contradiction:
+        raise SlideError(slide_id, f"{contradiction}, and too few scanned pixels to check which is right; convert the "
+                                   "slide to a format with consistent colour or set on_error: skip")
+    return {"colour_fix": fix, "colour_check": check}
+
+
+# ------------------------------------------------------------------------------ tile decoding
+
+QC_TILE_GRID = 8              # 8 x 8 = 64 tiles sampled across the tiling level
+QC_TILE_P = 1e-3              # a slide fails when this many failures are that unlikely at the limit
+
+
+def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, mpp0: float,
+                tile_check: Mapping[str, Any], colour_fix: str | None = None) -> dict[str, Any]:
+    """Decode tiles on a grid across the whole tiling level (QC runs before the tissue mask, and
+    a corrupt file is corrupt under glass too): a file whose header and coarsest level are fine
+    but whose level-0 tiles are damaged fails here, before any features are computed.
+
+    The slide fails when the failures are too many to come from a slide within
+    ``max_failed_tile_fraction`` (one-sided binomial test at p < 0.001: a slide just under the
+    limit is not failed by the luck of the sample). Returns the counts for slides/{id}.json."""
+    from scipy.stats import binom
+
+    from .slide import best_level_for_mpp, open_slide
+
+    mpp = float(tile_check.get("mpp") or mpp0)
+    tile_px = int(tile_check.get("tile_px") or 256)
+    limit = float(tile_check.get("max_failed_tile_fraction", 0.01))
+    choice = best_level_for_mpp(level_downsamples, mpp0, mpp)
+    read_px = max(1, int(round(tile_px * mpp / choice.mpp)))
+    w, h = level_dimensions[choice.level]
+    pw, ph = min(w, read_px), min(h, read_px)
+    xs = sorted({int((w - pw) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
+    ys = sorted({int((h - ph) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
+    failed, first_error, slide = 0, None, None
+    try:
+        for y in ys:
+            for x in xs:
+                if slide is None:
+                    slide = open_slide(path, slide_id, colour_fix)
+                try:
+                    slide.read_region((int(x * choice.downsample), int(y * choice.downsample)), choice.level, (pw, ph))
+                except Exception as err:  # noqa: BLE001 - a decode error; OpenSlide's handle is then unusable
+                    failed += 1
+                    # the decoder's words, not the file's name or folder (reasons leave the site)
+                    first_error = first_error or (str(err).splitlines() or [type(err).__name__])[0][:200] \
+                        .replace(str(path), "<slide>").replace(path.name, "<slide>")
+                    slide.close()
+                    slide = None
+    finally:
+        if slide is not None:
+            slide.close()
+    n = len(xs) * len(ys)
+    result = {"qc_tiles_sampled": n, "qc_tiles_failed": failed, "qc_tile_level": int(choice.level)}
+    if failed and binom.sf(failed - 1, n, limit) < QC_TILE_P:
+        raise SlideError(slide_id, f"{failed} of {n} tiles sampled across level {choice.level} fail to decode "
+                                   f"({first_error}), more than features.max_failed_tile_fraction {limit:g} allows; "
+                                   "the file is corrupt: re-download it or set on_error: skip")
+    if failed:
+        log.warning("slide %s: %d of %d sampled tiles fail to decode (%s); features will count and drop them",
+                    slide_id, failed, n, first_error)
+    return result
+
+
 def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None, default_mpp: Any = None,
-                   md5: str | None = None) -> dict[str, Any]:
+                   md5: str | None = None, tile_check: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The slides/{id}.json record of a readable slide (raises SlideError otherwise)."""
     import openslide
 
@@ -148,6 +313,11 @@ def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None
         _check_readable(slide, slide_id, path.name)
         props = dict(slide.properties)
         mpp_x, mpp_y, mpp_source, notes = resolve_mpp(slide_id, props, sheet_mpp, default_mpp)
+        colour = check_colour_space(slide, slide_id, path, props)
+        notes.update(colour)
+        if tile_check is not None:
+            notes.update(check_tiles(path, slide_id, slide.level_downsamples, slide.level_dimensions, mpp_x,
+                                     tile_check, colour["colour_fix"]))
         if abs(mpp_x - mpp_y) / mpp_x > 0.05:
             log.warning("slide %s: anisotropic pixels (%.4g x %.4g µm/px)", slide_id, mpp_x, mpp_y)
         record: dict[str, Any] = {
@@ -180,8 +350,10 @@ def skipped_record(slide_id: str, reason: str, path: str | None = None) -> dict[
 
 
 def write_slide_metadata(slide_id: str, manifest_path, out_path, sheet_mpp=None, default_mpp=None,
-                         on_error: str = "fail") -> dict[str, Any]:
+                         on_error: str = "fail", tile_check: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Rule `slide_qc`: read the download manifest, open the slide, write slides/{id}.json.
+    ``tile_check`` (``mpp``, ``tile_px``, ``max_failed_tile_fraction``): sample tiles of the
+    tiling level (:func:`check_tiles`); None checks the coarsest level only.
 
     A failed download, an unopenable/corrupt slide or an unresolvable µm/px raises a one-line
     SlideError, or with ``on_error: skip`` writes a record with status "skipped" and the reason."""
@@ -193,7 +365,7 @@ def write_slide_metadata(slide_id: str, manifest_path, out_path, sheet_mpp=None,
                                        "`source` in the samples sheet, or set on_error: skip to go on without it")
         if not path:
             raise SlideError(slide_id, f"download manifest {str(manifest_path)!r} names no file to open; re-run the download")
-        record = slide_metadata(slide_id, path, sheet_mpp, default_mpp, md5=manifest.get("md5"))
+        record = slide_metadata(slide_id, path, sheet_mpp, default_mpp, md5=manifest.get("md5"), tile_check=tile_check)
     except HistoflowError as err:
         if on_error != "skip":
             raise
@@ -209,7 +381,7 @@ def write_slide_metadata(slide_id: str, manifest_path, out_path, sheet_mpp=None,
 
 QC_COLUMNS = ["slide_id", "status", "reason", "vendor", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
               "mpp_source", "mpp_warning", "objective_power", "file_size_bytes", "md5", "tissue_method", "tissue_area_mm2",
-              "pen_fraction"]
+              "pen_fraction", "colour_fix", "qc_tiles_sampled", "qc_tiles_failed"]
 
 
 def _tile_counts(path) -> dict[str, int]:
@@ -226,11 +398,15 @@ def _tile_counts(path) -> dict[str, int]:
     return counts
 
 
-def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path) -> "Any":
+def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path, privacy: str = "full") -> "Any":
     """Rule `qc_table`: one row per slide (status, reason, metadata, tissue area, tiles per µm/px)
     to qc/slides.tsv. Inputs are matched by slide_id, so order does not matter; missing tissue or
-    tile outputs give empty cells / zero counts."""
+    tile outputs give empty cells / zero counts. With ``privacy="deidentified"`` (config
+    privacy.export; the table is in the report) reasons lose paths, URLs and file names (the
+    full reason stays in slides/{id}.json and the logs)."""
     import pandas as pd
+
+    from .privacy import scrub_text
 
     from .io import write_tsv
 
@@ -248,12 +424,15 @@ def write_qc_table(slide_jsons, tissue_jsons, tile_tables, out_path) -> "Any":
         row = {
             "slide_id": sid,
             "status": "skipped" if s.get("status") != "ok" or t.get("status") == "skipped" else "ok",
-            "reason": reason.replace("\t", " ").replace("\n", " "),
+            "reason": (scrub_text(reason) if privacy == "deidentified" else reason).replace("\t", " ").replace("\n", " "),
             **{k: s.get(k) for k in ("vendor", "format", "width", "height", "level_count", "mpp_x", "mpp_y",
                                      "mpp_source", "mpp_warning", "objective_power", "file_size_bytes", "md5")},
             "tissue_method": t.get("method"),
             "tissue_area_mm2": t.get("tissue_area_mm2"),
             "pen_fraction": t.get("pen_fraction"),
+            "colour_fix": s.get("colour_fix") or "",
+            "qc_tiles_sampled": s.get("qc_tiles_sampled"),
+            "qc_tiles_failed": s.get("qc_tiles_failed"),
         }
         row.update(tiles.get(sid, {}))
         rows.append(row)

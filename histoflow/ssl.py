@@ -442,7 +442,8 @@ def choose_tiles(tables: Sequence[Any], max_tiles: int, mpp: float, seed: int):
     return pd.concat(chosen, ignore_index=True).sort_values(["slide_id", "y", "x"], kind="stable").reset_index(drop=True)
 
 
-def read_training_tiles(chosen, slide_paths: Mapping[str, str], image_px: int, progress: bool = True) -> np.ndarray:
+def read_training_tiles(chosen, slide_paths: Mapping[str, str], image_px: int, progress: bool = True,
+                        colour_fixes: Mapping[str, str | None] | None = None) -> np.ndarray:
     """Read the chosen tiles (``histoflow.tiling.read_tile``) downscaled to ``image_px``: memory is
     ``n x image_px^2 x 3`` bytes, never a whole slide."""
     from PIL import Image
@@ -455,7 +456,7 @@ def read_training_tiles(chosen, slide_paths: Mapping[str, str], image_px: int, p
     bar = tqdm(total=len(chosen), desc="ssl tiles", disable=not progress, mininterval=5)
     pos = 0
     for slide_id, group in chosen.groupby("slide_id", sort=True):
-        slide = open_slide(slide_paths[slide_id], slide_id)
+        slide = open_slide(slide_paths[slide_id], slide_id, (colour_fixes or {}).get(slide_id))
         try:
             for row in group.to_dict("records"):
                 rgb = read_tile(slide, row)
@@ -483,7 +484,10 @@ def save_encoder(path: str | os.PathLike, backbone, settings: SSLSettings, mean,
            "settings": {f.name: getattr(settings, f.name) for f in fields(settings)}}
     obj.update(dict(extra or {}))
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # through a handle: saved to a path, torch names the archive's records after the (random)
+        # temporary file name, and reruns would not be byte-identical
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
 
 
 def plot_curve(history, path: str | os.PathLike, title: str) -> None:
@@ -529,7 +533,7 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
     torch.set_num_threads(max(1, int(threads)))
     t0 = time.perf_counter()
     tiles_by_id = {Path(tp).name[:-len(".parquet")]: tp for tp in tiles_paths}
-    paths, tables = {}, []
+    paths, fixes, tables = {}, {}, []
     for sj in sorted(slide_jsons):
         info = read_json(sj)
         if info.get("status") != "ok" or info["slide_id"] not in tiles_by_id:
@@ -538,6 +542,7 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
         if allowed is not None and info["slide_id"] not in allowed:
             continue   # ssl.fit_on: train_only: a validation/test slide is never seen
         paths[info["slide_id"]] = info["path"]
+        fixes[info["slide_id"]] = info.get("colour_fix")
         tables.append(read_tiles_table(tiles_by_id[info["slide_id"]]))
     chosen = choose_tiles(tables, cfg.max_tiles, mpp, seed)
     if len(chosen) < 2:
@@ -546,7 +551,7 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
                          "set ssl.mpp (or features.mpp) to one of tiling.mpp")
     log.info("ssl: %d tiles from %d slides at %g µm/px, %s px (fit_on: %s)", len(chosen), chosen["slide_id"].nunique(),
              mpp, cfg.image_px, cfg.fit_on)
-    tiles = read_training_tiles(chosen, paths, cfg.image_px)
+    tiles = read_training_tiles(chosen, paths, cfg.image_px, colour_fixes=fixes)
     t_read = time.perf_counter() - t0
     backbone, history, (mean, std) = pretrain(tiles, cfg, seed)
     history["read_seconds"] = t_read

@@ -368,7 +368,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
             if allowed is not None and meta["slide_id"] not in allowed:
                 continue   # stain.fit_on: train_only: a validation/test slide is never sampled
             tiles = load_tiles(tp, mpp)
-            candidates += [(meta["path"], row) for row in tiles.to_dict("records")]
+            candidates += [((meta["path"], meta.get("colour_fix")), row) for row in tiles.to_dict("records")]
             if len(tiles):
                 fit_slides.add(meta["slide_id"])
         if not candidates:
@@ -379,7 +379,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
         readers: dict[str, TileReader] = {}
         for i in pick:
             path, row = candidates[i]
-            reader = readers.setdefault(path, TileReader(path, slide_id=row["slide_id"]))
+            reader = readers.setdefault(path, TileReader(path[0], slide_id=row["slide_id"], colour_fix=path[1]))
             images.append(reader.read(row))
             where.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
         for r in readers.values():

@@ -81,11 +81,16 @@ def mil_tile_probs(tile_scores_path: str | os.PathLike, fold: int, out_path: str
     return frame
 
 
-def read_slide_probs(fold_paths: list[str | os.PathLike], slide_id: str) -> tuple[pd.DataFrame, int | None, str | None]:
+def read_slide_probs(fold_paths: list[str | os.PathLike], slide_id: str,
+                     mean_over_test_folds: bool = False) -> tuple[pd.DataFrame, int | None, str | None]:
     """The tiles of one slide from the fold in which it is a test slide (its held-out
     prediction); if no fold holds it as test, the one holding it as val, then any. Returns the
-    rows, the fold and the role (None, None for a slide with no tiles anywhere)."""
+    rows, the fold and the role (None, None for a slide with no tiles anywhere).
+
+    ``mean_over_test_folds`` (holdout: a test slide is test in every fold): the mean probability
+    (and attention) over all folds in which it is a test slide, returned with fold -1."""
     best: tuple[int, pd.DataFrame, int, str] | None = None
+    tests: list[pd.DataFrame] = []
     rank = {"test": 0, "val": 1, "train": 2}
     for path in fold_paths:
         frame = pq.read_table(path, filters=[("slide_id", "=", slide_id)]).to_pandas()
@@ -97,7 +102,14 @@ def read_slide_probs(fold_paths: list[str | os.PathLike], slide_id: str) -> tupl
         if best is None or r < best[0]:
             best = (r, frame, fold, role)
         if r == 0:
-            break
+            if not mean_over_test_folds:
+                break
+            tests.append(frame)
+    if len(tests) > 1:
+        keys = ["slide_id", "x", "y", "col", "row", "size0", "target_mpp"]
+        mean = pd.concat(tests, ignore_index=True).groupby(keys, sort=False, as_index=False)[["prob", "attention"]].mean()
+        mean["fold"], mean["role"] = -1, "test"
+        return mean.reindex(columns=TILE_PROB_SCHEMA.names), -1, "test"
     if best is None:
         return pd.DataFrame(columns=TILE_PROB_SCHEMA.names), None, None
     if best[3] != "test":

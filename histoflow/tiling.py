@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -62,12 +61,11 @@ def _schema():
         ("col", pa.int32()),
         ("row", pa.int32()),
         ("size0", pa.int32()),
-        ("annotation_fraction", pa.float32()),
     ])
 
 
 TILE_COLUMNS = ("slide_id", "x", "y", "read_level", "read_w", "read_h", "target_mpp", "tile_px",
-                "tissue_fraction", "col", "row", "size0", "annotation_fraction")
+                "tissue_fraction", "col", "row", "size0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,9 +78,9 @@ class TilingSettings:
     tile_px: int = 256
     overlap_px: int = 0
     min_tissue_fraction: float = 0.5
+    # the cap is a seeded sample over tissue tiles only: bag tiles never depend on annotations
+    # (lesion-aware sampling is patch_classifier.lesion_share, on each fold's train slides)
     max_tiles_per_slide: int | None = None
-    # share of the cap reserved for tiles overlapping annotations (when annotations are given)
-    annotation_share: float = 0.5
     export_images: str = "none"
 
     @classmethod
@@ -96,7 +94,6 @@ class TilingSettings:
             overlap_px=int(cfg.get("overlap_px", 0)),
             min_tissue_fraction=float(cfg.get("min_tissue_fraction", 0.5)),
             max_tiles_per_slide=None if cfg.get("max_tiles_per_slide") is None else int(cfg["max_tiles_per_slide"]),
-            annotation_share=float(cfg.get("annotation_share", 0.5)),
             export_images=str(cfg.get("export_images", "none")),
         )
         settings.check()
@@ -116,8 +113,6 @@ class TilingSettings:
             raise InputError(f"config key 'tiling.min_tissue_fraction': {self.min_tissue_fraction} must be in [0, 1]")
         if self.max_tiles_per_slide is not None and self.max_tiles_per_slide < 1:
             raise InputError(f"config key 'tiling.max_tiles_per_slide': {self.max_tiles_per_slide} must be >= 1 or null")
-        if not 0.0 <= self.annotation_share <= 1.0:
-            raise InputError(f"config key 'tiling.annotation_share': {self.annotation_share} must be in [0, 1]")
         if self.export_images not in ("none", *IMAGE_FORMATS):
             raise InputError(f"config key 'tiling.export_images': {self.export_images!r} must be none, jpeg or png")
 
@@ -370,43 +365,6 @@ def grid_tissue_fractions(mask: np.ndarray, scale_x: float, scale_y: float, spec
 
 
 # --------------------------------------------------------------------------------------------
-# Annotations
-
-
-def load_annotations(path: str | os.PathLike | None, slide_id: str = "?"):
-    """Lesion polygons (level-0 px) from QuPath GeoJSON or ASAP XML as one shapely geometry
-    (excluded classes such as ASAP "_2" cut out, see :mod:`histoflow.annotations`), or None
-    when no file is given or it holds no polygon."""
-    if path is None or (isinstance(path, float) and math.isnan(path)) or str(path).strip() in ("", "None", "nan"):
-        return None
-    from .annotations import lesion_geometry, read_annotations
-
-    geom = lesion_geometry(read_annotations(path))
-    if geom.is_empty:
-        log.warning("slide %s: annotations file %s holds no lesion polygon", slide_id, path)
-        return None
-    return geom
-
-
-def annotation_fractions(geom, x: np.ndarray, y: np.ndarray, size0_x: int, size0_y: int) -> np.ndarray:
-    """Fraction of each level-0 tile covered by ``geom`` (exact polygon clipping, vectorised in
-    shapely's C loop; only tiles that touch the polygons are clipped)."""
-    import shapely
-
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    out = np.zeros(len(x), dtype=np.float64)
-    if geom is None or len(x) == 0:
-        return out
-    boxes = shapely.box(x, y, x + size0_x, y + size0_y)
-    shapely.prepare(geom)
-    hit = shapely.intersects(geom, boxes)
-    if hit.any():
-        out[hit] = shapely.area(shapely.intersection(boxes[hit], geom)) / float(size0_x * size0_y)
-    return np.clip(out, 0.0, 1.0)
-
-
-# --------------------------------------------------------------------------------------------
 # Sampling
 
 
@@ -419,9 +377,11 @@ def sample_indices(n: int, cap: int | None, rng: np.random.Generator, priority: 
                    priority_share: float = 0.5) -> np.ndarray:
     """Indices of at most ``cap`` of ``n`` items, drawn without replacement, returned sorted.
 
-    With ``priority`` (bool per item, e.g. "overlaps an annotation"), up to
-    ``round(cap * priority_share)`` places go to priority items and the rest to the others;
-    places a stratum cannot fill go to the other stratum, so the cap is always used.
+    With ``priority`` (bool per item), up to ``round(cap * priority_share)`` places go to
+    priority items and the rest to the others; places a stratum cannot fill go to the other
+    stratum, so the cap is always used. Tiling never passes a priority (bag tiles must not
+    depend on annotations); the patch classifier's train-slide sample does
+    (``patch_classifier.lesion_share``).
     """
     if cap is None or n <= cap:
         return np.arange(n)
@@ -493,9 +453,11 @@ def _repeated_string(value: str, n: int):
 
 def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_y: float, level_downsamples,
                       mask: np.ndarray, scale_x: float, scale_y: float, settings: TilingSettings,
-                      seed: int = 0, annotations=None):
+                      seed: int = 0):
     """All tiles of one slide at every ``settings.mpp`` as a pyarrow Table (sorted by
-    target_mpp in config order, then y, x) and a dict of per-resolution stats."""
+    target_mpp in config order, then y, x) and a dict of per-resolution stats. Nothing here
+    reads annotations: the tiles that features, MIL, heatmaps and slide features use are the
+    same whether or not the sheet has them (no test-slide lesion information in the bags)."""
     import pyarrow as pa
 
     rng = np.random.default_rng(slide_seed(seed, slide_id))
@@ -507,14 +469,9 @@ def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_
         frac = grid_tissue_fractions(mask, scale_x, scale_y, spec)
         keep = np.flatnonzero(frac >= settings.min_tissue_fraction - 1e-9)
         x, y, col, row, frac = x[keep], y[keep], col[keep], row[keep], frac[keep]
-        if annotations is not None:
-            ann = annotation_fractions(annotations, x, y, spec.size0_x, spec.size0_y)
-        else:
-            ann = np.full(len(x), np.nan)  # unknown, not "no lesion"
         n_tissue = len(x)
-        pick = sample_indices(len(x), settings.max_tiles_per_slide, rng,
-                              (ann > 0) if annotations is not None else None, settings.annotation_share)
-        x, y, col, row, frac, ann = x[pick], y[pick], col[pick], row[pick], frac[pick], ann[pick]
+        pick = sample_indices(len(x), settings.max_tiles_per_slide, rng)   # tissue only, no priority
+        x, y, col, row, frac = x[pick], y[pick], col[pick], row[pick], frac[pick]
         n = len(x)
         schema = _schema()
         columns = {
@@ -530,7 +487,6 @@ def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_
             "col": _column(col, np.int32),
             "row": _column(row, np.int32),
             "size0": _column(np.full(n, spec.size0_x), np.int32),
-            "annotation_fraction": _column(ann, np.float32),
         }
         parts.append(pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema))
         stats[f"{target:g}"] = {"level": spec.level, "size0": spec.size0_x, "stride0": spec.stride0_x,
@@ -539,8 +495,7 @@ def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_
     return table, stats
 
 
-def _metadata(mpp_x, mpp_y, settings: TilingSettings, stats: dict, status: str, reason: str | None,
-              annotations: str | None) -> dict[str, str]:
+def _metadata(mpp_x, mpp_y, settings: TilingSettings, stats: dict, status: str, reason: str | None) -> dict[str, str]:
     return {
         "histoflow.mpp_x": json.dumps(mpp_x),
         "histoflow.mpp_y": json.dumps(mpp_y),
@@ -551,30 +506,22 @@ def _metadata(mpp_x, mpp_y, settings: TilingSettings, stats: dict, status: str, 
         "histoflow.overlap_px": str(settings.overlap_px),
         "histoflow.min_tissue_fraction": json.dumps(settings.min_tissue_fraction),
         "histoflow.max_tiles_per_slide": json.dumps(settings.max_tiles_per_slide),
-        "histoflow.annotations": json.dumps(annotations),
         "histoflow.status": status,
         "histoflow.reason": reason or "",
     }
 
 
-def _clean_optional(value) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    value = str(value).strip()
-    return value or None
-
-
-def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int = 0, annotations=None,
+def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int = 0,
                on_error: str = "fail") -> dict:
     """Tile one slide: read its metadata and tissue mask, write ``tiles/{slide_id}.parquet``.
 
     A slide skipped upstream (status "skipped") gets an empty table with the full schema.
     Returns the per-resolution stats (also logged).
     """
-    return _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations, on_error)[0]
+    return _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, on_error)[0]
 
 
-def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int, annotations, on_error: str,
+def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int, on_error: str,
                 write=write_parquet):
     """:func:`tile_slide`, also returning the table it wrote (pyarrow). ``write(path, table,
     metadata)`` writes the Parquet (the caller may hand it to another thread)."""
@@ -582,14 +529,13 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
     settings = settings if isinstance(settings, TilingSettings) else TilingSettings.from_config(settings)
     meta = read_json(slide_json)
     slide_id = str(meta.get("slide_id") or Path(slide_json).stem)
-    annotations = _clean_optional(annotations)
     tissue = read_json(tissue_json) if tissue_json and Path(tissue_json).exists() else {}
     mpp_x, mpp_y = meta.get("mpp_x"), meta.get("mpp_y")
 
     def write_empty(reason: str):
         log.warning("slide %s: no tiles (%s)", slide_id, reason)
         empty = empty_tiles_table()
-        write(out_path, empty, _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason, annotations))
+        write(out_path, empty, _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason))
         return {}, empty
 
     if meta.get("status") != "ok":
@@ -604,7 +550,6 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
         mask = read_grey_png(mask_png) > 127
         scale_x = float(tissue.get("scale_x") or meta["width"] / mask.shape[1])
         scale_y = float(tissue.get("scale_y") or meta["height"] / mask.shape[0])
-        geom = load_annotations(annotations, slide_id)
     except (OSError, SlideError, InputError) as err:
         if on_error == "skip":
             return write_empty(f"{err}")
@@ -614,8 +559,8 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
                                    "rerun the tissue stage") from None
 
     table, stats = build_tiles_table(slide_id, int(meta["width"]), int(meta["height"]), float(mpp_x), float(mpp_y),
-                                     meta["level_downsamples"], mask, scale_x, scale_y, settings, seed, geom)
-    write(out_path, table, _metadata(float(mpp_x), float(mpp_y), settings, stats, "ok", None, annotations))
+                                     meta["level_downsamples"], mask, scale_x, scale_y, settings, seed)
+    write(out_path, table, _metadata(float(mpp_x), float(mpp_y), settings, stats, "ok", None))
     for mpp, st in stats.items():
         log.info("slide %s @ %s µm/px: level %d, size0 %d px, %d grid tiles, %d with tissue >= %.2f, %d kept",
                  slide_id, mpp, st["level"], st["size0"], st["grid"], st["tissue"],
@@ -631,9 +576,8 @@ def read_tiles_table(path: str | os.PathLike):
 
     table = pq.read_table(path)
     frame = table.to_pandas()
-    for col in TILE_COLUMNS:  # files from before annotation_fraction existed
-        if col not in frame.columns:
-            frame[col] = np.float32(np.nan)
+    # an older table's extra columns (annotation_fraction, before bag tiles stopped reading
+    # annotations) follow the schema's
     frame = frame[list(TILE_COLUMNS) + [c for c in frame.columns if c not in TILE_COLUMNS]]
     raw = table.schema.metadata or {}
     frame.attrs["histoflow"] = {k.decode()[len("histoflow."):]: v.decode() for k, v in raw.items()
@@ -676,17 +620,24 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     The folder appears complete or not at all (built beside it, then renamed). A skipped slide
     gives an empty folder. Returns the number of images written.
     """
-    import shutil
+    import contextlib
     import tempfile
 
     from PIL import Image
     from tqdm import tqdm
 
+    from .io import inside_root, safe_remove
     from .slide import open_slide
 
     out_dir = Path(out_dir)
     meta = read_json(slide_json)
     slide_id = str(meta.get("slide_id") or Path(slide_json).stem)
+    # refused before any work: a folder named '.'/'..' or outside the output folder is never replaced
+    root = out_dir.parent
+    try:
+        inside_root(out_dir, root, "replace")
+    except ValueError as err:
+        raise InputError(f"slide {slide_id!r}: {err}; slide ids must be plain file names") from None
     frame = read_tiles_table(tiles_path)
     if image_format not in IMAGE_FORMATS and image_format != "none":
         raise InputError(f"config key 'tiling.export_images': {image_format!r} must be none, jpeg or png")
@@ -694,7 +645,7 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
     try:
         if len(frame) and image_format != "none" and meta.get("status") == "ok":
-            slide = open_slide(meta["path"], slide_id)
+            slide = open_slide(meta["path"], slide_id, meta.get("colour_fix"))
             try:
                 for row in tqdm(frame.to_dict("records"), desc=f"tiles {slide_id}", unit="tile", mininterval=5):
                     img = Image.fromarray(read_tile(slide, row))
@@ -705,11 +656,12 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
                         img.save(tmp / name)
             finally:
                 slide.close()
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if out_dir.exists() or out_dir.is_symlink():
+            safe_remove(out_dir, root)
         os.replace(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            safe_remove(tmp, root)
         raise
     n = len(list(out_dir.iterdir()))
     log.info("slide %s: %d tile images in %s", slide_id, n, out_dir)
@@ -735,12 +687,11 @@ def viridis(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(v, stops, VIRIDIS_STOPS[:, k]) for k in range(3)], axis=-1).round().astype(int)
 
 
-PREVIEW_COLUMNS = ("target_mpp", "x", "y", "size0", "tissue_fraction", "annotation_fraction")
+PREVIEW_COLUMNS = ("target_mpp", "x", "y", "size0", "tissue_fraction")
 
 
 def _preview_columns(tiles) -> dict[str, np.ndarray]:
-    """The columns the preview draws, as numpy arrays, from a pyarrow Table or a DataFrame;
-    ``annotation_fraction`` is NaN in tables written before it existed."""
+    """The columns the preview draws, as numpy arrays, from a pyarrow Table or a DataFrame."""
     names = tiles.column_names if hasattr(tiles, "column_names") else list(tiles.columns)
     n = tiles.num_rows if hasattr(tiles, "num_rows") else len(tiles)
     out = {}
@@ -775,19 +726,6 @@ def _outline_pixels(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarr
     rows = np.repeat(sr, length) + np.repeat(dr, length) * step
     cols = np.repeat(sc, length) + np.repeat(dc, length) * step
     return rows, cols, np.repeat(np.arange(n, dtype=np.int32), 2 * (w + h))
-
-
-def _filled_boxes(shape: tuple[int, int], x0, y0, x1, y1) -> np.ndarray:
-    """Boolean image, True inside any box [x0, x1] x [y0, y1] (inclusive, clipped): a 2-D
-    difference array and two cumulative sums, whatever the number of boxes."""
-    h, w = shape
-    x0, y0 = np.clip(x0, 0, w), np.clip(y0, 0, h)
-    x1, y1 = np.clip(x1 + 1, 0, w), np.clip(y1 + 1, 0, h)
-    ok = (x1 > x0) & (y1 > y0)
-    diff = np.zeros((h + 1, w + 1), np.int32)
-    for rr, cc, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
-        np.add.at(diff, (rr[ok], cc[ok]), sign)
-    return np.cumsum(np.cumsum(diff, axis=0), axis=1)[:h, :w] > 0
 
 
 PREVIEW_HEADER_PX, PREVIEW_GAP_PX = 18, 8
@@ -831,9 +769,9 @@ def _has_panels(canvas: np.ndarray, n_panels: int, background: np.ndarray, max_p
 def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, max_px: int = 1600,
                        canvas: np.ndarray | None = None) -> np.ndarray:
     """The tile grid over a slide thumbnail, one panel per resolution (uint8 RGB): outlines
-    coloured by tissue fraction (viridis), tiles on annotations tinted red. ``background`` covers
-    the whole slide (``width x height`` level-0 px); ``tiles``: a tiles table (pyarrow Table or
-    pandas DataFrame). Drawn with array operations (a slide has thousands of tiles), in place
+    coloured by tissue fraction (viridis); annotations are not drawn (the tiling step never reads
+    them). ``background`` covers the whole slide (``width x height`` level-0 px); ``tiles``: a
+    tiles table (pyarrow Table or pandas DataFrame). Drawn with array operations (a slide has thousands of tiles), in place
     in ``canvas`` (:func:`preview_canvas` of ``background``) when it has one panel per resolution."""
     from PIL import Image, ImageDraw
 
@@ -848,7 +786,6 @@ def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, m
     sx, sy = pw / max(width, 1), ph / max(height, 1)
     for k, mpp in enumerate(mpps):
         left = k * (pw + gap)
-        panel = out[header_h:, left:left + pw]
         sel = np.ones(len(cols["x"]), bool) if mpp is None else cols["target_mpp"] == mpp
         n_sel = int(sel.sum())
         if n_sel:
@@ -866,14 +803,9 @@ def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, m
             # fancy index of RGB rows; a later box still overwrites an earlier one's edge
             at = (rows.astype(np.intp) + header_h) * out.shape[1] + cc + left
             out.reshape(-1).view("V3")[at] = colours.reshape(-1).view("V3")[box]
-            lesion = np.nan_to_num(cols["annotation_fraction"][sel].astype(np.float64)) > 0
-            if lesion.any():  # red at 90/255 opacity over the tiles on annotations
-                tint = _filled_boxes((ph, pw), x0[lesion], y0[lesion], x1[lesion], y1[lesion])
-                alpha = 90 / 255
-                panel[tint] = (panel[tint] * (1 - alpha) + np.array([255, 0, 0]) * alpha + 0.5).astype(np.uint8)
         # PIL's default font is ASCII only: "um/px"
         label = ("no tiles" if mpp is None else
-                 f"{mpp:g} um/px: {n_sel} tiles (outline: tissue fraction, viridis; red: on annotations)")
+                 f"{mpp:g} um/px: {n_sel} tiles (outline: tissue fraction, viridis)")
         header = Image.new("RGB", (pw, header_h), (255, 255, 255))
         ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
         out[:header_h, left:left + pw] = np.asarray(header)
@@ -927,7 +859,7 @@ def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1
 
 
 def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_path, preview_path, settings,
-                            seed: int = 0, annotations=None, on_error: str = "fail") -> dict:
+                            seed: int = 0, on_error: str = "fail") -> dict:
     """Rule `tile_slide`: the tile table, then its preview. One job per slide rather than two:
     a 10,000-slide cohort has 10,000 fewer jobs to plan and submit, and a cluster group of
     per-slide rules (whose check in Snakemake grows with the square of its size) stays small."""
@@ -944,7 +876,7 @@ def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_
     with ThreadPoolExecutor(max_workers=1) as pool:
         overlay = pool.submit(overlay_and_canvas)
         written = []
-        stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, annotations,
+        stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed,
                                    on_error, write=lambda *args: written.append(pool.submit(write_parquet, *args)))
         background, canvas = overlay.result()
         write_tile_preview(slide_json, table, overlay_jpg, preview_path, background=background,  # the table in hand

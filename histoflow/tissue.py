@@ -663,7 +663,7 @@ def read_thumbnail(slide, mpp0: float, mask_mpp: float, background: int = 255
 
 def _read_thumbnail_with_openslide(meta: dict, slide_id: str, settings: TissueSettings
                                    ) -> tuple[np.ndarray, np.ndarray, MaskSource]:
-    slide = open_slide(meta["path"], slide_id)
+    slide = open_slide(meta["path"], slide_id, meta.get("colour_fix"))
     try:
         # unscanned areas come back white; a fluorescence result blackens them later
         return read_thumbnail(slide, float(meta["mpp_x"]), settings.mask_mpp)
@@ -738,7 +738,8 @@ def detect_tissue_for_slide(slide_json, mask_png, geojson_path, overlay_path, st
         rgb = None
         if meta.get("level_downsamples"):
             source = choose_mask_source(meta["level_downsamples"], mpp_x, settings.mask_mpp)
-            if source.factor == 1:   # a whole small level: libvips when the format allows
+            # a whole small level: libvips when the format allows (and its colours are the file's)
+            if source.factor == 1 and not meta.get("colour_fix"):
                 fast = read_whole_level_fast(meta["path"], meta.get("vendor"), meta.get("level_dimensions"),
                                              source.level)
                 if fast is not None:

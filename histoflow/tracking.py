@@ -5,7 +5,9 @@ Why one writer: Snakemake runs per-slide and per-fold jobs in parallel (and on S
 machines). Those jobs write files only; a single `mlflow_log` job at the end reads them back and
 logs. Nothing can be lost or corrupted by concurrent writers, a fresh SQLite store is never raced,
 and when a remote tracking server is unreachable the results on disk stay complete and
-`snakemake mlflow_sync` logs them later (idempotently: a result already logged is not logged twice).
+`snakemake mlflow_sync` logs them later (idempotently: a result already logged is not logged twice;
+one whose logging was cut off part-way, which lacks the `histoflow.complete` tag, is deleted and
+logged again).
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import pandas as pd
 
 from .checklist import ChecklistItem, collect_checklist, redact, redact_url
 from .io import read_json, write_json
+from .privacy import Exporter, exported_config, exported_model_spec
 from .logs import get_logger
 
 log = get_logger(__name__)
 MAX_PARAM_CHARS = 500
+# set on the parent run after its last nested run: a parent without it is incomplete (redo)
+COMPLETE_TAG = "histoflow.complete"
 
 
 def store_settings(outdir: str, config: dict) -> dict[str, str]:
@@ -158,16 +163,25 @@ def log_workflow(outdir: str, config: dict, samples_path: str, status_json: str,
     try:
         client = _client(settings["tracking_uri"])
         exp_id = ensure_experiment(client, settings["experiment"], settings["artifact_location"])
-        existing = client.search_runs([exp_id], filter_string=f"tags.`histoflow.result_key` = '{key}'", max_results=1)
-        if existing and not force:
-            status.update(status="logged", run_id=existing[0].info.run_id, experiment_id=exp_id, note="already logged")
+        existing = client.search_runs([exp_id], filter_string=f"tags.`histoflow.result_key` = '{key}'", max_results=100)
+        complete = [r for r in existing if r.data.tags.get(COMPLETE_TAG) == "true"]
+        if complete and not force:
+            status.update(status="logged", run_id=complete[0].info.run_id, experiment_id=exp_id, note="already logged")
             write_json(status_json, status)
             return status
+        # complete-or-redo: a parent without the complete tag was cut off part-way (job killed,
+        # server gone); it is discarded with its nested runs and the result logged again
+        for run in existing:
+            if run.data.tags.get(COMPLETE_TAG) != "true":
+                _discard_run(client, exp_id, run.info.run_id)
         items = collect_checklist(outdir, config, samples_path)
         parent = _log_parent(client, exp_id, items, config, key)
+        exporter = Exporter(outdir, config, samples_path)   # privacy.export: what leaves the site
         for spec in _model_runs(outdir):
-            _log_model(client, exp_id, parent, spec)
+            _log_model(client, exp_id, parent, exported_model_spec(spec, exporter))
         client.set_terminated(parent, "FINISHED")
+        # last of all: only now does the result count as logged
+        client.set_tag(parent, COMPLETE_TAG, "true")
         status.update(status="logged", run_id=parent, experiment_id=exp_id, result_key=key,
                       items_logged=[it.key for it in items])
         log.info("logged run %s in experiment %s at %s", parent, settings["experiment"], status["tracking_uri"])
@@ -182,6 +196,17 @@ def log_workflow(outdir: str, config: dict, samples_path: str, status_json: str,
     return status
 
 
+def _discard_run(client, exp_id: str, run_id: str) -> None:
+    """Mark an incomplete run FAILED and delete it with every run nested under it (children
+    first), so nothing half-logged is left that could look like the result."""
+    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=1000)
+    for child in children:
+        _discard_run(client, exp_id, child.info.run_id)
+    log.warning("MLflow run %s was logged only in part (no %s tag); deleting it and logging again", run_id, COMPLETE_TAG)
+    client.set_terminated(run_id, "FAILED")
+    client.delete_run(run_id)
+
+
 def _log_parent(client, exp_id: str, items: list[ChecklistItem], config: dict, key: str) -> str:
     from .checklist import flatten
 
@@ -194,7 +219,7 @@ def _log_parent(client, exp_id: str, items: list[ChecklistItem], config: dict, k
         params.update({f"{prefix}.{k}": v for k, v in it.params.items()})
         metrics.update({f"{prefix}.{k}": v for k, v in it.metrics.items()})
         tags[f"checklist.{it.key}"] = " ".join(it.summary)[:MAX_PARAM_CHARS] or "logged"
-    params.update({f"config.{k}": v for k, v in flatten("", redact(config)).items()})
+    params.update({f"config.{k}": v for k, v in flatten("", exported_config(config)).items()})
     _log_batches(client, run_id, params=params, metrics=metrics, tags=tags)
     for it in items:
         for path in dict.fromkeys(it.artifacts):
@@ -212,7 +237,10 @@ def _log_model(client, exp_id: str, parent: str, spec: dict) -> None:
     metrics.update({f"test.{k}": v for k, v in (result.get("pooled") or {}).items()})
     for k, (lo, hi) in (result.get("ci") or {}).items():
         metrics[f"test.{k}_ci_low"], metrics[f"test.{k}_ci_high"] = lo, hi
-    _log_batches(client, run_id, params={"model": spec["model"], "kind": spec["kind"]}, metrics=metrics)
+    params = {"model": spec["model"], "kind": spec["kind"]}
+    # where the operating point came from, as metrics.json says (pooled_validation, fold_validation, fixed)
+    params.update({k: result[k] for k in ("threshold", "threshold_source", "n_slides", "n_patients", "ci_method") if k in result})
+    _log_batches(client, run_id, params=params, metrics=metrics)
     for path in spec["artifacts"]:
         client.log_artifact(run_id, path)
     fold_results = {f"fold{f['fold']}": f for f in (result.get("folds") or [])}

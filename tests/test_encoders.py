@@ -102,7 +102,7 @@ def test_local_torchscript_file(tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.trace(net, torch.zeros(1, 3, 32, 32)).save(str(path))
     (tmp_path / "scripted.json").write_text(json.dumps({"input_size": 32}))
-    enc = load_encoder(f"local:{path}")
+    enc = load_encoder(f"local:{path}", trust_local_code=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(enc.model(x), net(x))
@@ -215,3 +215,40 @@ def test_hf_hub_model_loads_offline_from_the_local_cache(tmp_path):
     # a model absent from the cache: one line saying how to pre-download it
     assert "\n" not in res["missing"] and "hf download acme/not-downloaded" in res["missing"]
     assert "HF_HUB_OFFLINE" in res["missing"]
+
+
+def test_local_torchscript_is_code_and_needs_trust_local_code(tmp_path):
+    from histoflow.config import validate_config
+    from histoflow.errors import InputError
+
+    path = tmp_path / "scripted.pt"
+    torch.jit.trace(_tiny_timm(), torch.zeros(1, 3, 32, 32)).save(str(path))
+    with pytest.raises(EncoderError, match="trust_local_code") as info:
+        load_encoder(f"local:{path}")
+    assert "\n" not in str(info.value)
+    config = {"samples": "x.tsv", "features": {"encoders": [f"local:{path}"]}}
+    with pytest.raises(InputError) as info:
+        validate_config(config)
+    msg = str(info.value)
+    assert "\n" not in msg and "features.encoders" in msg and "features.trust_local_code: true" in msg
+    validate_config({"samples": "x.tsv", "features": {"encoders": [f"local:{path}"], "trust_local_code": True}})
+    # a weights-only state_dict is data: it needs no trust
+    ckpt = tmp_path / "weights.pt"
+    torch.save(_tiny_timm().state_dict(), ckpt)
+    validate_config({"samples": "x.tsv", "features": {"encoders": [f"local:{ckpt}"]}})
+
+
+@pytest.mark.parametrize("name", ["phikon", "phikon-v2", "hf-hub:owkin/phikon"])
+def test_phikon_without_transformers_is_refused_at_config_validation(name, monkeypatch):
+    import importlib.util
+
+    from histoflow.config import validate_config
+    from histoflow.errors import InputError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == "transformers" else real(mod, *a))
+    with pytest.raises(InputError) as info:
+        validate_config({"samples": "x.tsv", "features": {"encoders": ["resnet50-trunc", name]}})
+    msg = str(info.value)
+    assert "\n" not in msg and "features.encoders" in msg and "pip install transformers" in msg
+    validate_config({"samples": "x.tsv", "features": {"encoders": ["resnet50-trunc", "uni"]}})

@@ -169,7 +169,8 @@ def test_a_tile_that_fails_to_decode_is_dropped_and_counted(cohort, monkeypatch)
         return real(self, x, y, *args)
 
     monkeypatch.setattr(F.TileReader, "read_pil", flaky)
-    out, meta = run(root, "drop.parquet")
+    # under features.max_failed_tile_fraction (tests/test_failed_tiles.py: above it)
+    out, meta = run(root, "drop.parquet", settings={"max_failed_tile_fraction": 0.5})
     coords, feats = F.read_features(out)
     assert meta["histoflow.dropped_tiles"] == "1" and meta["histoflow.dropped_decode"] == "1"
     assert len(coords) == len(tiles) - 1 and bad_x not in set(zip(coords["x"], coords["y"]))
@@ -188,7 +189,7 @@ class Exploding(nn.Module):
 
 def test_no_nan_or_inf_ever_reaches_the_output(cohort):
     root, tiles = cohort
-    out, meta = run(root, "nan.parquet", TinyEncoder(Exploding()), {"batch_size": 16})
+    out, meta = run(root, "nan.parquet", TinyEncoder(Exploding()), {"batch_size": 16, "max_failed_tile_fraction": 0.5})
     _, feats = F.read_features(out)
     n_batches = -(-len(tiles) // 16)
     assert np.isfinite(feats).all()

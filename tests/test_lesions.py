@@ -10,8 +10,8 @@ import pytest
 from shapely.geometry import Point, box
 
 from histoflow.io import read_json, write_json, write_parquet
-from histoflow.lesions import (SlideEval, detect_lesions, dice, evaluation_lesions, froc, lesions_for_slide,
-                               match_detections, summarize_lesions)
+from histoflow.lesions import (SlideEval, detect_lesions, dice, evaluation_lesions, froc, froc_detections,
+                               lesions_for_slide, match_detections, summarize_lesions)
 
 
 def test_components_are_8_connected_and_thresholded():
@@ -40,12 +40,12 @@ def test_smoothing_ignores_cells_without_tiles():
     assert len(lesions) == 1 and lesions[0].n_tiles == 9
 
 
-def make_slide(tmp_path, slide_id="t1", mpp=0.5, probs=None, status="ok"):
+def make_slide(tmp_path, slide_id="t1", mpp=0.5, probs=None, status="ok", role="test"):
     """A 8x8 grid of 256-px tiles (stride 256 at level 0, 0.5 µm/px => 128 µm per tile side)."""
     xs, ys = np.meshgrid(np.arange(8), np.arange(8))
     prob = np.zeros((8, 8), np.float32) if probs is None else probs
     frame = pd.DataFrame({"slide_id": slide_id, "x": xs.ravel() * 256, "y": ys.ravel() * 256, "col": xs.ravel(),
-                          "row": ys.ravel(), "size0": 256, "target_mpp": 1.0, "fold": 0, "role": "test",
+                          "row": ys.ravel(), "size0": 256, "target_mpp": 1.0, "fold": 0, "role": role,
                           "prob": prob.ravel(), "attention": np.nan})
     write_parquet(tmp_path / f"{slide_id}_probs.parquet", frame)
     write_json(tmp_path / f"{slide_id}.json", {"slide_id": slide_id, "status": status, "mpp_x": mpp, "mpp_y": mpp,
@@ -152,3 +152,79 @@ def test_cohort_metrics_and_slides_without_ground_truth(tmp_path):
 
     none = summarize_lesions([jsons[2]], "mil-abmil", {}, tmp_path / "m2.json", tmp_path / "p2.tsv", tmp_path / "f2.png")
     assert none["froc"]["available"] is False and none["dice"]["available"] is False
+
+
+def _froc_cohort(tmp_path, settings, extra=()):
+    """A tumour slide with a faint lesion A (peak 0.35) and a strong lesion B (0.9), FPs at 0.6 and
+    0.45; a normal slide with FPs at 0.7 and 0.3. Both test slides; ``extra``: more (slide_id,
+    probs, role, label) slides."""
+    tumour = np.full((8, 8), 0.02, np.float32)
+    tumour[1:3, 1:4] = 0.3
+    tumour[1, 2] = 0.35                       # lesion A, under 0.5 everywhere
+    tumour[5:7, 4:7] = 0.8
+    tumour[5, 5] = 0.9                        # lesion B
+    tumour[4, 0], tumour[0, 7] = 0.45, 0.6    # false positives
+    normal = np.full((8, 8), 0.02, np.float32)
+    normal[3, 3], normal[6, 6] = 0.3, 0.7
+    gt = write_gt(tmp_path, [box(256, 256, 1024, 768), box(1024, 1280, 1792, 1792)])  # 384 µm long: no ITC
+    jsons = []
+    for sid, probs, role, label in (("t1", tumour, "test", "tumor"), ("n1", normal, "test", "normal"), *extra):
+        p, s = make_slide(tmp_path, sid, probs=probs, role=role)
+        jsons.append(str(tmp_path / f"{sid}.out.json"))
+        lesions_for_slide(sid, "patch_classifier", [p], s, gt if label == "tumor" else None, label, "tumor", True,
+                          settings, {}, tmp_path / f"{sid}.geojson", jsons[-1])
+    return summarize_lesions(jsons, "patch_classifier", settings, tmp_path / "metrics.json", tmp_path / "per_slide.tsv",
+                             tmp_path / "froc.png")
+
+
+def test_froc_covers_the_whole_probability_range_whatever_lesions_threshold(tmp_path):
+    results = [_froc_cohort(tmp_path, {"threshold": t})["froc"] for t in (0.2, 0.5, 0.8)]
+    for r in results[1:]:
+        assert r["froc_score"] == results[0]["froc_score"] and r["curve"] == results[0]["curve"]
+    r = results[0]
+    # B at 0 FPs; A (0.35) once the 0.7, 0.6 and 0.45 FPs are in: 3 FPs over 2 slides
+    assert r["sensitivity"] == pytest.approx([0.5, 0.5, 0.5, 1.0, 1.0, 1.0])
+    assert r["froc_score"] == pytest.approx(0.75)
+    curve = pd.DataFrame(r["curve"]).dropna()
+    full = curve[curve["sensitivity"] == 1.0]
+    assert full["thresholds"].max() == pytest.approx(0.35) and full["avg_fp"].min() == pytest.approx(1.5)
+    assert curve["thresholds"].min() < 0.1                 # the sweep goes down to the background
+
+
+def test_lesion_metrics_score_test_role_slides_only(tmp_path):
+    noisy = np.full((8, 8), 0.95, np.float32)    # a val-role tumour slide, all false positives
+    noisy[1:3, 1:4] = 0.0
+    base = _froc_cohort(tmp_path, {})
+    with_val = _froc_cohort(tmp_path, {}, extra=[("v1", noisy, "val", "tumor")])
+    assert with_val["froc"]["froc_score"] == base["froc"]["froc_score"]
+    assert with_val["froc"]["n_slides"] == 2 and with_val["dice"]["n_slides"] == 2
+    assert (with_val["n_slides_evaluated"], with_val["n_slides_not_test"]) == (2, 1)
+    table = pd.read_csv(tmp_path / "per_slide.tsv", sep="\t").set_index("slide_id")
+    assert not table.loc["v1", "evaluated"] and table.loc["t1", "evaluated"]
+
+
+def test_froc_detections_one_per_peak_and_plateau():
+    grid = np.full((6, 6), 0.1, np.float32)
+    grid[0, 0] = np.nan
+    grid[1:3, 1:3] = 0.9                  # a plateau: one detection
+    grid[4, 4] = 0.5
+    dets = froc_detections(grid)
+    scores = [round(d[2], 3) for d in dets]
+    assert scores[:2] == [0.9, 0.5] and set(scores[2:]) == {0.1}   # background maxima come last
+    assert dets[0][:2] in {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert froc_detections(np.ones((4, 4), np.float32)) and len(froc_detections(np.ones((4, 4), np.float32))) == 1
+    assert froc_detections(np.zeros((3, 3), np.float32)) == []
+
+
+def test_holdout_test_slide_map_is_the_mean_of_the_fold_models(tmp_path):
+    probs = np.zeros((8, 8), np.float32)
+    probs[2:5, 2:5] = 0.9
+    p0, s = make_slide(tmp_path, "t1", probs=probs)
+    frame = pd.read_parquet(p0)
+    p1 = str(tmp_path / "fold1.parquet")
+    write_parquet(p1, frame.assign(fold=1, prob=frame["prob"] * 0.5))   # the second fold model: half as sure
+    gt = write_gt(tmp_path, [box(512, 512, 1280, 1280)])
+    rec = lesions_for_slide("t1", "patch_classifier", [p0, p1], s, gt, "tumor", "tumor", True, {}, {},
+                            tmp_path / "t1.geojson", tmp_path / "t1.out.json")
+    assert (rec["fold"], rec["role"]) == (-1, "test")
+    assert max(d["score"] for d in rec["detections"]) == pytest.approx(0.675)

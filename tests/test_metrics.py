@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -105,3 +107,189 @@ def test_comparison_table_ranks_models_and_reports_cis_and_fold_spread():
     for col in ("auc_ci_low", "auc_ci_high", "auc_fold_mean", "auc_fold_sd", "ece", "brier", "npv"):
         assert col in table.columns
     assert results["good"]["n_slides"] == 30
+
+
+# --- each slide once (holdout ensemble), thresholds from validation only, patient bootstrap ----
+
+def _holdout_predictions(k: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Holdout: 12 test slides (6 patients x 2 slides) scored by each of k fold models; 24 other
+    slides rotate through val (8 per fold) and train."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for fold in range(k):
+        for i in range(36):
+            y = (i // 2) % 2
+            role = "test" if i < 12 else ("val" if (i - 12) // 8 == fold else "train")
+            rows.append({"slide_id": f"s{i}", "patient_id": f"p{i // 2}", "y": y, "fold": fold, "role": role,
+                         "prob": float(np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25), 0, 1))})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_holdout_counts_each_test_slide_once_as_the_mean_of_the_fold_models(k):
+    preds = _holdout_predictions(k)
+    res = evaluate_model(preds, MetricsSettings(n_bootstrap=200), strategy="holdout")
+    assert res["n_slides"] == 12 and res["n_patients"] == 6          # not 12 * k
+    oof = res["oof"]
+    assert oof["slide_id"].is_unique and len(oof) == 12
+    mean = preds[preds["role"] == "test"].groupby("slide_id")["prob"].mean()
+    assert np.allclose(oof.set_index("slide_id")["prob"], mean.loc[oof["slide_id"]])
+    assert (oof["n_models"] == k).all()
+    # metrics, CIs and DeLong on the 12 unique slides: the same as computed by hand on them
+    y, p = oof["y"].to_numpy(), oof["prob"].to_numpy()
+    assert res["pooled"]["auc"] == pytest.approx(roc_auc(y, p))
+    ci = bootstrap_ci(y, p, oof["patient_id"].to_numpy(), 0.5, n_bootstrap=200, seed=MetricsSettings().seed)
+    assert res["ci"]["auc"] == ci["auc"]
+    other = evaluate_model(_holdout_predictions(k, seed=1), MetricsSettings(n_bootstrap=200), strategy="holdout")
+    table = compare_models({"a": res, "b": other})
+    assert (table["n_slides"] == 12).all() and (table["delong_n_slides"] == 12).all()
+    # inferred from the table when not given
+    assert evaluate_model(preds, MetricsSettings(n_bootstrap=50))["n_slides"] == 12
+
+
+def test_kfold_keeps_each_slide_once_and_refuses_a_slide_tested_twice():
+    preds = _predictions(0, 0.1)
+    res = evaluate_model(preds, MetricsSettings(n_bootstrap=50), strategy="kfold")
+    assert res["n_slides"] == 30 and res["oof"]["slide_id"].is_unique
+    twice = preds.copy()
+    twice.loc[(twice["slide_id"] == "s0") & (twice["fold"] == 1), "role"] = "test"
+    with pytest.raises(ValueError, match="s0"):
+        evaluate_model(twice, MetricsSettings(n_bootstrap=50), strategy="kfold")
+
+
+def _tiny_val_predictions() -> pd.DataFrame:
+    """kfold, 3 folds; each fold's validation is 2 slides of one class (useless on its own), so
+    the threshold must come from the validation predictions of all folds pooled."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for fold in range(3):
+        for i in range(30):
+            y = i % 2
+            if i % 3 == fold:
+                role = "test"
+            elif i in ({0: (2, 4), 1: (3, 5), 2: (7, 9)}[fold]):
+                role = "val"
+            else:
+                role = "train"
+            rows.append({"slide_id": f"s{i}", "patient_id": f"p{i}", "y": y, "fold": fold, "role": role,
+                         "prob": float(np.clip(0.3 + 0.3 * y + rng.normal(0, 0.1), 0, 1))})
+    return pd.DataFrame(rows)
+
+
+def test_threshold_from_pooled_validation_never_training_predictions():
+    preds = _tiny_val_predictions()
+    settings = MetricsSettings(n_bootstrap=50)
+    res = evaluate_model(preds, settings)
+    assert res["threshold_source"] == "pooled_validation"
+    assert all(f["threshold_source"] == "pooled_validation" for f in res["folds"])
+    val = preds[preds["role"] == "val"]
+    assert res["threshold"] == pytest.approx(choose_threshold(val["y"], val["prob"]))
+    # neither training nor test predictions move it
+    for role in ("train", "test"):
+        moved = preds.copy()
+        moved.loc[moved["role"] == role, "prob"] = 1 - moved.loc[moved["role"] == role, "prob"]
+        assert evaluate_model(moved, settings)["threshold"] == res["threshold"]
+
+
+def test_threshold_per_fold_only_with_enough_validation_slides_of_each_class():
+    preds = _predictions(0, 0.2)          # 10 val slides per fold, 5 of each class
+    per_fold = evaluate_model(preds, MetricsSettings(n_bootstrap=50, min_val_per_class=5))
+    assert per_fold["threshold_source"] == "fold_validation"
+    for f in per_fold["folds"]:
+        val = preds[(preds["fold"] == f["fold"]) & (preds["role"] == "val")]
+        assert f["threshold_source"] == "fold_validation"
+        assert f["threshold"] == pytest.approx(choose_threshold(val["y"], val["prob"]))
+    pooled = evaluate_model(preds, MetricsSettings(n_bootstrap=50, min_val_per_class=6))
+    assert pooled["threshold_source"] == "pooled_validation" and isinstance(pooled["threshold"], float)
+    # no validation predictions at all: the fixed threshold, and it says so
+    no_val = preds.assign(role=preds["role"].replace({"val": "train"}))
+    fixed = evaluate_model(no_val, MetricsSettings(n_bootstrap=50, fixed_threshold=0.4))
+    assert (fixed["threshold"], fixed["threshold_source"]) == (0.4, "fixed")
+
+
+def test_metrics_json_says_how_every_number_was_obtained(tmp_path):
+    import json
+
+    from histoflow.metrics import write_metrics
+
+    paths = []
+    for name, frame in (("hold", _holdout_predictions(3)),):
+        for fold, part in frame.groupby("fold"):
+            paths.append(str(tmp_path / f"{name}{fold}.tsv"))
+            part.to_csv(paths[-1], sep="\t", index=False)
+    out = {n: str(tmp_path / n) for n in ("m.json", "m.tsv", "roc.png", "pr.png", "cal.png")}
+    write_metrics({"abmil": paths}, out["m.json"], out["m.tsv"], out["roc.png"], out["pr.png"], out["cal.png"],
+                  {"n_bootstrap": 100}, seed=1, strategy="holdout")
+    m = json.loads(Path(out["m.json"]).read_text())
+    model = m["models"]["abmil"]
+    assert model["threshold_source"] == "pooled_validation" and isinstance(model["threshold"], float)
+    assert model["n_slides"] == 12 and model["n_patients"] == 6 and model["strategy"] == "holdout"
+    assert "patient bootstrap" in model["ci_method"] and "n_bootstrap=100" in model["ci_method"]
+    assert "mean of the 3 fold models" in model["method"]["test_prediction"]
+    assert m["settings"]["min_val_per_class"] == 5
+    table = pd.read_csv(out["m.tsv"], sep="\t")
+    assert table.loc[0, "threshold_source"] == "pooled_validation" and table.loc[0, "n_slides"] == 12
+
+
+def test_mlflow_model_run_logs_threshold_and_its_source():
+    from histoflow.tracking import _log_model
+
+    class Client:
+        def __init__(self):
+            self.params = {}
+
+        def create_run(self, *a, **k):
+            return type("R", (), {"info": type("I", (), {"run_id": "r"})})()
+
+        def log_batch(self, run_id, params=(), metrics=(), tags=()):
+            self.params.update({p.key: p.value for p in params})
+
+        def log_artifact(self, *a, **k):
+            pass
+
+        def set_terminated(self, *a, **k):
+            pass
+
+    res = evaluate_model(_tiny_val_predictions(), MetricsSettings(n_bootstrap=50))
+    client = Client()
+    _log_model(client, "0", "parent", {"name": "mil/abmil", "model": "abmil", "kind": "mil", "folds": [], "artifacts": [],
+                                       "result": {**res, "ci": {}, "pooled": {}, "ci_method": "patient bootstrap"}})
+    assert client.params["threshold_source"] == "pooled_validation"
+    assert float(client.params["threshold"]) == pytest.approx(res["threshold"])
+
+
+def test_bootstrap_resamples_whole_patients_not_slides():
+    # 10 patients x 20 slides; a patient's slides are all right or all wrong (5 each): accuracy 0.5.
+    # Drawing patients, a replicate's accuracy is (right patients drawn) / 10, a multiple of 0.1,
+    # with SD ~0.16; drawing slides it is a multiple of 1/200 with SD ~0.035.
+    patients = np.repeat(np.arange(10), 20)
+    y = np.tile([0, 1], 100)
+    right = patients < 5
+    p = np.where(right, y * 0.8 + 0.1, 0.9 - y * 0.8)
+    ci = bootstrap_ci(y, p, patients, 0.5, n_bootstrap=400, seed=0)
+    lo, hi = ci["accuracy"]
+    assert hi - lo > 0.4                                   # slide resampling: ~0.14
+    assert np.allclose(np.array([lo, hi]) * 10, np.round(np.array([lo, hi]) * 10))
+    # and it differs from an independent slide bootstrap of the same data
+    rng = np.random.default_rng(0)
+    slide_acc = [((p[i] >= 0.5) == y[i]).mean() for i in (rng.integers(0, 200, 200) for _ in range(400))]
+    assert hi - lo > 2.5 * (np.quantile(slide_acc, 0.975) - np.quantile(slide_acc, 0.025))
+
+
+def test_checklist_states_each_models_threshold_source_and_the_holdout_ensemble(tmp_path):
+    from histoflow.checklist import collect_checklist
+    from histoflow.metrics import write_metrics
+
+    paths = []
+    for fold, part in _holdout_predictions(3).groupby("fold"):
+        paths.append(str(tmp_path / f"f{fold}.tsv"))
+        part.to_csv(paths[-1], sep="\t", index=False)
+    out = tmp_path / "results" / "metrics"
+    out.mkdir(parents=True)
+    write_metrics({"mil-abmil": paths}, str(out / "metrics.json"), str(out / "metrics.tsv"), str(out / "roc.png"),
+                  str(out / "pr.png"), str(out / "calibration.png"), {"n_bootstrap": 100}, seed=1, strategy="holdout")
+    item = collect_checklist(str(tmp_path / "results"), {"metrics": {"n_bootstrap": 100}}, "samples.tsv")[10]
+    text = " ".join(item.summary)
+    assert "mean of the k fold models" in text and "on 12 slides of 6 patients" in text
+    assert "pooled validation predictions of all folds: mil-abmil" in text
+    assert item.params["mil-abmil.threshold_source"] == "pooled_validation"

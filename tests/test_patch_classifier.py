@@ -60,7 +60,7 @@ def test_learns_separable_tiles_with_high_auc(tmp_path, model):
     feats, labels = make_cohort(tmp_path)
     settings = {"model": model, "epochs": 12, "hidden_dim": 16, "batch_size": 64, "lr": 0.005, "label_smoothing": 0.1}
     metrics = train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, settings, 7,
-                                     tmp_path / "model.joblib", tmp_path / "metrics.json")
+                                     tmp_path / "model.safetensors", tmp_path / "metrics.json")
     assert metrics["val"]["auc"] > 0.9
     assert metrics["test"]["auc"] > 0.9
     assert read_json(tmp_path / "metrics.json")["test"]["n_positive"] == 30
@@ -73,8 +73,8 @@ def test_never_trains_on_test_slides(tmp_path):
     for name, root, poison in (("clean", clean, False), ("poisoned", poisoned, True)):
         feats, labels = make_cohort(root, poison_test=poison)
         train_patch_classifier(root / "splits.tsv", 0, feats, labels, {"model": "logreg"}, 3,
-                               root / "model.joblib", root / "metrics.json")
-        out[name] = load_patch_classifier(root / "model.joblib")
+                               root / "model.safetensors", root / "metrics.json")
+        out[name] = load_patch_classifier(root / "model.safetensors")
     probe = np.random.default_rng(1).normal(size=(50, DIM)).astype(np.float32)
     # changing the test slides' features and labels does not change the model at all
     assert np.array_equal(out["clean"].predict_proba(probe), out["poisoned"].predict_proba(probe))
@@ -86,8 +86,8 @@ def test_same_seed_same_model(tmp_path):
     probs = []
     for k in range(2):
         train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, {"model": "mlp", "epochs": 5, "hidden_dim": 8},
-                               11, tmp_path / f"m{k}.joblib", tmp_path / f"m{k}.json")
-        probs.append(load_patch_classifier(tmp_path / f"m{k}.joblib").predict_proba(np.ones((3, DIM), np.float32)))
+                               11, tmp_path / f"m{k}.safetensors", tmp_path / f"m{k}.json")
+        probs.append(load_patch_classifier(tmp_path / f"m{k}.safetensors").predict_proba(np.ones((3, DIM), np.float32)))
     assert np.array_equal(probs[0], probs[1])
 
 
@@ -97,14 +97,14 @@ def test_one_class_training_set_is_an_actionable_error(tmp_path):
         t = pq.read_table(p).to_pandas().assign(label=np.int8(0), overlap=np.float32(0))
         write_parquet(p, t)
     with pytest.raises(InputError, match="needs both"):
-        train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, {}, 1, tmp_path / "m.joblib", tmp_path / "m.json")
+        train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, {}, 1, tmp_path / "m.safetensors", tmp_path / "m.json")
 
 
 def test_tile_probs_cover_every_slide_with_its_role(tmp_path):
     feats, labels = make_cohort(tmp_path)
-    train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, {}, 1, tmp_path / "m.joblib", tmp_path / "m.json")
+    train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, {}, 1, tmp_path / "m.safetensors", tmp_path / "m.json")
     out = tmp_path / "tile_probs" / "patch_classifier" / "fold0.parquet"
-    predict_tile_probs(tmp_path / "m.joblib", tmp_path / "splits.tsv", 0, feats, out)
+    predict_tile_probs(tmp_path / "m.safetensors", tmp_path / "splits.tsv", 0, feats, out)
     table = pq.read_table(out)
     assert table.schema.names == TILE_PROB_SCHEMA.names
     frame = table.to_pandas()
@@ -161,3 +161,62 @@ def test_platt_calibration_on_separable_val_tiles_keeps_the_ranking():
     assert 0 < a < 10 and abs(b) < 20
     probs = 1 / (1 + np.exp(-(a * np.linspace(-8, 10, 200) + b)))
     assert len(np.unique(probs)) == 200 and probs.min() > 0 and probs.max() < 1
+
+
+def test_lesion_share_enriches_only_the_train_slides_sample(tmp_path):
+    """patch_classifier.lesion_share: informed sampling of the train slides' labelled tiles
+    (lesion tiles preferred); val and test tiles are never sampled, with or without it."""
+    feats, labels = make_cohort(tmp_path)
+    out = {}
+    for share in (None, 0.8):
+        settings = {"model": "logreg", "max_tiles_per_slide": 10, "lesion_share": share}
+        out[share] = train_patch_classifier(tmp_path / "splits.tsv", 0, feats, labels, settings, 7,
+                                            tmp_path / f"m{share}.safetensors", tmp_path / f"m{share}.json")
+    # 4 train slides x 10 tiles; the two tumour train slides give 8 lesion tiles each at share 0.8
+    assert out[0.8]["train"]["n_tiles"] == out[None]["train"]["n_tiles"] == 40
+    assert out[0.8]["train"]["n_positive"] == 16 > out[None]["train"]["n_positive"]
+    for role in ("val", "test"):
+        for key in ("n_tiles", "n_positive", "n_negative"):
+            assert out[0.8][role][key] == out[None][role][key] == {"n_tiles": 200, "n_positive": 30, "n_negative": 170}[key]
+    with pytest.raises(InputError, match="lesion_share"):
+        PatchClassifierSettings.from_config({"lesion_share": 1.5})
+
+
+class _Boom:
+    """A pickle that runs code when loaded: writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def test_model_file_is_data_that_round_trips(tmp_path, model):
+    import pickle
+
+    from histoflow.patch_classifier import PatchClassifierSettings, assemble, fit_patch_classifier, save_patch_classifier
+
+    feats, labels = make_cohort(tmp_path)
+    settings = PatchClassifierSettings.from_config({"model": model, "epochs": 3, "hidden_dim": 8})
+    rng = np.random.default_rng(0)
+    fitted = fit_patch_classifier(assemble(["s0", "s1", "s2", "s3"], dict(zip([f"s{i}" for i in range(8)], feats)),
+                                           dict(zip([f"s{i}" for i in range(8)], labels)), settings, rng),
+                                  None, settings, 5)
+    fitted.info["fold"] = 0
+    path = tmp_path / "model.safetensors"
+    save_patch_classifier(fitted, path)
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    assert data[8:9] == b"{" and b"histoflow.patch_classifier/1" in data[8:8 + header]   # a JSON header, no pickle
+    probe = np.random.default_rng(2).normal(size=(20, DIM)).astype(np.float32)
+    loaded = load_patch_classifier(path)
+    assert np.array_equal(loaded.predict_proba(probe), fitted.predict_proba(probe))
+    assert loaded.kind == model and loaded.platt == fitted.platt and loaded.info["fold"] == 0
+    # a pickle in its place is refused, and nothing in it runs
+    marker = tmp_path / "ran"
+    path.write_bytes(pickle.dumps(_Boom(marker)))
+    with pytest.raises(InputError, match="not a histoflow patch classifier"):
+        load_patch_classifier(path)
+    assert not marker.exists()

@@ -79,7 +79,9 @@ def test_every_slide_and_fold_gets_a_row_even_without_tiles():
 @pytest.mark.parametrize("name", ["rf", "gb", "logreg"])
 def test_slide_classifiers_separate_tumour_maps_and_train_only_on_train_slides(name):
     tiles, splits = _cohort()
-    table = cohort_slide_features(tiles, {f"s{i}": 0.5 for i in range(24)}, splits, SlideFeatureSettings())
+    # the train rows' maps stand for cross-fitted ones (tests/test_crossfit.py checks the real path)
+    crossfit = {(r["fold"], r["slide_id"]): f"fold{r['fold']}.inner0" for r in splits.to_dict("records") if r["role"] == "train"}
+    table = cohort_slide_features(tiles, {f"s{i}": 0.5 for i in range(24)}, splits, SlideFeatureSettings(), crossfit)
     preds, _ = train_and_predict(table, name, SlideClassifierSettings(n_estimators=50), seed=1)
     test = preds[preds["role"] == "test"]
     assert len(test) == 24

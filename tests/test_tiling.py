@@ -1,4 +1,5 @@
-"""Tiling: grid geometry, level choice, tissue filter, seeded caps, annotations, empty outputs."""
+"""Tiling: grid geometry, level choice, tissue filter, seeded caps (never informed by annotations),
+empty outputs."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def write_inputs(tmp: Path, mask: np.ndarray, width: int, height: int, mpp: floa
     return slide_json, mask_png, tissue_json
 
 
-def run_tiling(tmp, mask, width, height, settings, seed=0, annotations=None, name="tiles.parquet", **kw):
+def run_tiling(tmp, mask, width, height, settings, seed=0, name="tiles.parquet", **kw):
     slide_json, mask_png, tissue_json = write_inputs(tmp, mask, width, height, **kw)
     out = tmp / name
-    tile_slide(slide_json, mask_png, tissue_json, out, settings, seed=seed, annotations=annotations)
+    tile_slide(slide_json, mask_png, tissue_json, out, settings, seed=seed)
     return out, read_tiles_table(out)
 
 
@@ -171,7 +172,8 @@ def test_several_resolutions_share_one_table_with_the_documented_schema(tmp_path
     for _, g in by:  # within a resolution, sorted by y then x, and (col,row) index the grid
         assert g[["y", "x"]].equals(g[["y", "x"]].sort_values(["y", "x"]))
         assert (g["x"] == g["col"] * g["size0"]).all() and (g["y"] == g["row"] * g["size0"]).all()
-    assert tiles["annotation_fraction"].isna().all()  # no annotations: unknown, not "no lesion"
+    # bag tiles carry nothing from annotations (patch_labels computes lesion overlaps itself)
+    assert "annotation_fraction" not in tiles.columns and "annotations" not in meta
 
 
 def test_same_inputs_give_byte_identical_parquet(tmp_path):
@@ -200,38 +202,14 @@ def test_cap_is_a_seeded_random_sample_per_slide_and_resolution(tmp_path):
     assert a[a.target_mpp == 0.5]["y"].max() > 10_000
 
 
-def test_cap_keeps_tiles_on_annotations_preferentially(tmp_path):
-    mask = np.ones((100, 100), bool)
-    lesion = tmp_path / "lesion.geojson"   # a small lesion: ~4 % of the slide
-    lesion.write_text(json.dumps({"type": "FeatureCollection", "features": [{
-        "type": "Feature", "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
-        "geometry": {"type": "Polygon", "coordinates": [[[2000, 2000], [6000, 2000], [6000, 6000], [2000, 6000], [2000, 2000]]]}}]}))
-    settings = {"mpp": [0.5], "max_tiles_per_slide": 100, "annotation_share": 0.5}
-    _, full = run_tiling(tmp_path, mask, 20_000, 20_000, dict(settings, max_tiles_per_slide=None), annotations=str(lesion),
-                         name="full.parquet")
-    _, capped = run_tiling(tmp_path, mask, 20_000, 20_000, settings, annotations=str(lesion), name="capped.parquet")
-    inside = full[(full.x >= 2000) & (full.x + 512 <= 6000) & (full.y >= 2000) & (full.y + 512 <= 6000)]
-    assert (inside["annotation_fraction"] == 1.0).all()
-    assert full["annotation_fraction"].between(0, 1).all()
-    assert full.loc[full.x >= 6144, "annotation_fraction"].eq(0).all()
-    on_lesion = (full["annotation_fraction"] > 0).sum()
-    assert on_lesion / len(full) < 0.1
-    assert len(capped) == 100 and (capped["annotation_fraction"] > 0).sum() == min(50, on_lesion)
+def test_tiling_settings_have_no_annotation_share_and_the_deprecated_key_is_ignored_with_a_warning(capsys):
+    from histoflow.config import validate_config
 
-
-def test_asap_xml_annotations_are_read_and_exclusion_groups_cut_out(tmp_path):
-    xml = tmp_path / "ann.xml"
-    xml.write_text("""<?xml version="1.0"?><ASAP_Annotations><Annotations>
-      <Annotation Name="T" Type="Polygon" PartOfGroup="_0"><Coordinates>
-        <Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="4096" Y="0"/>
-        <Coordinate Order="2" X="4096" Y="4096"/><Coordinate Order="3" X="0" Y="4096"/></Coordinates></Annotation>
-      <Annotation Name="E" Type="Polygon" PartOfGroup="_2"><Coordinates>
-        <Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="512" Y="0"/>
-        <Coordinate Order="2" X="512" Y="512"/><Coordinate Order="3" X="0" Y="512"/></Coordinates></Annotation>
-    </Annotations></ASAP_Annotations>""")
-    _, tiles = run_tiling(tmp_path, np.ones((10, 10), bool), 8192, 8192, {"mpp": [0.5]}, annotations=str(xml))
-    frac = tiles.set_index(["x", "y"])["annotation_fraction"]
-    assert frac[(0, 0)] == 0.0 and frac[(512, 0)] == 1.0 and frac[(4096, 0)] == 0.0
+    assert not hasattr(TilingSettings(), "annotation_share")
+    cfg = validate_config({"samples": "s.tsv", "tiling": {"max_tiles_per_slide": 12, "annotation_share": 0.9}})
+    assert "annotation_share" not in cfg["tiling"]
+    err = capsys.readouterr().err
+    assert "tiling.annotation_share" in err and "patch_classifier.lesion_share" in err
 
 
 def test_skipped_slide_gives_an_empty_table_with_the_full_schema(tmp_path):
@@ -361,22 +339,21 @@ def test_preview_draws_one_panel_per_resolution_over_the_thumbnail(tmp_path):
     assert np.abs(panel[:80, :80] - 230).max() < 20
 
 
-def test_preview_outlines_each_tile_in_its_tissue_colour_and_tints_annotated_tiles_red():
+def test_preview_outlines_each_tile_in_its_tissue_colour():
     import pandas as pd
 
     from histoflow.tiling import tile_preview_image, viridis
 
     tiles = pd.DataFrame({"target_mpp": [0.5, 0.5], "x": [0, 200], "y": [0, 200], "size0": [100, 100],
-                          "tissue_fraction": [1.0, 0.0], "annotation_fraction": [0.0, 0.5]})
+                          "tissue_fraction": [1.0, 0.0]})
     img = tile_preview_image(np.full((400, 400, 3), 200, np.uint8), tiles, 400, 400)
     panel = img[18:].astype(int)
     full, empty = viridis(np.array([1.0, 0.0]))
     for y, x in ((0, 50), (99, 50), (50, 0), (50, 99)):          # the four sides of tile 1
         assert tuple(panel[y, x]) == tuple(full)
     assert tuple(panel[50, 50]) == (200, 200, 200)                # inside: the thumbnail
-    assert tuple(panel[200, 250]) != tuple(empty)                 # tile 2's outline, tinted
-    inner = panel[250, 250]
-    assert inner[0] > 200 and inner[1] < 150 and inner[2] < 150   # red over grey
+    assert tuple(panel[200, 250]) == tuple(empty)                 # tile 2's outline
+    assert tuple(panel[250, 250]) == (200, 200, 200)              # no tint: annotations are not drawn
     assert tuple(panel[350, 350]) == (200, 200, 200)
 
 
@@ -392,7 +369,7 @@ def test_preview_draws_boxes_in_table_order_as_one_by_one_drawing_would():
     n = 300
     tiles = pd.DataFrame({"target_mpp": rng.choice([0.5, 2.0], n), "x": rng.integers(-50, 990, n),
                           "y": rng.integers(-50, 790, n), "size0": rng.integers(10, 200, n),
-                          "tissue_fraction": rng.random(n), "annotation_fraction": np.zeros(n)})
+                          "tissue_fraction": rng.random(n)})
     background = rng.integers(0, 255, (160, 200, 3)).astype(np.uint8)
     got = tile_preview_image(background, tiles, 1000, 800)
     assert np.array_equal(tile_preview_image(background, tiles, 1000, 800, canvas=preview_canvas(background, 2)), got)

@@ -113,6 +113,11 @@ def test_every_model_has_cis_a_validation_threshold_and_a_delong_test(run):
         assert column in table.columns, column
     assert (table["auc_ci_low"] <= table["auc"]).all() and (table["auc"] <= table["auc_ci_high"]).all()
     assert table["delong_p"].isna().sum() == 1          # every model but the best is tested against it
+    # every threshold says where it came from, and never from training predictions
+    assert set(table["threshold_source"]) <= {"fold_validation", "pooled_validation", "fixed",
+                                              "fold_validation+pooled_validation"}
+    for res in metrics["models"].values():
+        assert res["threshold_source"] and "patient bootstrap" in res["ci_method"], res
     for plot in ("roc.png", "pr.png", "calibration.png"):
         assert (run["outdir"] / "metrics" / plot).stat().st_size > 5000
 
@@ -149,6 +154,34 @@ def test_report_gathers_the_figures(run):
     assert len(html) > 100_000
     for caption_word in ("ROC", "heatmap", "Tissue"):
         assert caption_word.lower() in html.lower(), caption_word
+
+
+def test_report_checklist_and_mlflow_carry_no_patient_id_or_sheet_path(run):
+    """privacy.export: deidentified (the default): the sheet's patient ids and the local paths of
+    its slides and annotations are in no exported text (report, checklist.md, MLflow params,
+    tags and text artifacts); patient hashes are there instead."""
+    from mlflow.tracking import MlflowClient
+
+    sheet = pd.read_csv(run["sheet"], sep="\t", dtype=str, keep_default_na=False)
+    base = run["sheet"].parent.resolve()
+    paths = {str((base / v).resolve()) for col in ("source", "annotations") if col in sheet for v in sheet[col] if v}
+    pids = set(sheet["patient_id"])
+    outdir = run["outdir"]
+    # embedded images (base64) are pixels, not text: dropped before the scan
+    html = re.sub(r"[A-Za-z0-9+/=]{120,}", "", (outdir / "report.html").read_text(errors="replace"))
+    texts = {"report.html": html, "checklist.md": (outdir / "checklist.md").read_text()}
+    client = MlflowClient(tracking_uri=f"sqlite:///{outdir / 'mlflow.db'}")
+    for r in client.search_runs([client.get_experiment_by_name("histoflow").experiment_id], max_results=500):
+        texts[f"run {r.info.run_name}"] = json.dumps([r.data.params, r.data.tags, r.info.run_name])
+    for path in (outdir / "mlruns").rglob("*"):
+        if path.is_file() and path.suffix in (".tsv", ".json", ".md", ".txt", ".csv"):
+            texts[str(path.relative_to(outdir))] = path.read_text(errors="replace")
+    leaks = [f"{p} in {where}" for where, text in texts.items() for p in paths if p in text]
+    leaks += [f"{pid} in {where}" for where, text in texts.items() for pid in pids
+              if re.search(rf"(?<![A-Za-z0-9_]){re.escape(pid)}(?![A-Za-z0-9_])", text)]
+    assert not leaks, leaks[:10]
+    assert "privacy.export: deidentified" in texts["checklist.md"]
+    assert any("patient_hash" in t for k, t in texts.items() if k.endswith("splits.tsv"))
 
 
 def test_no_half_written_file_is_left_and_nothing_is_left_to_do(run):

@@ -266,7 +266,10 @@ def save_checkpoint(path: str | os.PathLike, result: FitResult, model_name: str,
         **extra,
     }
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        # through a handle: saved to a path, torch names the archive's records after the (random)
+        # temporary file name, and reruns would not be byte-identical
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[MILModel, dict[str, Any]]:

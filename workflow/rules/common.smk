@@ -13,9 +13,10 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from histoflow.batches import slide_batches, slides_per_job
-from histoflow.config import load_samples, validate_config
+from histoflow.config import SLIDE_ID_PATTERN, load_samples, validate_config
 from histoflow.errors import InputError
 from histoflow.encoders import encoder_slug
+from histoflow.privacy import config_digest, sheet_reference
 
 # Bad config or samples sheet: one line naming the field/row and the fix, no traceback.
 try:
@@ -31,6 +32,10 @@ except InputError as err:
 
 # Jobs (local, SLURM or in per-rule conda envs) import histoflow from this checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
+# ... and know the output folder, the only place their deletes may touch (histoflow.io.safe_remove).
+os.environ["HISTOFLOW_OUTDIR"] = os.path.abspath(config["outdir"])
+# ... and where the sheet is: params may name a cell instead of holding it (sheet_ref).
+os.environ["HISTOFLOW_SAMPLES"] = os.path.abspath(config["samples"])
 
 OUTDIR = config["outdir"]
 SLIDES = list(samples["slide_id"])
@@ -40,7 +45,7 @@ SCRIPTS = str(Path(workflow.basedir) / "workflow" / "scripts")
 TARGETS = []
 
 wildcard_constraints:
-    slide_id=r"[A-Za-z0-9._-]+",
+    slide_id=SLIDE_ID_PATTERN,   # histoflow.config: a plain file name, never . or ..
 
 
 def out(path):
@@ -108,6 +113,19 @@ def slide_field(column):
 
     field.__name__ = f"slide_field_{column}"
     return cheap_input_function(field)
+
+
+def sheet_ref(column):
+    """A params function naming one cell of the slide's sheet row (column, kind, hash) instead of
+    holding it, for values that must stay out of .snakemake/metadata, logs and the report (a
+    signed URL's query string, a local path): the job reads the cell from the sheet itself
+    (histoflow.privacy.resolve_sheet_value); the hash reruns the job when the cell changes."""
+
+    def ref(wildcards):
+        return sheet_reference(column, SAMPLE_ROWS[wildcards.slide_id][column])
+
+    ref.__name__ = f"sheet_ref_{column}"
+    return cheap_input_function(ref)
 
 
 def by_wildcard(name, func):
@@ -370,7 +388,7 @@ def batch_minutes(per_slide_minutes, fixed_minutes=10):
 
 # ------------------------------------------------------------------------------------------------
 # Input functions of the stages. They read globals that the stage files define when included
-# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS), and are
+# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS, CROSSFIT), and are
 # only called after those includes.
 
 
@@ -404,6 +422,12 @@ def feature_inputs(encoder_name):
 def tile_prob_files(source):
     """Every fold's tile-probability table of one source (for heatmaps, lesions, slide features)."""
     return expand(out("tile_probs/{source}/fold{fold}.parquet"), source=source, fold=FOLDS)
+
+
+def crossfit_files(source):
+    """Every outer fold's cross-fitted tile probabilities of one source, on which the slide
+    classifiers train (CROSSFIT, slide_features.smk: none without slide classifiers)."""
+    return expand(out("tile_probs/{source}/fold{fold}.crossfit.parquet"), source=source, fold=FOLDS) if CROSSFIT else []
 
 
 def model_predictions():

@@ -13,7 +13,8 @@ rule download_slide:
     output:
         manifest=out("downloads/{slide_id}.json"),
     params:
-        source=slide_field("source"),
+        # the sheet cell, not the URL: a signed URL's query never reaches .snakemake/metadata
+        source=sheet_ref("source"),
         md5=slide_field("md5"),
         dest_dir=lambda wc: out(f"downloads/{wc.slide_id}"),
         settings=config["download"],

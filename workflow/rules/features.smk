@@ -27,6 +27,7 @@ rule extract_features:
         settings=config["features"],
         tiling_mpp=config["tiling"]["mpp"],
         seed=config["seed"],
+        on_error=config["on_error"],
     wildcard_constraints:
         encoder="|".join(map(re.escape, FEATURE_ENCODERS)),
     log:
@@ -75,4 +76,21 @@ rule features:
         FEATURE_FILES,
 
 
+# qc/features.tsv: failed-tile counts per slide and encoder (features.max_failed_tile_fraction)
+rule features_qc:
+    input:
+        FEATURE_FILES,
+    output:
+        table=out("qc/features.tsv"),
+    params:
+        features=[f for name in config["features"]["encoders"] for f in features_for(name)],
+    log:
+        log_path("features_qc", "features_qc"),
+    conda:
+        "../../envs/slides.yaml"
+    script:
+        "../scripts/features_qc.py"
+
+
 TARGETS.extend(FEATURE_FILES)
+TARGETS.append(out("qc/features.tsv"))

@@ -1,5 +1,6 @@
 # Stage: lesions. Threshold + 8-connected components on each slide's held-out probability map ->
-# lesion polygons; against annotations, CAMELYON16 lesion-level FROC and tile-grid Dice.
+# lesion polygons (and Dice); local maxima of the map over the whole probability range -> FROC
+# detections. lesion_metrics scores the test-role slides only (CAMELYON16 FROC, tile-grid Dice).
 import re
 
 
@@ -60,7 +61,8 @@ rule lesion_metrics:
     output:
         metrics=out("lesions/{source}/metrics.json"),
         per_slide=out("lesions/{source}/per_slide.tsv"),
-        froc=report(out("lesions/{source}/froc.png"), category="Lesions", labels={"source": "{source}"}),
+        froc=report(out("lesions/{source}/froc.png"), caption="../report/froc.rst", category="5. Lesions",
+                    labels={"source": "{source}"}),
     params:
         records=lambda wc: per_slide(f"lesions/{wc.source}/{{slide_id}}.json"),
         settings=config["lesions"],

@@ -1,5 +1,7 @@
 # Stage: metrics. Every model, MIL and feature-based, in one comparison table with patient-level
-# bootstrap CIs, fold mean ± SD and DeLong tests; ROC, PR and calibration plots.
+# bootstrap CIs, fold mean ± SD and DeLong tests; ROC, PR and calibration plots. The per-fold
+# tables carry every role: thresholds come from the val rows, metrics from the test rows (each
+# slide once; holdout: the mean of the fold models).
 
 
 rule metrics:
@@ -15,6 +17,7 @@ rule metrics:
         predictions=model_predictions(),
         settings=config["metrics"],
         seed=config["seed"],
+        strategy=config["split"]["strategy"],
     log:
         log_path("metrics", "metrics"),
     conda:

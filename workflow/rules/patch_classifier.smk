@@ -79,7 +79,7 @@ rule train_patch_classifier:
         features=feature_inputs(PC_ENCODER),
         labels=slide_inputs("patch_labels/{slide_id}.parquet"),
     output:
-        model=out("patch_classifier/fold{fold}/model.joblib"),
+        model=out("patch_classifier/fold{fold}/model.safetensors"),
         metrics=out("patch_classifier/fold{fold}/metrics.json"),
     params:
         features=features_for(PC_ENCODER),
@@ -100,7 +100,7 @@ rule train_patch_classifier:
 
 rule tile_probs_patch_classifier:
     input:
-        model=out("patch_classifier/fold{fold}/model.joblib"),
+        model=out("patch_classifier/fold{fold}/model.safetensors"),
         splits=out("splits/splits.tsv"),
         features=feature_inputs(PC_ENCODER),
     output:

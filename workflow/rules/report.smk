@@ -13,9 +13,9 @@ rule checklist:
             category="0. Checklist",
         ),
     params:
-        outdir=outdir_of("checklist.md"),
-        config=config,
-        samples=config["samples"],
+        # the report shows a rule's params: a digest of the config (a changed config reruns the
+        # checklist), not the config with its paths; the script reads snakemake.config
+        config_digest=config_digest(config),
     log:
         log_path("checklist", "checklist"),
     conda:

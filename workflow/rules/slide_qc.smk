@@ -11,6 +11,9 @@ rule slide_qc:
         sheet_mpp=slide_field("mpp"),
         default_mpp=config["default_mpp"],
         on_error=config["on_error"],
+        # decode a grid of tiles at the level features read (histoflow.slide_qc.check_tiles)
+        tile_check={"mpp": config["features"]["mpp"], "tile_px": config["tiling"]["tile_px"],
+                    "max_failed_tile_fraction": config["features"]["max_failed_tile_fraction"]},
     log:
         log_path("slide_qc"),
     conda:
@@ -55,6 +58,7 @@ rule qc_table:
         slides=per_slide("slides/{slide_id}.json"),
         tissue=per_slide("tissue/{slide_id}.json"),
         tiles=per_slide("tiles/{slide_id}.parquet"),
+        privacy=config["privacy"]["export"],
     log:
         log_path("qc_table", "qc_table"),
     conda:

@@ -20,7 +20,8 @@ rule tile_slide:
     params:
         settings=config["tiling"],
         seed=config["seed"],
-        annotations=slide_field("annotations"),
+        # no annotations: bag tiles must be the same with or without them (a lesion-enriched
+        # sample of test slides would inflate MIL, heatmap and slide-feature results)
         on_error=config["on_error"],
     log:
         log_path("tile_slide"),

@@ -11,4 +11,5 @@ with log_to(first_log(snakemake)):
         calibration_png=snakemake.output.calibration,
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
+        strategy=snakemake.params.strategy,
     )

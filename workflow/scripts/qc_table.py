@@ -7,4 +7,5 @@ with log_to(first_log(snakemake)):
         tissue_jsons=list(snakemake.params.tissue),
         tile_tables=list(snakemake.params.tiles),
         out_path=snakemake.output.table,
+        privacy=snakemake.params.privacy,
     )

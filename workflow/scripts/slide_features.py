@@ -9,4 +9,5 @@ with log_to(first_log(snakemake)):
         out_path=snakemake.output.table,
         settings=snakemake.params.settings,
         source=snakemake.wildcards.source,
+        crossfit_paths=list(snakemake.input.crossfit),
     )
