@@ -113,9 +113,9 @@ def _run_ssl(cohort, tmp_path, monkeypatch, ssl: dict, hed_jitter=0.05, splits=N
     seen = {}
     real_read = ssl_mod.read_training_tiles
 
-    def spy(chosen, paths, image_px, progress=True):
+    def spy(chosen, paths, image_px, *args, **kwargs):
         seen["slides"] = set(chosen["slide_id"])
-        return real_read(chosen, paths, image_px, progress)
+        return real_read(chosen, paths, image_px, *args, **kwargs)
 
     monkeypatch.setattr(ssl_mod, "read_training_tiles", spy)
     settings = {"epochs": 1, "batch_size": 8, "max_tiles": 48, "image_px": 32, "device": "cpu", **ssl}
