@@ -213,7 +213,7 @@ def test_download_rule_params_hold_no_query_string(repo_root):
     assert 'source=sheet_ref("source")' in rules
     tiles = (repo_root / "workflow" / "rules" / "tiles.smk").read_text()
     # tiling takes no annotations at all (bag tiles never depend on them), so no path in its params
-    assert "annotations" not in tiles.split("rule tile_slide:", 1)[1].split("\nrule ", 1)[0]
+    assert "annotations=" not in tiles.split("rule tile_slide:", 1)[1].split("\nrule ", 1)[0]
     report = (repo_root / "workflow" / "rules" / "report.smk").read_text()
     assert "config=config" not in report
 
