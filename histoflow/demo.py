@@ -81,13 +81,23 @@ class SlidePlan:
     bubble: bool = False
     almost_empty: bool = False
     nuisances: list = field(default_factory=list)
+    lesion: bool | None = None      # draw lesions; None = on tumor-labelled slides only
+
+    @property
+    def has_lesion(self) -> bool:
+        return self.label == TUMOR if self.lesion is None else self.lesion
 
 
-def plan_cohort(n_slides: int, seed: int) -> list[SlidePlan]:
+def plan_cohort(n_slides: int, seed: int, null_labels: bool = False) -> list[SlidePlan]:
     """Patients (about a third of them with two slides, same label), balanced labels, and the
-    nuisances, spread so that even a 4-slide cohort has pen, blur, bubble and an empty slide."""
+    nuisances, spread so that even a 4-slide cohort has pen, blur, bubble and an empty slide.
+
+    ``null_labels``: the null cohort (see :func:`null_plan`): lesions on every slide, labels
+    drawn by a seeded permutation of the patients, no almost empty slide."""
     if n_slides < 1:
         raise InputError(f"demo cohort: --slides must be >= 1 (got {n_slides})")
+    if null_labels:
+        return null_plan(plan_cohort(n_slides, seed), seed)
     rng = np.random.default_rng([seed, 10_000])
     n_pairs = n_slides // 3 if n_slides >= 3 else (1 if n_slides == 2 else 0)
     n_single = n_slides - 2 * n_pairs
@@ -122,6 +132,33 @@ def plan_cohort(n_slides: int, seed: int) -> list[SlidePlan]:
             p.pen = inks[(j // 3) % len(inks)]
         p.blur = j % 3 == 2
         p.bubble = j % 4 == 2
+    return plans
+
+
+def null_plan(plans: list[SlidePlan], seed: int) -> list[SlidePlan]:
+    """The null cohort: every slide carries lesions, so the pixels say nothing about the label.
+
+    Labels go to patients in the order of a seeded permutation (its own stream, independent of
+    every slide's pixel stream), tumor while that keeps the tumor slides at most half of the
+    cohort, so about half the slides are tumor. Nuisances stay where :func:`plan_cohort` put
+    them, by slide index (not by label); the almost empty slide becomes an ordinary one (its
+    fragment could not hold a lesion, which would give its label away).
+
+    With annotations, only tumor-labelled slides get polygons, as annotators do in CAMELYON16-
+    style sheets. Any annotation-dependent tile selection then enriches exactly the positive
+    bags in tumour, and any model fed by it scores above chance: this cohort is the permutation
+    guard's (tests/test_permutation_guard.py). Honest code stays at chance.
+    """
+    rng = np.random.default_rng([seed, 20_000])
+    patients = list(dict.fromkeys(p.patient_id for p in plans))
+    size = {pid: sum(p.patient_id == pid for p in plans) for pid in patients}
+    label, n_tumor = {}, 0
+    for k in rng.permutation(len(patients)):
+        pid = patients[k]
+        label[pid] = TUMOR if 2 * (n_tumor + size[pid]) <= len(plans) else NORMAL
+        n_tumor += size[pid] if label[pid] == TUMOR else 0
+    for p in plans:
+        p.label, p.lesion, p.almost_empty = label[p.patient_id], True, False
     return plans
 
 
@@ -429,7 +466,7 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
     lr_shape = (height // MASK_DS, width // MASK_DS)
     scale = min(width, height) / min(DEFAULT_SIZE)
     tissue, pieces = tissue_field(rng, lr_shape, plan.almost_empty)
-    lesion = lesion_field(rng, tissue, min(1.0, scale)) if plan.label == TUMOR else np.zeros(lr_shape, bool)
+    lesion = lesion_field(rng, tissue, min(1.0, scale)) if plan.has_lesion else np.zeros(lr_shape, bool)
 
     alpha = ndi.gaussian_filter(tissue.astype(np.float32), 0.8)
     alpha[~ndi.binary_dilation(tissue, iterations=3)] = 0
@@ -695,11 +732,13 @@ def demo_config(samples_path: Path) -> dict:
 def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int = 7,
                      width: int | None = None, height: int | None = None,
                      annotations: bool = True, small: bool = False,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, null_labels: bool = False) -> Path:
     """Write the demo cohort to ``out_dir`` and return the samples sheet path.
 
     ``small`` gives ~3000 x 2400 px slides (CI), otherwise ~8000 x 6000 px; ``width``/``height``
     override either. Same ``seed`` => identical decoded pixels, polygons and sheet.
+    ``null_labels``: the null cohort (:func:`null_plan`): lesions on every slide, labels by a
+    seeded permutation of the patients, annotations on tumor-labelled slides only.
     """
     from tqdm import tqdm
 
@@ -710,7 +749,7 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     out = Path(out_dir).resolve()
     for sub in ("slides", "truth", ".tmp") + (("annotations",) if annotations else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    plans = plan_cohort(n_slides, seed)
+    plans = plan_cohort(n_slides, seed, null_labels=null_labels)
     rows = []
     t0 = time.perf_counter()
     for plan in tqdm(plans, desc="demo slides", unit="slide", disable=not progress):
@@ -720,11 +759,14 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
         write_json(out / "truth" / f"{plan.slide_id}.json", result.truth)
         row = {"slide_id": plan.slide_id, "patient_id": plan.patient_id, "label": plan.label,
                "source": f"slides/{plan.slide_id}.tiff", "md5": md5sum(tiff)}
-        if annotations:
+        # the null cohort's negatives carry lesions nobody outlined (as CAMELYON16's sheets do)
+        if annotations and not (null_labels and plan.label != TUMOR):
             write_json(out / "annotations" / f"{plan.slide_id}.geojson",
                        lesion_geojson(plan.slide_id, result.lesion_polygons, seed))
             write_text(out / "annotations" / f"{plan.slide_id}.xml", lesion_asap_xml(result.lesion_polygons))
             row["annotations"] = f"annotations/{plan.slide_id}.geojson"
+        elif annotations:
+            row["annotations"] = ""
         rows.append(row)
     (out / ".tmp").rmdir()
     sheet = out / "samples.tsv"
