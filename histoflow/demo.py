@@ -82,6 +82,8 @@ class SlidePlan:
     almost_empty: bool = False
     nuisances: list = field(default_factory=list)
     lesion: bool | None = None      # draw lesions; None = on tumor-labelled slides only
+    lesion_scale: float = 1.0       # lesion diameters times this
+    max_lesions: int = 3
 
     @property
     def has_lesion(self) -> bool:
@@ -136,18 +138,20 @@ def plan_cohort(n_slides: int, seed: int, null_labels: bool = False) -> list[Sli
 
 
 def null_plan(plans: list[SlidePlan], seed: int) -> list[SlidePlan]:
-    """The null cohort: every slide carries lesions, so the pixels say nothing about the label.
+    """The null cohort: every slide carries one lesion (half the usual diameters, ~3-12 % of the
+    tissue on full-size slides), so the pixels say nothing about the label.
 
     Labels go to patients in the order of a seeded permutation (its own stream, independent of
     every slide's pixel stream), tumor while that keeps the tumor slides at most half of the
-    cohort, so about half the slides are tumor. Nuisances stay where :func:`plan_cohort` put
-    them, by slide index (not by label); the almost empty slide becomes an ordinary one (its
-    fragment could not hold a lesion, which would give its label away).
+    cohort, so about half the slides are tumor. No nuisances and no almost empty slide (whose
+    fragment could not hold a lesion, which would give its label away): they only add variance
+    unrelated to the question.
 
     With annotations, only tumor-labelled slides get polygons, as annotators do in CAMELYON16-
     style sheets. Any annotation-dependent tile selection then enriches exactly the positive
-    bags in tumour, and any model fed by it scores above chance: this cohort is the permutation
-    guard's (tests/test_permutation_guard.py). Honest code stays at chance.
+    bags in tumour (the lesion is small, so an honest sample holds little of it), and any model
+    fed by it scores above chance: this cohort is the permutation guard's
+    (tests/test_permutation_guard.py). Honest code stays at chance.
     """
     rng = np.random.default_rng([seed, 20_000])
     patients = list(dict.fromkeys(p.patient_id for p in plans))
@@ -158,7 +162,8 @@ def null_plan(plans: list[SlidePlan], seed: int) -> list[SlidePlan]:
         label[pid] = TUMOR if 2 * (n_tumor + size[pid]) <= len(plans) else NORMAL
         n_tumor += size[pid] if label[pid] == TUMOR else 0
     for p in plans:
-        p.label, p.lesion, p.almost_empty = label[p.patient_id], True, False
+        p.label, p.lesion, p.lesion_scale, p.max_lesions = label[p.patient_id], True, 0.5, 1
+        p.almost_empty, p.pen, p.blur, p.bubble = False, None, False, False
     return plans
 
 
@@ -219,9 +224,9 @@ def tissue_field(rng: np.random.Generator, shape: tuple[int, int], almost_empty:
     return mask, pieces
 
 
-def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float) -> np.ndarray:
-    """Binary lesion mask (low-res): 1-3 irregular blobs from ~0.3 to ~1.5 mm (times ``scale``
-    for small slides), always inside the tissue with a margin."""
+def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float, max_lesions: int = 3) -> np.ndarray:
+    """Binary lesion mask (low-res): 1-3 (at most ``max_lesions``) irregular blobs from ~0.3 to
+    ~1.5 mm (times ``scale`` for small slides), always inside the tissue with a margin."""
     h, w = tissue.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     inner = ndi.binary_erosion(tissue, iterations=3)
@@ -232,6 +237,7 @@ def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float) -> 
     # a mix of sizes: the first lesion large, the others smaller
     diameters_um = np.sort(np.exp(rng.uniform(np.log(300), np.log(1500), n)))[::-1]
     diameters_um[0] = max(diameters_um[0], 900.0)
+    diameters_um = diameters_um[:max_lesions]
     for d_um in diameters_um * scale:
         r = d_um / 2 / (MPP * MASK_DS)
         if free.max() < 3:
@@ -466,7 +472,7 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
     lr_shape = (height // MASK_DS, width // MASK_DS)
     scale = min(width, height) / min(DEFAULT_SIZE)
     tissue, pieces = tissue_field(rng, lr_shape, plan.almost_empty)
-    lesion = lesion_field(rng, tissue, min(1.0, scale)) if plan.has_lesion else np.zeros(lr_shape, bool)
+    lesion = lesion_field(rng, tissue, min(1.0, scale) * plan.lesion_scale, plan.max_lesions) if plan.has_lesion else np.zeros(lr_shape, bool)
 
     alpha = ndi.gaussian_filter(tissue.astype(np.float32), 0.8)
     alpha[~ndi.binary_dilation(tissue, iterations=3)] = 0

@@ -51,8 +51,7 @@ FAMILY_ALPHA = 0.05
 # key of the tile sampler beyond the cap is set: the guard tests the default behaviour.
 GUARD_CONFIG = {
     "slides_per_job": 8,
-    "tiling": {"tile_px": 64, "max_tiles_per_slide": 24},
-    "ssl": {"image_px": 64},
+    "tiling": {"tile_px": 112, "max_tiles_per_slide": 24},
     "split": {"k": 4},
     "mil": {"models": ["abmil", "mean"]},
     "slide_classifier": {"models": ["logreg", "rf"], "n_estimators": 100},
@@ -75,7 +74,7 @@ def run_null_dag(root: Path, overrides: dict | None = None) -> dict:
 
     sheet = Path(root) / "cohort" / "samples.tsv"
     if not sheet.exists():
-        sheet = make_demo_cohort(Path(root) / "cohort", n_slides=N_SLIDES, seed=COHORT_SEED, small=True,
+        sheet = make_demo_cohort(Path(root) / "cohort", n_slides=N_SLIDES, seed=COHORT_SEED,
                                  progress=False, null_labels=True)
     cfg = json.loads(json.dumps(GUARD_CONFIG))
     update_config(cfg, overrides or {})
