@@ -21,8 +21,13 @@ tumour-enriched gives AUC near 1, outside the band.
 The whole DAG (tiles, SSL encoder, features, patch labels, patch classifier, MIL, tile
 probabilities, heatmaps, lesions, slide features, slide classifiers, metrics, checklist,
 MLflow) runs on 16 slides (full demo size, so that one lesion is a few tiles across yet a small
-share of the tissue) with a 24-tile cap and slide batches of 8: 12-13 min on a 2-core machine
-shared with other heavy jobs (load ~9), a few minutes on an idle one.
+share of the tissue) with a 24-tile cap and slide batches of 8: 12.7 min (DAG) + 2.4 min (cohort)
+on a 2-core machine shared with other heavy jobs (load ~9); not yet timed on an idle one.
+
+The patch classifier needs tumour tiles among its train slides' tiles: with the current tiling,
+an honest (annotation-blind) 24-tile sample of these small lesions can hold none in a fold
+(`annotation_share: 0` stops at train_patch_classifier), so the guard relies on the patch
+classifier getting informed sampling on train-role slides only (issue 16, item 1).
 
 Measured with the annotation-aware tile sample (tiling.annotation_share 0.5 of the cap on
 lesion tiles, on every slide): mil-abmil 0.97, mil-mean 0.92, logreg 0.94 and rf 0.95 on the
