@@ -18,7 +18,7 @@ def _demo_cohort(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     sheet = make_demo_cohort(args.out, n_slides=args.slides, seed=args.seed, small=args.small,
-                             annotations=not args.no_annotations)
+                             annotations=not args.no_annotations, null_labels=args.null_labels)
     out = sheet.parent
     print(f"demo cohort: {args.slides} slides in {time.perf_counter() - t0:.1f} s")
     print(f"  samples sheet : {sheet}")
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="random seed; same seed => same pixels")
     demo.add_argument("--small", action="store_true", help="~3000 x 2400 px slides (CI) instead of ~8000 x 6000")
     demo.add_argument("--no-annotations", action="store_true", help="write no lesion polygons")
+    demo.add_argument("--null-labels", action="store_true",
+                      help="null cohort: lesions on every slide, labels by a seeded permutation of the patients "
+                           "(half tumor), polygons on tumor-labelled slides only (the permutation guard's cohort)")
     demo.set_defaults(func=_demo_cohort)
 
     where = sub.add_parser("where", help="where a run's report, checklist, QC table and MLflow store are")

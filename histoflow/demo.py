@@ -81,13 +81,25 @@ class SlidePlan:
     bubble: bool = False
     almost_empty: bool = False
     nuisances: list = field(default_factory=list)
+    lesion: bool | None = None      # draw lesions; None = on tumor-labelled slides only
+    lesion_scale: float = 1.0       # lesion diameters times this
+    max_lesions: int = 3
+
+    @property
+    def has_lesion(self) -> bool:
+        return self.label == TUMOR if self.lesion is None else self.lesion
 
 
-def plan_cohort(n_slides: int, seed: int) -> list[SlidePlan]:
+def plan_cohort(n_slides: int, seed: int, null_labels: bool = False) -> list[SlidePlan]:
     """Patients (about a third of them with two slides, same label), balanced labels, and the
-    nuisances, spread so that even a 4-slide cohort has pen, blur, bubble and an empty slide."""
+    nuisances, spread so that even a 4-slide cohort has pen, blur, bubble and an empty slide.
+
+    ``null_labels``: the null cohort (see :func:`null_plan`): lesions on every slide, labels
+    drawn by a seeded permutation of the patients, no almost empty slide."""
     if n_slides < 1:
         raise InputError(f"demo cohort: --slides must be >= 1 (got {n_slides})")
+    if null_labels:
+        return null_plan(plan_cohort(n_slides, seed), seed)
     rng = np.random.default_rng([seed, 10_000])
     n_pairs = n_slides // 3 if n_slides >= 3 else (1 if n_slides == 2 else 0)
     n_single = n_slides - 2 * n_pairs
@@ -122,6 +134,36 @@ def plan_cohort(n_slides: int, seed: int) -> list[SlidePlan]:
             p.pen = inks[(j // 3) % len(inks)]
         p.blur = j % 3 == 2
         p.bubble = j % 4 == 2
+    return plans
+
+
+def null_plan(plans: list[SlidePlan], seed: int) -> list[SlidePlan]:
+    """The null cohort: every slide carries one lesion (half the usual diameters, ~3-12 % of the
+    tissue on full-size slides), so the pixels say nothing about the label.
+
+    Labels go to patients in the order of a seeded permutation (its own stream, independent of
+    every slide's pixel stream), tumor while that keeps the tumor slides at most half of the
+    cohort, so about half the slides are tumor. No nuisances and no almost empty slide (whose
+    fragment could not hold a lesion, which would give its label away): they only add variance
+    unrelated to the question.
+
+    With annotations, only tumor-labelled slides get polygons, as annotators do in CAMELYON16-
+    style sheets. Any annotation-dependent tile selection then enriches exactly the positive
+    bags in tumour (the lesion is small, so an honest sample holds little of it), and any model
+    fed by it scores above chance: this cohort is the permutation guard's
+    (tests/test_permutation_guard.py). Honest code stays at chance.
+    """
+    rng = np.random.default_rng([seed, 20_000])
+    patients = list(dict.fromkeys(p.patient_id for p in plans))
+    size = {pid: sum(p.patient_id == pid for p in plans) for pid in patients}
+    label, n_tumor = {}, 0
+    for k in rng.permutation(len(patients)):
+        pid = patients[k]
+        label[pid] = TUMOR if 2 * (n_tumor + size[pid]) <= len(plans) else NORMAL
+        n_tumor += size[pid] if label[pid] == TUMOR else 0
+    for p in plans:
+        p.label, p.lesion, p.lesion_scale, p.max_lesions = label[p.patient_id], True, 0.5, 1
+        p.almost_empty, p.pen, p.blur, p.bubble = False, None, False, False
     return plans
 
 
@@ -182,9 +224,9 @@ def tissue_field(rng: np.random.Generator, shape: tuple[int, int], almost_empty:
     return mask, pieces
 
 
-def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float) -> np.ndarray:
-    """Binary lesion mask (low-res): 1-3 irregular blobs from ~0.3 to ~1.5 mm (times ``scale``
-    for small slides), always inside the tissue with a margin."""
+def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float, max_lesions: int = 3) -> np.ndarray:
+    """Binary lesion mask (low-res): 1-3 (at most ``max_lesions``) irregular blobs from ~0.3 to
+    ~1.5 mm (times ``scale`` for small slides), always inside the tissue with a margin."""
     h, w = tissue.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     inner = ndi.binary_erosion(tissue, iterations=3)
@@ -195,6 +237,7 @@ def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float) -> 
     # a mix of sizes: the first lesion large, the others smaller
     diameters_um = np.sort(np.exp(rng.uniform(np.log(300), np.log(1500), n)))[::-1]
     diameters_um[0] = max(diameters_um[0], 900.0)
+    diameters_um = diameters_um[:max_lesions]
     for d_um in diameters_um * scale:
         r = d_um / 2 / (MPP * MASK_DS)
         if free.max() < 3:
@@ -429,7 +472,7 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
     lr_shape = (height // MASK_DS, width // MASK_DS)
     scale = min(width, height) / min(DEFAULT_SIZE)
     tissue, pieces = tissue_field(rng, lr_shape, plan.almost_empty)
-    lesion = lesion_field(rng, tissue, min(1.0, scale)) if plan.label == TUMOR else np.zeros(lr_shape, bool)
+    lesion = lesion_field(rng, tissue, min(1.0, scale) * plan.lesion_scale, plan.max_lesions) if plan.has_lesion else np.zeros(lr_shape, bool)
 
     alpha = ndi.gaussian_filter(tissue.astype(np.float32), 0.8)
     alpha[~ndi.binary_dilation(tissue, iterations=3)] = 0
@@ -695,11 +738,13 @@ def demo_config(samples_path: Path) -> dict:
 def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int = 7,
                      width: int | None = None, height: int | None = None,
                      annotations: bool = True, small: bool = False,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, null_labels: bool = False) -> Path:
     """Write the demo cohort to ``out_dir`` and return the samples sheet path.
 
     ``small`` gives ~3000 x 2400 px slides (CI), otherwise ~8000 x 6000 px; ``width``/``height``
     override either. Same ``seed`` => identical decoded pixels, polygons and sheet.
+    ``null_labels``: the null cohort (:func:`null_plan`): lesions on every slide, labels by a
+    seeded permutation of the patients, annotations on tumor-labelled slides only.
     """
     from tqdm import tqdm
 
@@ -710,7 +755,7 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     out = Path(out_dir).resolve()
     for sub in ("slides", "truth", ".tmp") + (("annotations",) if annotations else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    plans = plan_cohort(n_slides, seed)
+    plans = plan_cohort(n_slides, seed, null_labels=null_labels)
     rows = []
     t0 = time.perf_counter()
     for plan in tqdm(plans, desc="demo slides", unit="slide", disable=not progress):
@@ -720,11 +765,14 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
         write_json(out / "truth" / f"{plan.slide_id}.json", result.truth)
         row = {"slide_id": plan.slide_id, "patient_id": plan.patient_id, "label": plan.label,
                "source": f"slides/{plan.slide_id}.tiff", "md5": md5sum(tiff)}
-        if annotations:
+        # the null cohort's negatives carry lesions nobody outlined (as CAMELYON16's sheets do)
+        if annotations and not (null_labels and plan.label != TUMOR):
             write_json(out / "annotations" / f"{plan.slide_id}.geojson",
                        lesion_geojson(plan.slide_id, result.lesion_polygons, seed))
             write_text(out / "annotations" / f"{plan.slide_id}.xml", lesion_asap_xml(result.lesion_polygons))
             row["annotations"] = f"annotations/{plan.slide_id}.geojson"
+        elif annotations:
+            row["annotations"] = ""
         rows.append(row)
     safe_remove(out / ".tmp", out)
     sheet = out / "samples.tsv"
