@@ -117,6 +117,13 @@ def bundle_settings(config: dict) -> dict[str, Any]:
             "stain_method": config.get("stain", {}).get("method", "none")}
 
 
+def _stain_reference(stain: dict) -> dict:
+    """stain.json without the reference image's path (a bundle may leave the site)."""
+    kept = {k: v for k, v in stain.items() if k not in ("reference", "reference_source")}
+    kept["reference"] = "auto" if stain.get("reference", "auto") == "auto" else "file"
+    return kept
+
+
 def write_mil_bundle(model_name: str, checkpoint_paths: Sequence[str], prediction_paths: Sequence[str],
                      feature_paths: Sequence[str], encoder: str, settings: dict[str, Any], target: dict,
                      metrics_settings: dict | None, seed: int, stain_json: str | None,
@@ -155,7 +162,7 @@ def write_mil_bundle(model_name: str, checkpoint_paths: Sequence[str], predictio
         "ensemble": "mean of the fold models' probabilities",
         "encoder": {"name": encoder, "weights": _encoder_weights(feature_paths)},
         **settings,
-        "stain_reference": read_json(stain_json) if stain_json else None,
+        "stain_reference": _stain_reference(read_json(stain_json)) if stain_json else None,
         "target": target,
         "threshold": {**pooled, "method": cfg.threshold_method,
                       "note": "the ensemble's operating point: chosen on the development run's validation "

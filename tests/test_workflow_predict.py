@@ -165,3 +165,21 @@ def test_extra_slides_never_reach_cohort_fits(run):
     assert all(s in dag for s in run["dev"]["slide_id"])
     extra = [*run["ext"]["slide_id"], *run["new"]["slide_id"]]
     assert not [s for s in extra if s in dag]
+
+
+def test_a_bundle_of_another_run_predicts_only_with_matching_settings(run):
+    """predict.model may name another outdir's bundle folder; its tiling must match (planning only)."""
+    bundle = run["outdir"] / "models" / "mil-abmil"
+    other = {"outdir": str(run["root"] / "other"), "external": [],
+             "predict": {"samples": str(run["root"] / "new.tsv"), "name": "new", "model": str(bundle)}}
+    same = run["root"] / "other_same.yaml"
+    same.write_text(yaml.safe_dump(other))
+    proc = _snakemake(["-n", "predict"], [*run["configs"], same], timeout=300)
+    _check(proc)
+    assert "predict_slides" in proc.stdout
+    differ = run["root"] / "other_differ.yaml"
+    differ.write_text(yaml.safe_dump({**other, "tiling": {"tile_px": 224}}))
+    proc = _snakemake(["-n", "predict"], [*run["configs"], differ], timeout=300)
+    assert proc.returncode != 0
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("histoflow:")]
+    assert line and "tiling.tile_px=112" in line[0], proc.stderr[-2000:]
