@@ -158,7 +158,7 @@ def test_extra_slides_never_reach_cohort_fits(run):
     normalisation switched on): development slides only."""
     stain = run["root"] / "stain.yaml"
     stain.write_text(yaml.safe_dump({"stain": {"method": "macenko"}}))
-    proc = _snakemake(["--forceall", "--dag", str(run["outdir"] / "stain" / "stain.json"),
+    proc = _snakemake(["--forceall", "--dag", "dot", str(run["outdir"] / "stain" / "stain.json"),
                        str(run["outdir"] / "ssl" / "resnet-tiny" / "encoder.pt")], [*run["configs"], stain], timeout=300)
     _check(proc)
     dag = proc.stdout
