@@ -457,3 +457,15 @@ def model_predictions():
         for clf in SLIDE_CLASSIFIERS:
             models[f"{clf}@{source}"] = [out(f"slide_classifier/{source}/{clf}/predictions.tsv")]
     return models
+
+
+def external_rows(name):
+    """The sheet rows (slide_id, patient_id, label) of external cohort `name` (models.smk)."""
+    table = EXTRA[name]["table"]
+    return table[["slide_id", "patient_id", "label"]].to_dict("records")
+
+
+def external_predictions():
+    """{cohort: {model: external predictions.tsv}} for rule metrics: every bundled model
+    (BUNDLE_MODELS, models.smk) on every external cohort (EXTERNAL)."""
+    return {c: {m: out(f"external/{c}/{m}/predictions.tsv") for m in BUNDLE_MODELS} for c in EXTERNAL}

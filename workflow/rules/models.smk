@@ -55,11 +55,6 @@ TARGETS.extend(MODEL_TARGETS)
 EXTERNAL = [name for name, e in EXTRA.items() if e["kind"] == "external"]
 
 
-def external_rows(name):
-    table = EXTRA[name]["table"]
-    return table[["slide_id", "patient_id", "label"]].to_dict("records")
-
-
 rule predict_external:
     input:
         bundle=out("models/{model}/bundle.json"),
@@ -78,11 +73,6 @@ rule predict_external:
         "../../envs/torch.yaml"
     script:
         "../scripts/predict_external.py"
-
-
-def external_predictions():
-    """{cohort: {model: external predictions.tsv}} for rule metrics (only bundled models)."""
-    return {c: {m: out(f"external/{c}/{m}/predictions.tsv") for m in BUNDLE_MODELS} for c in EXTERNAL}
 
 
 # ------------------------------------------------------------------------------------------------
