@@ -183,8 +183,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     if (out / "splits" / "splits.tsv").exists():
         it.artifacts.append(str(out / "splits" / "splits.tsv"))
     it.artifacts += [p for p in [str(out / "splits" / "split.json")] if Path(p).exists()]
-    it.summary.append(f"Patient-level, label-stratified splits ({split_json.get('strategy', split_cfg.get('strategy', 'kfold'))}, "
-                      f"k={split_json.get('k', split_cfg.get('k', '?'))}, seed {cfg.get('seed')}); no patient in two roles of one fold.")
+    strategy = split_json.get('strategy', split_cfg.get('strategy', 'kfold'))
+    it.summary.append(("The samples sheet's own split (`split` column, used as given; split.strategy sheet"
+                       if strategy == "sheet" else f"Patient-level, label-stratified splits ({strategy}")
+                      + f", k={split_json.get('k', split_cfg.get('k', '?'))}, seed {cfg.get('seed')}); no patient in two roles of one fold.")
     # what was fitted before/outside the split: say in words whether it saw the test slides
     ssl_archs = sorted({e[4:] for e in cfg.get("features", {}).get("encoders", []) if str(e).startswith("ssl:")})
     ssl_runs = {a: pd.read_csv(out / "ssl" / a / "training.tsv", sep="\t").iloc[-1].to_dict()

@@ -13,7 +13,7 @@ and two development test slides under new ids. What users rely on:
 * metrics.json external.<cohort>.<model> has the same metrics and CIs, at the development
   threshold with its threshold_source (never fitted on external slides);
 * external and predict slides never reach the split, the SSL encoder or a stain reference.
-About 4 minutes on 2 cores.
+About 5 minutes on 2 idle cores (22 on a shared, loaded machine).
 """
 
 from __future__ import annotations
@@ -59,12 +59,12 @@ def run(tmp_path_factory):
     from histoflow.demo import make_demo_cohort
 
     root = tmp_path_factory.mktemp("predict")
-    dev_sheet = Path(make_demo_cohort(root / "dev", n_slides=14, seed=7, small=True, progress=False))
+    dev_sheet = Path(make_demo_cohort(root / "dev", n_slides=12, seed=7, small=True, progress=False))
     dev = pd.read_csv(dev_sheet, sep="\t", dtype=str)
     dev["split"] = _official_split(dev)
     dev.to_csv(dev_sheet, sep="\t", index=False)
 
-    ext_sheet = Path(make_demo_cohort(root / "ext", n_slides=6, seed=11, small=True, progress=False))
+    ext_sheet = Path(make_demo_cohort(root / "ext", n_slides=4, seed=11, small=True, progress=False))
     ext = pd.read_csv(ext_sheet, sep="\t", dtype=str).drop(columns=["annotations"], errors="ignore")
     ext["slide_id"] = "ext_" + ext["slide_id"]
     ext["patient_id"] = "X" + ext["patient_id"]
@@ -84,6 +84,7 @@ def run(tmp_path_factory):
     outdir = root / "results"
     ci = {"outdir": str(outdir), "tiling": {"tile_px": 112},
           "split": {"strategy": "sheet", "k": 1},
+          "ssl": {"epochs": 3, "max_tiles": 1024},
           "mil": {"models": ["abmil"], "epochs": 20}, "metrics": {"n_bootstrap": 200},
           "slide_classifier": {"models": []},
           "external": [{"name": "ext", "samples": str(ext_renamed)}],
@@ -143,7 +144,7 @@ def test_external_metrics_at_the_development_threshold(run):
     metrics = json.loads((run["outdir"] / "metrics" / "metrics.json").read_text())
     ext = metrics["external"]["ext"]["mil-abmil"]
     dev = metrics["models"]["mil-abmil"]
-    assert ext["n_slides"] == 6 and ext["n_patients"] == run["ext"]["patient_id"].nunique()
+    assert ext["n_slides"] == len(run["ext"]) and ext["n_patients"] == run["ext"]["patient_id"].nunique()
     assert set(ext["ci"]) == set(dev["ci"]) and np.isfinite(ext["pooled"]["auc"])
     # never refitted on the external slides: the development ensemble's threshold and source
     assert ext["threshold"] == dev["threshold_pooled_validation"]["threshold"]
