@@ -183,8 +183,10 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     if (out / "splits" / "splits.tsv").exists():
         it.artifacts.append(str(out / "splits" / "splits.tsv"))
     it.artifacts += [p for p in [str(out / "splits" / "split.json")] if Path(p).exists()]
-    it.summary.append(f"Patient-level, label-stratified splits ({split_json.get('strategy', split_cfg.get('strategy', 'kfold'))}, "
-                      f"k={split_json.get('k', split_cfg.get('k', '?'))}, seed {cfg.get('seed')}); no patient in two roles of one fold.")
+    strategy = split_json.get('strategy', split_cfg.get('strategy', 'kfold'))
+    it.summary.append(("The samples sheet's own split (`split` column, used as given; split.strategy sheet"
+                       if strategy == "sheet" else f"Patient-level, label-stratified splits ({strategy}")
+                      + f", k={split_json.get('k', split_cfg.get('k', '?'))}, seed {cfg.get('seed')}); no patient in two roles of one fold.")
     # what was fitted before/outside the split: say in words whether it saw the test slides
     ssl_archs = sorted({e[4:] for e in cfg.get("features", {}).get("encoders", []) if str(e).startswith("ssl:")})
     ssl_runs = {a: pd.read_csv(out / "ssl" / a / "training.tsv", sep="\t").iloc[-1].to_dict()
@@ -376,7 +378,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         auc = b.get("pooled", {}).get("auc")
         auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
         ci_txt = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci[0] is not None else "n/a"
-        holdout = mj.get("settings", {}).get("strategy") == "holdout"
+        holdout = mj.get("settings", {}).get("strategy") in ("holdout", "sheet")
         it.summary.append(f"{len(mj.get('models', {}))} models compared on "
                           + ("the held-out test slides, each slide's prediction the mean of the k fold models"
                              if holdout else "out-of-fold test slides, each slide once") + f"; best {best}: AUC {auc_txt} "
@@ -391,6 +393,17 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
                           + "; ".join(f"{THRESHOLD_WORDS.get(src, src)}: {', '.join(models)}" for src, models in sorted(sources.items()))
                           + f" (a fold's own threshold needs >= {mj.get('settings', {}).get('min_val_per_class')} validation "
                             "slides of each class).")
+        for cohort, per_model in (mj.get("external") or {}).items():   # config `external`
+            parts = []
+            for model, res in per_model.items():
+                auc, ci = res.get("pooled", {}).get("auc"), res.get("ci", {}).get("auc", [None, None])
+                parts.append(f"{model} AUC {auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if auc is not None and ci[0] is not None
+                             else f"{model} AUC n/a")
+                it.metrics[f"external.{cohort}.{model}.auc"] = float(auc) if auc is not None else float("nan")
+            n = next(iter(per_model.values()), {})
+            it.summary.append(f"External cohort {cohort} ({n.get('n_slides')} slides of {n.get('n_patients')} patients, never "
+                              "in training, thresholds, stain reference or SSL; the mean of the fold models at the development "
+                              "threshold): " + "; ".join(parts) + ".")
     else:
         it.summary.append("Metrics not computed yet.")
     # hardware/software is recorded by the audit itself; stain method none is a choice, not a gap

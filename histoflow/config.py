@@ -104,7 +104,7 @@ def _check_fit_on(config: dict) -> None:
     with one inner fold has them (kfold tests every patient once; holdout with k >= 2 validates
     every non-test patient once). Said at start-up, not after hours of tiling."""
     split = config.get("split", {})
-    if split.get("strategy") == "holdout" and split.get("k") == 1:
+    if split.get("strategy") in ("holdout", "sheet") and split.get("k") == 1:
         return
     used = {"ssl.fit_on": any(str(e).startswith("ssl:") for e in config.get("features", {}).get("encoders", [])),
             "stain.fit_on": config.get("stain", {}).get("method", "none") != "none"}

@@ -258,6 +258,8 @@ def evaluate_model(predictions: pd.DataFrame, settings: MetricsSettings, strateg
     rows_per_slide = test_rows.groupby("slide_id").size()
     if strategy is None:
         strategy = "kfold" if int(rows_per_slide.max()) == 1 else "holdout"
+    # split.strategy sheet: a fixed test set (the sheet's) scored by every fold model, as holdout
+    strategy = "holdout" if strategy == "sheet" else strategy
     if strategy == "kfold":
         dup = rows_per_slide[rows_per_slide > 1]
         if len(dup):
@@ -371,6 +373,13 @@ def load_predictions(paths: list[str]) -> pd.DataFrame:
     return table
 
 
+def load_external_predictions(path: str) -> pd.DataFrame:
+    """An external cohort's per-(slide, fold model) table (histoflow.bundle.predict_external);
+    slides without a usable bag (QC-skipped, no tissue) have no probability and are reported."""
+    table = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "patient_id": str, "label": str})
+    return table[["slide_id", "patient_id", "y", "prob", "fold", "role"]]
+
+
 def plot_curves(results: dict[str, dict], roc_png: str, pr_png: str, calibration_png: str, ece_bins: int = 10) -> None:
     """ROC, precision-recall and calibration (reliability) plots of every model's out-of-fold predictions."""
     import matplotlib
@@ -411,9 +420,38 @@ def plot_curves(results: dict[str, dict], roc_png: str, pr_png: str, calibration
         plt.close(fig)
 
 
+def evaluate_external(development: pd.DataFrame, external: pd.DataFrame, settings: MetricsSettings) -> dict:
+    """Metrics of one model on an external cohort, the same as evaluate_model's: ``development``
+    is the model's long prediction table (its val rows give the threshold, exactly as for the
+    development test set's ensemble: pooled over the folds' validation predictions, or fixed);
+    ``external`` has one row per (external slide, fold model), role ``external``. Each slide's
+    probability is the mean of the fold models'; nothing is fitted on the external slides."""
+    dev_val = development[development["role"] == "val"]
+    ext = external.assign(role="test")
+    if ext.empty:
+        raise ValueError("no external predictions: nothing to evaluate")
+    res = evaluate_model(pd.concat([dev_val, ext], ignore_index=True), settings, "holdout")
+    res["method"]["test_prediction"] = ("external cohort: each slide's probability is the mean of the "
+                                        f"{int(res['oof']['n_models'].max())} development fold models' probabilities")
+    res["method"]["threshold"] += " of the development run (never fitted on external slides)"
+    return res
+
+
+def _model_record(res: dict, cfg: MetricsSettings) -> dict:
+    return {"pooled": res["pooled"], "ci": {k: list(v) for k, v in res["ci"].items()},
+            "ci_method": cfg.ci_method,
+            "fold_mean_sd": {k: list(v) for k, v in res["fold_mean_sd"].items()},
+            "folds": res["folds"], "n_slides": res["n_slides"], "n_patients": res["n_patients"],
+            "n_test_slides_without_prediction": res["n_test_slides_without_prediction"],
+            "strategy": res["strategy"], "threshold": res["threshold"],
+            "threshold_source": res["threshold_source"],
+            "threshold_pooled_validation": res["threshold_pooled_validation"], "method": res["method"]}
+
+
 def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_tsv: str, roc_png: str,
                   pr_png: str, calibration_png: str, settings: dict | None, seed: int,
-                  strategy: str | None = None) -> None:
+                  strategy: str | None = None, external: dict[str, dict[str, str]] | None = None,
+                  external_tsvs: dict[str, str] | None = None) -> None:
     """Rule `metrics`: every model (MIL and feature-based) in one comparison table, with CIs,
     fold spread, DeLong tests and plots. ``strategy``: config split.strategy (None: inferred)."""
     from .io import write_json, write_tsv
@@ -428,17 +466,20 @@ def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_
                      "resampling_unit": "patient", "ci_method": cfg.ci_method, "seed": cfg.seed,
                      "strategy": strategy or sorted({res["strategy"] for res in results.values()})[0]},
         "best_model": str(table.loc[0, "model"]),
-        "models": {model: {"pooled": res["pooled"], "ci": {k: list(v) for k, v in res["ci"].items()},
-                           "ci_method": cfg.ci_method,
-                           "fold_mean_sd": {k: list(v) for k, v in res["fold_mean_sd"].items()},
-                           "folds": res["folds"], "n_slides": res["n_slides"], "n_patients": res["n_patients"],
-                           "n_test_slides_without_prediction": res["n_test_slides_without_prediction"],
-                           "strategy": res["strategy"], "threshold": res["threshold"],
-                           "threshold_source": res["threshold_source"],
-                           "threshold_pooled_validation": res["threshold_pooled_validation"], "method": res["method"]}
-                   for model, res in results.items()},
+        "models": {model: _model_record(res, cfg) for model, res in results.items()},
         "comparison": table.to_dict("records"),
     }
+    # external cohorts (config `external`): {cohort: {model: predictions.tsv}}, each model at its
+    # development threshold; one comparison table per cohort (external_tsvs)
+    if external:
+        payload["external"] = {}
+        for cohort, per_model in external.items():
+            ext_results = {model: evaluate_external(load_predictions(predictions[model]),
+                                                    load_external_predictions(path), cfg)
+                           for model, path in per_model.items()}
+            payload["external"][cohort] = {model: _model_record(res, cfg) for model, res in ext_results.items()}
+            if external_tsvs and cohort in external_tsvs:
+                write_tsv(external_tsvs[cohort], compare_models(ext_results))
     write_json(metrics_json, payload)
     write_tsv(metrics_tsv, table)
     plot_curves(results, roc_png, pr_png, calibration_png, cfg.ece_bins)

@@ -280,6 +280,16 @@ def sheet_reference(column: str, value: Any) -> str | None:
 _SHEETS: dict[tuple, pd.DataFrame] = {}
 
 
+def _cached_sheet(path: str, loader) -> pd.DataFrame:
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _SHEETS:
+        if len(_SHEETS) > 8:
+            _SHEETS.clear()
+        _SHEETS[key] = loader(path)
+    return _SHEETS[key]
+
+
 def resolve_sheet_value(value: Any, slide_id: str, samples_path: str | None = None) -> Any:
     """The sheet cell a :func:`sheet_reference` names (other values are returned as they are)."""
     if not (isinstance(value, str) and value.startswith("sheet:")):
@@ -292,12 +302,17 @@ def resolve_sheet_value(value: Any, slide_id: str, samples_path: str | None = No
     if not path:
         raise InputError(f"slide {slide_id!r}: params name the samples sheet's {column!r} cell but "
                          f"${SAMPLES_ENV} is not set (run the step through the workflow)")
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _SHEETS:
-        _SHEETS.clear()
-        _SHEETS[key] = load_samples({"samples": path}, check_local_files=False)
-    sheet = _SHEETS[key]
+    sheet = _cached_sheet(path, lambda p: load_samples({"samples": p}, check_local_files=False))
+    if slide_id not in sheet.index and samples_path is None:
+        # an external cohort's or predict sheet's slide (histoflow.external): slide ids are
+        # unique across the sheets, so the first sheet holding it is its own
+        from .external import EXTRA_SAMPLES_ENV, load_sheet_any
+
+        for extra in filter(None, os.environ.get(EXTRA_SAMPLES_ENV, "").split(os.pathsep)):
+            candidate = _cached_sheet(extra, load_sheet_any)   # check_local_files=False
+            if slide_id in candidate.index:
+                sheet = candidate
+                break
     cell = sheet.loc[slide_id, column] if slide_id in sheet.index else None
     if cell is None or _digest(str(cell)) != digest:
         raise InputError(f"slide {slide_id!r}: the samples sheet's {column!r} cell changed since the workflow "

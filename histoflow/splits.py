@@ -36,12 +36,13 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 ROLES = ("train", "val", "test")
+STRATEGIES = ("kfold", "holdout", "sheet")
 SPLIT_COLUMNS = ("slide_id", "patient_id", "label", "y", "site", "fold", "role")
 
 
 @dataclass(frozen=True)
 class SplitSettings:
-    strategy: str = "kfold"          # kfold | holdout
+    strategy: str = "kfold"          # kfold | holdout | sheet
     k: int = 5
     val_fraction: float = 0.2
     test_fraction: float = 0.2       # holdout only
@@ -56,8 +57,8 @@ class SplitSettings:
         return settings
 
     def check(self) -> None:
-        if self.strategy not in ("kfold", "holdout"):
-            raise InputError(f"config key 'split.strategy': {self.strategy!r} is not one of kfold, holdout")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"config key 'split.strategy': {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.strategy == "kfold" and self.k < 2:
             raise InputError("config key 'split.k': kfold needs k >= 2 (use strategy: holdout for a single split)")
         if self.k < 1:
@@ -203,7 +204,9 @@ def make_splits(samples: pd.DataFrame, settings: SplitSettings, positive_label: 
     rng = np.random.default_rng(seed)
 
     roles_per_fold: list[np.ndarray] = []  # per fold: role of every unit
-    if settings.strategy == "kfold":
+    if settings.strategy == "sheet":
+        roles_per_fold = _sheet_roles(samples, patients, unit, counts, settings, rng)
+    elif settings.strategy == "kfold":
         if settings.k > n_units:
             raise InputError(f"split.k={settings.k} folds but only {n_units} patient groups; "
                              f"set split.k <= {n_units} or add patients")
@@ -251,6 +254,69 @@ def make_splits(samples: pd.DataFrame, settings: SplitSettings, positive_label: 
     table = pd.concat(frames, ignore_index=True)[list(SPLIT_COLUMNS)]
     check_splits(table, preserve_site=settings.preserve_site)
     return table
+
+
+def check_sheet_split(samples: pd.DataFrame, sheet: str = "samples sheet") -> dict[str, str]:
+    """{patient: train|val|test} from the sheet's ``split`` column (split.strategy: sheet).
+
+    One line naming the slide or patient and the fix: a missing/unknown cell, or a patient whose
+    slides sit on different sides (patient leakage across the official split)."""
+    if "split" not in samples.columns:
+        raise InputError(f"split.strategy is sheet but {sheet} has no `split` column; add one (train / val / test "
+                         "per slide) or use split.strategy: kfold or holdout")
+    side: dict[str, str] = {}
+    first_slide: dict[str, str] = {}
+    for slide, patient, cell in zip(samples["slide_id"], samples["patient_id"], samples["split"]):
+        value = None if cell is None or (isinstance(cell, float) and np.isnan(cell)) else str(cell).strip()
+        if value not in ROLES:
+            raise InputError(f"{sheet}: slide {str(slide)!r} has split {cell!r}; with split.strategy: sheet every slide "
+                             "needs train, val or test in the `split` column")
+        patient = str(patient)
+        if patient in side and side[patient] != value:
+            raise InputError(f"{sheet}: patient {patient!r} has slides on both sides of the sheet's split "
+                             f"({first_slide[patient]!r} is {side[patient]}, {str(slide)!r} is {value}); "
+                             "put all of a patient's slides in one of train / val / test")
+        side.setdefault(patient, value)
+        first_slide.setdefault(patient, str(slide))
+    return side
+
+
+def _sheet_roles(samples: pd.DataFrame, patients: pd.DataFrame, unit: np.ndarray, counts: np.ndarray,
+                 settings: SplitSettings, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per fold, the role of every unit under split.strategy: sheet (see the module docstring)."""
+    side = check_sheet_split(samples)
+    unit_side = np.full(len(counts), "", dtype=object)
+    for patient, u in zip(patients["patient_id"], unit):
+        s = side[str(patient)]
+        if unit_side[u] and unit_side[u] != s:   # preserve_site joined patients of two sides
+            raise InputError(f"split.preserve_site joins patient {str(patient)!r} ({s}) with patients on the "
+                             f"{unit_side[u]} side of the sheet's split through a shared site; fix the split "
+                             "column or set split.preserve_site: false")
+        unit_side[u] = s
+    test = unit_side == "test"
+    if not test.any():
+        raise InputError("split.strategy is sheet but no slide has split test; mark the test slides in the `split` column")
+    fixed_val = unit_side == "val"
+    train = np.flatnonzero(unit_side == "train")
+    if fixed_val.any() and settings.k > 1:
+        raise InputError(f"split.strategy is sheet with split.k={settings.k}, but the sheet fixes val slides too; "
+                         "use split.k: 1 (the sheet's val set as given) or leave the val cells of the sheet as train")
+    if settings.k == 1:
+        inner = [fixed_val[train]] if fixed_val.any() else [select_share(counts[train], settings.val_fraction, rng)]
+    else:
+        if settings.k > len(train):
+            raise InputError(f"split.k={settings.k} inner folds but only {len(train)} train patient groups in the "
+                             f"sheet; set split.k <= {len(train)}")
+        inner_part = assign_partitions(counts[train], settings.k, rng)
+        inner = [inner_part == f for f in range(settings.k)]
+    roles = []
+    for val in inner:
+        role = np.full(len(counts), "train", dtype=object)
+        role[test] = "test"
+        role[fixed_val] = "val"
+        role[train[val]] = "val"
+        roles.append(role)
+    return roles
 
 
 def check_splits(table: pd.DataFrame, preserve_site: bool = False) -> None:

@@ -188,3 +188,59 @@ def test_stratification_counts_a_mixed_patient_as_positive():
     test = table[table["role"] == "test"]
     per_fold = test[test["y"] == 1].groupby("fold")["patient_id"].nunique()
     assert per_fold.reindex(range(4), fill_value=0).tolist() == [1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# split.strategy: sheet (the sheet's own split column, e.g. CAMELYON16's official split)
+
+def sheet_cohort(with_val: bool = True) -> pd.DataFrame:
+    """cohort() with an official split by patient: P00-P03 test, P04-P05 val (or train), rest train."""
+    frame = cohort()
+    number = frame["patient_id"].str[1:].astype(int)
+    frame["split"] = ["test" if n < 4 else ("val" if with_val and n < 6 else "train") for n in number]
+    return frame
+
+
+def test_sheet_split_is_used_as_given():
+    frame = sheet_cohort()
+    table = make_splits(frame, SplitSettings(strategy="sheet", k=1), "tumor", seed=0)
+    assert table["fold"].nunique() == 1
+    assert dict(zip(table["slide_id"], table["role"])) == dict(zip(frame["slide_id"], frame["split"]))
+    # the seed cannot move an official split
+    other = make_splits(frame, SplitSettings(strategy="sheet", k=1), "tumor", seed=99)
+    assert other["role"].tolist() == table["role"].tolist()
+
+
+def test_sheet_split_without_val_rows_carves_val_from_train_by_patient():
+    frame = sheet_cohort(with_val=False)
+    table = make_splits(frame, SplitSettings(strategy="sheet", k=1, val_fraction=0.3), "tumor", seed=0)
+    given = dict(zip(frame["slide_id"], frame["split"]))
+    assert all(given[s] == "test" for s in table.loc[table["role"] == "test", "slide_id"])
+    assert all(given[s] == "train" for s in table.loc[table["role"] == "val", "slide_id"])
+    assert (table["role"] == "val").any()
+
+
+def test_sheet_split_with_k_folds_shares_the_sheet_test_set():
+    frame = sheet_cohort(with_val=False)
+    table = make_splits(frame, SplitSettings(strategy="sheet", k=2), "tumor", seed=0)
+    tests = [set(p.loc[p["role"] == "test", "slide_id"]) for _, p in table.groupby("fold")]
+    assert tests[0] == tests[1] == set(frame.loc[frame["split"] == "test", "slide_id"])
+    vals = [set(p.loc[p["role"] == "val", "patient_id"]) for _, p in table.groupby("fold")]
+    assert vals[0] and vals[1] and not vals[0] & vals[1]
+    with pytest.raises(InputError, match="split.k: 1"):   # a sheet that fixes val needs k: 1
+        make_splits(sheet_cohort(), SplitSettings(strategy="sheet", k=2), "tumor", seed=0)
+
+
+def test_a_patient_on_both_sides_of_the_sheet_split_is_named():
+    from histoflow.splits import check_sheet_split
+
+    frame = sheet_cohort()
+    frame.loc[frame["slide_id"] == "P01-1", "split"] = "train"   # P01 has slides P01-0 (test) and P01-1
+    with pytest.raises(InputError, match=r"patient 'P01' has slides on both sides") as err:
+        check_sheet_split(frame)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="patient 'P01'"):
+        make_splits(frame, SplitSettings(strategy="sheet", k=1), "tumor", seed=0)
+    frame.loc[frame["slide_id"] == "P01-1", "split"] = "holdout"
+    with pytest.raises(InputError, match=r"slide 'P01-1' has split 'holdout'"):
+        check_sheet_split(frame)

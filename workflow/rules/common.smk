@@ -16,7 +16,9 @@ from histoflow.batches import slide_batches, slides_per_job
 from histoflow.config import SLIDE_ID_PATTERN, load_samples, validate_config
 from histoflow.errors import InputError
 from histoflow.encoders import encoder_slug
+from histoflow.external import EXTRA_SAMPLES_ENV, extra_sheet_paths, load_extra_sheets
 from histoflow.privacy import config_digest, sheet_reference
+from histoflow.splits import check_sheet_split
 
 # Bad config or samples sheet: one line naming the field/row and the fix, no traceback.
 try:
@@ -25,6 +27,10 @@ try:
     # load_samples validates every row against workflow/schemas/samples.schema.yaml (column-wise:
     # snakemake.utils.validate on the table would re-check 10,000 rows one by one, ~1 s)
     samples = load_samples(config)
+    if config["split"]["strategy"] == "sheet":   # patient leakage across the official split: said now
+        check_sheet_split(samples, f"samples sheet {config['samples']!r}")
+    # external cohorts and the predict sheet (histoflow/external.py): slide ids unique across sheets
+    EXTRA = load_extra_sheets(config, samples)
     SLIDES_PER_JOB = slides_per_job(config["slides_per_job"], len(samples))
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
@@ -36,6 +42,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.envi
 os.environ["HISTOFLOW_OUTDIR"] = os.path.abspath(config["outdir"])
 # ... and where the sheet is: params may name a cell instead of holding it (sheet_ref).
 os.environ["HISTOFLOW_SAMPLES"] = os.path.abspath(config["samples"])
+# ... and the external / predict sheets, for the sheet cells of their slides
+os.environ[EXTRA_SAMPLES_ENV] = extra_sheet_paths(EXTRA)
 
 OUTDIR = config["outdir"]
 SLIDES = list(samples["slide_id"])
@@ -79,8 +87,19 @@ def log_path(rule_name, name="{slide_id}"):
 # dict look-ups, not DataFrame indexing (samples.loc costs ~100 µs a call).
 SAMPLE_ROWS = {
     row["slide_id"]: {k: (None if (not isinstance(v, str) and pd.isna(v)) else v) for k, v in row.items()}
-    for row in samples.to_dict("records")
+    for table in (samples, *(e["table"] for e in EXTRA.values()))
+    for row in table.to_dict("records")
 }
+# The slides of each external cohort / the predict sheet: they run the per-slide stages (one job
+# per slide, never in slide batches) but are not in SLIDES, so nothing cohort-wide (split, stain
+# reference, SSL, training, thresholds) ever reads them.
+EXTRA_SLIDES = {name: list(e["table"]["slide_id"]) for name, e in EXTRA.items()}
+assert not set(SLIDES) & {s for ids in EXTRA_SLIDES.values() for s in ids}, "an extra sheet's slide in SLIDES"
+
+
+def cohort_files(name, pattern):
+    """A per-slide pattern expanded over the slides of external cohort / predict sheet `name`."""
+    return expand(out(pattern), slide_id=EXTRA_SLIDES[name])
 
 
 def cheap_input_function(func):
@@ -438,3 +457,15 @@ def model_predictions():
         for clf in SLIDE_CLASSIFIERS:
             models[f"{clf}@{source}"] = [out(f"slide_classifier/{source}/{clf}/predictions.tsv")]
     return models
+
+
+def external_rows(name):
+    """The sheet rows (slide_id, patient_id, label) of external cohort `name` (models.smk)."""
+    table = EXTRA[name]["table"]
+    return table[["slide_id", "patient_id", "label"]].to_dict("records")
+
+
+def external_predictions():
+    """{cohort: {model: external predictions.tsv}} for rule metrics: every bundled model
+    (BUNDLE_MODELS, models.smk) on every external cohort (EXTERNAL)."""
+    return {c: {m: out(f"external/{c}/{m}/predictions.tsv") for m in BUNDLE_MODELS} for c in EXTERNAL}

@@ -13,7 +13,9 @@ rule make_splits:
         splits=out("splits/splits.tsv"),
         summary=out("splits/split.json"),
     params:
-        samples=samples[["slide_id", "patient_id", "label", "site"]].to_dict("records"),
+        # split.strategy sheet: the sheet's own split column travels too
+        samples=samples[["slide_id", "patient_id", "label", "site"]
+                        + (["split"] if config["split"]["strategy"] == "sheet" else [])].to_dict("records"),
         settings=config["split"],
         positive_label=config["positive_label"],
         seed=config["seed"],

@@ -12,4 +12,6 @@ with log_to(first_log(snakemake)):
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
         strategy=snakemake.params.strategy,
+        external={c: dict(m) for c, m in dict(snakemake.params.external).items()},
+        external_tsvs=dict(snakemake.params.external_tsvs),
     )
