@@ -17,10 +17,14 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 
 
-# common.smk puts this checkout on PYTHONPATH (jobs import histoflow from it); declared so that
-# Snakemake passes it on to jobs it runs elsewhere
+# common.smk puts this checkout on PYTHONPATH (jobs import histoflow from it) and tells jobs the
+# output folder and the sheets (histoflow.io.safe_remove, histoflow.privacy.resolve_sheet_value);
+# declared so that Snakemake passes them on to jobs it runs elsewhere
 envvars:
     "PYTHONPATH",
+    "HISTOFLOW_OUTDIR",
+    "HISTOFLOW_SAMPLES",
+    "HISTOFLOW_EXTRA_SAMPLES",
 
 
 include: "workflow/rules/batches.smk"

@@ -39,9 +39,11 @@ except InputError as err:
 # Jobs (local, SLURM or in per-rule conda envs) import histoflow from this checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
 # ... and know the output folder, the only place their deletes may touch (histoflow.io.safe_remove).
-os.environ["HISTOFLOW_OUTDIR"] = os.path.abspath(config["outdir"])
+_outdir_abs = os.path.abspath(config["outdir"])
+os.environ["HISTOFLOW_OUTDIR"] = _outdir_abs
 # ... and where the sheet is: params may name a cell instead of holding it (sheet_ref).
-os.environ["HISTOFLOW_SAMPLES"] = os.path.abspath(config["samples"])
+_samples_abs = os.path.abspath(config["samples"])
+os.environ["HISTOFLOW_SAMPLES"] = _samples_abs
 # ... and the external / predict sheets, for the sheet cells of their slides
 os.environ[EXTRA_SAMPLES_ENV] = extra_sheet_paths(EXTRA)
 
@@ -466,6 +468,6 @@ def external_rows(name):
 
 
 def external_predictions():
-    """{cohort: {model: external predictions.tsv}} for rule metrics: every bundled model
+    """{cohort: {model: external predictions.tsv}} for the metrics rule: every bundled model
     (BUNDLE_MODELS, models.smk) on every external cohort (EXTERNAL)."""
     return {c: {m: out(f"external/{c}/{m}/predictions.tsv") for m in BUNDLE_MODELS} for c in EXTERNAL}
