@@ -82,6 +82,14 @@ def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
     return exp.experiment_id
 
 
+def ui_path(experiment_id: str) -> str:
+    """The experiment's page in the MLflow UI (after the server's address). MLflow 3's UI keeps a
+    GenAI / Model training switch in the browser (GenAI unless changed) and opens an experiment
+    on the GenAI overview under GenAI whatever its kind; asking for the Model training view lets
+    the experiment's kind choose the tab: Training runs."""
+    return f"#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def init_store(outdir: str, config: dict, out_json: str) -> None:
     """Rule `mlflow_init`: create the store's schema and the experiment once, before any parallel
     work, and record where it is. An unreachable remote server is recorded, not fatal."""
@@ -178,7 +186,8 @@ def log_workflow(outdir: str, config: dict, samples_path: str, status_json: str,
         existing = client.search_runs([exp_id], filter_string=f"tags.`histoflow.result_key` = '{key}'", max_results=100)
         complete = [r for r in existing if r.data.tags.get(COMPLETE_TAG) == "true"]
         if complete and not force:
-            status.update(status="logged", run_id=complete[0].info.run_id, experiment_id=exp_id, note="already logged")
+            status.update(status="logged", run_id=complete[0].info.run_id, experiment_id=exp_id, note="already logged",
+                          ui_path=ui_path(exp_id))
             write_json(status_json, status)
             return status
         # complete-or-redo: a parent without the complete tag was cut off part-way (job killed,
@@ -198,7 +207,7 @@ def log_workflow(outdir: str, config: dict, samples_path: str, status_json: str,
         client.set_terminated(parent, "FINISHED")
         # last of all: only now does the result count as logged
         client.set_tag(parent, COMPLETE_TAG, "true")
-        status.update(status="logged", run_id=parent, experiment_id=exp_id, result_key=key,
+        status.update(status="logged", run_id=parent, experiment_id=exp_id, result_key=key, ui_path=ui_path(exp_id),
                       items_logged=[it.key for it in items])
         log.info("logged run %s in experiment %s at %s", parent, settings["experiment"], status["tracking_uri"])
     except Exception as err:
@@ -425,8 +434,11 @@ class SystemMetrics:
             from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
             from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
         except ImportError as err:   # mlflow or psutil not in this job's environment
-            log.info("system metrics not sampled: %s", err)
-            return []
+            try:
+                return [_PsutilMonitor()]
+            except ImportError:
+                log.warning("mlflow.system_metrics is on but not sampled here: %s", err)
+                return []
         monitors = [CPUMonitor(), DiskMonitor()]
         try:
             from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
@@ -476,6 +488,28 @@ class SystemMetrics:
         write_tsv(self.path, pd.DataFrame(self.rows))
 
 
+class _PsutilMonitor:
+    """CPU and memory under MLflow's metric names, where psutil is installed but MLflow is not
+    (the training jobs' conda environment)."""
+
+    def __init__(self):
+        import psutil
+
+        self.psutil, self.row = psutil, {}
+
+    def clear_metrics(self) -> None:
+        self.row = {}
+
+    def collect_metrics(self) -> None:
+        mem = self.psutil.virtual_memory()
+        self.row = {"cpu_utilization_percentage": self.psutil.cpu_percent(),
+                    "system_memory_usage_megabytes": mem.used / 1e6,
+                    "system_memory_usage_percentage": mem.used / mem.total * 100}
+
+    def aggregate_metrics(self) -> dict:
+        return {k: round(v, 1) for k, v in self.row.items()}
+
+
 def _system_metric_list(frame: pd.DataFrame | None) -> list:
     from mlflow.entities import Metric
 
@@ -521,11 +555,11 @@ def _log_model(client, exp_id: str, parent: str, spec: dict, options: dict | Non
             for col in hist.columns:
                 if col != "epoch" and pd.api.types.is_numeric_dtype(hist[col]):
                     steps += [(col, float(v), int(e)) for e, v in zip(hist["epoch"], hist[col])]
-            if "val_auc" in hist and hist["val_auc"].notna().any():
-                # the epoch early stopping kept (best validation AUC, first of ties)
-                best = hist.loc[hist["val_auc"].idxmax()]
-                fm.update({f"val.{c[4:]}": best[c] for c in hist.columns if c.startswith("val_")})
-                fp["best_epoch"] = int(best["epoch"])
+            best = _best_epoch(fold.get("checkpoint"), hist)
+            if best is not None:   # validation metrics of the epoch whose weights were kept
+                row = hist.loc[hist["epoch"] == best].iloc[0]
+                fm.update({f"val.{c[4:]}": row[c] for c in hist.columns if c.startswith("val_")})
+                fp["best_epoch"] = best
         fold_result = fold_results.get(fold["fold"], {})
         fm.update({f"test.{k}": v for k, v in fold_result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("fold", "threshold")})
@@ -548,6 +582,19 @@ def _log_model(client, exp_id: str, parent: str, spec: dict, options: dict | Non
                               _classes(options.get("splits")), example, register=options.get("register", False))
         client.set_tag(run_id, "histoflow.model_uri", uri)
     client.set_terminated(run_id, "FINISHED")
+
+
+def _best_epoch(checkpoint: str | None, hist: pd.DataFrame) -> int | None:
+    """The epoch early stopping kept: the checkpoint says; without one, the lowest val_loss."""
+    if checkpoint:
+        import torch
+
+        best = torch.load(checkpoint, map_location="cpu", weights_only=True).get("best_epoch")
+        if best is not None and (hist["epoch"] == int(best)).any():
+            return int(best)
+    if "val_loss" in hist and hist["val_loss"].notna().any():
+        return int(hist.loc[hist["val_loss"].idxmin(), "epoch"])
+    return None
 
 
 def _classes(splits: pd.DataFrame | None) -> list[str]:

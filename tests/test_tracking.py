@@ -43,6 +43,7 @@ def finished_outdir(tmp_path_factory) -> Path:
         pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [0.7, 0.5, 0.4], "val_loss": [0.7, 0.6, 0.5],
                       "val_auc": [0.6, 0.8, 0.9]}).to_csv(fold_dir / "history.tsv", sep="\t", index=False)
     preds[preds["role"] == "test"].to_csv(out / "mil" / "abmil" / "predictions.tsv", sep="\t", index=False)
+    _trained_models(out, n_slides=12, folds=3)
     paths = [str(out / "mil" / "abmil" / f"fold{f}" / "predictions.tsv") for f in range(3)]
     write_metrics({"abmil": paths}, str(out / "metrics" / "metrics.json"), str(out / "metrics" / "metrics.tsv"),
                   str(out / "metrics" / "roc.png"), str(out / "metrics" / "pr.png"), str(out / "metrics" / "calibration.png"),
@@ -55,6 +56,29 @@ def finished_outdir(tmp_path_factory) -> Path:
     (out / "qc").mkdir()
     pd.DataFrame({"slide_id": ["s0"], "status": ["ok"], "tissue_area_mm2": [12.0]}).to_csv(out / "qc" / "slides.tsv", sep="\t", index=False)
     return out
+
+
+def _trained_models(out: Path, n_slides: int, folds: int, dim: int = 8) -> None:
+    """Fold checkpoints of a small ABMIL and each slide's tile features, as training leaves them."""
+    import torch
+
+    from histoflow.features import feature_table
+    from histoflow.io import write_parquet
+    from histoflow.mil import build_model
+    from histoflow.mil.train import FitResult, MILSettings, save_checkpoint
+
+    rng = np.random.default_rng(1)
+    for i in range(n_slides):
+        feats = rng.normal(i % 2, 1, (5, dim)).astype(np.float32)
+        coords = pd.DataFrame({"slide_id": f"s{i}", "x": np.arange(5) * 256, "y": 0, "target_mpp": 0.5, "tile_px": 256,
+                               "size0": 256, "col": np.arange(5), "row": 0})
+        write_parquet(out / "features" / "ssl-resnet-tiny" / f"s{i}.parquet", feature_table(coords, feats))
+    for fold in range(folds):
+        torch.manual_seed(fold)
+        model = build_model("abmil", dim, hidden_dim=8)
+        history = pd.read_csv(out / "mil" / "abmil" / f"fold{fold}" / "history.tsv", sep="\t")
+        save_checkpoint(out / "mil" / "abmil" / f"fold{fold}" / "checkpoint.pt", FitResult(model, history, 1),
+                        "abmil", MILSettings(hidden_dim=8), {"fold": fold, "seed": 1, "encoder": "ssl:resnet-tiny"})
 
 
 def config_for(out: Path, **mlflow) -> dict:
@@ -126,45 +150,32 @@ def test_unreachable_server_leaves_results_pending_not_failed(finished_outdir, t
     assert (tmp_path / "status.json").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.e2e
-def test_mlflow_ui_lists_the_run_and_its_metrics(logged, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("Debian package chromium not installed (CI installs it)")
-    out, _config, status = logged
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{out / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import requests
+def test_mlflow_ui_shows_training_runs_datasets_and_models(logged):
+    """What a person sees in headless Chromium: the experiment (opened by the link histoflow
+    prints) lands on its training runs, the parent run expands to the model runs, the Dataset
+    column names the cohort and the Models column lists the logged MIL model."""
+    from mlflow_ui import Browser, chromium_binary, mlflow_server
 
-        for _ in range(120):
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not start")
-        exp_id = status["experiment_id"]
-        url = f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{status['run_id']}"
-        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                              f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=30000",
-                              "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-        assert status["run_id"][:8] in dom or "histoflow" in dom
-        assert "c11.abmil.auc" in dom
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    if not chromium_binary():
+        pytest.skip("Debian package chromium not installed (CI installs it)")
+    pytest.importorskip("aiohttp", reason="drives Chromium over the DevTools protocol")
+    out, _config, status = logged
+    with mlflow_server(out / "mlflow.db") as base:
+        browser = Browser()
+        try:
+            browser.open(f"{base}/{status['ui_path']}")
+            text = browser.wait_for(r"histoflow \d{4}-\d{2}-\d{2}")
+            assert "/runs" in browser.js("location.href")
+            assert "Training runs" in text or "Runs" in text.split("Experiments")[-1]
+            assert "Traces\n0" not in text and "No data available" not in text   # not the GenAI overview
+            assert "Dataset" in text and "Models" in text   # the runs table's columns
+            assert browser.expand_rows()
+            text = browser.wait_for(r"mil/abmil")
+            assert "cohort" in text   # the Dataset column of the model run
+            assert "histoflow-abmil" in text   # the Models column: the logged pyfunc
+        finally:
+            browser.close()
 
 
 # ---------------------------------------------------------------- a real secret on the real path
