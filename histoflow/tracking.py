@@ -33,7 +33,7 @@ COMPLETE_TAG = "histoflow.complete"
 # not on the GenAI traces overview
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # where the cohort dataset comes from, relative to {outdir} (never an absolute path)
-COHORT_SOURCE = "mlflow/export/samples.deidentified.tsv"
+COHORT_SOURCE = "mlflow/export/cohort.tsv"
 
 
 def store_settings(outdir: str, config: dict) -> dict[str, str]:

@@ -143,6 +143,10 @@ class Browser:
             rows.forEach(b => b.click());
             return rows.length > 0; })()"""))
 
+    def close_assistant(self) -> None:
+        """Close the MLflow Assistant side panel (it opens itself on first load, hiding columns)."""
+        self.js("""(() => { for (const b of document.querySelectorAll('button[aria-label="Close"]')) b.click(); })()""")
+
     def screenshot(self, path: str | Path) -> None:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         Path(path).write_bytes(base64.b64decode(data))
@@ -165,6 +169,8 @@ if __name__ == "__main__":
             browser.open(f"{base}/{sys.argv[4] if len(sys.argv) > 4 else '#/experiments/1?workflowType=machine_learning'}")
             browser.wait_for(sys.argv[3] if len(sys.argv) > 3 else r"histoflow \d{4}-")
             time.sleep(3)
+            browser.close_assistant()
+            time.sleep(1)
             browser.screenshot(f"{prefix}.png")
             if browser.expand_rows():
                 browser.wait_for(r"mil/")
