@@ -44,6 +44,8 @@ bench: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/run_all.py
 
 mlflow-ui: $(STAMP)
+	@# the UI's GenAI/Model training switch defaults to GenAI: this link opens the training runs
+	@echo "open http://127.0.0.1:5000/$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1])).get("ui_path", ""))' $(OUTDIR)/mlflow/logged.json 2>/dev/null)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(OUTDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 install-profile:

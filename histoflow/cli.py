@@ -37,12 +37,20 @@ def where_lines(outdir: str | Path) -> list[str]:
         return "exists" if p.exists() else "not yet"
 
     ui = "make mlflow-ui" if out.resolve() == Path("results").resolve() else f"make mlflow-ui OUTDIR={outdir}"
+    # the link that opens the experiment on its training runs (MLflow's UI defaults to GenAI)
+    page = ""
+    try:
+        import json
+
+        page = json.loads((out / "mlflow" / "logged.json").read_text()).get("ui_path") or ""
+    except (OSError, ValueError):
+        pass
     return [
         f"report        {out / 'report.html'}  [{state(out / 'report.html')}]",
         f"checklist     {out / 'checklist.md'}  [{state(out / 'checklist.md')}]",
         f"QC table      {out / 'qc' / 'slides.tsv'}  [{state(out / 'qc' / 'slides.tsv')}]",
         f"MLflow store  sqlite:///{db}  [{state(db)}]",
-        f"MLflow UI     `{ui}` then open http://127.0.0.1:5000",
+        f"MLflow UI     `{ui}` then open http://127.0.0.1:5000/{page}",
     ]
 
 

@@ -4,6 +4,7 @@ shows the run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -43,6 +44,7 @@ def finished_outdir(tmp_path_factory) -> Path:
         pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [0.7, 0.5, 0.4], "val_loss": [0.7, 0.6, 0.5],
                       "val_auc": [0.6, 0.8, 0.9]}).to_csv(fold_dir / "history.tsv", sep="\t", index=False)
     preds[preds["role"] == "test"].to_csv(out / "mil" / "abmil" / "predictions.tsv", sep="\t", index=False)
+    _trained_models(out, n_slides=12, folds=3)
     paths = [str(out / "mil" / "abmil" / f"fold{f}" / "predictions.tsv") for f in range(3)]
     write_metrics({"abmil": paths}, str(out / "metrics" / "metrics.json"), str(out / "metrics" / "metrics.tsv"),
                   str(out / "metrics" / "roc.png"), str(out / "metrics" / "pr.png"), str(out / "metrics" / "calibration.png"),
@@ -55,6 +57,29 @@ def finished_outdir(tmp_path_factory) -> Path:
     (out / "qc").mkdir()
     pd.DataFrame({"slide_id": ["s0"], "status": ["ok"], "tissue_area_mm2": [12.0]}).to_csv(out / "qc" / "slides.tsv", sep="\t", index=False)
     return out
+
+
+def _trained_models(out: Path, n_slides: int, folds: int, dim: int = 8) -> None:
+    """Fold checkpoints of a small ABMIL and each slide's tile features, as training leaves them."""
+    import torch
+
+    from histoflow.features import feature_table
+    from histoflow.io import write_parquet
+    from histoflow.mil import build_model
+    from histoflow.mil.train import FitResult, MILSettings, save_checkpoint
+
+    rng = np.random.default_rng(1)
+    for i in range(n_slides):
+        feats = rng.normal(i % 2, 1, (5, dim)).astype(np.float32)
+        coords = pd.DataFrame({"slide_id": f"s{i}", "x": np.arange(5) * 256, "y": 0, "target_mpp": 0.5, "tile_px": 256,
+                               "size0": 256, "col": np.arange(5), "row": 0})
+        write_parquet(out / "features" / "ssl-resnet-tiny" / f"s{i}.parquet", feature_table(coords, feats))
+    for fold in range(folds):
+        torch.manual_seed(fold)
+        model = build_model("abmil", dim, hidden_dim=8)
+        history = pd.read_csv(out / "mil" / "abmil" / f"fold{fold}" / "history.tsv", sep="\t")
+        save_checkpoint(out / "mil" / "abmil" / f"fold{fold}" / "checkpoint.pt", FitResult(model, history, 1),
+                        "abmil", MILSettings(hidden_dim=8), {"fold": fold, "seed": 1, "encoder": "ssl:resnet-tiny"})
 
 
 def config_for(out: Path, **mlflow) -> dict:
@@ -126,45 +151,33 @@ def test_unreachable_server_leaves_results_pending_not_failed(finished_outdir, t
     assert (tmp_path / "status.json").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.e2e
-def test_mlflow_ui_lists_the_run_and_its_metrics(logged, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("Debian package chromium not installed (CI installs it)")
-    out, _config, status = logged
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{out / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import requests
+def test_mlflow_ui_shows_training_runs_datasets_and_models(logged):
+    """What a person sees in headless Chromium: the experiment (opened by the link histoflow
+    prints) lands on its training runs, the parent run expands to the model runs, the Dataset
+    column names the cohort and the Models column lists the logged MIL model."""
+    from mlflow_ui import Browser, chromium_binary, mlflow_server
 
-        for _ in range(120):
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not start")
-        exp_id = status["experiment_id"]
-        url = f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{status['run_id']}"
-        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                              f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=30000",
-                              "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-        assert status["run_id"][:8] in dom or "histoflow" in dom
-        assert "c11.abmil.auc" in dom
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    if not chromium_binary():
+        pytest.skip("Debian package chromium not installed (CI installs it)")
+    pytest.importorskip("aiohttp", reason="drives Chromium over the DevTools protocol")
+    out, _config, status = logged
+    with mlflow_server(out / "mlflow.db") as base:
+        browser = Browser()
+        try:
+            browser.open(f"{base}/{status['ui_path']}")
+            text = browser.wait_for(r"histoflow \d{4}-\d{2}-\d{2}")
+            assert "/runs" in browser.js("location.href")
+            assert "Training runs" in text or "Runs" in text.split("Experiments")[-1]
+            assert "Traces\n0" not in text and "No data available" not in text   # not the GenAI overview
+            assert "Dataset" in text and "Models" in text   # the runs table's columns
+            browser.close_assistant()
+            assert browser.expand_rows()
+            text = browser.wait_for(r"mil/abmil")
+            assert "cohort" in text   # the Dataset column of the model run
+            assert "histoflow-abmil" in text   # the Models column: the logged pyfunc
+        finally:
+            browser.close()
 
 
 # ---------------------------------------------------------------- a real secret on the real path
@@ -243,3 +256,161 @@ def test_a_signed_url_and_a_gdc_token_reach_nothing_in_the_mlflow_store(finished
     for secret in (URL_SECRET, GDC_SECRET, "AKIAEXAMPLE"):
         leaked = [str(p.relative_to(out)) for p in store if secret.encode() in p.read_bytes()]
         assert not leaked, f"secret {secret[:6]}... found in {leaked}"
+
+
+# ---------------------------------------------------------------- what the MLflow UI shows
+
+
+def _runs(out: Path, status: dict):
+    client = client_for(out)
+    return client, client.search_runs([status["experiment_id"]], max_results=1000)
+
+
+def test_the_experiment_is_a_model_training_experiment(logged, tmp_path):
+    out, _config, status = logged
+    client = client_for(out)
+    assert client.get_experiment(status["experiment_id"]).tags.get("mlflow.experimentKind") == "custom_model_development"
+    # an experiment made before (no kind) gets it on the next log; a kind chosen in the UI is kept
+    from mlflow.tracking import MlflowClient
+
+    from histoflow.tracking import ensure_experiment
+
+    other = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'old.db'}")
+    old = other.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    assert "mlflow.experimentKind" not in other.get_experiment(old).tags
+    assert ensure_experiment(other, "old", None) == old
+    assert other.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    other.set_experiment_tag(old, "mlflow.experimentKind", "genai_development")
+    ensure_experiment(other, "old", None)
+    assert other.get_experiment(old).tags["mlflow.experimentKind"] == "genai_development"
+    assert status["ui_path"] == f"#/experiments/{status['experiment_id']}?workflowType=machine_learning"
+
+
+def test_the_parent_run_sorts_models_by_any_metric(logged):
+    from histoflow.io import read_json
+
+    out, _config, status = logged
+    client, runs = _runs(out, status)
+    metrics = client.get_run(status["run_id"]).data.metrics
+    result = read_json(out / "metrics" / "metrics.json")["models"]["abmil"]
+    assert metrics["abmil.auc"] == pytest.approx(result["pooled"]["auc"])
+    assert metrics["abmil.auc_ci_low"] == pytest.approx(result["ci"]["auc"][0])
+    assert metrics["abmil.balanced_accuracy_ci_high"] == pytest.approx(result["ci"]["balanced_accuracy"][1])
+    # sortable in the runs table: MLflow orders parents by the metric
+    ordered = client.search_runs([status["experiment_id"]], filter_string="metrics.`abmil.auc` > -1",
+                                 order_by=["metrics.`abmil.auc` DESC"])
+    assert [r.info.run_id for r in ordered] == [status["run_id"]]
+    # nested runs keep their names, test.*/val.* metrics, and the threshold with its source
+    by_name = {r.info.run_name: r for r in runs}
+    assert {"mil/abmil", "mil/abmil/fold0", "mil/abmil/fold2"} <= set(by_name)
+    model = by_name["mil/abmil"].data
+    assert model.params["threshold_source"] == result["threshold_source"] and "threshold" in model.params
+    fold = by_name["mil/abmil/fold0"].data
+    assert fold.params["threshold_source"] == result["folds"][0]["threshold_source"]
+    assert float(fold.params["threshold"]) == pytest.approx(result["folds"][0]["threshold"])
+    assert fold.params["best_epoch"] == "1"   # from the checkpoint
+    assert fold.metrics["val.auc"] == pytest.approx(0.8) and fold.metrics["val.loss"] == pytest.approx(0.6)
+    assert "test.auc" in fold.metrics
+
+
+def test_every_model_run_has_the_cohort_as_a_dataset(logged):
+    out, _config, status = logged
+    _client, runs = _runs(out, status)
+    model_runs = [r for r in runs if r.data.tags.get("histoflow.kind") in ("mil", "slide_classifier")]
+    fold_runs = [r for r in runs if "histoflow.fold" in r.data.tags]
+    assert model_runs and len(fold_runs) == 3
+    for run in model_runs:
+        (inp,) = run.inputs.dataset_inputs
+        assert inp.dataset.name == "cohort" and [t.value for t in inp.tags] == ["cohort"]
+    for run in fold_runs:
+        contexts = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags}
+        assert set(contexts) == {"train", "val", "test"}
+        test = json.loads(contexts["test"].profile)["num_rows"]
+        assert test == 4   # the fold's test slides
+    # what the dataset says about itself: columns, source; never a patient id or an absolute path
+    ds = model_runs[0].inputs.dataset_inputs[0].dataset
+    assert [c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]] == ["slide_id", "patient_hash", "label", "md5"]
+    assert json.loads(ds.source) == {"uri": "mlflow/export/cohort.tsv"}
+    table = pd.read_csv(out / "mlflow" / "export" / "cohort.tsv", sep="\t", dtype=str)
+    assert table["patient_hash"].str.startswith("pt_").all() and not set(table["patient_hash"]) & {f"p{i}" for i in range(12)}
+    assert table.loc[table["slide_id"] == "s0", "md5"].item() == "0" * 32   # the downloaded file's md5
+
+
+def test_the_same_cohort_has_the_same_digest_and_a_changed_one_does_not(logged, tmp_path):
+    from histoflow.privacy import Exporter
+    from histoflow.tracking import _dataset_input, cohort_table
+
+    out, config, status = logged
+    again = log_workflow(str(out), config, "samples.tsv", str(tmp_path / "again.json"), force=True)
+    assert again["run_id"] != status["run_id"]
+    client = client_for(out)
+
+    def digests(parent):
+        runs = client.search_runs([status["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+        return sorted(i.dataset.digest for r in runs for i in r.inputs.dataset_inputs)
+
+    first, second = digests(status["run_id"]), digests(again["run_id"])
+    assert first and first == second
+    exporter = Exporter(str(out), config, None)
+    cohort = cohort_table(str(out), exporter)
+    changed = cohort.copy()
+    changed.loc[0, "label"] = "tumor" if changed.loc[0, "label"] == "normal" else "normal"
+    assert _dataset_input(cohort, "cohort", "cohort").dataset.digest in first
+    assert _dataset_input(changed, "cohort", "cohort").dataset.digest not in first
+
+
+def test_each_mil_model_is_a_logged_pyfunc_that_predicts_a_slide(logged):
+    import mlflow
+
+    from histoflow.mil.data import read_bag
+    from histoflow.mil.train import load_checkpoint, predict_proba
+    from histoflow.mlflow_model import feature_frame
+
+    out, _config, status = logged
+    client, runs = _runs(out, status)
+    model_run = next(r for r in runs if r.info.run_name == "mil/abmil" and r.data.tags["mlflow.parentRunId"] == status["run_id"])
+    logged_models = [m for m in client.search_logged_models([status["experiment_id"]])
+                     if m.source_run_id in {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == status["run_id"]}]
+    assert [m.name for m in logged_models] == ["histoflow-abmil"]   # one per MIL model
+    (info,) = logged_models
+    assert info.source_run_id == model_run.info.run_id
+    assert [o.model_id for o in model_run.outputs.model_outputs] == [info.model_id]   # the Models column
+    assert not {"mlflow.source.name", "mlflow.user"} & set(info.tags)   # no script path, no OS user
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{info.model_id}")
+    assert model.metadata.signature is not None and model.metadata.saved_input_example_info
+    bag = read_bag(out / "features" / "ssl-resnet-tiny" / "s3.parquet", dtype="float32")
+    pred = model.predict(feature_frame(bag.features, "s3"))
+    expected = np.mean([predict_proba(load_checkpoint(out / "mil" / "abmil" / f"fold{k}" / "checkpoint.pt")[0],
+                                      [bag.features])[0] for k in range(3)])
+    assert pred["slide_id"].tolist() == ["s3"] and pred["prob"].item() == pytest.approx(expected, abs=1e-6)
+    assert pred["label"].item() in ("normal", "tumor")
+    # the model's files name no local path (staged copies), and the registry is off by default
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{info.model_id}"))
+    for path in local.rglob("*"):
+        if path.is_file() and path.suffix in ("", ".json", ".yaml", ".txt", ".py"):
+            text = path.read_text(errors="replace")
+            if path.name == "MLmodel":   # MLflow writes the store's own artifact location there
+                text = "\n".join(line for line in text.splitlines() if not line.startswith("artifact_path: "))
+            assert str(out) not in text, path
+    assert client.search_registered_models() == []
+
+
+def test_register_models_and_system_metrics_when_asked(finished_outdir, tmp_path):
+    from histoflow.tracking import SYSTEM_METRICS_FILE, SystemMetrics
+
+    out = tmp_path / "results"
+    shutil.copytree(finished_outdir, out, ignore=shutil.ignore_patterns("mlflow*", "mlruns"))
+    with SystemMetrics(out / "mil" / "abmil" / "fold0" / SYSTEM_METRICS_FILE, enabled=True, interval_s=0.05):
+        time.sleep(0.3)
+    with SystemMetrics(out / "mil" / "abmil" / "fold1" / SYSTEM_METRICS_FILE, enabled=False):
+        pass
+    assert not (out / "mil" / "abmil" / "fold1" / SYSTEM_METRICS_FILE).exists()   # off: nothing sampled
+    config = config_for(out, register_models=True, system_metrics=True)
+    status = log_workflow(str(out), config, "samples.tsv", str(out / "mlflow" / "logged.json"))
+    client = client_for(out)
+    (version,) = client.search_model_versions("name = 'histoflow-abmil'")
+    assert str(version.version) == "1"
+    fold0 = client.search_runs([status["experiment_id"]], filter_string="attributes.run_name = 'mil/abmil/fold0'")[0]
+    history = client.get_metric_history(fold0.info.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 2 and sorted(m.step for m in history)[:2] == [0, 1]
