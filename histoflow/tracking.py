@@ -429,6 +429,11 @@ class SystemMetrics:
         self.rows: list[dict] = []
         self._thread = None
 
+    @classmethod
+    def beside(cls, output: str | Path, enabled: bool = False) -> "SystemMetrics":
+        """Sampling into :data:`SYSTEM_METRICS_FILE` in the folder of a job's ``output``."""
+        return cls(Path(output).parent / SYSTEM_METRICS_FILE, enabled)
+
     def _monitors(self) -> list:
         try:
             from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor

@@ -1,13 +1,11 @@
-from pathlib import Path
-
 from histoflow.logs import first_log, log_to
 from histoflow.mil.train import train_fold
-from histoflow.tracking import SYSTEM_METRICS_FILE, SystemMetrics
+from histoflow.tracking import SystemMetrics
 
 # mlflow.system_metrics: CPU/memory/GPU of this job, sampled to a file that mlflow_log logs later
 # (read from the config, not params, so switching it on does not retrain finished folds)
 sampling = (snakemake.config.get("mlflow") or {}).get("system_metrics", False)
-with log_to(first_log(snakemake)), SystemMetrics(Path(snakemake.output.checkpoint).parent / SYSTEM_METRICS_FILE, sampling):
+with log_to(first_log(snakemake)), SystemMetrics.beside(snakemake.output.checkpoint, sampling):
     train_fold(
         splits_tsv=snakemake.input.splits,
         feature_paths=list(snakemake.params.features),
