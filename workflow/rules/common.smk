@@ -17,6 +17,7 @@ from histoflow.config import SLIDE_ID_PATTERN, load_samples, validate_config
 from histoflow.errors import InputError
 from histoflow.encoders import encoder_slug
 from histoflow.privacy import config_digest, sheet_reference
+from histoflow.targets import check_target_config
 
 # Bad config or samples sheet: one line naming the field/row and the fix, no traceback.
 try:
@@ -25,6 +26,9 @@ try:
     # load_samples validates every row against workflow/schemas/samples.schema.yaml (column-wise:
     # snakemake.utils.validate on the table would re-check 10,000 rows one by one, ~1 s)
     samples = load_samples(config)
+    # what the run predicts (config target:), its class order from the sheet's labels, and the
+    # MIL models / slide classifiers it cannot train, said before any job runs
+    TARGET = check_target_config(config, samples)
     SLIDES_PER_JOB = slides_per_job(config["slides_per_job"], len(samples))
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
@@ -38,6 +42,10 @@ os.environ["HISTOFLOW_OUTDIR"] = os.path.abspath(config["outdir"])
 os.environ["HISTOFLOW_SAMPLES"] = os.path.abspath(config["samples"])
 
 OUTDIR = config["outdir"]
+# what jobs need to rebuild the Target (histoflow.targets.Target.from_config)
+TARGET_PARAMS = {"target": config["target"], "positive_label": config["positive_label"],
+                 "labels": sorted({str(v) for v in samples["label"]})}
+TARGET_COLUMNS = [TARGET.time_column, TARGET.event_column] if TARGET.type == "survival" else []
 SLIDES = list(samples["slide_id"])
 SCRIPTS = str(Path(workflow.basedir) / "workflow" / "scripts")
 

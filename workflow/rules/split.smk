@@ -13,9 +13,10 @@ rule make_splits:
         splits=out("splits/splits.tsv"),
         summary=out("splits/split.json"),
     params:
-        samples=samples[["slide_id", "patient_id", "label", "site"]].to_dict("records"),
+        samples=samples[["slide_id", "patient_id", "label", "site"] + TARGET_COLUMNS].to_dict("records"),
         settings=config["split"],
         positive_label=config["positive_label"],
+        target=config["target"],
         seed=config["seed"],
     log:
         log_path("make_splits", "splits"),
