@@ -211,7 +211,7 @@ def make_splits(samples: pd.DataFrame, settings: SplitSettings, positive_label: 
     patients = _patient_table(samples, positive_label, settings.preserve_site, target)
     unit = _split_units(patients, settings.preserve_site)
     y = patients["y"].to_numpy()
-    counts = _unit_counts(unit, y, 2 if target is None else target.strata(np.zeros(0))[1])
+    counts = _unit_counts(unit, y, 2 if target is None else max(target.strata(np.zeros(3))[1], int(y.max()) + 1))
     n_units = len(counts)
     rng = np.random.default_rng(seed)
 

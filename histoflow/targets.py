@@ -388,7 +388,7 @@ def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
 def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizons: Sequence[float]) -> dict[str, float]:
     out = {"c_index": harrell_c(time, event, risk)}
     for h in horizons:
-        out[f"uno_c@{h:g}"] = uno_c(time, event, risk, tau=h)
+        out[f"uno_c_at_{h:g}"] = uno_c(time, event, risk, tau=h)   # MLflow metric names allow no "@"
     return out
 
 

@@ -4,6 +4,7 @@ computed examples, the Cox loss, every MIL model on every target type, and the m
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,3 +181,95 @@ def test_mil_learns_each_target(kind):
         assert T.harrell_c(test_y[:, 0], test_y[:, 1], out) > 0.75
     else:
         assert T.regression_metrics(test_y, out)["spearman_rho"] > 0.8
+
+
+# --- splits and the metrics stage ------------------------------------------------------------
+
+def _sheet(kind: str, n: int = 24) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        row = {"slide_id": f"s{i:02d}", "patient_id": f"p{i // 2:02d}", "site": ""}
+        g = i // 2
+        if kind == "multiclass":
+            row["label"] = ["a", "b", "c"][g % 3]
+        elif kind == "survival":
+            row.update(label="x", time=float(1 + g), event=int(g % 4 != 0))
+        else:
+            row["label"] = str(0.5 * g)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "survival", "regression"])
+def test_splits_encode_the_target_and_keep_patients_together(kind):
+    from histoflow.splits import SplitSettings, make_splits
+
+    target = {"multiclass": Target(classes=("a", "b", "c")), "survival": Target(type="survival"),
+              "regression": Target(type="regression")}[kind]
+    table = make_splits(_sheet(kind), SplitSettings(k=3, val_fraction=0.25), "tumor", 1, target=target)
+    assert table.groupby(["fold", "patient_id"])["role"].nunique().max() == 1
+    for _, part in table.groupby("fold"):
+        test = part[part["role"] == "test"]
+        if kind == "multiclass":   # stratified: every class in every test fold
+            assert set(test["y"]) == {0, 1, 2}
+        if kind == "survival":
+            assert {"time", "event"} <= set(table.columns) and test["event"].sum() >= 1
+    if kind == "regression":
+        assert table["y"].dtype == float and table["y"].max() == pytest.approx(5.5)
+
+
+def _predictions(kind: str, informative: bool = True) -> pd.DataFrame:
+    """kfold predictions of 3 folds (train/val/test rows), informative or shuffled."""
+    rng = np.random.default_rng(0)
+    sheet = _sheet(kind, 30)
+    rows = []
+    for fold in range(3):
+        for i, rec in sheet.iterrows():
+            role = "test" if (i // 2) % 3 == fold else ("val" if (i // 2) % 3 == (fold + 1) % 3 else "train")
+            row = {"slide_id": rec["slide_id"], "patient_id": rec["patient_id"], "label": rec["label"], "fold": fold,
+                   "role": role, "n_tiles": 10}
+            signal = 1.0 if informative else 0.0
+            if kind == "multiclass":
+                k = ["a", "b", "c"].index(rec["label"])
+                logits = rng.normal(size=3) + 3 * signal * np.eye(3)[k]
+                p = np.exp(logits) / np.exp(logits).sum()
+                row.update(y=k, pred=int(p.argmax()), prob_a=p[0], prob_b=p[1], prob_c=p[2])
+            elif kind == "survival":
+                row.update(y=rec["event"], time=rec["time"], event=rec["event"], risk=-signal * rec["time"] + rng.normal())
+            else:
+                row.update(y=float(rec["label"]), value=signal * float(rec["label"]) + rng.normal(scale=0.5))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "survival", "regression"])
+def test_metrics_stage_counts_each_slide_once_with_cis_and_plots(kind, tmp_path):
+    from histoflow.metrics import write_target_metrics
+
+    target = {"multiclass": Target(classes=("a", "b", "c")), "survival": Target(type="survival", horizons=(10.0,)),
+              "regression": Target(type="regression")}[kind]
+    paths = {}
+    for name, informative in (("good", True), ("noise", False)):
+        p = tmp_path / f"{name}.tsv"
+        _predictions(kind, informative).to_csv(p, sep="\t", index=False)
+        paths[name] = [str(p)]
+    plots = {"multiclass": {"roc": "roc.png", "pr": "pr.png", "calibration": "cal.png", "confusion_tsv": "c.tsv",
+                            "confusion_png": "c.png"}, "survival": {"km": "km.png"}, "regression": {"scatter": "sc.png"}}[kind]
+    plots = {k: str(tmp_path / v) for k, v in plots.items()}
+    payload = write_target_metrics(paths, target, str(tmp_path / "m.json"), str(tmp_path / "m.tsv"), plots,
+                                   {"n_bootstrap": 100}, 0)
+    primary = target.primary_metric
+    good = payload["models"]["good"]
+    assert payload["best_model"] == "good" and good["n_slides"] == 30 and good["n_patients"] == 15
+    lo, hi = good["ci"][primary]
+    assert lo <= good["pooled"][primary] <= hi
+    assert good["pooled"][primary] > payload["models"]["noise"]["pooled"][primary]
+    row = [r for r in payload["comparison"] if r["model"] == "noise"][0]
+    assert row["paired_vs_best"] == "good" and 0 <= row["paired_p"] < 0.05
+    for path in plots.values():
+        assert Path(path).exists()
+    if kind == "survival":
+        assert "uno_c_at_10" in good["pooled"] and good["risk_groups"]["n_high"] + good["risk_groups"]["n_low"] == 30
+        assert good["threshold_source"] == "train_median_risk"
+    if kind == "multiclass":
+        assert good["threshold_source"] == "argmax" and np.asarray(good["confusion"]["matrix"]).sum() == 30
