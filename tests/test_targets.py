@@ -260,6 +260,8 @@ def test_metrics_stage_counts_each_slide_once_with_cis_and_plots(kind, tmp_path)
                                    {"n_bootstrap": 100}, 0)
     primary = target.primary_metric
     good = payload["models"]["good"]
+    # inferred from the rows: one test row per slide is kfold (val/train rows are never read)
+    assert good["strategy"] == "kfold" and len(good["folds"]) == 3 and sum(f["n_test"] for f in good["folds"]) == 30
     assert payload["best_model"] == "good" and good["n_slides"] == 30 and good["n_patients"] == 15
     lo, hi = good["ci"][primary]
     assert lo <= good["pooled"][primary] <= hi
