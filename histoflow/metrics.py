@@ -420,6 +420,9 @@ def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_
     from .io import write_json, write_tsv
     from .logs import get_logger
 
+    if isinstance(target, dict):  # the rule's params: {target, positive_label, labels}
+        from .targets import Target
+        target = Target.from_config(target, labels=target.get("labels"))
     if target is not None and not target.binary:
         plots = dict(plots or {})
         plots.setdefault("roc", roc_png)
