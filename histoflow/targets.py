@@ -23,8 +23,7 @@ compiled dependencies added to the lock, lifelines needs pandas < 3.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
