@@ -81,6 +81,23 @@ def _read_json(path: str | Path) -> dict:
         return {}
 
 
+def _target_words(cfg: dict) -> str | None:
+    """Checklist item 9's line on the task, loss and outputs (None for the binary default)."""
+    target = cfg.get("target") or {}
+    kind = target.get("type", "classification")
+    if kind == "classification" and target.get("classes") is None:
+        return None
+    if kind == "classification":
+        return ("Task: multi-class classification (classes in metrics.json target.classes); MIL heads give one logit "
+                "per class, softmax cross-entropy loss; slide classifiers multi-class; predictions prob_<class>, argmax pred.")
+    if kind == "survival":
+        return (f"Task: survival (time {target.get('time_column', 'time')}, event {target.get('event_column', 'event')}); "
+                f"MIL heads give one risk, negative Cox partial log-likelihood over batches of {target.get('survival_batch', 32)} "
+                "bags (risk sets within a batch); no feature-based survival estimator.")
+    return (f"Task: regression of the numeric label; MIL heads give one value, {target.get('loss', 'auto').replace('auto', 'mse')} "
+            "loss on the value standardised with the training slides' mean/SD; slide regressors rf/gb/ridge.")
+
+
 def _files(pattern: str) -> list[str]:
     return sorted(glob(pattern, recursive=True))
 
@@ -325,10 +342,16 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         h = pd.read_csv(hist, sep="\t")
         model, fold = Path(hist).parent.parent.name, Path(hist).parent.name
         it.metrics[f"{model}.{fold}.epochs"] = float(len(h))
-        if "val_auc" in h and h["val_auc"].notna().any():
-            it.metrics[f"{model}.{fold}.best_val_auc"] = float(h["val_auc"].max())
+        # val_auc (binary); val_auc_macro / val_c_index / val_r2 for the other targets
+        val = next((c for c in h.columns if c.startswith("val_") and c != "val_loss"), None)
+        if val and h[val].notna().any():
+            it.metrics[f"{model}.{fold}.best_{val}"] = float(h[val].max())
     it.summary.append(f"MIL models: {', '.join(models) or 'none'}; feature-based slide classifiers: {', '.join(classic) or 'none'}; "
                       "training curves per fold in nested MLflow runs.")
+    task = _target_words(cfg)
+    if task:  # multi-class, survival, regression (histoflow.targets)
+        it.params.update(flatten("target", cfg.get("target", {})))
+        it.summary.append(task)
     crossfit = _files(str(out / "tile_probs" / "*" / "fold*.crossfit.parquet"))
     if classic:
         inner = cfg.get("slide_classifier", {}).get("inner_folds", 3)
@@ -371,7 +394,27 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.metrics[f"{model}.n_slides"] = float(res.get("n_slides", 0))
         it.metrics[f"{model}.n_patients"] = float(res.get("n_patients", 0))
     it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("metrics.json", "metrics.tsv", "roc.png", "pr.png", "calibration.png")) if Path(p).exists()]
-    if mj:
+    if mj and "target" in mj:  # multi-class, survival, regression
+        best, primary = mj.get("best_model"), mj.get("primary_metric")
+        b = mj["models"].get(best, {})
+        lo, hi = b.get("ci", {}).get(primary, [None, None])
+        value = b.get("pooled", {}).get(primary)
+        it.params["target.kind"] = mj["target"].get("kind")
+        it.params["target.loss"] = mj["target"].get("loss")
+        words = {"multiclass": "metrics auc_macro (mean one-vs-rest AUC), per-class AUC, balanced accuracy, macro F1 and a "
+                               "confusion matrix at the argmax (no threshold)",
+                 "survival": "metrics Harrell's c-index, Uno's c at the stated horizons, Kaplan-Meier by risk group (median "
+                             "risk of each fold's training slides) with the log-rank p",
+                 "regression": "metrics Pearson r, Spearman rho, MAE, RMSE and R²"}.get(mj["target"].get("kind"), "")
+        it.summary.append(f"Target {mj['target'].get('kind')} ({words}); {len(mj.get('models', {}))} models compared on "
+                          f"test slides, each slide once; best {best}: {primary} "
+                          f"{value if value is None else f'{value:.3f}'} (95% patient-bootstrap CI "
+                          f"{'n/a' if lo is None else f'{lo:.3f}-{hi:.3f}'}) on {b.get('n_slides')} slides of "
+                          f"{b.get('n_patients')} patients; {mj.get('settings', {}).get('n_bootstrap')} patient resamples; "
+                          "paired patient-bootstrap test vs best in metrics.tsv.")
+        it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("confusion.tsv", "confusion.png", "km.png", "scatter.png"))
+                         if Path(p).exists()]
+    elif mj:
         best = mj.get("best_model")
         b = mj["models"].get(best, {})
         ci = b.get("ci", {}).get("auc", [None, None])

@@ -18,7 +18,7 @@ def _demo_cohort(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     sheet = make_demo_cohort(args.out, n_slides=args.slides, seed=args.seed, small=args.small,
-                             annotations=not args.no_annotations, null_labels=args.null_labels)
+                             annotations=not args.no_annotations, null_labels=args.null_labels, task=args.task)
     out = sheet.parent
     print(f"demo cohort: {args.slides} slides in {time.perf_counter() - t0:.1f} s")
     print(f"  samples sheet : {sheet}")
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder (e.g. demo)")
     demo.add_argument("--slides", type=int, default=16, help="number of slides (default 16)")
     demo.add_argument("--seed", type=int, default=7, help="random seed; same seed => same pixels")
+    demo.add_argument("--task", choices=["binary", "multiclass", "survival", "regression"], default="binary",
+                      help="what the cohort's target is (default binary, tumour vs normal): multiclass = three tissue "
+                           "patterns, survival = event times driven by lesion burden, regression = lesion burden (%%)")
     demo.add_argument("--small", action="store_true", help="~3000 x 2400 px slides (CI) instead of ~8000 x 6000")
     demo.add_argument("--no-annotations", action="store_true", help="write no lesion polygons")
     demo.add_argument("--null-labels", action="store_true",

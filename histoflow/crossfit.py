@@ -56,8 +56,12 @@ def make_inner_splits(splits: pd.DataFrame, fold: int, n_inner: int, seed: int) 
     if n < n_inner:
         raise InputError(f"fold {fold}: {n} training patient(s) for slide_classifier.inner_folds={n_inner} inner "
                          f"folds; set slide_classifier.inner_folds <= {n} (at least 2) or use fewer folds (split.k)")
-    counts = np.zeros((n, 2), dtype=np.int64)
-    counts[np.arange(n), patients.to_numpy().astype(int)] = 1
+    values = patients.to_numpy(dtype=float)
+    # strata: the class (binary / multi-class index, survival event); a regression value: none
+    classes = np.all(values == np.round(values)) and values.min() >= 0 and values.max() < 100
+    strata = values.astype(int) if classes else np.zeros(n, dtype=int)
+    counts = np.zeros((n, max(2, int(strata.max()) + 1)), dtype=np.int64)
+    counts[np.arange(n), strata] = 1
     group = dict(zip(patients.index, assign_partitions(counts, n_inner, np.random.default_rng(inner_seed(seed, fold)))))
     frames = []
     for j in range(n_inner):
@@ -66,7 +70,7 @@ def make_inner_splits(splits: pd.DataFrame, fold: int, n_inner: int, seed: int) 
         inner.loc[in_group, "role"] = "test"
         inner["fold"] = j
         inner["outer_fold"] = int(fold)
-        if inner.loc[inner["role"] == "train", "y"].nunique() < 2:
+        if classes and inner.loc[inner["role"] == "train", "y"].nunique() < 2:
             raise InputError(f"fold {fold}, inner fold {j}: the inner training slides hold one class only; "
                              "set slide_classifier.inner_folds lower or add patients")
         frames.append(inner)

@@ -21,6 +21,15 @@ Layout of ``out_dir`` (see docs/demo.md)::
     annotations/demo_000.geojson / .xml   lesion polygons (QuPath GeoJSON, ASAP XML), level-0 px
     truth/demo_000.tissue.png             binary tissue mask at downsample 16
     truth/demo_000.json                   label, lesions (area_um2, ...), nuisances
+
+Tasks (``--task``; histoflow.targets): ``binary`` (the default above: tumour vs normal);
+``multiclass``: three tissue patterns, ``normal`` (no lesion), ``tumor`` (lesions of large
+pleomorphic nuclei) and ``lymphoid`` (lesions of densely packed small dark nuclei, a third
+texture); ``survival``: every patient gets a lesion burden (none to large), and its event time is
+drawn from an exponential hazard exp(2 x standardised burden) with uniform censoring;
+``regression``: the label is the lesion burden (% of the tissue area covered by lesion).
+Non-binary cohorts carry no annotations (their targets are slide-level); the ground truth of
+each slide (burden, time, event) is in truth/ and in truth/targets.tsv beside the sheet.
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ SMALL_SIZE = (3000, 2400)       # 1.5 x 1.2 mm, for CI tests
 STRIP_ROWS = 256                # level-0 rows synthesised at once (~100 MB of temporaries at 8000 px)
 JPEG_Q = 85
 TUMOR, NORMAL = "tumor", "normal"
+LYMPHOID = "lymphoid"           # multi-class demo: the third tissue pattern
+TASKS = ("binary", "multiclass", "survival", "regression")
+# survival/regression: lesion-size factors dealt over patients (0 = no lesion)
+BURDEN_LEVELS = (0.0, 0.45, 0.7, 1.0, 1.35, 1.7)
 POSITIVE_CLASS = "Tumor"
 TUMOR_COLOR = (200, 0, 0)
 
@@ -80,6 +93,7 @@ class SlidePlan:
     blur: bool = False
     bubble: bool = False
     almost_empty: bool = False
+    burden: float | None = None     # survival/regression: lesion size factor (0 = no lesion)
     nuisances: list = field(default_factory=list)
     lesion: bool | None = None      # draw lesions; None = on tumor-labelled slides only
     lesion_scale: float = 1.0       # lesion diameters times this
@@ -87,15 +101,22 @@ class SlidePlan:
 
     @property
     def has_lesion(self) -> bool:
-        return self.label == TUMOR if self.lesion is None else self.lesion
+        return self.label in (TUMOR, LYMPHOID) if self.lesion is None else self.lesion
 
 
-def plan_cohort(n_slides: int, seed: int, null_labels: bool = False) -> list[SlidePlan]:
+def plan_cohort(n_slides: int, seed: int, null_labels: bool = False, task: str = "binary") -> list[SlidePlan]:
     """Patients (about a third of them with two slides, same label), balanced labels, and the
     nuisances, spread so that even a 4-slide cohort has pen, blur, bubble and an empty slide.
 
     ``null_labels``: the null cohort (see :func:`null_plan`): lesions on every slide, labels
-    drawn by a seeded permutation of the patients, no almost empty slide."""
+    drawn by a seeded permutation of the patients, no almost empty slide. ``task``: binary |
+    multiclass | survival | regression (:func:`_plan_task`)."""
+    if task not in TASKS:
+        raise InputError(f"demo cohort: --task {task!r} is not one of {', '.join(TASKS)}")
+    if task != "binary":
+        if null_labels:
+            raise InputError("demo cohort: --null-labels is a binary cohort; leave --task at binary")
+        return _plan_task(n_slides, seed, task)
     if n_slides < 1:
         raise InputError(f"demo cohort: --slides must be >= 1 (got {n_slides})")
     if null_labels:
@@ -164,6 +185,34 @@ def null_plan(plans: list[SlidePlan], seed: int) -> list[SlidePlan]:
     for p in plans:
         p.label, p.lesion, p.lesion_scale, p.max_lesions = label[p.patient_id], True, 0.5, 1
         p.almost_empty, p.pen, p.blur, p.bubble = False, None, False, False
+    return plans
+
+
+def _plan_task(n_slides: int, seed: int, task: str) -> list[SlidePlan]:
+    """Multi-class: the three patterns dealt over patients (balanced in slides); survival and
+    regression: the burden levels dealt over patients. Same patient grouping and nuisances as
+    the binary plan (drawn from the same seed)."""
+    plans = plan_cohort(n_slides, seed)   # the binary plan: patients, nuisances
+    rng = np.random.default_rng([seed, 10_001])
+    patients = sorted({p.patient_id for p in plans})
+    order = [patients[i] for i in rng.permutation(len(patients))]
+    size = {pid: sum(p.patient_id == pid for p in plans) for pid in patients}
+    if task == "multiclass":
+        counts = {NORMAL: 0, TUMOR: 0, LYMPHOID: 0}
+        label = {}
+        for pid in sorted(order, key=lambda q: -size[q]):   # big patients first, keep classes even
+            lab = min(counts, key=lambda c: (counts[c], list(counts).index(c)))
+            label[pid] = lab
+            counts[lab] += size[pid]
+        for p in plans:
+            p.label = label[p.patient_id]
+            p.almost_empty = False
+    else:
+        level = {pid: BURDEN_LEVELS[i % len(BURDEN_LEVELS)] for i, pid in enumerate(order)}
+        for p in plans:
+            p.burden = level[p.patient_id]
+            p.label = TUMOR if p.burden > 0 else NORMAL
+            p.almost_empty = False
     return plans
 
 
@@ -472,7 +521,10 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
     lr_shape = (height // MASK_DS, width // MASK_DS)
     scale = min(width, height) / min(DEFAULT_SIZE)
     tissue, pieces = tissue_field(rng, lr_shape, plan.almost_empty)
-    lesion = lesion_field(rng, tissue, min(1.0, scale) * plan.lesion_scale, plan.max_lesions) if plan.has_lesion else np.zeros(lr_shape, bool)
+    if plan.burden is not None:  # survival/regression: the lesion size factor sets the burden
+        lesion = lesion_field(rng, tissue, min(1.0, scale) * plan.burden) if plan.burden > 0 else np.zeros(lr_shape, bool)
+    else:
+        lesion = lesion_field(rng, tissue, min(1.0, scale) * plan.lesion_scale, plan.max_lesions) if plan.has_lesion else np.zeros(lr_shape, bool)
 
     alpha = ndi.gaussian_filter(tissue.astype(np.float32), 0.8)
     alpha[~ndi.binary_dilation(tissue, iterations=3)] = 0
@@ -509,7 +561,12 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
     normal_bank = nucleus_sprites(rng, "normal", 48)
     tumor_bank = nucleus_sprites(rng, "tumor", 64)
     pts_n = scatter_points(rng, cell, 1 / 1400)
-    pts_t = scatter_points(rng, les, 1 / 650)
+    if plan.label == LYMPHOID:
+        # the third pattern: lesions packed with small dark (lymphocyte-like) nuclei
+        tumor_bank = normal_bank
+        pts_t = scatter_points(rng, les, 1 / 260)
+    else:
+        pts_t = scatter_points(rng, les, 1 / 650)
     idx_n = rng.integers(0, len(normal_bank), len(pts_n))
     idx_t = rng.integers(0, len(tumor_bank), len(pts_t))
     banks = [(pts_n, idx_n, normal_bank), (pts_t, idx_t, tumor_bank)]
@@ -714,7 +771,7 @@ def md5sum(path: Path) -> str:
 DEMO_MIL_MODELS = ("abmil", "mean", "max", "clam_sb", "dsmil", "transmil")
 
 
-def demo_config(samples_path: Path) -> dict:
+def demo_config(samples_path: Path, task: str = "binary") -> dict:
     """Snakemake overrides for the demo (layered on config.yaml with a second --configfile).
 
     Tiles of 224 px at 1.0 µm/px keep CPU feature extraction to minutes. The encoder is
@@ -728,23 +785,35 @@ def demo_config(samples_path: Path) -> dict:
     tiling_schema = load_schema("config")["properties"]["tiling"]["properties"]
     tiling = {k: v["default"] for k, v in tiling_schema.items() if "default" in v}
     tiling.update({"mpp": [1.0], "tile_px": 224, "min_tissue_fraction": 0.5})
-    return {"samples": str(samples_path), "tiling": tiling,
-            "features": {"mpp": 1.0, "encoders": ["ssl:resnet-tiny"]},
-            "ssl": {"arch": "resnet-tiny"},
-            "split": {"k": 4},
-            "mil": {"models": list(DEMO_MIL_MODELS)}}
+    config = {"samples": str(samples_path), "tiling": tiling,
+              "features": {"mpp": 1.0, "encoders": ["ssl:resnet-tiny"]},
+              "ssl": {"arch": "resnet-tiny"},
+              "split": {"k": 4},
+              "mil": {"models": list(DEMO_MIL_MODELS)}}
+    if task == "binary":
+        return config
+    from .targets import UNSUPPORTED_MIL
+
+    kind = {"multiclass": "classification"}.get(task, task)
+    config["target"] = {"type": kind, **({"classes": "sheet"} if task == "multiclass" else {})}
+    config["mil"] = {"models": [m for m in DEMO_MIL_MODELS if (kind, m) not in UNSUPPORTED_MIL]}
+    if task == "survival":
+        config["slide_classifier"] = {"models": []}   # no survival estimator in the lock
+    return config
 
 
 def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int = 7,
                      width: int | None = None, height: int | None = None,
                      annotations: bool = True, small: bool = False,
-                     progress: bool = True, null_labels: bool = False) -> Path:
+                     progress: bool = True, null_labels: bool = False, task: str = "binary") -> Path:
     """Write the demo cohort to ``out_dir`` and return the samples sheet path.
 
     ``small`` gives ~3000 x 2400 px slides (CI), otherwise ~8000 x 6000 px; ``width``/``height``
     override either. Same ``seed`` => identical decoded pixels, polygons and sheet.
     ``null_labels``: the null cohort (:func:`null_plan`): lesions on every slide, labels by a
     seeded permutation of the patients, annotations on tumor-labelled slides only.
+    ``task``: binary | multiclass | survival | regression (module docstring); non-binary
+    cohorts have no annotations.
     """
     from tqdm import tqdm
 
@@ -752,17 +821,18 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     width, height = int(width or dw), int(height or dh)
     if width < 512 or height < 512:
         raise InputError(f"demo cohort: slides must be at least 512 x 512 px (got {width} x {height})")
+    annotations = annotations and task == "binary"
     out = Path(out_dir).resolve()
     for sub in ("slides", "truth", ".tmp") + (("annotations",) if annotations else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    plans = plan_cohort(n_slides, seed, null_labels=null_labels)
-    rows = []
+    plans = plan_cohort(n_slides, seed, null_labels=null_labels, task=task)
+    rows, truths = [], []
     t0 = time.perf_counter()
     for plan in tqdm(plans, desc="demo slides", unit="slide", disable=not progress):
         tiff = out / "slides" / f"{plan.slide_id}.tiff"
         result = render_slide(plan, width, height, seed, tiff, out / ".tmp")
         _write_mask_png(out / "truth" / f"{plan.slide_id}.tissue.png", result.tissue)
-        write_json(out / "truth" / f"{plan.slide_id}.json", result.truth)
+        truths.append(result.truth)
         row = {"slide_id": plan.slide_id, "patient_id": plan.patient_id, "label": plan.label,
                "source": f"slides/{plan.slide_id}.tiff", "md5": md5sum(tiff)}
         # the null cohort's negatives carry lesions nobody outlined (as CAMELYON16's sheets do)
@@ -775,14 +845,53 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
             row["annotations"] = ""
         rows.append(row)
     safe_remove(out / ".tmp", out)
+    if task != "binary":
+        _task_targets(rows, truths, plans, seed, task)
+        write_tsv(out / "truth" / "targets.tsv", pd.DataFrame(
+            [{"slide_id": t["slide_id"], "patient_id": t["patient_id"], "label": r["label"],
+              "lesion_burden": t["lesion_area_fraction_of_tissue"], **{k: t[k] for k in ("time", "event") if k in t}}
+             for t, r in zip(truths, rows)]))
+    for truth in truths:
+        write_json(out / "truth" / f"{truth['slide_id']}.json", truth)
     sheet = out / "samples.tsv"
     write_tsv(sheet, pd.DataFrame(rows))
     write_text(out / "config.yaml",
                "# histoflow demo overrides: snakemake --configfile config.yaml "
-               f"{out / 'config.yaml'}\n" + yaml.safe_dump(demo_config(sheet), sort_keys=False))
+               f"{out / 'config.yaml'}\n" + yaml.safe_dump(demo_config(sheet, task), sort_keys=False))
     log.info("demo cohort: %d slides (%d x %d px) in %s in %.1f s", n_slides, width, height, out,
              time.perf_counter() - t0)
     return sheet
+
+
+def _task_targets(rows: list[dict], truths: list[dict], plans: list[SlidePlan], seed: int, task: str) -> None:
+    """The sheet's target of a non-binary demo, from the rendered morphology (in place).
+
+    regression: label = lesion burden in % of the tissue area. survival: per patient (its slides'
+    mean burden b), hazard exp(2 z) with z the standardised burden, time ~ Exponential(0.1 x
+    hazard), censored at Uniform(5, 30) (about a quarter censored); sheet columns time, event."""
+    burden = np.array([t["lesion_area_fraction_of_tissue"] for t in truths])
+    task_truth: list[dict] = [{} for _ in truths]
+    if task == "regression":
+        for row, value in zip(rows, burden):
+            row["label"] = f"{100 * value:.3f}"
+    elif task == "survival":
+        rng = np.random.default_rng([seed, 20_000])
+        patients = sorted({p.patient_id for p in plans})
+        per_patient = {pid: float(np.mean(burden[[i for i, p in enumerate(plans) if p.patient_id == pid]])) for pid in patients}
+        values = np.array([per_patient[p] for p in patients])
+        z = (values - values.mean()) / (values.std() or 1.0)
+        hazard = 0.1 * np.exp(2.0 * z)
+        event_time = rng.exponential(1.0 / hazard)
+        censor = rng.uniform(5, 30, len(patients))
+        outcome = {pid: (float(min(t, c)), int(t <= c)) for pid, t, c in zip(patients, event_time, censor)}
+        for row, truth in zip(rows, truths):
+            time_, event = outcome[row["patient_id"]]
+            row["time"], row["event"] = round(time_, 4), event
+            truth["time"], truth["event"] = round(time_, 4), event
+            truth["hazard_model"] = "0.1 * exp(2 * standardised patient lesion burden), censoring Uniform(5, 30)"
+    for truth, extra in zip(truths, task_truth):
+        truth.update(extra)
+        truth["task"] = task
 
 
 def _write_mask_png(path: Path, mask: np.ndarray) -> None:

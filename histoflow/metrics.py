@@ -363,11 +363,11 @@ def compare_models(results: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("auc", ascending=False, na_position="last").reset_index(drop=True)
 
 
-def load_predictions(paths: list[str]) -> pd.DataFrame:
+def load_predictions(paths: list[str], required=("slide_id", "patient_id", "y", "prob", "fold", "role")) -> pd.DataFrame:
     """Concatenate prediction tables (slide_id, patient_id, y, prob, fold, role)."""
     frames = [pd.read_csv(p, sep="\t", dtype={"slide_id": str, "patient_id": str}) for p in paths]
     table = pd.concat(frames, ignore_index=True)
-    missing = {"slide_id", "patient_id", "y", "prob", "fold", "role"} - set(table.columns)
+    missing = set(required) - set(table.columns)
     if missing:
         raise ValueError(f"prediction tables {paths[:1]}... lack columns {sorted(missing)}")
     return table
@@ -451,12 +451,23 @@ def _model_record(res: dict, cfg: MetricsSettings) -> dict:
 def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_tsv: str, roc_png: str,
                   pr_png: str, calibration_png: str, settings: dict | None, seed: int,
                   strategy: str | None = None, external: dict[str, dict[str, str]] | None = None,
-                  external_tsvs: dict[str, str] | None = None) -> None:
+                  external_tsvs: dict[str, str] | None = None, target=None, plots: dict | None = None) -> None:
     """Rule `metrics`: every model (MIL and feature-based) in one comparison table, with CIs,
-    fold spread, DeLong tests and plots. ``strategy``: config split.strategy (None: inferred)."""
+    fold spread, DeLong tests and plots. ``strategy``: config split.strategy (None: inferred).
+    ``target``: a non-binary :class:`histoflow.targets.Target` goes to write_target_metrics."""
     from .io import write_json, write_tsv
     from .logs import get_logger
 
+    if isinstance(target, dict):  # the rule's params: {target, positive_label, labels}
+        from .targets import Target
+        target = Target.from_config(target, labels=target.get("labels"))
+    if target is not None and not target.binary:
+        plots = dict(plots or {})
+        plots.setdefault("roc", roc_png)
+        plots.setdefault("pr", pr_png)
+        plots.setdefault("calibration", calibration_png)
+        write_target_metrics(predictions, target, metrics_json, metrics_tsv, plots, settings, seed, strategy)
+        return
     cfg = MetricsSettings.from_config(settings, seed)
     results = {model: evaluate_model(load_predictions(paths), cfg, strategy) for model, paths in predictions.items()}
     table = compare_models(results)
@@ -484,3 +495,298 @@ def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_
     write_tsv(metrics_tsv, table)
     plot_curves(results, roc_png, pr_png, calibration_png, cfg.ece_bins)
     get_logger(__name__).info("best model %s (AUC %.3f)", payload["best_model"], table.loc[0, "auc"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-class, survival and regression targets (histoflow.targets). Same counting rules as the
+# binary path: each test slide once (kfold: its out-of-fold prediction; holdout: the mean of the
+# fold models' outputs), patient-bootstrap CIs, fold mean +- SD. No threshold is chosen:
+# multi-class predicts the argmax (threshold_source "argmax"); survival risk groups split at the
+# median risk of each fold's *training* slides (never test ones).
+
+def target_of_predictions(frame: pd.DataFrame, base=None):
+    """The Target a prediction table was written for (class order from its prob_<class> columns)."""
+    from dataclasses import replace
+
+    from .targets import Target
+
+    base = base or Target()
+    if "risk" in frame.columns:
+        return replace(base, type="survival", classes=(), positive_label=None) if base.type != "survival" else base
+    if "value" in frame.columns:
+        return replace(base, type="regression", classes=(), positive_label=None) if base.type != "regression" else base
+    classes = tuple(c[len("prob_"):] for c in frame.columns if c.startswith("prob_"))
+    if classes:
+        return replace(base, type="classification", classes=classes, positive_label=None)
+    return base
+
+
+def _score_columns(task) -> list[str]:
+    return task.score_columns
+
+
+def _metrics_of(task, frame: pd.DataFrame, horizons=()) -> dict[str, float]:
+    from . import targets as T
+
+    if task.multiclass:
+        return T.multiclass_metrics(frame["y"].to_numpy(int), frame[task.score_columns].to_numpy(float), task.classes)
+    if task.type == "survival":
+        return T.survival_metrics(frame["time"].to_numpy(float), frame["event"].to_numpy(int), frame["risk"].to_numpy(float),
+                                  horizons)
+    return T.regression_metrics(frame["y"].to_numpy(float), frame["value"].to_numpy(float))
+
+
+def primary_score(task, frame: pd.DataFrame) -> float:
+    """The task's headline metric (auc_macro, c_index, r2) of a prediction table's scored rows."""
+    cols = task.score_columns
+    frame = frame[frame[cols].notna().all(axis=1)]
+    if frame.empty:
+        return float("nan")
+    return float(_metrics_of(task, frame).get(task.primary_metric, float("nan")))
+
+
+def _risk_cutoffs(predictions: pd.DataFrame) -> dict[int, float]:
+    """Per fold: the median out-of-sample-free risk of that fold's *training* slides (the risk
+    groups' cut-off, never chosen on test slides)."""
+    train = predictions[(predictions["role"] == "train") & predictions["risk"].notna()]
+    return {int(f): float(g["risk"].median()) for f, g in train.groupby("fold")}
+
+
+def evaluate_target_model(predictions: pd.DataFrame, task, settings: MetricsSettings, strategy: str | None = None) -> dict:
+    """Metrics of one multi-class / survival / regression model, each test slide once."""
+    from . import targets as T
+
+    predictions = predictions.copy()
+    predictions["fold"] = predictions["fold"].astype(int)
+    cols = task.score_columns
+    test_rows = predictions[predictions["role"] == "test"]
+    if test_rows.empty:
+        raise ValueError("no test-role predictions: nothing to evaluate")
+    scored = test_rows[cols].notna().all(axis=1)
+    unscored = sorted(set(test_rows.loc[~scored, "slide_id"]) - set(test_rows.loc[scored, "slide_id"]))
+    test_rows = test_rows[scored].sort_values("fold", kind="stable")
+    rows_per_slide = test_rows.groupby("slide_id").size()
+    if strategy is None:
+        strategy = "kfold" if int(rows_per_slide.max()) == 1 else "holdout"
+    if strategy == "kfold" and (rows_per_slide > 1).any():
+        dup = rows_per_slide[rows_per_slide > 1]
+        raise ValueError(f"split.strategy kfold, but slide {dup.index[0]!r} is a test slide in {int(dup.iloc[0])} folds")
+    keys = ["slide_id", "patient_id", "y"] + (["time", "event"] if task.type == "survival" else [])
+    cutoffs = _risk_cutoffs(predictions) if task.type == "survival" else {}
+    if strategy == "kfold":
+        slides = test_rows.assign(n_models=1).reset_index(drop=True)
+        if task.type == "survival":
+            slides["cutoff"] = [cutoffs.get(int(f), np.nan) for f in slides["fold"]]
+        test_prediction = "out-of-fold: each slide's prediction by the model of the one fold in which it is a test slide"
+    else:
+        agg = {c: (c, "mean") for c in cols}
+        slides = (test_rows.groupby(keys, sort=True).agg(n_models=("fold", "nunique"), **agg).reset_index().assign(fold=-1))
+        if task.type == "survival":
+            slides["cutoff"] = float(np.mean(list(cutoffs.values()))) if cutoffs else np.nan
+        test_prediction = (f"holdout ensemble: each test slide's output is the mean of the {int(slides['n_models'].max())} "
+                           "fold models' outputs")
+    n_slides, n_patients = int(slides["slide_id"].nunique()), int(slides["patient_id"].nunique())
+    assert n_slides == len(slides), "a slide counted twice"
+    horizons = list(task.horizons)
+    if task.type == "survival" and not horizons:
+        ev = slides.loc[slides["event"] == 1, "time"]
+        horizons = [float(np.round(np.quantile(ev, 0.5), 6))] if len(ev) else []
+    horizon_source = "target.horizons" if task.horizons else "median event time of the test slides (target.horizons empty)"
+    pooled = _metrics_of(task, slides, horizons)
+    patients = slides["patient_id"].to_numpy()
+    ci, _ = T.patient_bootstrap(lambda idx: _metrics_of(task, slides.iloc[idx], horizons), patients,
+                                settings.n_bootstrap, settings.ci, settings.seed)
+    folds = []
+    for fold, part in test_rows.groupby("fold", sort=True):
+        folds.append({"fold": int(fold), "n_test": int(len(part)), **_metrics_of(task, part, horizons)})
+    fold_frame = pd.DataFrame(folds)
+    names = list(pooled)
+    across = {n: (float(fold_frame[n].mean()), float(fold_frame[n].std(ddof=1)) if len(fold_frame) > 1 else 0.0) for n in names}
+    extra: dict = {}
+    method = {"test_prediction": test_prediction, "ci": settings.ci_method,
+              "fold_mean_sd": f"mean and SD over the {len(folds)} folds' test metrics",
+              "counts": "n_slides / n_patients: unique test slides / patients with a prediction"}
+    if task.multiclass:
+        pred = slides[cols].to_numpy(float).argmax(1)
+        extra["confusion"] = {"classes": list(task.classes), "rows": "true class", "columns": "predicted class (argmax)",
+                              "matrix": T.confusion(slides["y"].to_numpy(int), pred, task.n_out).tolist()}
+        extra["threshold_source"] = "argmax"
+        method["threshold"] = "none: the predicted class is the argmax of the class probabilities"
+        method["auc_macro"] = "mean over classes of the one-vs-rest ROC AUC (classes with test slides on both sides)"
+    elif task.type == "survival":
+        group = slides["risk"].to_numpy(float) > slides["cutoff"].to_numpy(float)
+        chi2, p = T.logrank(slides["time"], slides["event"], group)
+        extra["risk_groups"] = {"n_high": int(group.sum()), "n_low": int((~group).sum()), "logrank_chi2": chi2, "logrank_p": p,
+                                "cutoff": "median risk of each fold's training slides (holdout: mean of the folds' medians)"}
+        extra["horizons"] = horizons
+        extra["threshold_source"] = "train_median_risk"
+        method["c_index"] = "Harrell's concordance (risk ties 1/2, time ties not comparable)"
+        method["uno_c"] = (f"Uno's c-index truncated at each horizon (censoring KM from the test slides); horizons: "
+                           f"{horizon_source}")
+        slides["risk_group"] = np.where(group, "high", "low")
+    else:
+        extra["threshold_source"] = "none"
+        method["r2"] = "1 - SS_res / SS_tot of the test slides (values on the label's scale)"
+    keep = ["slide_id", "patient_id", "y"] + (["time", "event"] if task.type == "survival" else []) + cols + \
+        ["fold", "n_models"] + (["cutoff", "risk_group"] if task.type == "survival" else [])
+    return {"pooled": pooled, "ci": ci, "folds": folds, "fold_mean_sd": across, "n_slides": n_slides,
+            "n_patients": n_patients, "strategy": strategy, "n_test_slides_without_prediction": len(unscored),
+            "method": method, "oof": slides[keep].reset_index(drop=True), **extra}
+
+
+def compare_target_models(results: dict[str, dict], task, settings: MetricsSettings) -> pd.DataFrame:
+    """One row per model; paired patient-bootstrap test of the best model (primary metric)
+    against each other one on the slides both scored (DeLong's test is for binary AUCs)."""
+    from . import targets as T
+
+    primary = task.primary_metric
+    best = max(results, key=lambda k: np.nan_to_num(results[k]["pooled"][primary], nan=-np.inf))
+    best_oof = results[best]["oof"].set_index("slide_id")
+    rows = []
+    for name, res in results.items():
+        row = {"model": name, "n_slides": res["n_slides"], "n_patients": res["n_patients"],
+               "threshold_source": res.get("threshold_source")}
+        for metric in res["pooled"]:
+            lo, hi = res["ci"].get(metric, (float("nan"), float("nan")))
+            mean, sd = res["fold_mean_sd"][metric]
+            row.update({metric: res["pooled"][metric], f"{metric}_ci_low": lo, f"{metric}_ci_high": hi,
+                        f"{metric}_fold_mean": mean, f"{metric}_fold_sd": sd})
+        if name == best:
+            row.update(paired_vs_best="(best)", paired_diff=0.0, paired_p=float("nan"), paired_n_slides=res["n_slides"])
+        else:
+            other = res["oof"].set_index("slide_id")
+            common = best_oof.index.intersection(other.index)
+            a, b = best_oof.loc[common].reset_index(), other.loc[common].reset_index()
+            diff, p = T.paired_bootstrap_test(lambda idx: _metrics_of(task, a.iloc[idx], [])[primary],
+                                              lambda idx: _metrics_of(task, b.iloc[idx], [])[primary],
+                                              a["patient_id"].to_numpy(), settings.n_bootstrap, settings.seed)
+            row.update(paired_vs_best=best, paired_diff=diff, paired_p=p, paired_n_slides=int(len(common)))
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(primary, ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_target(task, results: dict[str, dict], best: str, plots: dict[str, str]) -> None:
+    """Multi-class: one-vs-rest ROC per class, PR per class, top-class calibration, confusion
+    matrix; survival: Kaplan-Meier by risk group; regression: predicted vs true scatter (best model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import targets as T
+
+    res = results[best]
+    oof = res["oof"]
+    if task.multiclass:
+        from sklearn.metrics import precision_recall_curve, roc_curve
+
+        y, prob = oof["y"].to_numpy(int), oof[task.score_columns].to_numpy(float)
+        for key in ("roc", "pr"):
+            fig, ax = plt.subplots(figsize=(5.5, 5))
+            for k, c in enumerate(task.classes):
+                if len(np.unique(y == k)) < 2:
+                    continue
+                if key == "roc":
+                    fpr, tpr, _ = roc_curve(y == k, prob[:, k])
+                    ax.plot(fpr, tpr, label=f"{c} (AUC {res['pooled'][f'auc_{c}']:.3f})")
+                else:
+                    pr, rc, _ = precision_recall_curve(y == k, prob[:, k])
+                    ax.plot(rc, pr, label=c)
+            if key == "roc":
+                ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+            ax.set(xlabel="False positive rate" if key == "roc" else "Recall", ylabel="True positive rate" if key == "roc" else "Precision",
+                   title=f"{best}: one-vs-rest {'ROC' if key == 'roc' else 'precision-recall'}", xlim=(0, 1), ylim=(0, 1.02))
+            ax.legend(fontsize=7)
+            _save(fig, plots[key])
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        conf, hit = prob.max(1), (prob.argmax(1) == y).astype(float)
+        bins = np.minimum((conf * 10).astype(int), 9)
+        xs = [conf[bins == b].mean() for b in range(10) if (bins == b).any()]
+        ys = [hit[bins == b].mean() for b in range(10) if (bins == b).any()]
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.plot(xs, ys, marker="o", label=best)
+        ax.set(xlabel="Top-class probability", ylabel="Accuracy", title="Calibration (top class)", xlim=(0, 1), ylim=(0, 1.02))
+        _save(fig, plots["calibration"])
+        m = np.asarray(res["confusion"]["matrix"])
+        fig, ax = plt.subplots(figsize=(1.2 * len(task.classes) + 2.5, 1.2 * len(task.classes) + 2))
+        ax.imshow(m, cmap="Blues")
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center")
+        ax.set(xticks=range(len(task.classes)), yticks=range(len(task.classes)), xticklabels=task.classes,
+               yticklabels=task.classes, xlabel="predicted (argmax)", ylabel="true", title=f"{best}: confusion matrix")
+        _save(fig, plots["confusion_png"])
+    elif task.type == "survival":
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for grp, colour in (("low", "tab:blue"), ("high", "tab:red")):
+            part = oof[oof["risk_group"] == grp]
+            if part.empty:
+                continue
+            t, s = T.kaplan_meier(part["time"], part["event"])
+            ax.step(np.r_[0, t], np.r_[1, s], where="post", color=colour, label=f"{grp} risk (n={len(part)})")
+            cens = part[part["event"] == 0]
+            ax.plot(cens["time"], np.interp(cens["time"], np.r_[0, t], np.r_[1, s]), "|", color=colour)
+        p = res["risk_groups"]["logrank_p"]
+        ax.set(xlabel="time", ylabel="survival", ylim=(0, 1.02),
+               title=f"{best}: Kaplan-Meier by risk group (log-rank p={p:.3g})")
+        ax.legend(fontsize=8)
+        _save(fig, plots["km"])
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.scatter(oof["y"], oof["value"], s=18)
+        lo, hi = float(min(oof["y"].min(), oof["value"].min())), float(max(oof["y"].max(), oof["value"].max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        pooled = res["pooled"]
+        ax.set(xlabel="true value", ylabel="predicted value",
+               title=f"{best}: r={pooled['pearson_r']:.2f}, R²={pooled['r2']:.2f}, MAE={pooled['mae']:.3g}")
+        _save(fig, plots["scatter"])
+
+
+def write_target_metrics(predictions: dict[str, list[str]], task, metrics_json: str, metrics_tsv: str,
+                         plots: dict[str, str], settings: dict | None, seed: int, strategy: str | None = None) -> dict:
+    """Rule `metrics` for multi-class, survival and regression targets."""
+    from .io import write_json, write_tsv
+    from .logs import get_logger
+
+    cfg = MetricsSettings.from_config(settings, seed)
+    results = {}
+    for model, paths in predictions.items():
+        table = load_predictions(paths, required=("slide_id", "patient_id", "y", "fold", "role", *task.score_columns))
+        results[model] = evaluate_target_model(table, target_of_predictions(table, task), cfg, strategy)
+    table = compare_target_models(results, task, cfg)
+    best = str(table.loc[0, "model"])
+    skip = ("oof",)
+    payload = {
+        "settings": {"n_bootstrap": cfg.n_bootstrap, "ci": cfg.ci, "resampling_unit": "patient", "ci_method": cfg.ci_method,
+                     "seed": cfg.seed, "strategy": strategy or sorted({r["strategy"] for r in results.values()})[0],
+                     "model_comparison": "paired patient bootstrap of the primary metric, best model vs each other "
+                                         "(two-sided p = 2 x the smaller share of resampled differences on one side of 0)"},
+        "target": task.describe(),
+        "primary_metric": task.primary_metric,
+        "best_model": best,
+        "models": {m: {**{k: v for k, v in r.items() if k not in skip},
+                       "ci": {k: list(v) for k, v in r["ci"].items()},
+                       "fold_mean_sd": {k: list(v) for k, v in r["fold_mean_sd"].items()}, "ci_method": cfg.ci_method}
+                   for m, r in results.items()},
+        "comparison": table.to_dict("records"),
+    }
+    write_json(metrics_json, payload)
+    write_tsv(metrics_tsv, table)
+    if task.multiclass and "confusion_tsv" in plots:
+        m = results[best]["confusion"]["matrix"]
+        write_tsv(plots["confusion_tsv"], pd.DataFrame(m, columns=[f"pred_{c}" for c in task.classes])
+                  .assign(true=list(task.classes))[["true"] + [f"pred_{c}" for c in task.classes]])
+    plot_target(task, results, best, plots)
+    get_logger(__name__).info("best model %s (%s %.3f)", best, task.primary_metric, table.loc[0, task.primary_metric])
+    return payload

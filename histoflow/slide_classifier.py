@@ -4,7 +4,13 @@ uses, so the two paths are compared on identical splits.
 
 They train on honest features: a train-role slide's features come from tile probabilities of a
 model that did not see that slide (cross-fitted over inner folds, :mod:`histoflow.crossfit`),
-as a test slide's do; training on in-sample features is refused (:func:`check_honest_training`)."""
+as a test slide's do; training on in-sample features is refused (:func:`check_honest_training`).
+
+Targets (:mod:`histoflow.targets`): binary and multi-class use the classifiers (multi-class
+predictions ``prob_<class>`` + ``pred``), regression their regressor twins (random forest,
+gradient boosting, ridge for ``logreg``; predictions ``value``). Survival is refused at config
+validation: neither kept survival library fits the lock (scikit-survival needs four compiled
+dependencies added, lifelines needs pandas < 3)."""
 
 from __future__ import annotations
 
@@ -35,6 +41,28 @@ class SlideClassifierSettings:
         return cls(models=tuple(section.get("models", CLASSIFIERS)),
                    n_estimators=int(section.get("n_estimators", cls.n_estimators)),
                    max_depth=section.get("max_depth"), C=float(section.get("C", cls.C)))
+
+
+SURVIVAL_REFUSAL = ("slide_classifier.models must be [] for target.type survival: no Cox model or random survival "
+                    "forest from a kept library is in the lock (scikit-survival would add ecos, osqp, numexpr and "
+                    "narwhals; lifelines needs pandas < 3); the MIL models train with a Cox loss")
+
+
+def make_regressor(name: str, settings: SlideClassifierSettings, seed: int):
+    """The regression twin of each classifier (logreg -> ridge, its L2-penalised linear cousin)."""
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+    from sklearn.linear_model import Ridge
+
+    if name == "rf":
+        return make_pipeline(SimpleImputer(strategy="median"),
+                             RandomForestRegressor(n_estimators=settings.n_estimators, max_depth=settings.max_depth,
+                                                   random_state=seed, n_jobs=1))
+    if name == "gb":
+        return make_pipeline(SimpleImputer(strategy="median"),
+                             GradientBoostingRegressor(n_estimators=min(settings.n_estimators, 200), max_depth=3, random_state=seed))
+    if name == "logreg":
+        return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), Ridge(alpha=1.0 / settings.C))
+    raise ValueError(f"unknown slide classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
 
 
 def make_classifier(name: str, settings: SlideClassifierSettings, seed: int):
@@ -76,17 +104,46 @@ def check_honest_training(table: pd.DataFrame) -> None:
                          "slide features of train slides must be cross-fitted (tile_probs/<source>/fold<k>.crossfit.parquet)")
 
 
-def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierSettings, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierSettings, seed: int,
+                      target=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per fold: fit on train-role slides (cross-fitted features, checked), score every slide of
     that fold.
 
     Returns (predictions: slide_id, patient_id, y, prob, fold, role; importances: fold, feature,
     importance)."""
+    from .errors import InputError
+
     check_honest_training(table)
+    kind = "binary" if target is None else target.kind
+    if kind == "survival":
+        raise InputError(SURVIVAL_REFUSAL)
     cols = feature_columns(table)
     preds, importances = [], []
     for fold, part in table.groupby("fold", sort=True):
         train = part[part["role"] == "train"]
+        if kind == "regression":
+            model = make_regressor(name, settings, seed + int(fold))
+            model.fit(train[cols].to_numpy(dtype=float), train["y"].to_numpy(dtype=float))
+            value = model.predict(part[cols].to_numpy(dtype=float))
+            preds.append(part[["slide_id", "patient_id", "y", "fold", "role"]].assign(value=value))
+        elif kind == "multiclass":
+            model = make_classifier(name, settings, seed + int(fold))
+            model.fit(train[cols].to_numpy(dtype=float), train["y"].to_numpy(dtype=int))
+            # a class absent from this fold's training slides gets probability 0
+            prob = np.zeros((len(part), target.n_out))
+            prob[:, model[-1].classes_.astype(int)] = model.predict_proba(part[cols].to_numpy(dtype=float))
+            frame = part[["slide_id", "patient_id", "y", "fold", "role"]].assign(pred=prob.argmax(1))
+            for k, c in enumerate(target.classes):
+                frame[f"prob_{c}"] = prob[:, k]
+            preds.append(frame)
+        if kind != "binary":
+            final = model[-1]
+            weights = getattr(final, "feature_importances_", None)
+            if weights is None and hasattr(final, "coef_"):
+                weights = np.abs(np.atleast_2d(final.coef_)).mean(0)
+            if weights is not None:
+                importances.append(pd.DataFrame({"fold": int(fold), "feature": cols, "importance": weights}))
+            continue
         if train["y"].nunique() < 2:
             raise ValueError(f"fold {fold}: the training slides have one class only; use fewer folds")
         model = make_classifier(name, settings, seed + int(fold))
@@ -103,13 +160,18 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
 
 
 def write_slide_classifier(features_path: str, predictions_path: str, importances_path: str, name: str,
-                           settings: dict | None, seed: int) -> None:
+                           settings: dict | None, seed: int, target: dict | None = None) -> None:
     """Rule `slide_classifier`: predictions (all folds, all roles) and feature importances."""
     from .io import write_tsv
     from .logs import get_logger
 
     table = pd.read_parquet(features_path)
-    preds, importances = train_and_predict(table, name, SlideClassifierSettings.from_config(settings), seed)
+    task = None
+    if target:  # {"target": config target, "positive_label": ..., "labels": the sheet's labels}
+        from .targets import Target
+        task = Target.from_config(target, labels=target.get("labels"))
+        task = None if task.binary else task
+    preds, importances = train_and_predict(table, name, SlideClassifierSettings.from_config(settings), seed, task)
     get_logger(__name__).info("%s: %d predictions over %d folds", name, len(preds), preds["fold"].nunique())
     write_tsv(predictions_path, preds)
     write_tsv(importances_path, importances)

@@ -114,12 +114,16 @@ def cohort_slide_features(tile_probs: pd.DataFrame, slide_mpp: dict[str, float],
     by_key = {key: part for key, part in tile_probs.groupby(["fold", "slide_id"], sort=False)}
     empty = tile_probs.iloc[0:0]
     rows = []
+
+    def _target_value(y):  # a class index stays an int; a regression value stays a float
+        return int(y) if float(y).is_integer() else float(y)
+
     for rec in splits.sort_values(["fold", "slide_id"]).to_dict("records"):
         part = by_key.get((rec["fold"], rec["slide_id"]), empty)
         cell = grid_step_um(part, slide_mpp.get(rec["slide_id"], 0.0))
         feats = slide_features(part["col"].to_numpy(), part["row"].to_numpy(), part["prob"].to_numpy(), cell, settings)
         model = (provenance or {}).get((int(rec["fold"]), rec["slide_id"]), f"fold{int(rec['fold'])}")
-        rows.append({"slide_id": rec["slide_id"], "patient_id": rec["patient_id"], "y": int(rec["y"]),
+        rows.append({"slide_id": rec["slide_id"], "patient_id": rec["patient_id"], "y": _target_value(rec["y"]),
                      "fold": int(rec["fold"]), "role": rec["role"], "tile_probs_model": model, **feats})
     return pd.DataFrame(rows)
 

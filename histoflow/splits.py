@@ -100,9 +100,9 @@ def _split_units(patients: pd.DataFrame, preserve_site: bool) -> np.ndarray:
     return unit
 
 
-def _unit_counts(unit: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """[n_units, 2] patient counts per class."""
-    counts = np.zeros((unit.max() + 1 if len(unit) else 0, 2), dtype=np.int64)
+def _unit_counts(unit: np.ndarray, y: np.ndarray, n_strata: int = 2) -> np.ndarray:
+    """[n_units, n_strata] patient counts per class (stratum)."""
+    counts = np.zeros((unit.max() + 1 if len(unit) else 0, n_strata), dtype=np.int64)
     np.add.at(counts, (unit, y), 1)
     return counts
 
@@ -163,7 +163,7 @@ def select_share(counts: np.ndarray, fraction: float, rng: np.random.Generator) 
 
 # ---------------------------------------------------------------------------------------------
 
-def _patient_table(samples: pd.DataFrame, positive_label: str, preserve_site: bool) -> pd.DataFrame:
+def _patient_table(samples: pd.DataFrame, positive_label: str, preserve_site: bool, target=None) -> pd.DataFrame:
     frame = samples.reset_index(drop=True).copy()
     if "site" not in frame.columns:
         frame["site"] = None
@@ -172,10 +172,17 @@ def _patient_table(samples: pd.DataFrame, positive_label: str, preserve_site: bo
         if len(missing):
             raise InputError(f"split.preserve_site is true but slide {missing.iloc[0]!r} has no `site` in the samples "
                              "sheet; fill the site column for every slide or set split.preserve_site: false")
-    frame["y"] = (frame["label"].astype(str) == str(positive_label)).astype(int)
-    # stratum of a patient: positive if any of its slides is (see the module docstring)
+    if target is None or target.binary:
+        frame["y"] = (frame["label"].astype(str) == str(positive_label)).astype(int)
+        # stratum of a patient: positive if any of its slides is (see the module docstring)
+        agg = "max"
+    else:
+        # other targets: the slide's stratum (class; event; value tertile), the patient's is
+        # event-if-any (survival) or its slides' most frequent stratum
+        frame["y"] = target.strata(target.encode(frame)["y"].to_numpy())[0]
+        agg = target.stratum_of_patient
     patients = (frame.groupby("patient_id", sort=True)
-                .agg(y=("y", "max"), sites=("site", lambda s: sorted({str(v) for v in s if v is not None})))
+                .agg(y=("y", agg), sites=("site", lambda s: sorted({str(v) for v in s if v is not None})))
                 .reset_index())
     return patients
 
@@ -188,18 +195,24 @@ def _check_two_classes(samples: pd.DataFrame, positive_label: str) -> None:
                          "set positive_label to one of them and make sure both classes are present")
 
 
-def make_splits(samples: pd.DataFrame, settings: SplitSettings, positive_label: str, seed: int) -> pd.DataFrame:
+def make_splits(samples: pd.DataFrame, settings: SplitSettings, positive_label: str, seed: int,
+                target=None) -> pd.DataFrame:
     """The long split table: one row per (slide, fold) with role train/val/test.
 
-    ``samples`` needs slide_id, patient_id, label (site optional). Deterministic for a seed.
-    Raises InputError when a fold's train or test set would hold one class only.
+    ``samples`` needs slide_id, patient_id, label (site optional; survival: the time and event
+    columns). Deterministic for a seed. ``target`` (histoflow.targets.Target; None = binary):
+    ``y`` is its encoding (binary 0/1, class index, value, event) and the split is stratified by
+    its strata. Raises InputError when a fold's train or test set would hold one class only.
     """
     settings.check()
-    _check_two_classes(samples, positive_label)
-    patients = _patient_table(samples, positive_label, settings.preserve_site)
+    if target is not None and target.binary:
+        positive_label, target = target.positive_label, None
+    if target is None:
+        _check_two_classes(samples, positive_label)
+    patients = _patient_table(samples, positive_label, settings.preserve_site, target)
     unit = _split_units(patients, settings.preserve_site)
     y = patients["y"].to_numpy()
-    counts = _unit_counts(unit, y)
+    counts = _unit_counts(unit, y, 2 if target is None else max(target.strata(np.zeros(3))[1], int(y.max()) + 1))
     n_units = len(counts)
     rng = np.random.default_rng(seed)
 
@@ -245,14 +258,21 @@ def make_splits(samples: pd.DataFrame, settings: SplitSettings, positive_label: 
         "y": (slides["label"].astype(str) == str(positive_label)).astype(np.int64).to_numpy(),
         "site": site.where(site.notna(), "").astype(str).to_numpy(),
     })
+    columns = list(SPLIT_COLUMNS)
+    if target is not None:
+        encoded = target.encode(slides)
+        base["y"] = encoded["y"].to_numpy()
+        if target.type == "survival":  # time and event travel with the split table to every job
+            base["time"], base["event"] = encoded["time"].to_numpy(), encoded["event"].to_numpy()
+            columns = columns[:4] + ["time", "event"] + columns[4:]
     frames = []
     for fold, role in enumerate(roles_per_fold):
         part = base.copy()
         part["fold"] = np.int64(fold)
         part["role"] = role[slide_unit].astype(str)
         frames.append(part)
-    table = pd.concat(frames, ignore_index=True)[list(SPLIT_COLUMNS)]
-    check_splits(table, preserve_site=settings.preserve_site)
+    table = pd.concat(frames, ignore_index=True)[[c for c in columns if c in base.columns or c in ("fold", "role")]]
+    check_splits(table, preserve_site=settings.preserve_site, target=target)
     return table
 
 
@@ -319,7 +339,7 @@ def _sheet_roles(samples: pd.DataFrame, patients: pd.DataFrame, unit: np.ndarray
     return roles
 
 
-def check_splits(table: pd.DataFrame, preserve_site: bool = False) -> None:
+def check_splits(table: pd.DataFrame, preserve_site: bool = False, target=None) -> None:
     """Raise InputError unless every fold is leak-free and trainable.
 
     * each slide appears exactly once per fold;
@@ -338,6 +358,15 @@ def check_splits(table: pd.DataFrame, preserve_site: bool = False) -> None:
                 raise InputError(f"split fold {fold}: {key} {leaked.index[0]!r} is in several roles "
                                  f"({sorted(part.loc[part[key] == leaked.index[0], 'role'].unique())}); "
                                  "regenerate splits.tsv with `snakemake split`")
+        if target is not None and target.type != "classification":
+            for role in ("train", "test"):
+                rows = part[part["role"] == role]
+                n_ok = int(rows["event"].sum()) if target.type == "survival" else int(rows["y"].nunique())
+                if n_ok < (1 if target.type == "survival" else 2):
+                    what = "no event" if target.type == "survival" else "fewer than two distinct values"
+                    raise InputError(f"split fold {fold}: role '{role}' has {what} ({rows['patient_id'].nunique()} patients); "
+                                     "use fewer folds (split.k) or add patients")
+            continue
         for role in ("train", "test"):
             ys = part.loc[part["role"] == role, "y"]
             if ys.nunique() < 2:
@@ -349,7 +378,7 @@ def check_splits(table: pd.DataFrame, preserve_site: bool = False) -> None:
             log.warning("split fold %s: validation set is single-class; early stopping will use the validation loss", fold)
 
 
-def split_summary(table: pd.DataFrame, settings: SplitSettings, seed: int, positive_label: str) -> dict:
+def split_summary(table: pd.DataFrame, settings: SplitSettings, seed: int, positive_label: str, target=None) -> dict:
     """What split.json records: how the split was made and per-fold counts."""
     folds: dict[str, dict] = {}
     for fold, part in table.groupby("fold", sort=True):
@@ -366,6 +395,7 @@ def split_summary(table: pd.DataFrame, settings: SplitSettings, seed: int, posit
         **asdict(settings),
         "seed": int(seed),
         "positive_label": positive_label,
+        **({"target": target.describe()} if target is not None and not target.binary else {}),
         "n_folds": int(table["fold"].nunique()),
         "n_slides": int(table["slide_id"].nunique()),
         "n_patients": int(table["patient_id"].nunique()),
@@ -383,17 +413,24 @@ def read_splits(path: str | os.PathLike) -> pd.DataFrame:
                        keep_default_na=False)
 
 
+
 def write_splits(samples: pd.DataFrame | list[dict[str, Any]], settings: dict[str, Any] | SplitSettings, positive_label: str, seed: int,
-                 out_tsv: str | os.PathLike, out_json: str | os.PathLike) -> pd.DataFrame:
-    """Make the splits of a samples table and write splits.tsv + split.json atomically."""
+                 out_tsv: str | os.PathLike, out_json: str | os.PathLike, target: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Make the splits of a samples table and write splits.tsv + split.json atomically.
+    ``target``: the config's ``target`` section (None: binary, positive_label)."""
     from .io import write_json, write_tsv
 
     if not isinstance(settings, SplitSettings):
         settings = SplitSettings.from_config(settings)
     if not isinstance(samples, pd.DataFrame):
         samples = pd.DataFrame(list(samples))
-    table = make_splits(samples, settings, positive_label, seed)
-    summary = split_summary(table, settings, seed, positive_label)
+    task = None
+    if target:
+        from .targets import Target
+        task = Target.from_config({"target": target, "positive_label": positive_label}, labels=samples["label"])
+        task = None if task.binary and task.positive_label == positive_label else task
+    table = make_splits(samples, settings, positive_label, seed, target=task)
+    summary = split_summary(table, settings, seed, positive_label, target=task)
     write_tsv(out_tsv, table)
     write_json(out_json, summary)
     for fold, counts in summary["folds"].items():

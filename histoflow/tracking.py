@@ -13,6 +13,7 @@ logged again).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from pathlib import Path
@@ -152,6 +153,7 @@ def _model_runs(outdir: str) -> list[dict]:
     out = Path(outdir)
     metrics = read_json(out / "metrics" / "metrics.json") if (out / "metrics" / "metrics.json").exists() else {}
     runs = []
+    target = metrics.get("target")
     for model_dir in sorted((out / "mil").glob("*")) if (out / "mil").is_dir() else []:
         if not model_dir.is_dir():
             continue
@@ -171,6 +173,8 @@ def _model_runs(outdir: str) -> list[dict]:
         runs.append({"name": f"slide_classifier/{name}", "model": name, "kind": "slide_classifier", "folds": [],
                      "result": metrics.get("models", {}).get(name),
                      "artifacts": [str(p) for p in pred.parent.glob("*.tsv")]})
+    for run in runs:
+        run["target"] = target
     return runs
 
 
@@ -542,6 +546,8 @@ def _log_model(client, exp_id: str, parent: str, spec: dict, options: dict | Non
     for k, (lo, hi) in (result.get("ci") or {}).items():
         metrics[f"test.{k}_ci_low"], metrics[f"test.{k}_ci_high"] = lo, hi
     params = {"model": spec["model"], "kind": spec["kind"]}
+    if spec.get("target"):  # multi-class, survival, regression: the task, its loss and headline metric
+        params.update({f"target.{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in spec["target"].items()})
     # where the operating point came from, as metrics.json says (pooled_validation, fold_validation, fixed)
     params.update({k: result[k] for k in ("threshold", "threshold_source", "n_slides", "n_patients", "ci_method") if k in result})
     _log_batches(client, run_id, params=params, metrics=metrics)

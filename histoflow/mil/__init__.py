@@ -26,12 +26,13 @@ MODELS: dict[str, type[MILModel]] = {
 
 
 def build_model(name: str, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25,
-                options: dict[str, Any] | None = None) -> MILModel:
-    """A fresh model by config name; ``options`` are model-specific keywords (e.g. clam_sb k_sample)."""
+                options: dict[str, Any] | None = None, n_out: int = 1) -> MILModel:
+    """A fresh model by config name; ``options`` are model-specific keywords (e.g. clam_sb k_sample);
+    ``n_out``: outputs per slide (classes of a multi-class target, else 1)."""
     if name not in MODELS:
         from ..errors import InputError
         raise InputError(f"config key 'mil.models': unknown model {name!r}; choose from {', '.join(MODELS)}")
-    return MODELS[name](in_dim, hidden_dim=hidden_dim, dropout=dropout, **(options or {}))
+    return MODELS[name](in_dim, hidden_dim=hidden_dim, dropout=dropout, n_out=n_out, **(options or {}))
 
 
 __all__ = ["MODELS", "MILModel", "TileScores", "build_model"]

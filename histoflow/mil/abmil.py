@@ -27,11 +27,11 @@ class GatedAttention(nn.Module):
 class GatedAttentionMIL(MILModel):
     name = "abmil"
 
-    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25):
-        super().__init__(in_dim, hidden_dim, dropout)
+    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, n_out: int = 1):
+        super().__init__(in_dim, hidden_dim, dropout, n_out)
         self.fc = projector(in_dim, hidden_dim, dropout)
         self.attention = GatedAttention(hidden_dim, max(hidden_dim // 2, 8), dropout)
-        self.classifier = nn.Linear(hidden_dim, 1)
+        self.classifier = nn.Linear(hidden_dim, n_out)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.fc(self.standardise(x))
@@ -39,8 +39,8 @@ class GatedAttentionMIL(MILModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, a = self.embed(x)
-        return self.classifier(a @ h).squeeze(-1)
+        return self.head(self.classifier(a @ h))
 
     def tile_scores(self, x: torch.Tensor) -> TileScores:
         h, a = self.embed(x)
-        return TileScores(attention=a, instance_prob=torch.sigmoid(self.classifier(h).squeeze(-1)))
+        return TileScores(attention=a, instance_prob=self.activate(self.head(self.classifier(h))))

@@ -1,8 +1,10 @@
 """What every MIL model offers the trainer and the heatmap stage.
 
 A bag is the float tensor of one slide's tile features, shape [n_tiles, dim]. Every model maps
-it to ONE slide logit (binary task: positive_label vs the rest) and can explain it per tile:
-an attention weight (sums to 1 over the slide) and an instance probability in [0, 1].
+it to ONE slide logit (binary task: positive_label vs the rest; survival: a risk; regression:
+a value) or, with ``n_out`` > 1 (multi-class), to one logit per class, and can explain it per
+tile: an attention weight (sums to 1 over the slide) and an instance probability in [0, 1]
+(multi-class: [n, classes], the softmax of the tile's class logits).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch.nn import functional as F
 @dataclass(frozen=True)
 class TileScores:
     attention: torch.Tensor       # [n], >= 0, sums to 1
-    instance_prob: torch.Tensor   # [n], in [0, 1]
+    instance_prob: torch.Tensor   # [n] (multi-class: [n, classes]), in [0, 1]
 
 
 def projector(in_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
@@ -34,9 +36,12 @@ class MILModel(nn.Module):
 
     name = "base"
 
-    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25):
+    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, n_out: int = 1):
         super().__init__()
         self.in_dim = in_dim
+        self.n_out = int(n_out)
+        # the task's loss of one bag's output (histoflow.targets.Target.bag_loss); BCE = binary
+        self.task_loss = F.binary_cross_entropy_with_logits
         self.hidden_dim = hidden_dim
         self.dropout = dropout
         # per-dimension statistics of the training tiles (saved in the checkpoint): encoders
@@ -57,10 +62,23 @@ class MILModel(nn.Module):
     def tile_scores(self, x: torch.Tensor) -> TileScores:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def head(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., n_out] -> the output shape: a scalar per bag/tile when n_out is 1."""
+        return logits.squeeze(-1) if self.n_out == 1 else logits
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Tile logits -> [0, 1]: sigmoid (one output), softmax over classes (multi-class)."""
+        return torch.sigmoid(logits) if self.n_out == 1 else torch.softmax(logits, dim=-1)
+
+    def training_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The slide outputs the task loss is applied to (averaged); DSMIL has two streams."""
+        return [self(x)]
+
     def training_loss(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted loss, slide logit) for one bag; ``y`` is 0./1., ``weight`` the class weight."""
+        """(weighted loss, slide logit) for one bag; ``y`` is 0./1. (binary), the class index,
+        or the value; ``weight`` the class weight."""
         logit = self(x)
-        return weight * F.binary_cross_entropy_with_logits(logit, y), logit
+        return weight * self.task_loss(logit, y), logit
 
 
 def masked_softmax_scores(scores: torch.Tensor) -> torch.Tensor:

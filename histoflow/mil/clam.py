@@ -28,19 +28,20 @@ class CLAMSB(MILModel):
     name = "clam_sb"
 
     def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, k_sample: int = 8,
-                 bag_weight: float = 0.7, instance_loss: str = "svm", subtyping: bool = False):
-        super().__init__(in_dim, hidden_dim, dropout)
+                 bag_weight: float = 0.7, instance_loss: str = "svm", subtyping: bool = False, n_out: int = 1):
+        super().__init__(in_dim, hidden_dim, dropout, n_out)
         if instance_loss not in ("svm", "ce"):
             raise ValueError(f"clam_sb instance_loss must be svm or ce, not {instance_loss!r}")
         self.fc = projector(in_dim, hidden_dim, dropout)
         self.attention = GatedAttention(hidden_dim, max(hidden_dim // 2, 8), dropout)
-        self.classifier = nn.Linear(hidden_dim, 1)
-        # one 2-way instance classifier per slide class (0 = negative, 1 = positive)
-        self.instance_classifiers = nn.ModuleList([nn.Linear(hidden_dim, 2) for _ in range(2)])
+        self.classifier = nn.Linear(hidden_dim, n_out)
+        # one 2-way instance classifier per slide class (binary: 0 = negative, 1 = positive);
+        # multi-class is CLAM's subtyping setting (out-of-class top tiles are not evidence)
+        self.instance_classifiers = nn.ModuleList([nn.Linear(hidden_dim, 2) for _ in range(max(2, n_out))])
         self.k_sample = k_sample
         self.bag_weight = bag_weight
         self.instance_loss = instance_loss
-        self.subtyping = subtyping
+        self.subtyping = subtyping or n_out > 1
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.fc(self.standardise(x))
@@ -48,7 +49,7 @@ class CLAMSB(MILModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, a = self.embed(x)
-        return self.classifier(a @ h).squeeze(-1)
+        return self.head(self.classifier(a @ h))
 
     def _instance_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.instance_loss == "svm":
@@ -77,13 +78,16 @@ class CLAMSB(MILModel):
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, a = self.embed(x)
-        logit = self.classifier(a @ h).squeeze(-1)
-        bag = F.binary_cross_entropy_with_logits(logit, y)
+        logit = self.head(self.classifier(a @ h))
+        bag = self.task_loss(logit, y)
         inst = self.clustering_loss(h, a, int(y.item()))
         return weight * (self.bag_weight * bag + (1.0 - self.bag_weight) * inst), logit
 
     def tile_scores(self, x: torch.Tensor) -> TileScores:
         h, a = self.embed(x)
         # the positive-class instance classifier: P(tile is evidence of the positive class)
+        if self.n_out > 1:  # per class: P(tile is evidence of that class)
+            prob = torch.stack([torch.softmax(clf(h), dim=-1)[:, 1] for clf in self.instance_classifiers], dim=-1)
+            return TileScores(attention=a, instance_prob=prob)
         prob = torch.softmax(self.instance_classifiers[1](h), dim=-1)[:, 1]
         return TileScores(attention=a, instance_prob=prob)

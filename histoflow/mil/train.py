@@ -4,12 +4,24 @@ One bag (slide) per optimisation step, as in the MIL papers: bags differ in size
 magnitude and padding them into batches wastes memory. Huge slides are capped at
 ``max_tiles_train`` random tiles per step (a fresh subset every epoch, which also acts as
 augmentation); validation and inference always see the full bag.
+
+The task comes from :class:`histoflow.targets.Target` (config ``target:``): binary (one logit,
+BCE; the historic outputs), multi-class (one logit per class, cross-entropy), regression (one
+value, MSE/Huber on the training slides' standardised value) or survival. Survival is the one
+task a single bag cannot carry: the Cox partial likelihood compares a bag's risk with the risks
+of every bag still at risk at its event time, so each optimisation step takes a batch of
+``target.survival_batch`` bags (a fresh random batch each step, all bags once per epoch), runs
+them one by one (bags of different sizes are never padded), and applies the Cox loss to the
+batch's risks; the risk set of an event is the batch's bags with a later or equal time. Larger
+batches give risk sets closer to the cohort's (a batch of the whole training set is the exact
+partial likelihood); validation loss is the Cox loss over all validation bags at once.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -21,6 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import InputError
+from ..targets import UNSUPPORTED_MIL, Target, cox_loss
 from . import MODELS, MILModel, build_model
 from .data import feature_dim, load_bags
 
@@ -28,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("slide_id", "patient_id", "label", "y", "prob", "fold", "role", "n_tiles")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr")
+BINARY = Target(classes=("negative", "positive"), positive_label="positive")  # the historic task
 TILE_SCORE_COLUMNS = ("slide_id", "x", "y", "col", "row", "size0", "target_mpp", "fold", "role", "attention", "instance_prob")
 
 
@@ -114,20 +128,36 @@ class FitResult:
     best_epoch: int
 
 
+def history_columns(target: Target | None = None) -> list[str]:
+    """history.tsv columns: the validation metric is named after the task's (val_auc binary)."""
+    target = target or BINARY
+    if target.binary:
+        return list(HISTORY_COLUMNS)
+    return ["epoch", "train_loss", "val_loss", f"val_{target.primary_metric}", "lr"]
+
+
 def _as_tensor(features: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(features)).to(device=device, dtype=torch.float32)
 
 
 @torch.inference_mode()
 def predict_logits(model: MILModel, bags: Sequence[np.ndarray], device: torch.device | str = "cpu") -> np.ndarray:
-    """Slide logits on full bags (NaN for an empty bag)."""
+    """Slide outputs on full bags (NaN for an empty bag): [n], or [n, classes] for multi-class."""
     device = torch.device(device)
     model.eval()
-    out = np.full(len(bags), np.nan)
+    n_out = getattr(model, "n_out", 1)
+    out = np.full(len(bags), np.nan) if n_out == 1 else np.full((len(bags), n_out), np.nan)
     for i, bag in enumerate(bags):
         if len(bag):
-            out[i] = float(model(_as_tensor(bag, device)).cpu())
+            value = model(_as_tensor(bag, device)).double().cpu()
+            out[i] = float(value) if n_out == 1 else value.numpy()
     return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - np.nanmax(logits, axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
 
 
 def predict_proba(model: MILModel, bags: Sequence[np.ndarray], device: torch.device | str = "cpu") -> np.ndarray:
@@ -142,6 +172,7 @@ def tile_scores(model: MILModel, bag: np.ndarray, device: torch.device | str = "
     model.eval()
     scores = model.tile_scores(_as_tensor(bag, torch.device(device)))
     att = scores.attention.double().cpu().numpy()
+    # multi-class: instance_prob is [n, classes]
     return att / max(att.sum(), 1e-300), scores.instance_prob.double().clamp(0, 1).cpu().numpy()
 
 
@@ -158,67 +189,133 @@ def feature_stats(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tenso
     return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
 
 
+def check_model_target(model_name: str, target: Target) -> None:
+    """InputError when a MIL model is not defined for the target type (config validation)."""
+    why = UNSUPPORTED_MIL.get((target.type, model_name))
+    if why:
+        raise InputError(f"config key 'mil.models': {model_name} does not support target.type {target.type}: {why}; "
+                         "drop it from mil.models")
+
+
+def _validation(model: MILModel, target: Target, val_bags, val_y, device) -> tuple[float, float]:
+    """(validation loss, validation metric) of the current model: binary AUC, multi-class macro
+    AUC, survival Harrell's c, regression R^2 (of the standardised value)."""
+    from .. import targets as T
+
+    out = predict_logits(model, val_bags, device)
+    if target.binary:
+        val_loss = float(F.binary_cross_entropy_with_logits(torch.tensor(out), torch.tensor(val_y, dtype=torch.float64)))
+        return val_loss, roc_auc(val_y, out)
+    if target.multiclass:
+        val_loss = float(F.cross_entropy(torch.tensor(out), torch.tensor(val_y, dtype=torch.long)))
+        m = T.multiclass_metrics(val_y, softmax(out), target.classes)
+        return val_loss, m["auc_macro"]
+    if target.type == "survival":
+        val_loss = float(cox_loss(torch.tensor(out), torch.tensor(val_y[:, 0]), torch.tensor(val_y[:, 1])))
+        return val_loss, T.harrell_c(val_y[:, 0], val_y[:, 1], out)
+    val_loss = float(target.bag_loss()(torch.tensor(out), torch.tensor(val_y, dtype=torch.float64)))
+    return val_loss, T.regression_metrics(val_y, out)["r2"]
+
+
 def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int],
         val_bags: Sequence[np.ndarray], val_y: Sequence[int], settings: MILSettings, seed: int,
-        device: str | torch.device = "cpu", progress: bool = True) -> FitResult:
+        device: str | torch.device = "cpu", progress: bool = True, target: Target | None = None) -> FitResult:
     """Train one model; keep the weights of the best validation epoch (early stopping).
 
-    Without a validation set the last epoch is kept. Deterministic for a seed on CPU.
+    ``train_y``/``val_y``: 0/1 (binary), class index (multi-class), standardised value
+    (regression) or [n, 2] (time, event) rows (survival). Without a validation set the last
+    epoch is kept. Deterministic for a seed on CPU.
     """
     from tqdm.auto import tqdm
 
+    target = target or BINARY
+    check_model_target(model_name, target)
+    survival = target.type == "survival"
+    ydtype = np.int64 if target.type == "classification" else np.float64
     device = torch.device(device)
     keep = [i for i, b in enumerate(train_bags) if len(b)]
     train_bags = [train_bags[i] for i in keep]
-    train_y = np.asarray(train_y, dtype=np.int64)[keep]
-    if len(np.unique(train_y)) < 2:
+    train_y = np.asarray(train_y, dtype=ydtype)[keep]
+    if target.type == "classification" and len(np.unique(train_y)) < 2:
         raise InputError("MIL training set holds one class only; use fewer folds (split.k) or add patients")
+    if survival and train_y[:, 1].sum() == 0:
+        raise InputError("MIL training set holds no event (target.event_column all 0); use fewer folds (split.k) or add patients")
     vkeep = [i for i, b in enumerate(val_bags) if len(b)]
     val_bags = [val_bags[i] for i in vkeep]
-    val_y = np.asarray(val_y, dtype=np.int64)[vkeep]
+    val_y = np.asarray(val_y, dtype=ydtype)[vkeep]
 
     gen = seed_everything(seed)
     dim = int(np.asarray(train_bags[0]).shape[1])
-    model = build_model(model_name, dim, settings.hidden_dim, settings.dropout, settings.model_options(model_name))
+    model = build_model(model_name, dim, settings.hidden_dim, settings.dropout, settings.model_options(model_name),
+                        n_out=target.n_out)
+    if not target.binary and not survival:
+        model.task_loss = target.bag_loss()
     model.set_feature_stats(*feature_stats(train_bags))
     model = model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.epochs * len(train_bags)
+    batch = max(1, min(target.survival_batch, len(train_bags))) if survival else 1
+    steps = settings.epochs * int(math.ceil(len(train_bags) / batch))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(steps, 1), eta_min=settings.lr * 0.01)
 
-    counts = np.bincount(train_y, minlength=2).astype(float)
-    # class weighting: each class contributes half of the loss; sampler: each class half of the steps
-    class_weight = counts.sum() / (2.0 * counts) if settings.balance == "weights" else np.ones(2)
-    sample_weight = torch.tensor((1.0 / counts)[train_y], dtype=torch.double)
+    n_classes = max(target.n_out, 2)
+    if target.type == "classification":
+        counts = np.bincount(train_y, minlength=n_classes).astype(float)
+        # class weighting: each class contributes an equal share of the loss; sampler: of the steps
+        with np.errstate(divide="ignore"):
+            class_weight = (np.where(counts > 0, counts.sum() / (n_classes * counts), 0.0)
+                            if settings.balance == "weights" else np.ones(n_classes))
+            sample_weight = torch.tensor(np.where(counts > 0, 1.0 / counts, 0.0)[train_y], dtype=torch.double)
+    else:  # no classes to balance: plain weights, uniform sampling
+        class_weight, sample_weight = None, torch.ones(len(train_bags), dtype=torch.double)
 
     rows, best_state, best_key, best_epoch, stale = [], None, None, 0, 0
     epochs = tqdm(range(1, settings.epochs + 1), desc=f"train {model_name}", unit="epoch", disable=not progress)
     for epoch in epochs:
         model.train()
-        if settings.balance == "sampler":
+        if settings.balance == "sampler" and target.type == "classification":
             order = torch.multinomial(sample_weight, len(train_bags), replacement=True, generator=gen)
         else:
             order = torch.randperm(len(train_bags), generator=gen)
         losses = []
-        for i in order.tolist():
+
+        def bag_tensor(i: int) -> torch.Tensor:
             bag = train_bags[i]
             if len(bag) > settings.max_tiles_train:
                 pick = torch.randperm(len(bag), generator=gen)[: settings.max_tiles_train].sort().values.numpy()
                 bag = np.asarray(bag)[pick]
-            x = _as_tensor(bag, device)
-            y = torch.tensor(float(train_y[i]), device=device)
-            w = torch.tensor(float(class_weight[train_y[i]]), device=device)
-            loss, _ = model.training_loss(x, y, w)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            losses.append(float(loss.detach().cpu()))
+            return _as_tensor(bag, device)
+
+        if survival:
+            order_list = order.tolist()
+            for start in range(0, len(order_list), batch):
+                idx = order_list[start:start + batch]
+                heads = [model.training_heads(bag_tensor(i)) for i in idx]
+                times = torch.tensor(train_y[idx, 0], device=device)
+                events = torch.tensor(train_y[idx, 1], device=device)
+                loss = torch.stack([cox_loss(torch.stack([h[k] for h in heads]), times, events)
+                                    for k in range(len(heads[0]))]).mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                scheduler.step()
+                losses.append(float(loss.detach().cpu()))
+        else:
+            for i in order.tolist():
+                x = bag_tensor(i)
+                if target.binary or target.type == "regression":
+                    y = torch.tensor(float(train_y[i]), device=device)
+                else:
+                    y = torch.tensor(int(train_y[i]), device=device)
+                w = torch.tensor(float(class_weight[train_y[i]]) if class_weight is not None else 1.0, device=device)
+                loss, _ = model.training_loss(x, y, w)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                scheduler.step()
+                losses.append(float(loss.detach().cpu()))
         val_loss, val_auc = float("nan"), float("nan")
         if len(val_bags):
-            logits = predict_logits(model, val_bags, device)
-            val_loss = float(F.binary_cross_entropy_with_logits(torch.tensor(logits), torch.tensor(val_y, dtype=torch.float64)))
-            val_auc = roc_auc(val_y, logits)
+            val_loss, val_auc = _validation(model, target, val_bags, val_y, device)
         rows.append((epoch, float(np.mean(losses)), val_loss, val_auc, optimiser.param_groups[0]["lr"]))
         epochs.set_postfix(train_loss=f"{rows[-1][1]:.3f}", val_loss=f"{val_loss:.3f}", val_auc=f"{val_auc:.3f}")
         if not len(val_bags):
@@ -239,7 +336,7 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
     else:
         best_epoch = len(rows)
     model.eval()
-    history = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+    history = pd.DataFrame(rows, columns=history_columns(target))
     return FitResult(model=model, history=history, best_epoch=best_epoch)
 
 
@@ -275,7 +372,8 @@ def save_checkpoint(path: str | os.PathLike, result: FitResult, model_name: str,
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[MILModel, dict[str, Any]]:
     """The trained model (eval mode) and the checkpoint's metadata (fold, encoder, seed, ...)."""
     payload = torch.load(path, map_location=device, weights_only=True)
-    model = build_model(payload["model"], payload["in_dim"], payload["hidden_dim"], payload["dropout"], payload["options"])
+    model = build_model(payload["model"], payload["in_dim"], payload["hidden_dim"], payload["dropout"], payload["options"],
+                        n_out=int(payload.get("n_out", 1)))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
@@ -286,11 +384,13 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
                settings: dict[str, Any] | MILSettings, seed: int, encoder: str,
                out_checkpoint: str | os.PathLike, out_history: str | os.PathLike,
                out_predictions: str | os.PathLike, out_tile_scores: str | os.PathLike,
-               threads: int = 1) -> pd.DataFrame:
+               threads: int = 1, target: dict[str, Any] | Target | None = None) -> pd.DataFrame:
     """Train ``model_name`` on fold ``fold`` and score every slide of the cohort with it.
 
     Writes the checkpoint, history.tsv, predictions.tsv (all slides, with their role in this
     fold) and tile_scores.parquet (all tiles of all slides); returns the predictions.
+    ``target``: a Target, or ``{"target": config target, "positive_label": ...}`` (None: binary;
+    class names come from the labels of splits.tsv, the same in every job).
     """
     from tqdm.auto import tqdm
 
@@ -301,6 +401,9 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
         settings = MILSettings.from_config(settings)
     fold = int(fold)
     splits = read_splits(splits_tsv)
+    if not isinstance(target, Target):
+        target = Target.from_config(target or {"target": {"type": "classification"}, "positive_label": None},
+                                    labels=splits["label"]) if target else None
     part = splits[splits["fold"] == fold].reset_index(drop=True)
     if part.empty:
         raise InputError(f"fold {fold} is not in {splits_tsv}; regenerate it with `snakemake split` (split.k changed?)")
@@ -312,9 +415,22 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
     feature_dim(bags)
     device = resolve_device(settings.device)
 
+    task = target or BINARY
+    check_model_target(model_name, task)
+    y_mean, y_std = 0.0, 1.0
+    if task.type == "regression":  # standardised on this fold's training slides only
+        train_values = part.loc[part["role"] == "train", "y"].astype(float)
+        y_mean, y_std = float(train_values.mean()), float(train_values.std(ddof=0)) or 1.0
+
     def select(role: str) -> tuple[list[np.ndarray], np.ndarray]:
         rows = part[part["role"] == role]
-        return [bags[s].features for s in rows["slide_id"]], rows["y"].to_numpy()
+        if task.type == "survival":
+            y = rows[["time", "event"]].to_numpy(dtype=float)
+        elif task.type == "regression":
+            y = (rows["y"].to_numpy(dtype=float) - y_mean) / y_std
+        else:
+            y = rows["y"].to_numpy()
+        return [bags[s].features for s in rows["slide_id"]], y
 
     empty = [s for s in part["slide_id"] if not len(bags[s])]
     if empty:
@@ -322,16 +438,29 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
     train_x, train_y = select("train")
     val_x, val_y = select("val")
     log.info("fold %d %s: %d train / %d val bags, device %s", fold, model_name, len(train_x), len(val_x), device)
-    result = fit(model_name, train_x, train_y, val_x, val_y, settings, fold_seed(seed, fold), device)
+    result = fit(model_name, train_x, train_y, val_x, val_y, settings, fold_seed(seed, fold), device, target=task)
     log.info("best epoch %d of %d", result.best_epoch, len(result.history))
 
-    probs = predict_proba(result.model, [bags[s].features for s in part["slide_id"]], device)
+    all_bags = [bags[s].features for s in part["slide_id"]]
     predictions = part[["slide_id", "patient_id", "label", "y"]].copy()
-    predictions["prob"] = probs
+    if task.binary:
+        predictions["prob"] = predict_proba(result.model, all_bags, device)
+    else:
+        out = predict_logits(result.model, all_bags, device)
+        if task.multiclass:
+            prob = softmax(out)
+            predictions["pred"] = np.where(np.isnan(prob).any(1), -1, np.nan_to_num(prob).argmax(1))
+            for k, name in enumerate(task.classes):
+                predictions[f"prob_{name}"] = prob[:, k]
+        elif task.type == "survival":
+            predictions["time"], predictions["event"] = part["time"].to_numpy(float), part["event"].to_numpy(int)
+            predictions["risk"] = out
+        else:
+            predictions["value"] = out * y_std + y_mean
     predictions["fold"] = fold
     predictions["role"] = part["role"]
     predictions["n_tiles"] = [len(bags[s]) for s in part["slide_id"]]
-    predictions = predictions[list(PREDICTION_COLUMNS)]
+    predictions = predictions[prediction_columns(task)]
 
     frames = []
     for slide_id, role in tqdm(list(zip(part["slide_id"], part["role"])), desc="tile scores", unit="slide"):
@@ -340,23 +469,56 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
         frame = pd.DataFrame({c: bag.coords[c].to_numpy() for c in ("slide_id", "x", "y", "col", "row", "size0", "target_mpp")})
         frame["slide_id"] = slide_id
         frame["fold"], frame["role"] = fold, role
+        if inst.ndim == 2:
+            # multi-class: one tile score per class; instance_prob is the largest (heatmaps of
+            # "evidence of any class"), the per-class maps are instance_prob_<k> (k: class index)
+            for k in range(inst.shape[1]):
+                frame[f"instance_prob_{k}"] = inst[:, k].astype("float32")
+            inst = inst.max(1) if len(inst) else np.zeros(0)
         frame["attention"], frame["instance_prob"] = att, inst
         frames.append(frame)
-    scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TILE_SCORE_COLUMNS))
+    extra_cols = [f"instance_prob_{k}" for k in range(task.n_out)] if task.multiclass else []
+    scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TILE_SCORE_COLUMNS) + extra_cols)
     scores = scores.astype({"slide_id": str, "x": "int64", "y": "int64", "col": "int32", "row": "int32", "size0": "int32",
                             "target_mpp": "float64", "fold": "int32", "role": str, "attention": "float32",
-                            "instance_prob": "float32"})[list(TILE_SCORE_COLUMNS)]
+                            "instance_prob": "float32", **{c: "float32" for c in extra_cols}})[list(TILE_SCORE_COLUMNS) + extra_cols]
 
-    test_auc = roc_auc(predictions.loc[predictions["role"] == "test", "y"].to_numpy(),
-                       predictions.loc[predictions["role"] == "test", "prob"].to_numpy())
-    log.info("fold %d %s: test AUC %.3f", fold, model_name, test_auc)
+    test = predictions[predictions["role"] == "test"]
+    if task.binary:
+        test_score = roc_auc(test["y"].to_numpy(), test["prob"].to_numpy())
+        extra = {"test_auc": test_score}
+    else:
+        from ..metrics import primary_score
+        test_score = primary_score(task, test)
+        extra = {f"test_{task.primary_metric}": test_score, "n_out": task.n_out, "target": task.describe(),
+                 "y_mean": y_mean, "y_std": y_std}
+    log.info("fold %d %s: test %s %.3f", fold, model_name, task.primary_metric, test_score)
     save_checkpoint(out_checkpoint, result, model_name, settings,
-                    {"fold": fold, "seed": int(seed), "encoder": encoder, "test_auc": test_auc})
+                    {"fold": fold, "seed": int(seed), "encoder": encoder, **extra})
     write_tsv(out_history, result.history)
     write_tsv(out_predictions, predictions)
-    write_parquet(out_tile_scores, scores, metadata={"histoflow.model": model_name, "histoflow.fold": str(fold),
-                                                     "histoflow.encoder": encoder})
+    meta = {"histoflow.model": model_name, "histoflow.fold": str(fold), "histoflow.encoder": encoder}
+    if not task.binary:
+        meta["histoflow.target"] = task.kind
+        if task.multiclass:
+            meta["histoflow.classes"] = "\t".join(task.classes)
+    write_parquet(out_tile_scores, scores, metadata=meta)
     return predictions
+
+
+def prediction_columns(target: Target | None = None) -> list[str]:
+    """predictions.tsv columns of a task (binary: PREDICTION_COLUMNS, as before)."""
+    target = target or BINARY
+    if target.binary:
+        return list(PREDICTION_COLUMNS)
+    head = ["slide_id", "patient_id", "label", "y"]
+    if target.multiclass:
+        head += ["pred"] + target.score_columns
+    elif target.type == "survival":
+        head += ["time", "event", "risk"]
+    else:
+        head += ["value"]
+    return head + ["fold", "role", "n_tiles"]
 
 
 def plot_curves(histories: dict[int, pd.DataFrame], title: str, out_png: str | os.PathLike) -> None:
@@ -369,14 +531,18 @@ def plot_curves(histories: dict[int, pd.DataFrame], title: str, out_png: str | o
     from ..io import atomic_path
 
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    # the 4th history column is the validation metric (val_auc, val_auc_macro, val_c_index, val_r2)
+    metric = next(iter(histories.values())).columns[3] if histories else "val_auc"
     colours = plt.get_cmap("tab10")
     for i, (fold, hist) in enumerate(sorted(histories.items())):
         c = colours(i % 10)
         ax_loss.plot(hist["epoch"], hist["train_loss"], color=c, label=f"fold {fold} train")
         ax_loss.plot(hist["epoch"], hist["val_loss"], color=c, linestyle="--", label=f"fold {fold} val")
-        ax_auc.plot(hist["epoch"], hist["val_auc"], color=c, label=f"fold {fold}")
+        ax_auc.plot(hist["epoch"], hist[metric], color=c, label=f"fold {fold}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
-    ax_auc.set(xlabel="epoch", ylabel="validation AUC", ylim=(0, 1.02), title=f"{title}: validation AUC")
+    word = "AUC" if metric == "val_auc" else metric[len("val_"):]
+    ax_auc.set(xlabel="epoch", ylabel=f"validation {word}", ylim=(0, 1.02) if metric != "val_r2" else None,
+               title=f"{title}: validation {word}")
     ax_loss.legend(fontsize=7, ncol=2)
     ax_auc.legend(fontsize=7)
     with atomic_path(out_png) as tmp:
@@ -395,6 +561,23 @@ def collect_model(model_name: str, prediction_paths: Sequence[str | os.PathLike]
     oof = preds[preds["role"] == "test"].sort_values(["fold", "slide_id"]).reset_index(drop=True)
     # history paths come in fold order (the rule expands fold=0..K-1)
     histories = {i: pd.read_csv(p, sep="\t") for i, p in enumerate(history_paths)}
+    if "prob" not in oof.columns:  # multi-class, survival, regression: the task's own score
+        from ..metrics import primary_score, target_of_predictions
+
+        task = target_of_predictions(oof)
+        name = task.primary_metric
+        per_fold = {str(f): primary_score(task, g) for f, g in oof.groupby("fold")}
+        summary = {"model": model_name, "target": task.kind, "n_folds": len(prediction_paths), "n_test_rows": int(len(oof)),
+                   "n_test_slides": int(oof["slide_id"].nunique()), f"{name}_pooled": primary_score(task, oof),
+                   f"{name}_per_fold": per_fold,
+                   f"{name}_fold_mean": float(np.nanmean(list(per_fold.values()))) if per_fold else float("nan"),
+                   "epochs_run": {str(f): int(len(h)) for f, h in histories.items()}}
+        write_tsv(out_predictions, oof)
+        plot_curves(histories, model_name, out_curves)
+        write_json(out_summary, summary)
+        log.info("%s: out-of-fold %s %.3f over %d test slides", model_name, name, summary[f"{name}_pooled"],
+                 summary["n_test_slides"])
+        return oof
     per_fold = {str(f): roc_auc(g["y"].to_numpy(), g["prob"].to_numpy()) for f, g in oof.groupby("fold")}
     # holdout: every fold scores the same test slides; the ensemble is their mean probability
     mean_prob = oof.groupby(["slide_id", "y"], as_index=False)["prob"].mean()

@@ -121,15 +121,15 @@ class TransMIL(MILModel):
     name = "transmil"
 
     def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, heads: int = 8,
-                 attention: str = "nystrom"):
-        super().__init__(in_dim, hidden_dim, dropout)
+                 attention: str = "nystrom", n_out: int = 1):
+        super().__init__(in_dim, hidden_dim, dropout, n_out)
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
         self.cls_token = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
         self.layer1 = TransLayer(hidden_dim, heads, dropout, attention)
         self.ppeg = PPEG(hidden_dim)
         self.layer2 = TransLayer(hidden_dim, heads, dropout, attention)
         self.norm = nn.LayerNorm(hidden_dim)
-        self.classifier = nn.Linear(hidden_dim, 1)
+        self.classifier = nn.Linear(hidden_dim, n_out)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens after the TPT [1 + side^2, dim], input of layer 2), for a bag of n tiles."""
@@ -144,7 +144,7 @@ class TransMIL(MILModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self._encode(x)
-        return self.classifier(tokens[0]).squeeze(-1)
+        return self.head(self.classifier(tokens[0]))
 
     def tile_scores(self, x: torch.Tensor) -> TileScores:
         n = x.shape[0]
@@ -153,5 +153,5 @@ class TransMIL(MILModel):
         att = self.layer2.cls_attention(before_last)[1:n + 1]
         att = att / att.sum().clamp_min(1e-12)
         # TransMIL has no instance head: the slide classifier applied to each tile's output token
-        prob = torch.sigmoid(self.classifier(tokens[1:n + 1]).squeeze(-1))
+        prob = self.activate(self.head(self.classifier(tokens[1:n + 1])))
         return TileScores(attention=att, instance_prob=prob)

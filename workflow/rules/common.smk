@@ -19,6 +19,7 @@ from histoflow.encoders import encoder_slug
 from histoflow.external import EXTRA_SAMPLES_ENV, extra_sheet_paths, load_extra_sheets
 from histoflow.privacy import config_digest, sheet_reference
 from histoflow.splits import check_sheet_split
+from histoflow.targets import check_target_config
 
 # Bad config or samples sheet: one line naming the field/row and the fix, no traceback.
 try:
@@ -31,6 +32,9 @@ try:
         check_sheet_split(samples, f"samples sheet {config['samples']!r}")
     # external cohorts and the predict sheet (histoflow/external.py): slide ids unique across sheets
     EXTRA = load_extra_sheets(config, samples)
+    # what the run predicts (config target:), its class order from the sheet's labels, and the
+    # MIL models / slide classifiers it cannot train, said before any job runs
+    TARGET = check_target_config(config, samples)
     SLIDES_PER_JOB = slides_per_job(config["slides_per_job"], len(samples))
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
@@ -48,6 +52,10 @@ os.environ["HISTOFLOW_SAMPLES"] = _samples_abs
 os.environ[EXTRA_SAMPLES_ENV] = extra_sheet_paths(EXTRA)
 
 OUTDIR = config["outdir"]
+# what jobs need to rebuild the Target (histoflow.targets.Target.from_config)
+TARGET_PARAMS = {"target": config["target"], "positive_label": config["positive_label"],
+                 "labels": sorted({str(v) for v in samples["label"]})}
+TARGET_COLUMNS = [TARGET.time_column, TARGET.event_column] if TARGET.type == "survival" else []
 SLIDES = list(samples["slide_id"])
 SCRIPTS = str(Path(workflow.basedir) / "workflow" / "scripts")
 

@@ -22,6 +22,7 @@ rule train_mil:
         settings=config["mil"],
         seed=config["seed"],
         encoder=MIL_ENCODER,
+        target=TARGET_PARAMS,
     wildcard_constraints:
         model="|".join(MIL_MODELS),
         fold=r"\d+",

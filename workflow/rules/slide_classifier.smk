@@ -13,6 +13,7 @@ rule slide_classifier:
     params:
         settings=config["slide_classifier"],
         seed=config["seed"],
+        target=TARGET_PARAMS,
     log:
         log_path("slide_classifier", "{source}_{clf}"),
     resources:

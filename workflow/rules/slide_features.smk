@@ -70,6 +70,7 @@ rule train_mil_inner:
         settings=config["mil"],
         seed=config["seed"],
         encoder=MIL_ENCODER,
+        target=TARGET_PARAMS,
     wildcard_constraints:
         model="|".join(MIL_MODELS) or "no-model",
         inner=r"\d+",

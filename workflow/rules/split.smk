@@ -14,10 +14,11 @@ rule make_splits:
         summary=out("splits/split.json"),
     params:
         # split.strategy sheet: the sheet's own split column travels too
-        samples=samples[["slide_id", "patient_id", "label", "site"]
+        samples=samples[["slide_id", "patient_id", "label", "site"] + TARGET_COLUMNS
                         + (["split"] if config["split"]["strategy"] == "sheet" else [])].to_dict("records"),
         settings=config["split"],
         positive_label=config["positive_label"],
+        target=config["target"],
         seed=config["seed"],
     log:
         log_path("make_splits", "splits"),

@@ -7,6 +7,7 @@ with log_to(first_log(snakemake)):
         settings=snakemake.params.settings,
         positive_label=snakemake.params.positive_label,
         seed=snakemake.params.seed,
+        target=snakemake.params.target,
         out_tsv=snakemake.output.splits,
         out_json=snakemake.output.summary,
     )

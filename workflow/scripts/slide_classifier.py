@@ -9,4 +9,5 @@ with log_to(first_log(snakemake)):
         name=snakemake.wildcards.clf,
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
+        target=snakemake.params.target,
     )

@@ -19,4 +19,5 @@ with log_to(first_log(snakemake)), SystemMetrics.beside(snakemake.output.checkpo
         out_predictions=snakemake.output.predictions,
         out_tile_scores=snakemake.output.tile_scores,
         threads=snakemake.threads,
+        target=snakemake.params.target,
     )

@@ -18,4 +18,5 @@ with log_to(first_log(snakemake)):
         out_predictions=snakemake.output.predictions,
         out_tile_scores=snakemake.output.tile_scores,
         threads=snakemake.threads,
+        target=snakemake.params.target,
     )
