@@ -20,10 +20,15 @@ Which models get a bundle: every MIL model (``mil-<name>``). Slide-level feature
 format in the lock file (pickle/joblib would run code on load; skops is not a dependency), and
 their input, tile probabilities from the patch classifier, would need that bundle too.
 
-Target types: the bundle records the config's ``target`` section when there is one (other
-target types plug in there), else binary classification with ``positive_label``. The output
-columns of a prediction come from :func:`prediction_columns`: ``prob`` for binary (``prob_<class>``,
-``risk`` or ``value`` would be the columns of other target types).
+Target types (histoflow.targets): the bundle records the run's target (binary: ``positive_label``
+and the class names; multi-class: the class order; survival: the time/event columns; regression:
+each fold's standardisation of the value). A slide's ensemble output is the mean over the fold
+models of: P(positive) (binary), the softmax class probabilities (multi-class), the risk (survival,
+higher = earlier event) or the value on the label's scale (regression). Columns
+(:func:`prediction_columns`): ``prob``; ``prob_<class>``; ``risk``; ``value``. The operating point
+(``threshold``): binary, the pooled-validation threshold; multi-class, none (``argmax``); survival,
+the risk-group cut-off (mean over folds of the median risk of each fold's *training* slides,
+``train_median_risk``, as the development metrics use); regression, none.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ TILING_KEYS = ("mpp", "tile_px", "overlap_px", "min_tissue_fraction", "max_tiles
 FEATURE_KEYS = ("mpp", "dtype", "tta")
 PREDICTION_TSV_COLUMNS = ("slide_id", "status", "reason", "n_tiles", "model", "n_models", "threshold",
                           "threshold_source")
-EXTERNAL_COLUMNS = ("slide_id", "patient_id", "label", "y", "prob", "fold", "role", "n_tiles", "status")
+EXTERNAL_COLUMNS = ("slide_id", "patient_id", "label", "y", "prob", "fold", "role", "n_tiles", "status")  # binary
 NOT_BUNDLED = ("slide-level feature classifiers (<clf>@<source>) are not bundled: scikit-learn forests and "
                "pipelines have no data-only format here (pickle would run code on load); predict with a "
                "mil-<model> bundle")
@@ -67,29 +72,78 @@ def sha256_of(path: str | os.PathLike) -> str:
 # Target: what a model predicts and how its outputs become columns (binary here; see the docstring)
 
 def target_of(config: dict, labels: Sequence[str] | None = None) -> dict[str, Any]:
-    """The config's ``target`` section if set, else binary classification with positive_label
-    (the negative class named after the sheet's other label when there is exactly one)."""
-    target = config.get("target") or {}
-    if target.get("type", "classification") != "classification" or len(target.get("classes") or ()) > 2:
-        return dict(target)
-    positive = str(config["positive_label"])
+    """The run's target as a bundle records it: binary classification with positive_label (the
+    negative class named after the sheet's other label when there is exactly one), else the
+    Target's description (type, kind, classes or time/event columns, loss, primary metric)."""
+    from .targets import Target
+
+    task = Target.from_config(config, labels=labels)
+    if not task.binary:
+        return task.describe()
+    positive = str(task.positive_label)
     others = sorted({str(v) for v in (labels or ())} - {positive})
     negative = others[0] if len(others) == 1 else f"not_{positive}"
     return {"type": "classification", "binary": True, "positive_label": positive,
             "classes": [negative, positive], "other_labels": others}
 
 
-def prediction_columns(target: dict, probs: np.ndarray) -> dict[str, np.ndarray]:
-    """The output columns of an ensemble output ``probs`` (binary: P(positive) per slide)."""
-    if target.get("binary", True) and target.get("type", "classification") == "classification":
-        return {"prob": np.asarray(probs, dtype=float)}
-    raise InputError(f"target type {target.get('type')!r}: predictions with bundles support binary "
-                     "classification only in this version")
+def task_of(target: dict):
+    """The :class:`histoflow.targets.Target` of a bundle's ``target`` record."""
+    from .targets import Target
+
+    kind = target.get("kind") or ("binary" if target.get("binary", True) else "multiclass")
+    if target.get("type", "classification") == "classification" and kind == "binary":
+        return Target(classes=tuple(target.get("classes") or ("other", target["positive_label"])),
+                      positive_label=str(target["positive_label"]))
+    if kind == "multiclass":
+        return Target(classes=tuple(str(c) for c in target["classes"]))
+    if target.get("type") == "survival":
+        return Target(type="survival", time_column=target.get("time_column", "time"),
+                      event_column=target.get("event_column", "event"),
+                      horizons=tuple(float(h) for h in target.get("horizons") or ()))
+    if target.get("type") == "regression":
+        return Target(type="regression")
+    raise InputError(f"model bundle target {target!r} is not a target type of this histoflow version")
 
 
-def predicted_class(target: dict, probs: np.ndarray, threshold: float) -> list[str | None]:
+def prediction_columns(target: dict, outputs: np.ndarray) -> dict[str, np.ndarray]:
+    """The output columns of an ensemble's outputs per slide (``outputs``: [n] or, multi-class,
+    [n, classes]): prob (binary), prob_<class>, risk or value."""
+    task = task_of(target)
+    outputs = np.asarray(outputs, dtype=float)
+    if task.multiclass:
+        return {f"prob_{c}": outputs[:, k] for k, c in enumerate(task.classes)}
+    return {task.score_columns[0]: outputs.reshape(len(outputs), -1)[:, 0] if outputs.size else outputs.reshape(0)}
+
+
+def predicted_class(target: dict, outputs: np.ndarray, threshold: float | None) -> list[str | None]:
+    """Binary: the class at the threshold; multi-class: the argmax class; survival: the risk
+    group (high above the cut-off); regression: none (the value is the prediction)."""
+    task = task_of(target)
+    outputs = np.asarray(outputs, dtype=float)
+    if task.multiclass:
+        return [None if not np.isfinite(row).all() else task.classes[int(np.argmax(row))] for row in outputs]
+    if task.type == "regression" or threshold is None:
+        return [None] * len(outputs)
+    if task.type == "survival":
+        return [None if not np.isfinite(p) else ("high_risk" if p > threshold else "low_risk") for p in outputs]
     negative, positive = target["classes"]
-    return [None if not np.isfinite(p) else (positive if p >= threshold else negative) for p in probs]
+    return [None if not np.isfinite(p) else (positive if p >= threshold else negative) for p in outputs]
+
+
+def _operating_point(task, prediction_paths: Sequence[str], metrics_settings: dict | None, seed: int) -> tuple[dict, dict]:
+    """(pooled operating point, per-fold ones) of a non-binary model (see the module docstring)."""
+    from .metrics import _risk_cutoffs, load_predictions
+
+    if task.type == "survival":
+        table = load_predictions(list(prediction_paths), required=("slide_id", "fold", "role", "risk"))
+        cutoffs = _risk_cutoffs(table)
+        pooled = {"threshold": float(np.mean(list(cutoffs.values()))) if cutoffs else 0.0,
+                  "threshold_source": "train_median_risk",
+                  "rule": "risk > threshold = high_risk: the mean over folds of each fold's training slides' median risk"}
+        return pooled, {str(k): {"threshold": v, "threshold_source": "train_median_risk"} for k, v in cutoffs.items()}
+    source = "argmax" if task.multiclass else "none"
+    return {"threshold": None, "threshold_source": source}, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +196,8 @@ def write_mil_bundle(model_name: str, checkpoint_paths: Sequence[str], predictio
     for path in checkpoint_paths:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         this = {"model": payload["model"], "in_dim": int(payload["in_dim"]), "hidden_dim": int(payload["hidden_dim"]),
-                "dropout": float(payload["dropout"]), "options": payload["options"]}
+                "dropout": float(payload["dropout"]), "options": payload["options"],
+                "n_out": int(payload.get("n_out", 1))}
         if arch is not None and this != arch:
             raise ValueError(f"{path}: fold models of {model_name} differ in architecture")
         arch = this
@@ -151,26 +206,37 @@ def write_mil_bundle(model_name: str, checkpoint_paths: Sequence[str], predictio
         state = {k: v.detach().cpu().contiguous().clone() for k, v in payload["state_dict"].items()}
         with atomic_path(out_dir / name) as tmp:
             save_file(state, str(tmp), metadata={"model": model_name, "fold": str(fold)})
-        folds.append({"fold": fold, "weights": name, "sha256": sha256_of(out_dir / name),
-                      "best_epoch": int(payload.get("best_epoch", 0))})
+        entry = {"fold": fold, "weights": name, "sha256": sha256_of(out_dir / name),
+                 "best_epoch": int(payload.get("best_epoch", 0))}
+        if "y_mean" in payload:   # regression: the fold model outputs (value - y_mean) / y_std
+            entry.update(y_mean=float(payload["y_mean"]), y_std=float(payload["y_std"]))
+        folds.append(entry)
     cfg = MetricsSettings.from_config(metrics_settings, seed)
-    per_fold, pooled = choose_thresholds(load_predictions(list(prediction_paths)), cfg)
+    task = task_of(target)
+    if task.binary:
+        per_fold, pooled = choose_thresholds(load_predictions(list(prediction_paths)), cfg)
+        pooled = {**pooled, "method": cfg.threshold_method,
+                  "note": "the ensemble's operating point: chosen on the development run's validation "
+                          "predictions of all folds pooled (or fixed); never on predicted slides"}
+    else:
+        pooled, per_fold = _operating_point(task, prediction_paths, metrics_settings, seed)
     manifest = {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "histoflow_version": __version__,
         "model": model_name, "kind": "mil", "architecture": arch,
         "folds": sorted(folds, key=lambda f: f["fold"]),
-        "ensemble": "mean of the fold models' probabilities",
+        "ensemble": {"binary": "mean of the fold models' probabilities",
+                     "multiclass": "mean of the fold models' softmax class probabilities",
+                     "survival": "mean of the fold models' risks",
+                     "regression": "mean of the fold models' values (each de-standardised with its fold's y_mean / y_std)"}[task.kind],
         "encoder": {"name": encoder, "weights": _encoder_weights(feature_paths)},
         **settings,
         "stain_reference": _stain_reference(read_json(stain_json)) if stain_json else None,
         "target": target,
-        "threshold": {**pooled, "method": cfg.threshold_method,
-                      "note": "the ensemble's operating point: chosen on the development run's validation "
-                              "predictions of all folds pooled (or fixed); never on predicted slides"},
+        "threshold": pooled,
         "fold_thresholds": {str(k): v for k, v in per_fold.items()},
     }
     write_json(out_json, manifest)
-    log.info("%s: bundle of %d fold models, threshold %.4f (%s)", model_name, len(folds), pooled["threshold"],
+    log.info("%s: bundle of %d fold models, threshold %s (%s)", model_name, len(folds), pooled["threshold"],
              pooled["threshold_source"])
     return manifest
 
@@ -239,7 +305,8 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, lis
         if sha256_of(weights) != entry["sha256"]:
             raise InputError(f"model bundle {str(folder)!r}: {entry['weights']} does not match its sha256 in bundle.json "
                              "(changed or truncated); copy the bundle again")
-        model = build_model(arch["model"], arch["in_dim"], arch["hidden_dim"], arch["dropout"], arch["options"])
+        model = build_model(arch["model"], arch["in_dim"], arch["hidden_dim"], arch["dropout"], arch["options"],
+                            n_out=int(arch.get("n_out", 1)))
         model.load_state_dict(load_file(str(weights), device=device))
         model.eval()
         models.append(model)
@@ -277,52 +344,97 @@ def _slide_status(slide_json: str, feature_meta: dict, n_tiles: int) -> tuple[st
     return "ok", ""
 
 
-def score_slides(models: list, feature_paths: Sequence[str], want_tiles: bool = False,
-                 device: str = "cpu") -> tuple[list[str], np.ndarray, list[int], list[pd.DataFrame]]:
-    """(slide ids, probs [n_folds, n_slides] (NaN for an empty bag), tile counts, per-slide tile
-    tables with the fold-mean instance probability and attention when ``want_tiles``)."""
-    from .mil.data import read_bag
-    from .mil.train import predict_proba, tile_scores
+def _fold_output(model, bag: np.ndarray, task, entry: dict, device: str) -> np.ndarray:
+    """One fold model's output for a bag on the prediction scale: [1] or [classes]."""
+    from .mil.train import predict_logits, softmax
 
+    out = predict_logits(model, [bag], device)
+    if task.binary:
+        return 1.0 / (1.0 + np.exp(-out.reshape(1)))
+    if task.multiclass:
+        return softmax(out.reshape(1, -1))[0]
+    if task.type == "regression":
+        return out.reshape(1) * float(entry.get("y_std", 1.0)) + float(entry.get("y_mean", 0.0))
+    return out.reshape(1)
+
+
+def score_slides(models: list, feature_paths: Sequence[str], want_tiles: bool = False,
+                 device: str = "cpu", target: dict | None = None,
+                 folds: Sequence[dict] | None = None) -> tuple[list[str], np.ndarray, list[int], list[pd.DataFrame]]:
+    """(slide ids, outputs [n_folds, n_slides] (multi-class: [n_folds, n_slides, classes]; NaN
+    for an empty bag), tile counts, per-slide tile tables with the fold-mean instance score and
+    attention when ``want_tiles``; multi-class tiles also get prob_<class>, prob the largest).
+    ``target``: the bundle's target record (None: binary); ``folds``: its fold entries."""
+    from .mil.data import read_bag
+    from .mil.train import tile_scores
+
+    task = task_of(target or {"positive_label": "positive"})
+    folds = list(folds or [{} for _ in models])
     ids, counts, tiles = [], [], []
-    probs = np.full((len(models), len(feature_paths)), np.nan)
+    shape = (len(models), len(feature_paths)) + ((task.n_out,) if task.multiclass else ())
+    outputs = np.full(shape, np.nan)
     for j, path in enumerate(feature_paths):
         bag = read_bag(path, dtype="float32")
         slide_id = Path(path).name.removesuffix(".parquet")
         ids.append(slide_id)
         counts.append(len(bag))
+        if not len(bag):
+            continue
         for i, model in enumerate(models):
-            probs[i, j] = predict_proba(model, [bag.features], device)[0]
-        if want_tiles and len(bag):
+            value = _fold_output(model, bag.features, task, folds[i], device)
+            outputs[i, j] = value if task.multiclass else value[0]
+        if want_tiles:
             att, inst = zip(*(tile_scores(model, bag.features, device) for model in models))
             frame = pd.DataFrame({c: bag.coords[c].to_numpy() for c in ("x", "y", "col", "row", "size0", "target_mpp")})
             frame.insert(0, "slide_id", slide_id)
             frame["fold"], frame["role"] = -1, "predict"
-            frame["prob"] = np.mean(inst, axis=0).astype("float32")
+            inst = np.mean(inst, axis=0)
+            if inst.ndim == 2:   # multi-class: P(tile is evidence of each class)
+                for k, c in enumerate(task.classes):
+                    frame[f"prob_{c}"] = inst[:, k].astype("float32")
+                inst = inst.max(1)
+            frame["prob"] = inst.astype("float32")
             frame["attention"] = np.mean(att, axis=0).astype("float32")
             tiles.append(frame)
-    return ids, probs, counts, tiles
+    return ids, outputs, counts, tiles
 
 
-def predict_external(bundle_json: str, rows: list[dict], feature_paths: Sequence[str], positive_label: str,
+def external_columns(target: dict) -> list[str]:
+    """Columns of an external cohort's predictions.tsv for a bundle's target."""
+    task = task_of(target)
+    if task.binary:
+        return list(EXTERNAL_COLUMNS)
+    keys = ["time", "event"] if task.type == "survival" else []
+    return ["slide_id", "patient_id", "label", "y", *keys, *task.score_columns, "fold", "role", "n_tiles", "status"]
+
+
+def predict_external(bundle_json: str, rows: list[dict], feature_paths: Sequence[str], positive_label: str | None,
                      out_tsv: str | os.PathLike) -> pd.DataFrame:
     """Rule predict_external: every fold model of the bundle scores every slide of an external
-    cohort; one row per (slide, fold) with role ``external`` (metrics average them per slide)."""
+    cohort; one row per (slide, fold) with role ``external`` (metrics average them per slide).
+    The targets (y, and time/event for survival) are encoded as the bundle's target defines."""
     from .io import write_tsv
 
     manifest, models = load_bundle(bundle_json)
     _check_encoder_weights(manifest, feature_paths)
-    ids, probs, counts, _ = score_slides(models, feature_paths)
+    target = manifest["target"]
+    task = task_of(target)
+    ids, outputs, counts, _ = score_slides(models, feature_paths, target=target, folds=manifest["folds"])
     by_id = {str(r["slide_id"]): r for r in rows}
+    sheet = pd.DataFrame([by_id[s] for s in ids]).reset_index(drop=True)
+    encoded = task.encode(sheet.assign(slide_id=sheet["slide_id"].astype(str)))
     frames = []
     for i, entry in enumerate(manifest["folds"]):
-        frames.append(pd.DataFrame({
-            "slide_id": ids, "patient_id": [str(by_id[s]["patient_id"]) for s in ids],
-            "label": [str(by_id[s]["label"]) for s in ids],
-            "y": [int(str(by_id[s]["label"]) == str(positive_label)) for s in ids],
-            "prob": probs[i], "fold": entry["fold"], "role": "external", "n_tiles": counts,
-            "status": ["ok" if c else "no_tiles" for c in counts]}))
-    table = pd.concat(frames, ignore_index=True)[list(EXTERNAL_COLUMNS)]
+        frame = pd.DataFrame({"slide_id": ids, "patient_id": sheet["patient_id"].astype(str),
+                              "label": sheet["label"].astype(str), "y": encoded["y"].to_numpy()})
+        if task.type == "survival":
+            frame["time"], frame["event"] = encoded["time"].to_numpy(), encoded["event"].to_numpy()
+        for name, values in prediction_columns(target, outputs[i]).items():
+            frame[name] = values
+        frame["fold"], frame["role"], frame["n_tiles"] = entry["fold"], "external", counts
+        frame["status"] = ["ok" if c else "no_tiles" for c in counts]
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)[external_columns(target)]
     write_tsv(out_tsv, table)
     log.info("%s: %d external slides scored by %d fold models", manifest["model"], len(ids), len(models))
     return table
@@ -333,19 +445,27 @@ def predict_slides(bundle_json: str, slide_ids: Sequence[str], feature_paths: Se
                    out_tsv: str | os.PathLike, out_tiles: str | os.PathLike, heatmap_dir: str | os.PathLike,
                    heatmap_settings: dict | None) -> pd.DataFrame:
     """Rule predict: ``predictions/{name}/slides.tsv`` (one row per slide: the ensemble's output
-    columns, the predicted class at the bundle's threshold, or the QC status of a skipped slide),
-    ``tile_scores.parquet`` and a heatmap per slide. The sheet's labels are never read."""
+    columns, the predicted class at the bundle's operating point (multi-class: argmax; survival:
+    the risk group; regression: none), or the QC status of a skipped slide),
+    ``tile_scores.parquet`` and a heatmap per slide (multi-class: a panel per class). The
+    sheet's labels are never read."""
     from .features import read_feature_metadata
     from .heatmaps import heatmap_for_slide
     from .io import write_parquet, write_tsv
 
     manifest, models = load_bundle(bundle_json)
     _check_encoder_weights(manifest, feature_paths)
-    ids, probs, counts, tiles = score_slides(models, feature_paths, want_tiles=True)
+    target, threshold = manifest["target"], manifest["threshold"]
+    task = task_of(target)
+    ids, outputs, counts, tiles = score_slides(models, feature_paths, want_tiles=True, target=target,
+                                               folds=manifest["folds"])
     if list(ids) != [str(s) for s in slide_ids]:
         raise ValueError("features paths and slide ids differ in order")
-    mean = np.nanmean(probs, axis=0) if len(models) > 1 else probs[0]
-    target, threshold = manifest["target"], manifest["threshold"]
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # an empty bag: NaN in every fold
+            mean = np.nanmean(outputs, axis=0) if len(models) > 1 else outputs[0]
     table = pd.DataFrame({"slide_id": ids})
     status = [_slide_status(sj, read_feature_metadata(fp), n) for sj, fp, n in zip(slide_jsons, feature_paths, counts)]
     table["status"] = [s for s, _ in status]
@@ -353,23 +473,26 @@ def predict_slides(bundle_json: str, slide_ids: Sequence[str], feature_paths: Se
     table["n_tiles"] = counts
     for name, values in prediction_columns(target, mean).items():
         table[name] = values
-    table["predicted_class"] = predicted_class(target, mean, threshold["threshold"])
+    table["predicted_class"] = predicted_class(target, mean, threshold.get("threshold"))
     table["model"] = manifest["model"]
-    table["n_models"] = int(np.isfinite(probs).sum(axis=0).max()) if len(ids) else len(models)
-    table["threshold"] = threshold["threshold"]
+    finite = np.isfinite(outputs if outputs.ndim == 2 else outputs[..., 0])
+    table["n_models"] = int(finite.sum(axis=0).max()) if len(ids) else len(models)
+    table["threshold"] = threshold.get("threshold")
     table["threshold_source"] = threshold["threshold_source"]
     write_tsv(out_tsv, table)
-    tile_table = (pd.concat(tiles, ignore_index=True) if tiles else
-                  pd.DataFrame(columns=["slide_id", "x", "y", "col", "row", "size0", "target_mpp", "fold", "role",
-                                        "prob", "attention"]))
+    class_cols = [f"prob_{c}" for c in task.classes] if task.multiclass else []
+    columns = ["slide_id", "x", "y", "col", "row", "size0", "target_mpp", "fold", "role", "prob", "attention", *class_cols]
+    tile_table = pd.concat(tiles, ignore_index=True) if tiles else pd.DataFrame(columns=columns)
     tile_table = tile_table.astype({"slide_id": str, "x": "int64", "y": "int64", "col": "int32", "row": "int32",
                                     "size0": "int32", "target_mpp": "float64", "fold": "int32", "role": str,
-                                    "prob": "float32", "attention": "float32"})
-    write_parquet(out_tiles, tile_table, metadata={"histoflow.model": manifest["model"]})
+                                    "prob": "float32", "attention": "float32",
+                                    **{c: "float32" for c in class_cols}})[columns]
+    write_parquet(out_tiles, tile_table, metadata={"histoflow.model": manifest["model"],
+                                                   "histoflow.target": task.kind})
     os.makedirs(heatmap_dir, exist_ok=True)
     for slide_id, sj, tj, tp in zip(ids, slide_jsons, tissue_jsons, tissue_pngs):
         heatmap_for_slide(slide_id, manifest["model"], [str(out_tiles)], sj, tj, tp,
                           Path(heatmap_dir) / f"{slide_id}.png", Path(heatmap_dir) / f"{slide_id}.geojson",
-                          heatmap_settings or {})
+                          heatmap_settings or {}, target=task.kind)
     log.info("%s: %d slides predicted (%d skipped)", manifest["model"], len(ids), int((table["status"] != "ok").sum()))
     return table

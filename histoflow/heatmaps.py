@@ -14,7 +14,12 @@ from shapely.geometry import box
 
 from .annotations import qupath_feature, write_feature_collection
 from .io import atomic_path, read_json
-from .tile_probs import read_slide_probs
+from .tile_probs import class_columns, read_slide_probs, target_kind
+
+# what the tile score means per target (histoflow.targets): the first panel's label
+SCORE_LABEL = {"binary": "tumour probability", "multiclass": "P(evidence of any class)",
+               "survival": "tile risk (sigmoid of the tile's Cox risk)",
+               "regression": "tile score (sigmoid of the tile's standardised value)"}
 
 log = logging.getLogger("histoflow.heatmaps")
 
@@ -88,17 +93,25 @@ def rasterize(col: np.ndarray, row: np.ndarray, values: np.ndarray, shape: tuple
 
 
 def tiles_geojson_features(frame: pd.DataFrame, threshold: float) -> list[dict]:
-    """One QuPath detection per tile (level-0 square), class Tumor/Non-tumor at ``threshold``,
-    measurements prob (and attention when present)."""
+    """One QuPath detection per tile (level-0 square), class Tumor/Non-tumor at ``threshold``
+    (multi-class tables: the tile's most probable class), measurements prob (per class when
+    multi-class, and attention when present)."""
     feats = []
     has_att = "attention" in frame and frame["attention"].notna().any()
-    for t in frame.itertuples(index=False):
-        cls = TUMOR_CLASS if t.prob >= threshold else NON_TUMOR_CLASS
-        meas = {"prob": float(t.prob)}
+    per_class = class_columns(frame.drop(columns=["prob"]))
+    palette = [(200, 0, 0), (0, 150, 60), (30, 90, 200), (220, 140, 0), (140, 60, 180), (0, 160, 170)]
+    for t in frame.to_dict("records"):
+        if per_class:
+            k = int(np.nanargmax([t[c] for c in per_class])) if np.isfinite([t[c] for c in per_class]).any() else 0
+            cls = (per_class[k][len("prob_"):], palette[k % len(palette)])
+            meas = {c: float(t[c]) for c in per_class}
+        else:
+            cls = TUMOR_CLASS if t["prob"] >= threshold else NON_TUMOR_CLASS
+            meas = {"prob": float(t["prob"])}
         if has_att:
-            meas["attention"] = float(t.attention)
-        feats.append(qupath_feature(box(t.x, t.y, t.x + t.size0, t.y + t.size0), "detection", cls[0], cls[1], meas,
-                                    name=f"tile c{int(t.col)} r{int(t.row)}"))
+            meas["attention"] = float(t["attention"])
+        feats.append(qupath_feature(box(t["x"], t["y"], t["x"] + t["size0"], t["y"] + t["size0"]), "detection", cls[0],
+                                    cls[1], meas, name=f"tile c{int(t['col'])} r{int(t['row'])}"))
     return feats
 
 
@@ -170,10 +183,14 @@ def render_heatmap(out_png: str | os.PathLike, panels: list[tuple[str, np.ndarra
 
 def heatmap_for_slide(slide_id: str, source: str, prob_paths: list[str], slide_json: str, tissue_json: str | None,
                       tissue_png: str | None, out_png: str | os.PathLike, out_geojson: str | os.PathLike,
-                      settings: dict | HeatmapSettings) -> dict:
+                      settings: dict | HeatmapSettings, target: str | None = None) -> dict:
     """Rule entry point: ``heatmaps/{source}/{slide_id}.png`` and ``.geojson`` from the fold in
-    which the slide is a test slide."""
+    which the slide is a test slide. ``target`` (binary | multiclass | survival | regression;
+    None: from the tables' metadata) names the tile score; multi-class tables (prob_<class>
+    columns) get one panel per class, survival the tile risk, both beside the attention."""
     settings = settings if isinstance(settings, HeatmapSettings) else HeatmapSettings.from_config(settings)
+    if target is None:
+        target = next((target_kind(p) for p in prob_paths if Path(p).exists()), "binary")
     meta = read_json(slide_json)
     frame, fold, role = read_slide_probs(prob_paths, slide_id)
     width0, height0 = float(meta.get("width") or 0), float(meta.get("height") or 0)
@@ -186,7 +203,13 @@ def heatmap_for_slide(slide_id: str, source: str, prob_paths: list[str], slide_j
         return {"slide_id": slide_id, "status": "empty", "reason": why}
     geom = grid_geometry(frame)
     shape = (geom.n_rows, geom.n_cols)
-    panels = [("tumour probability", rasterize(frame["col"], frame["row"], frame["prob"], shape), (0.0, 1.0))]
+    per_class = class_columns(frame.drop(columns=["prob"]))
+    if per_class:   # multi-class: P(tile is evidence of class c), a panel per class
+        panels = [(f"P({c[len('prob_'):]})", rasterize(frame["col"], frame["row"], frame[c], shape), (0.0, 1.0))
+                  for c in per_class]
+    else:
+        panels = [(SCORE_LABEL.get(target, SCORE_LABEL["binary"]),
+                   rasterize(frame["col"], frame["row"], frame["prob"], shape), (0.0, 1.0))]
     att = frame["attention"].to_numpy(dtype=float) if "attention" in frame else np.array([np.nan])
     if np.isfinite(att).any():
         lo, hi = np.nanmin(att), np.nanmax(att)

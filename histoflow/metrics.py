@@ -466,7 +466,8 @@ def write_metrics(predictions: dict[str, list[str]], metrics_json: str, metrics_
         plots.setdefault("roc", roc_png)
         plots.setdefault("pr", pr_png)
         plots.setdefault("calibration", calibration_png)
-        write_target_metrics(predictions, target, metrics_json, metrics_tsv, plots, settings, seed, strategy)
+        write_target_metrics(predictions, target, metrics_json, metrics_tsv, plots, settings, seed, strategy,
+                             external=external, external_tsvs=external_tsvs)
         return
     cfg = MetricsSettings.from_config(settings, seed)
     results = {model: evaluate_model(load_predictions(paths), cfg, strategy) for model, paths in predictions.items()}
@@ -753,9 +754,47 @@ def plot_target(task, results: dict[str, dict], best: str, plots: dict[str, str]
         _save(fig, plots["scatter"])
 
 
+def evaluate_target_external(development: pd.DataFrame, external: pd.DataFrame, task, settings: MetricsSettings,
+                             horizons=None) -> dict:
+    """One multi-class / survival / regression model on an external cohort, with the same
+    metrics and CIs as on the development test slides: each external slide's output is the mean
+    of the development fold models' outputs; survival risk groups split at the development
+    folds' training-slide medians (their mean, as the bundle records). Nothing is fitted on the
+    external slides: the development rows used are the training rows of the risk cut-off only.
+    ``horizons``: survival, the development metrics' horizons (Uno's c at the same times)."""
+    from dataclasses import replace
+
+    if task.type == "survival" and horizons and not task.horizons:
+        task = replace(task, horizons=tuple(horizons))
+    ext = external.assign(role="test")
+    ext = ext[ext["status"] == "ok"] if "status" in ext.columns else ext
+    if ext.empty:
+        raise ValueError("no external predictions: nothing to evaluate")
+    dev_train = development[development["role"] == "train"] if task.type == "survival" else development.iloc[0:0]
+    table = pd.concat([dev_train, ext[[c for c in ext.columns if c in development.columns]]], ignore_index=True)
+    res = evaluate_target_model(table, task, settings, "holdout")
+    res["method"]["test_prediction"] = ("external cohort: each slide's output is the mean of the "
+                                        f"{int(res['oof']['n_models'].max())} development fold models' outputs")
+    if task.type == "survival":
+        res["risk_groups"]["cutoff"] += " of the development run (never fitted on external slides)"
+        if horizons and not external.empty:
+            res["method"]["uno_c"] += " (the development metrics' horizons)"
+    return res
+
+
+def _target_record(res: dict, cfg: MetricsSettings) -> dict:
+    return {**{k: v for k, v in res.items() if k != "oof"},
+            "ci": {k: list(v) for k, v in res["ci"].items()},
+            "fold_mean_sd": {k: list(v) for k, v in res["fold_mean_sd"].items()}, "ci_method": cfg.ci_method}
+
+
 def write_target_metrics(predictions: dict[str, list[str]], task, metrics_json: str, metrics_tsv: str,
-                         plots: dict[str, str], settings: dict | None, seed: int, strategy: str | None = None) -> dict:
-    """Rule `metrics` for multi-class, survival and regression targets."""
+                         plots: dict[str, str], settings: dict | None, seed: int, strategy: str | None = None,
+                         external: dict[str, dict[str, str]] | None = None,
+                         external_tsvs: dict[str, str] | None = None) -> dict:
+    """Rule `metrics` for multi-class, survival and regression targets; ``external``:
+    {cohort: {model: predictions.tsv}} of the bundled models on external cohorts
+    (metrics.json external.<cohort>.<model>, a comparison table per cohort)."""
     from .io import write_json, write_tsv
     from .logs import get_logger
 
@@ -775,12 +814,22 @@ def write_target_metrics(predictions: dict[str, list[str]], task, metrics_json: 
         "target": task.describe(),
         "primary_metric": task.primary_metric,
         "best_model": best,
-        "models": {m: {**{k: v for k, v in r.items() if k not in skip},
-                       "ci": {k: list(v) for k, v in r["ci"].items()},
-                       "fold_mean_sd": {k: list(v) for k, v in r["fold_mean_sd"].items()}, "ci_method": cfg.ci_method}
-                   for m, r in results.items()},
+        "models": {m: _target_record(r, cfg) for m, r in results.items()},
         "comparison": table.to_dict("records"),
     }
+    if external:
+        payload["external"] = {}
+        for cohort, per_model in external.items():
+            ext_results = {}
+            for model, path in per_model.items():
+                dev = load_predictions(predictions[model], required=("slide_id", "patient_id", "y", "fold", "role",
+                                                                     *task.score_columns))
+                ext = pd.read_csv(path, sep="\t", dtype={"slide_id": str, "patient_id": str, "label": str})
+                ext_results[model] = evaluate_target_external(dev, ext, target_of_predictions(dev, task), cfg,
+                                                              horizons=results[model].get("horizons"))
+            payload["external"][cohort] = {m: _target_record(r, cfg) for m, r in ext_results.items()}
+            if external_tsvs and cohort in external_tsvs:
+                write_tsv(external_tsvs[cohort], compare_target_models(ext_results, task, cfg))
     write_json(metrics_json, payload)
     write_tsv(metrics_tsv, table)
     if task.multiclass and "confusion_tsv" in plots:

@@ -60,12 +60,22 @@ def write_sources_json(out_path: str | os.PathLike, sources: list[str], reason: 
                           "mil_models": mil_models})
 
 
-def to_tile_prob_table(frame: pd.DataFrame) -> pa.Table:
+def to_tile_prob_table(frame: pd.DataFrame, classes: list[str] | tuple[str, ...] = ()) -> pa.Table:
+    """The tile-probability table; multi-class ``classes`` add a float32 ``prob_<class>`` column
+    each (prob is then the largest of them: evidence of any class)."""
     frame = frame.copy()
     if "attention" not in frame:
         frame["attention"] = np.nan
-    frame = frame.reindex(columns=TILE_PROB_SCHEMA.names)
-    return pa.Table.from_pandas(frame, schema=TILE_PROB_SCHEMA, preserve_index=False)
+    schema = TILE_PROB_SCHEMA
+    for c in classes:
+        schema = schema.append(pa.field(f"prob_{c}", pa.float32()))
+    frame = frame.reindex(columns=schema.names)
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+
+
+def class_columns(frame: pd.DataFrame) -> list[str]:
+    """The per-class tile probability columns (multi-class targets) of a tile-probability table."""
+    return [c for c in frame.columns if c.startswith("prob_")]
 
 
 def mil_tile_probs(tile_scores_path: str | os.PathLike, fold: int, out_path: str | os.PathLike) -> pd.DataFrame:
@@ -77,8 +87,21 @@ def mil_tile_probs(tile_scores_path: str | os.PathLike, fold: int, out_path: str
         raise InputError(f"{str(tile_scores_path)!r} lacks column(s) {sorted(missing)}; rebuild the mil stage")
     frame = frame.rename(columns={"instance_prob": "prob"})
     frame["fold"] = int(fold)
-    write_parquet(out_path, to_tile_prob_table(frame), metadata={"histoflow.source": f"mil:{tile_scores_path}"})
+    meta = {k.decode(): v.decode() for k, v in (pq.read_schema(tile_scores_path).metadata or {}).items()
+            if k.decode().startswith("histoflow.") and k.decode() in ("histoflow.target", "histoflow.classes")}
+    classes = meta["histoflow.classes"].split("\t") if meta.get("histoflow.classes") else []
+    # multi-class: the per-class instance probabilities (instance_prob_<k>) by class name
+    frame = frame.rename(columns={f"instance_prob_{k}": f"prob_{c}" for k, c in enumerate(classes)})
+    write_parquet(out_path, to_tile_prob_table(frame, classes),
+                  metadata={"histoflow.source": f"mil:{tile_scores_path}", **meta})
     return frame
+
+
+def target_kind(path: str | os.PathLike) -> str:
+    """binary | multiclass | survival | regression: the target a tile-probability (or tile
+    score) table was written for (schema metadata ``histoflow.target``; absent = binary)."""
+    meta = pq.read_schema(path).metadata or {}
+    return meta.get(b"histoflow.target", b"binary").decode()
 
 
 def read_slide_probs(fold_paths: list[str | os.PathLike], slide_id: str,
@@ -107,9 +130,10 @@ def read_slide_probs(fold_paths: list[str | os.PathLike], slide_id: str,
             tests.append(frame)
     if len(tests) > 1:
         keys = ["slide_id", "x", "y", "col", "row", "size0", "target_mpp"]
-        mean = pd.concat(tests, ignore_index=True).groupby(keys, sort=False, as_index=False)[["prob", "attention"]].mean()
+        values = ["prob", "attention", *class_columns(tests[0].drop(columns=["prob"]))]
+        mean = pd.concat(tests, ignore_index=True).groupby(keys, sort=False, as_index=False)[values].mean()
         mean["fold"], mean["role"] = -1, "test"
-        return mean.reindex(columns=TILE_PROB_SCHEMA.names), -1, "test"
+        return mean.reindex(columns=[*TILE_PROB_SCHEMA.names, *values[2:]]), -1, "test"
     if best is None:
         return pd.DataFrame(columns=TILE_PROB_SCHEMA.names), None, None
     if best[3] != "test":

@@ -209,3 +209,114 @@ def test_a_job_resolves_the_source_cell_of_an_extra_sheet(tmp_path, monkeypatch)
     monkeypatch.setenv(EXTRA_SAMPLES_ENV, new)
     real = str((tmp_path / "b.svs").resolve())
     assert resolve_sheet_value(sheet_reference("source", real), "n1") == real
+
+
+# ---------------------------------------------------------------------------------------------
+# Every target type: a bundle scores as the fold models did, with the target's columns
+
+def _task_rows(kind: str, ys: np.ndarray, i: int) -> dict:
+    row = {"slide_id": f"S{i:02d}", "patient_id": f"P{i:02d}", "site": None}
+    if kind == "multiclass":
+        row["label"] = ["a", "b", "c"][i % 3]
+    elif kind == "survival":
+        row.update(label="x", time=float(10 - 6 * ys[i] + (i % 5)), event=int(i % 4 != 0))
+    else:
+        row["label"] = f"{10.0 + 5.0 * ys[i] + (i % 3):.2f}"
+    return row
+
+
+TASK_TARGETS = {"multiclass": {"type": "classification", "classes": "sheet"}, "survival": {"type": "survival"},
+                "regression": {"type": "regression"}}
+
+
+@pytest.fixture(scope="module", params=["multiclass", "survival", "regression"])
+def task_bundle(request, tmp_path_factory):
+    """Two abmil fold models of a non-binary target (train_fold, as the workflow), and their bundle."""
+    from histoflow.bundle import target_of, write_mil_bundle
+    from histoflow.mil.train import train_fold
+    from histoflow.splits import write_splits
+
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"bundle_{kind}")
+    bags, ys, _ = synthetic_bags(18, seed=5)
+    samples, paths = [], []
+    for i, bag in enumerate(bags):
+        samples.append(_task_rows(kind, ys, i))
+        path = root / "features" / f"S{i:02d}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        _write_features(path, f"S{i:02d}", bag)
+        paths.append(str(path))
+    config = {"target": TASK_TARGETS[kind], "positive_label": "tumor"}
+    write_splits(samples, {"k": 2, "strategy": "holdout", "test_fraction": 0.25}, "tumor", 3,
+                 root / "splits.tsv", root / "split.json", target=TASK_TARGETS[kind])
+    settings = {"models": ["abmil"], "epochs": 3, "lr": 2e-3, "hidden_dim": DIM, "device": "cpu", "min_epochs": 1}
+    preds, ckpts = [], []
+    for fold in (0, 1):
+        d = root / "mil" / f"fold{fold}"
+        train_fold(root / "splits.tsv", paths, "abmil", fold, settings, 1337, "resnet50-trunc", d / "checkpoint.pt",
+                   d / "history.tsv", d / "predictions.tsv", d / "tile_scores.parquet",
+                   target={**config, "labels": [s["label"] for s in samples]})
+        preds.append(str(d / "predictions.tsv"))
+        ckpts.append(str(d / "checkpoint.pt"))
+    target = target_of(config, [s["label"] for s in samples])
+    out = root / "models" / "mil-abmil" / "bundle.json"
+    manifest = write_mil_bundle("mil-abmil", ckpts, preds, paths, "resnet50-trunc", SETTINGS, target,
+                                {"n_bootstrap": 50}, 1337, None, out)
+    return {"kind": kind, "root": root, "paths": paths, "predictions": preds, "samples": samples, "bundle": out,
+            "manifest": manifest}
+
+
+def test_every_target_type_is_bundled_and_scores_as_its_fold_models(task_bundle):
+    """Each fold model of the bundle gives, for every slide, the output that fold's
+    predictions.tsv holds (softmax probabilities, risk, or the value de-standardised with that
+    fold's training mean/SD), in the external cohort's columns."""
+    from histoflow.bundle import external_columns, predict_external
+
+    kind, manifest = task_bundle["kind"], task_bundle["manifest"]
+    assert manifest["target"]["kind"] == kind
+    assert manifest["threshold"]["threshold_source"] == {"multiclass": "argmax", "survival": "train_median_risk",
+                                                         "regression": "none"}[kind]
+    cols = {"multiclass": ["prob_a", "prob_b", "prob_c"], "survival": ["risk"], "regression": ["value"]}[kind]
+    out = task_bundle["root"] / "ext.tsv"
+    table = predict_external(str(task_bundle["bundle"]), task_bundle["samples"], task_bundle["paths"], None, out)
+    assert list(table.columns) == external_columns(manifest["target"])
+    for fold, path in enumerate(task_bundle["predictions"]):
+        dev = pd.read_csv(path, sep="\t", dtype={"slide_id": str}).set_index("slide_id")
+        mine = table[table["fold"] == fold].set_index("slide_id").loc[dev.index]
+        np.testing.assert_allclose(mine[cols].to_numpy(float), dev[cols].to_numpy(float), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(mine["y"].to_numpy(float), dev["y"].to_numpy(float))
+    if kind == "multiclass":
+        np.testing.assert_allclose(table[cols].sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_external_metrics_of_every_target_type(task_bundle):
+    """metrics.json external.<cohort>.<model> for a non-binary target: same metric names and CIs
+    as the development model, the fold models' mean per slide, each slide once."""
+    from histoflow.bundle import predict_external
+    from histoflow.metrics import write_target_metrics
+    from histoflow.targets import Target
+
+    kind = task_bundle["kind"]
+    root = task_bundle["root"]
+    ext = root / "ext_metrics.tsv"
+    predict_external(str(task_bundle["bundle"]), task_bundle["samples"], task_bundle["paths"], None, ext)
+    task = Target.from_config({"target": TASK_TARGETS[kind]}, labels=[s["label"] for s in task_bundle["samples"]])
+    plots = {"multiclass": {"roc": "roc.png", "pr": "pr.png", "calibration": "cal.png", "confusion_tsv": "c.tsv",
+                            "confusion_png": "c.png"}, "survival": {"km": "km.png"}, "regression": {"scatter": "s.png"}}[kind]
+    payload = write_target_metrics({"mil-abmil": task_bundle["predictions"]}, task, str(root / "m.json"), str(root / "m.tsv"),
+                                   {k: str(root / v) for k, v in plots.items()}, {"n_bootstrap": 50}, 1,
+                                   strategy="holdout", external={"ext": {"mil-abmil": str(ext)}},
+                                   external_tsvs={"ext": str(root / "ext_cmp.tsv")})
+    rec, dev = payload["external"]["ext"]["mil-abmil"], payload["models"]["mil-abmil"]
+    assert rec["n_slides"] == len(task_bundle["samples"]) and rec["n_patients"] == len(task_bundle["samples"])
+    assert set(rec["ci"]) == set(dev["ci"]) and np.isfinite(rec["pooled"][task.primary_metric])
+    assert rec["method"]["test_prediction"].startswith("external cohort: each slide's output is the mean of the 2")
+    # each external slide's score is the mean of the two fold models' outputs
+    table = pd.read_csv(ext, sep="\t")
+    col = task.score_columns[0]
+    assert rec["pooled"] == pytest.approx(
+        __import__("histoflow.metrics", fromlist=["_metrics_of"])._metrics_of(
+            task, table.groupby(["slide_id", "patient_id", "y", *(["time", "event"] if kind == "survival" else [])],
+                                as_index=False)[task.score_columns].mean(), rec.get("horizons", [])), nan_ok=True)
+    assert (root / "ext_cmp.tsv").exists() and col
+    json.dumps(payload)

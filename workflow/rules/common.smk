@@ -470,9 +470,10 @@ def model_predictions():
 
 
 def external_rows(name):
-    """The sheet rows (slide_id, patient_id, label) of external cohort `name` (models.smk)."""
+    """The sheet rows (slide_id, patient_id, label; survival: + time/event columns) of external
+    cohort `name` (models.smk)."""
     table = EXTRA[name]["table"]
-    return table[["slide_id", "patient_id", "label"]].to_dict("records")
+    return table[["slide_id", "patient_id", "label", *TARGET_COLUMNS]].to_dict("records")
 
 
 def external_predictions():

@@ -43,10 +43,13 @@ else:
     rule metrics:
         input:
             [p for paths in model_predictions().values() for p in paths],
+            [p for per_model in external_predictions().values() for p in per_model.values()],
         output:
             json=out("metrics/metrics.json"),
             tsv=report(out("metrics/metrics.tsv"), caption="../report/metrics.rst", category="4. Metrics"),
             plots=[out(f"metrics/{name}") for name in TARGET_PLOTS.values()],
+            **{f"external_{c}": report(out(f"metrics/external/{c}.tsv"), caption="../report/external.rst",
+                                       category="5. External cohorts", subcategory=c) for c in EXTERNAL},
         params:
             predictions=model_predictions(),
             settings=config["metrics"],
@@ -54,9 +57,8 @@ else:
             strategy=config["split"]["strategy"],
             target=TARGET_PARAMS,
             plots={key: out(f"metrics/{name}") for key, name in TARGET_PLOTS.items()},
-            # external cohorts are scored for the binary task only (histoflow.external)
-            external={},
-            external_tsvs={},
+            external=external_predictions(),
+            external_tsvs={c: out(f"metrics/external/{c}.tsv") for c in EXTERNAL},
         log:
             log_path("metrics", "metrics"),
         conda:

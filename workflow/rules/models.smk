@@ -53,6 +53,21 @@ TARGETS.extend(MODEL_TARGETS)
 # ------------------------------------------------------------------------------------------------
 # External cohorts: each bundle scores each cohort; rule metrics evaluates them.
 EXTERNAL = [name for name, e in EXTRA.items() if e["kind"] == "external"]
+# an external sheet's targets must encode as the development's do (numeric label, time/event
+# columns): said now, in one line naming the slide and field, not in a job
+try:
+    for _name in EXTERNAL:
+        if TARGET.binary:
+            continue
+        if TARGET.type == "survival":
+            _missing = [c for c in TARGET_COLUMNS if c not in EXTRA[_name]["table"].columns]
+            if _missing:
+                raise InputError(f"external sheet {_name!r} ({EXTRA[_name]['samples']}) has no column {_missing[0]!r}; "
+                                 "a survival target needs target.time_column and target.event_column in every sheet")
+        TARGET.encode(EXTRA[_name]["table"].reset_index(drop=True))
+except InputError as err:
+    sys.stderr.write(f"histoflow: external cohort: {err}\n")
+    sys.exit(1)
 
 
 rule predict_external:
