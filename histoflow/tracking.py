@@ -153,7 +153,10 @@ def _model_runs(outdir: str) -> list[dict]:
     out = Path(outdir)
     metrics = read_json(out / "metrics" / "metrics.json") if (out / "metrics" / "metrics.json").exists() else {}
     runs = []
-    target = metrics.get("target")
+    # every run says its task, loss and metrics (metrics.json has a target record for the
+    # non-binary tasks; the binary default is described here)
+    target = metrics.get("target") or {"type": "classification", "kind": "binary", "loss": "binary cross-entropy",
+                                       "primary_metric": "auc"}
     for model_dir in sorted((out / "mil").glob("*")) if (out / "mil").is_dir() else []:
         if not model_dir.is_dir():
             continue
@@ -175,6 +178,10 @@ def _model_runs(outdir: str) -> list[dict]:
                      "artifacts": [str(p) for p in pred.parent.glob("*.tsv")]})
     for run in runs:
         run["target"] = target
+        # external cohorts (metrics.json external.<cohort>.<model>): this model's records
+        run["external"] = {c: per_model[run["model"] if run["kind"] == "slide_classifier" else f"mil-{run['model']}"]
+                           for c, per_model in (metrics.get("external") or {}).items()
+                           if (run["model"] if run["kind"] == "slide_classifier" else f"mil-{run['model']}") in per_model}
     return runs
 
 
@@ -265,10 +272,18 @@ def comparison_metrics(metrics: dict) -> dict[str, float]:
     ``rf@patch_classifier`` becomes ``rf_patch_classifier`` (as in the c11.* metrics)."""
     out: dict[str, float] = {}
     for model, res in (metrics.get("models") or {}).items():
-        for k, v in (res.get("pooled") or {}).items():
-            out[f"{_key(model)}.{k}"] = v
-        for k, (lo, hi) in (res.get("ci") or {}).items():
-            out[f"{_key(model)}.{k}_ci_low"], out[f"{_key(model)}.{k}_ci_high"] = lo, hi
+        out.update(_pooled_and_ci(res, f"{_key(model)}."))
+    # external cohorts: external.<cohort>.<model>.<metric> (and CI bounds)
+    for cohort, per_model in (metrics.get("external") or {}).items():
+        for model, res in per_model.items():
+            out.update(_pooled_and_ci(res, f"external.{_key(cohort)}.{_key(model)}."))
+    return out
+
+
+def _pooled_and_ci(res: dict, prefix: str) -> dict[str, float]:
+    out = {f"{prefix}{k}": v for k, v in (res.get("pooled") or {}).items()}
+    for k, (lo, hi) in (res.get("ci") or {}).items():
+        out[f"{prefix}{k}_ci_low"], out[f"{prefix}{k}_ci_high"] = lo, hi
     return out
 
 
@@ -542,12 +557,16 @@ def _log_model(client, exp_id: str, parent: str, spec: dict, options: dict | Non
     run_id = run.info.run_id
     metrics = {}
     result = spec.get("result") or {}
-    metrics.update({f"test.{k}": v for k, v in (result.get("pooled") or {}).items()})
-    for k, (lo, hi) in (result.get("ci") or {}).items():
-        metrics[f"test.{k}_ci_low"], metrics[f"test.{k}_ci_high"] = lo, hi
+    metrics.update(_pooled_and_ci(result, "test."))
     params = {"model": spec["model"], "kind": spec["kind"]}
-    if spec.get("target"):  # multi-class, survival, regression: the task, its loss and headline metric
+    if spec.get("target"):  # the task, its loss and headline metric
         params.update({f"target.{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in spec["target"].items()})
+    if result.get("pooled"):   # which metrics the test.* (and external.*) values are
+        params["metrics"] = ", ".join(result["pooled"])
+    for cohort, res in (spec.get("external") or {}).items():   # the same model on each external cohort
+        metrics.update(_pooled_and_ci(res, f"external.{_key(cohort)}."))
+        params.update({f"external.{_key(cohort)}.{k}": res[k] for k in ("n_slides", "n_patients", "threshold_source")
+                       if k in res})
     # where the operating point came from, as metrics.json says (pooled_validation, fold_validation, fixed)
     params.update({k: result[k] for k in ("threshold", "threshold_source", "n_slides", "n_patients", "ci_method") if k in result})
     _log_batches(client, run_id, params=params, metrics=metrics)

@@ -414,3 +414,23 @@ def test_register_models_and_system_metrics_when_asked(finished_outdir, tmp_path
     fold0 = client.search_runs([status["experiment_id"]], filter_string="attributes.run_name = 'mil/abmil/fold0'")[0]
     history = client.get_metric_history(fold0.info.run_id, "system/cpu_utilization_percentage")
     assert len(history) >= 2 and sorted(m.step for m in history)[:2] == [0, 1]
+
+
+def test_external_cohort_metrics_and_the_task_reach_mlflow(tmp_path):
+    """metrics.json external.<cohort>.<model> becomes parent metrics external.<cohort>.<model>.*
+    and the model run's external.<cohort>.*; every model run names its task, loss and metrics
+    (the binary default too)."""
+    from histoflow.io import write_json
+    from histoflow.tracking import _model_runs, comparison_metrics
+
+    rec = {"pooled": {"auc": 0.8}, "ci": {"auc": [0.6, 0.9]}, "n_slides": 4, "threshold_source": "pooled_validation"}
+    ext = {"pooled": {"auc": 0.7}, "ci": {"auc": [0.5, 0.95]}, "n_slides": 3, "threshold_source": "pooled_validation"}
+    metrics = {"models": {"mil-abmil": rec}, "external": {"site_b": {"mil-abmil": ext}}}
+    flat = comparison_metrics(metrics)
+    assert flat["external.site_b.mil-abmil.auc"] == 0.7 and flat["external.site_b.mil-abmil.auc_ci_high"] == 0.95
+    assert flat["mil-abmil.auc"] == 0.8
+    (tmp_path / "mil" / "abmil" / "fold0").mkdir(parents=True)
+    write_json(tmp_path / "metrics" / "metrics.json", metrics)
+    runs = _model_runs(str(tmp_path))
+    assert runs[0]["external"] == {"site_b": ext}
+    assert runs[0]["target"]["kind"] == "binary" and runs[0]["target"]["loss"] == "binary cross-entropy"
