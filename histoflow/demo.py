@@ -797,8 +797,6 @@ def demo_config(samples_path: Path, task: str = "binary") -> dict:
     kind = {"multiclass": "classification"}.get(task, task)
     config["target"] = {"type": kind, **({"classes": "sheet"} if task == "multiclass" else {})}
     config["mil"] = {"models": [m for m in DEMO_MIL_MODELS if (kind, m) not in UNSUPPORTED_MIL]}
-    if task == "survival":
-        config["slide_classifier"] = {"models": []}   # no survival estimator in the lock
     return config
 
 

@@ -8,9 +8,9 @@ as a test slide's do; training on in-sample features is refused (:func:`check_ho
 
 Targets (:mod:`histoflow.targets`): binary and multi-class use the classifiers (multi-class
 predictions ``prob_<class>`` + ``pred``), regression their regressor twins (random forest,
-gradient boosting, ridge for ``logreg``; predictions ``value``). Survival is refused at config
-validation: neither kept survival library fits the lock (scikit-survival needs four compiled
-dependencies added, lifelines needs pandas < 3)."""
+gradient boosting, ridge for ``logreg``; predictions ``value``), survival their scikit-survival
+twins (random survival forest, gradient-boosted Cox model, ridge-penalised Cox proportional hazards
+for ``logreg``; predictions ``risk``, higher = earlier event, trained on the slides' time/event)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-META_COLUMNS = ("slide_id", "patient_id", "y", "fold", "role", "tile_probs_model")
+META_COLUMNS = ("slide_id", "patient_id", "y", "fold", "role", "tile_probs_model", "time", "event")
 CLASSIFIERS = ("rf", "gb", "logreg")
 
 
@@ -43,9 +43,37 @@ class SlideClassifierSettings:
                    max_depth=section.get("max_depth"), C=float(section.get("C", cls.C)))
 
 
-SURVIVAL_REFUSAL = ("slide_classifier.models must be [] for target.type survival: no Cox model or random survival "
-                    "forest from a kept library is in the lock (scikit-survival would add ecos, osqp, numexpr and "
-                    "narwhals; lifelines needs pandas < 3); the MIL models train with a Cox loss")
+def make_survival_model(name: str, settings: SlideClassifierSettings, seed: int):
+    """The survival twin of each classifier (scikit-survival): rf -> random survival forest, gb ->
+    gradient boosting on the Cox partial likelihood, logreg -> Cox proportional hazards with a
+    ridge penalty alpha = 1 / C (a few slides per feature: the unpenalised fit diverges)."""
+    from sksurv.ensemble import GradientBoostingSurvivalAnalysis, RandomSurvivalForest
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+    if name == "rf":
+        return make_pipeline(SimpleImputer(strategy="median"),
+                             RandomSurvivalForest(n_estimators=settings.n_estimators, max_depth=settings.max_depth,
+                                                  min_samples_leaf=3, random_state=seed, n_jobs=1))
+    if name == "gb":
+        return make_pipeline(SimpleImputer(strategy="median"),
+                             GradientBoostingSurvivalAnalysis(loss="coxph", n_estimators=min(settings.n_estimators, 200),
+                                                              max_depth=3, random_state=seed))
+    if name == "logreg":
+        return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                             CoxPHSurvivalAnalysis(alpha=1.0 / settings.C, ties="breslow"))
+    raise ValueError(f"unknown slide classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
+
+
+def _importances(final) -> np.ndarray | None:
+    """Feature importances where the estimator has them (|coef| for linear models); the random
+    survival forest has none (scikit-survival raises NotImplementedError)."""
+    try:
+        weights = getattr(final, "feature_importances_", None)
+    except NotImplementedError:
+        weights = None
+    if weights is None and hasattr(final, "coef_"):
+        weights = np.abs(np.atleast_2d(final.coef_)).mean(0)
+    return weights
 
 
 def make_regressor(name: str, settings: SlideClassifierSettings, seed: int):
@@ -115,8 +143,9 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
 
     check_honest_training(table)
     kind = "binary" if target is None else target.kind
-    if kind == "survival":
-        raise InputError(SURVIVAL_REFUSAL)
+    if kind == "survival" and not {"time", "event"} <= set(table.columns):
+        raise InputError("slide features lack the time/event columns a survival slide model needs; rebuild them "
+                         "(snakemake slide_features) from a splits.tsv of the survival target")
     cols = feature_columns(table)
     preds, importances = [], []
     for fold, part in table.groupby("fold", sort=True):
@@ -126,6 +155,16 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
             model.fit(train[cols].to_numpy(dtype=float), train["y"].to_numpy(dtype=float))
             value = model.predict(part[cols].to_numpy(dtype=float))
             preds.append(part[["slide_id", "patient_id", "y", "fold", "role"]].assign(value=value))
+        elif kind == "survival":
+            from sksurv.util import Surv
+
+            if train["event"].sum() == 0:
+                raise InputError(f"fold {fold}: the training slides hold no event; use fewer folds (split.k)")
+            model = make_survival_model(name, settings, seed + int(fold))
+            model.fit(train[cols].to_numpy(dtype=float),
+                      Surv.from_arrays(event=train["event"].astype(bool).to_numpy(), time=train["time"].to_numpy(float)))
+            risk = model.predict(part[cols].to_numpy(dtype=float))
+            preds.append(part[["slide_id", "patient_id", "y", "time", "event", "fold", "role"]].assign(risk=risk))
         elif kind == "multiclass":
             model = make_classifier(name, settings, seed + int(fold))
             model.fit(train[cols].to_numpy(dtype=float), train["y"].to_numpy(dtype=int))
@@ -137,10 +176,7 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
                 frame[f"prob_{c}"] = prob[:, k]
             preds.append(frame)
         if kind != "binary":
-            final = model[-1]
-            weights = getattr(final, "feature_importances_", None)
-            if weights is None and hasattr(final, "coef_"):
-                weights = np.abs(np.atleast_2d(final.coef_)).mean(0)
+            weights = _importances(model[-1])
             if weights is not None:
                 importances.append(pd.DataFrame({"fold": int(fold), "feature": cols, "importance": weights}))
             continue

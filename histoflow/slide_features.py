@@ -123,8 +123,10 @@ def cohort_slide_features(tile_probs: pd.DataFrame, slide_mpp: dict[str, float],
         cell = grid_step_um(part, slide_mpp.get(rec["slide_id"], 0.0))
         feats = slide_features(part["col"].to_numpy(), part["row"].to_numpy(), part["prob"].to_numpy(), cell, settings)
         model = (provenance or {}).get((int(rec["fold"]), rec["slide_id"]), f"fold{int(rec['fold'])}")
+        # survival: the slide's time and event ride along (targets, never features)
+        outcome = {k: rec[k] for k in ("time", "event") if k in rec and pd.notna(rec[k])}
         rows.append({"slide_id": rec["slide_id"], "patient_id": rec["patient_id"], "y": _target_value(rec["y"]),
-                     "fold": int(rec["fold"]), "role": rec["role"], "tile_probs_model": model, **feats})
+                     **outcome, "fold": int(rec["fold"]), "role": rec["role"], "tile_probs_model": model, **feats})
     return pd.DataFrame(rows)
 
 

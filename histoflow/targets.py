@@ -17,8 +17,8 @@ of its predictions (``evaluate``, with patient-bootstrap CIs). Types:
   the training slides). ``y`` is the value; predictions ``value``.
 
 The survival metrics (Harrell's and Uno's c-index, Kaplan-Meier, log-rank) are implemented
-here, tested against hand-computed examples: scikit-survival would need scikit-learn and four
-compiled dependencies added to the lock, lifelines needs pandas < 3.
+here, tested against hand-computed examples (and against scikit-survival's, which the survival
+slide models use, in tests/test_targets.py).
 """
 
 from __future__ import annotations
@@ -230,8 +230,8 @@ class Target:
 
 def check_target_config(config: dict[str, Any], samples: pd.DataFrame | None = None) -> Target:
     """The run's Target, after the checks that can be made before any job: every sheet row
-    encodes (numeric label, time/event columns), every MIL model supports the type, and the
-    slide classifiers have an estimator for it. InputError (one line) otherwise."""
+    encodes (numeric label, time/event columns) and every MIL model supports the type (the
+    slide classifiers have an estimator for every type). InputError (one line) otherwise."""
     labels = samples["label"] if samples is not None else None
     target = Target.from_config(config, labels=labels)
     if samples is not None and not target.binary:
@@ -241,9 +241,6 @@ def check_target_config(config: dict[str, Any], samples: pd.DataFrame | None = N
         if why:
             raise InputError(f"config key 'mil.models': {model} does not support target.type {target.type}: {why}; "
                              "drop it from mil.models")
-    if target.type == "survival" and (config.get("slide_classifier") or {}).get("models"):
-        from .slide_classifier import SURVIVAL_REFUSAL
-        raise InputError(f"config key 'slide_classifier.models': {SURVIVAL_REFUSAL}")
     return target
 
 

@@ -88,3 +88,29 @@ def test_slide_classifiers_separate_tumour_maps_and_train_only_on_train_slides(n
     assert ((test["prob"] >= 0.5) == (test["y"] == 1)).mean() >= 0.9
     again, _ = train_and_predict(table, name, SlideClassifierSettings(n_estimators=50), seed=1)
     assert np.array_equal(preds["prob"].to_numpy(), again["prob"].to_numpy())
+
+
+@pytest.mark.parametrize("name", ["rf", "gb", "logreg"])
+def test_survival_slide_models_rank_risk_by_tumour_burden(name):
+    """Random survival forest / boosted Cox / ridge Cox (scikit-survival) on slide features:
+    slides with a tumour focus die earlier; out-of-fold risk must rank them (Harrell's c above
+    the 99th percentile of its risk-permutation null), time and event are targets, never features."""
+    from histoflow.slide_classifier import feature_columns
+    from histoflow.targets import Target, harrell_c, permutation_null
+
+    tiles, splits = _cohort(n_slides=30)
+    rng = np.random.default_rng(4)
+    time = {f"s{i}": float((2.0 if i % 2 else 10.0) * rng.lognormal(0, 0.5)) for i in range(30)}
+    event = {f"s{i}": int(i % 5 != 0) for i in range(30)}
+    splits["time"], splits["event"] = splits["slide_id"].map(time), splits["slide_id"].map(event)
+    splits["y"] = splits["event"]
+    crossfit = {(r["fold"], r["slide_id"]): f"fold{r['fold']}.inner0" for r in splits.to_dict("records") if r["role"] == "train"}
+    table = cohort_slide_features(tiles, {f"s{i}": 0.5 for i in range(30)}, splits, SlideFeatureSettings(), crossfit)
+    assert {"time", "event"} <= set(table.columns) and not {"time", "event"} & set(feature_columns(table))
+    preds, _ = train_and_predict(table, name, SlideClassifierSettings(n_estimators=50), seed=1, target=Target(type="survival"))
+    test = preds[preds["role"] == "test"]
+    assert len(test) == 30 and list(test.columns[:5]) == ["slide_id", "patient_id", "y", "time", "event"]
+    t, e, r = (test[k].to_numpy(float) for k in ("time", "event", "risk"))
+    c = harrell_c(t, e, r)
+    null99 = np.quantile(permutation_null(lambda p: harrell_c(t, e, r[p]), len(t), n_perm=1000), 0.99)
+    assert c > null99, (c, null99)

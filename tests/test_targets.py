@@ -54,15 +54,15 @@ def test_survival_and_regression_encoding_name_the_slide():
         r.encode(pd.DataFrame({"slide_id": ["a"], "label": ["high"]}))
 
 
-def test_config_validation_refuses_clam_for_survival_and_survival_slide_classifiers():
+def test_config_validation_refuses_clam_for_survival_but_not_survival_slide_classifiers():
     base = {"positive_label": "tumor", "mil": {"models": ["abmil", "clam_sb"]}, "slide_classifier": {"models": []}}
     with pytest.raises(InputError, match="clam_sb does not support target.type survival"):
         T.check_target_config({**base, "target": {"type": "survival"}})
     T.check_target_config({**base, "target": {"type": "classification", "classes": "sheet"}},
                           pd.DataFrame({"slide_id": ["a", "b", "c"], "label": ["x", "y", "z"]}))
-    with pytest.raises(InputError, match="slide_classifier.models.*survival"):
-        T.check_target_config({**base, "mil": {"models": ["abmil"]}, "slide_classifier": {"models": ["rf"]},
-                               "target": {"type": "survival"}})
+    # survival slide models come from scikit-survival (Cox, random survival forest)
+    T.check_target_config({**base, "mil": {"models": ["abmil"]}, "slide_classifier": {"models": ["rf", "gb", "logreg"]},
+                           "target": {"type": "survival"}})
 
 
 # --- metrics against hand-computed values ------------------------------------------------
@@ -275,3 +275,14 @@ def test_metrics_stage_counts_each_slide_once_with_cis_and_plots(kind, tmp_path)
         assert good["threshold_source"] == "train_median_risk"
     if kind == "multiclass":
         assert good["threshold_source"] == "argmax" and np.asarray(good["confusion"]["matrix"]).sum() == 30
+
+
+def test_harrell_c_agrees_with_scikit_survival():
+    from sksurv.metrics import concordance_index_censored
+
+    rng = np.random.default_rng(3)
+    t = np.round(rng.exponential(5, 60), 1)   # rounded: tied times included
+    e = rng.random(60) < 0.7
+    r = np.round(rng.normal(size=60) - 0.1 * t, 1)   # tied risks included
+    ref = concordance_index_censored(e, t, r)[0]
+    assert T.harrell_c(t, e.astype(int), r) == pytest.approx(ref, abs=1e-12)
