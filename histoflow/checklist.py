@@ -82,19 +82,23 @@ def _read_json(path: str | Path) -> dict:
 
 
 def _target_words(cfg: dict) -> str | None:
-    """Checklist item 9's line on the task, loss and outputs (None for the binary default)."""
+    """Checklist item 9's line on the task, loss and outputs (every target type)."""
     target = cfg.get("target") or {}
     kind = target.get("type", "classification")
-    if kind == "classification" and target.get("classes") is None:
-        return None
+    if kind == "classification" and (target.get("classes") is None or len(target.get("classes") or ()) == 2):
+        return (f"Task: binary classification ({cfg.get('positive_label', 'tumor')} vs every other label); MIL heads give "
+                "one logit, binary cross-entropy loss; slide classifiers binary; predictions prob, thresholded at the "
+                "validation-chosen threshold.")
     if kind == "classification":
         return ("Task: multi-class classification (classes in metrics.json target.classes); MIL heads give one logit "
                 "per class, softmax cross-entropy loss; slide classifiers multi-class; predictions prob_<class>, argmax pred.")
     if kind == "survival":
         return (f"Task: survival (time {target.get('time_column', 'time')}, event {target.get('event_column', 'event')}); "
                 f"MIL heads give one risk, negative Cox partial log-likelihood over batches of {target.get('survival_batch', 32)} "
-                "bags (risk sets within a batch); no feature-based survival estimator.")
-    return (f"Task: regression of the numeric label; MIL heads give one value, {target.get('loss', 'auto').replace('auto', 'mse')} "
+                "bags (risk sets within a batch); slide models on slide features from scikit-survival (rf: random "
+                "survival forest, gb: boosted Cox, logreg: ridge-penalised Cox); predictions risk.")
+    loss = "Huber" if target.get("loss") == "huber" else "mean squared error"
+    return (f"Task: regression of the numeric label; MIL heads give one value, {loss} "
             "loss on the value standardised with the training slides' mean/SD; slide regressors rf/gb/ridge.")
 
 
@@ -349,9 +353,8 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
     it.summary.append(f"MIL models: {', '.join(models) or 'none'}; feature-based slide classifiers: {', '.join(classic) or 'none'}; "
                       "training curves per fold in nested MLflow runs.")
     task = _target_words(cfg)
-    if task:  # multi-class, survival, regression (histoflow.targets)
-        it.params.update(flatten("target", cfg.get("target", {})))
-        it.summary.append(task)
+    it.params.update(flatten("target", cfg.get("target", {})))
+    it.summary.append(task)
     crossfit = _files(str(out / "tile_probs" / "*" / "fold*.crossfit.parquet"))
     if classic:
         inner = cfg.get("slide_classifier", {}).get("inner_folds", 3)
@@ -414,7 +417,23 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
                           "paired patient-bootstrap test vs best in metrics.tsv.")
         it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("confusion.tsv", "confusion.png", "km.png", "scatter.png"))
                          if Path(p).exists()]
+        it.params["target.metrics"] = words
+        for cohort, per_model in (mj.get("external") or {}).items():   # config `external`, every target type
+            parts = []
+            for model, res in per_model.items():
+                v, ci = res.get("pooled", {}).get(primary), res.get("ci", {}).get(primary, [None, None])
+                parts.append(f"{model} {primary} {v:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+                             if v is not None and ci[0] is not None else f"{model} {primary} n/a")
+                it.metrics[f"external.{cohort}.{model}.{primary}"] = float(v) if v is not None else float("nan")
+            n = next(iter(per_model.values()), {})
+            it.summary.append(f"External cohort {cohort} ({n.get('n_slides')} slides of {n.get('n_patients')} patients, never "
+                              "in training, cut-offs, stain reference or SSL; each slide the mean of the development fold "
+                              "models' outputs): " + "; ".join(parts) + ".")
     elif mj:
+        it.params["target.kind"] = "binary"
+        it.params["target.loss"] = "binary cross-entropy"
+        it.params["target.metrics"] = ("AUC, balanced accuracy, accuracy, F1, sensitivity, specificity, PPV, NPV, "
+                                       "Brier, ECE at the validation-chosen threshold")
         best = mj.get("best_model")
         b = mj["models"].get(best, {})
         ci = b.get("ci", {}).get("auc", [None, None])

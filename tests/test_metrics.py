@@ -293,3 +293,33 @@ def test_checklist_states_each_models_threshold_source_and_the_holdout_ensemble(
     assert "mean of the k fold models" in text and "on 12 slides of 6 patients" in text
     assert "pooled validation predictions of all folds: mil-abmil" in text
     assert item.params["mil-abmil.threshold_source"] == "pooled_validation"
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "survival", "regression"])
+def test_checklist_items_9_and_11_name_the_task_its_loss_and_metrics(tmp_path, kind):
+    """Every target type: item 9 says the task and the loss, item 11 the loss and the metrics
+    (and for an external cohort, its primary metric with the CI)."""
+    from histoflow.checklist import collect_checklist
+    from histoflow.io import write_json
+    from histoflow.targets import Target
+
+    config = {"binary": {}, "multiclass": {"target": {"type": "classification", "classes": "sheet"}},
+              "survival": {"target": {"type": "survival"}}, "regression": {"target": {"type": "regression"}}}[kind]
+    config = {**config, "positive_label": "tumor", "metrics": {"n_bootstrap": 100}}
+    task = Target.from_config(config, labels=["a", "b", "c"] if kind == "multiclass" else ["tumor", "normal"])
+    primary = task.primary_metric
+    rec = {"pooled": {primary: 0.7}, "ci": {primary: [0.6, 0.8]}, "n_slides": 10, "n_patients": 8,
+           "threshold_source": "x"}
+    payload = {"best_model": "mil-abmil", "models": {"mil-abmil": rec}, "external": {"site_b": {"mil-abmil": rec}},
+               "settings": {"n_bootstrap": 100}}
+    if kind != "binary":
+        payload.update(target=task.describe(), primary_metric=primary)
+    write_json(tmp_path / "metrics" / "metrics.json", payload)
+    items = {it.number: it for it in collect_checklist(str(tmp_path), config, "samples.tsv")}
+    loss = {"binary": "binary cross-entropy", "multiclass": "cross-entropy", "survival": "Cox partial log-likelihood",
+            "regression": "mean squared error"}[kind]
+    assert loss in " ".join(items[9].summary)
+    assert items[11].params["target.loss"] and items[11].params["target.metrics"]
+    assert loss.split()[0].lower() in items[11].params["target.loss"].lower()
+    assert f"External cohort site_b" in " ".join(items[11].summary)
+    assert items[11].metrics[f"external.site_b.mil-abmil.{primary}"] == 0.7
