@@ -82,3 +82,37 @@ def test_skipped_slide_gives_empty_outputs(tmp_path):
     assert info["status"] == "empty"
     assert json.loads((tmp_path / "out.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
     Image.open(tmp_path / "out.png").verify()
+
+
+def test_multiclass_tile_probs_give_a_panel_per_class_and_survival_names_the_tile_risk(tmp_path, monkeypatch):
+    """mil_tile_probs keeps the per-class instance probabilities by class name; the heatmap has a
+    panel per class (plus attention) and GeoJSON tiles classed by their most probable class; a
+    survival table's panel is the tile risk, not a tumour probability."""
+    import histoflow.heatmaps as H
+    from histoflow.tile_probs import mil_tile_probs
+
+    scores = probs_frame().rename(columns={"prob": "instance_prob"})
+    scores["instance_prob_0"] = [0.7, 0.1, 0.2]
+    scores["instance_prob_1"] = [0.2, 0.8, 0.1]
+    scores["instance_prob_2"] = [0.1, 0.1, 0.7]
+    write_parquet(tmp_path / "tile_scores.parquet", scores,
+                  metadata={"histoflow.target": "multiclass", "histoflow.classes": "lymphoid\tnormal\ttumor"})
+    mil_tile_probs(tmp_path / "tile_scores.parquet", 0, tmp_path / "fold0.parquet")
+    table = pd.read_parquet(tmp_path / "fold0.parquet")
+    assert {"prob_lymphoid", "prob_normal", "prob_tumor"} <= set(table.columns)
+    write_json(tmp_path / "slide.json", {"slide_id": "s", "status": "ok", "path": str(tmp_path / "absent.svs"),
+                                         "width": 2000, "height": 3200, "mpp_x": 0.25})
+    seen = []
+    real = H.render_heatmap
+    monkeypatch.setattr(H, "render_heatmap", lambda out, panels, *a, **k: (seen.append([p[0] for p in panels]),
+                                                                            real(out, panels, *a, **k)))
+    heatmap_for_slide("s", "mil-abmil", [str(tmp_path / "fold0.parquet")], str(tmp_path / "slide.json"), None, None,
+                      tmp_path / "out.png", tmp_path / "out.geojson", {"dpi": 30})
+    assert seen[-1][:3] == ["P(lymphoid)", "P(normal)", "P(tumor)"] and "attention" in seen[-1][3]
+    fc = json.loads((tmp_path / "out.geojson").read_text())
+    assert [f["properties"]["classification"]["name"] for f in fc["features"]] == ["lymphoid", "normal", "tumor"]
+    # survival: one panel, named the tile risk (the target from the table's metadata)
+    write_parquet(tmp_path / "surv.parquet", probs_frame(), metadata={"histoflow.target": "survival"})
+    heatmap_for_slide("s", "mil-abmil", [str(tmp_path / "surv.parquet")], str(tmp_path / "slide.json"), None, None,
+                      tmp_path / "s.png", tmp_path / "s.geojson", {"dpi": 30})
+    assert seen[-1][0].startswith("tile risk")
