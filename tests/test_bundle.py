@@ -320,3 +320,37 @@ def test_external_metrics_of_every_target_type(task_bundle):
                                 as_index=False)[task.score_columns].mean(), rec.get("horizons", [])), nan_ok=True)
     assert (root / "ext_cmp.tsv").exists() and col
     json.dumps(payload)
+
+
+def test_predict_slides_of_every_target_type(task_bundle, tmp_path):
+    """predictions/<name>/slides.tsv for a non-binary bundle: the fold models' mean output per
+    slide, the predicted class at the bundle's operating point (argmax class; risk group at the
+    training-median cut-off; none for a value), per-class tile scores and a heatmap per slide."""
+    from histoflow.bundle import predict_slides
+    from histoflow.io import write_json
+
+    kind, manifest = task_bundle["kind"], task_bundle["manifest"]
+    paths = task_bundle["paths"][:4]
+    ids = [f"S{i:02d}" for i in range(4)]
+    slide_jsons = []
+    for sid in ids:
+        write_json(tmp_path / f"{sid}.json", {"slide_id": sid, "status": "ok", "path": str(tmp_path / "absent.svs"),
+                                              "width": 60000, "height": 600})
+        slide_jsons.append(str(tmp_path / f"{sid}.json"))
+    table = predict_slides(str(task_bundle["bundle"]), ids, paths, slide_jsons, [""] * 4, [""] * 4,
+                           tmp_path / "slides.tsv", tmp_path / "tiles.parquet", tmp_path / "heatmaps", {"dpi": 20})
+    cols = {"multiclass": ["prob_a", "prob_b", "prob_c"], "survival": ["risk"], "regression": ["value"]}[kind]
+    folds = [pd.read_csv(p, sep="\t", dtype={"slide_id": str}).set_index("slide_id") for p in task_bundle["predictions"]]
+    expected = np.mean([f.loc[ids, cols].to_numpy(float) for f in folds], axis=0)
+    np.testing.assert_allclose(table[cols].to_numpy(float), expected, rtol=1e-5, atol=1e-5)
+    if kind == "multiclass":
+        assert list(table["predicted_class"]) == [["a", "b", "c"][k] for k in expected.argmax(1)]
+        tiles = pd.read_parquet(tmp_path / "tiles.parquet")
+        assert set(cols) <= set(tiles.columns)
+        np.testing.assert_allclose(tiles["prob"], tiles[cols].max(axis=1), atol=1e-6)
+    elif kind == "survival":
+        cut = manifest["threshold"]["threshold"]
+        assert list(table["predicted_class"]) == ["high_risk" if r > cut else "low_risk" for r in expected[:, 0]]
+    else:
+        assert table["predicted_class"].isna().all()
+    assert sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png")) == [f"{s}.png" for s in ids]
