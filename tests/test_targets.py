@@ -288,3 +288,25 @@ def test_harrell_c_agrees_with_scikit_survival():
     r = np.round(rng.normal(size=60) - 0.1 * t, 1)   # tied risks included
     ref = concordance_index_censored(e, t, r)[0]
     assert T.harrell_c(t, e.astype(int), r) == pytest.approx(ref, abs=1e-12)
+
+
+def test_an_external_survival_sheet_without_the_event_column_is_refused_at_planning(tmp_path, repo_root, snakemake_exe):
+    """`snakemake -n`: one line naming the cohort, its sheet and the missing column."""
+    import subprocess
+
+    import yaml
+
+    (tmp_path / "a.svs").write_bytes(b"x")
+    rows = [{"slide_id": f"s{i}", "patient_id": f"p{i}", "label": "x", "source": "a.svs", "time": 1.0 + i,
+             "event": i % 2} for i in range(6)]
+    pd.DataFrame(rows).to_csv(tmp_path / "dev.tsv", sep="\t", index=False)
+    pd.DataFrame(rows).assign(slide_id=lambda f: "e" + f["slide_id"]).drop(columns=["event"]) \
+        .to_csv(tmp_path / "ext.tsv", sep="\t", index=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "samples": str(tmp_path / "dev.tsv"), "outdir": str(tmp_path / "out"), "target": {"type": "survival"},
+        "split": {"k": 2}, "external": [{"name": "site_b", "samples": str(tmp_path / "ext.tsv")}]}))
+    result = subprocess.run([snakemake_exe, "-n", "--cores", "1", "metrics", "--configfile", "config.yaml",
+                             str(tmp_path / "c.yaml")], cwd=repo_root, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    lines = [ln for ln in (result.stdout + result.stderr).splitlines() if ln.startswith("histoflow:")]
+    assert len(lines) == 1 and "site_b" in lines[0] and "'event'" in lines[0], result.stderr[-2000:]
