@@ -310,3 +310,21 @@ def test_an_external_survival_sheet_without_the_event_column_is_refused_at_plann
     assert result.returncode != 0
     lines = [ln for ln in (result.stdout + result.stderr).splitlines() if ln.startswith("histoflow:")]
     assert len(lines) == 1 and "site_b" in lines[0] and "'event'" in lines[0], result.stderr[-2000:]
+
+
+def test_survival_validation_without_a_comparable_event_does_not_freeze_the_first_epoch():
+    """A validation set whose Cox loss cannot change (no event with a bag still at risk, e.g. all
+    censored) would make early stopping keep epoch 1's weights; the last epoch is kept instead."""
+    from histoflow.mil.train import MILSettings, _cox_informative, fit
+
+    bags, y = _bags("survival", n=24)
+    censored = y[:4].copy()
+    censored[:, 1] = 0
+    settings = MILSettings(models=("mean",), epochs=8, hidden_dim=16, lr=5e-3, min_epochs=1, patience=2)
+    result = fit("mean", bags, y, bags[:4], censored, settings, 0, progress=False,
+                 target=Target(type="survival", survival_batch=12))
+    assert result.best_epoch == len(result.history) == 8
+    assert not _cox_informative(censored) and _cox_informative(y)
+    last = y[:2].copy()
+    last[:, 0], last[:, 1] = [1.0, 5.0], [0, 1]   # the only event is the longest time: nobody else at risk
+    assert not _cox_informative(last)

@@ -217,14 +217,23 @@ def _validation(model: MILModel, target: Target, val_bags, val_y, device) -> tup
     return val_loss, T.regression_metrics(val_y, out)["r2"]
 
 
+def _cox_informative(y: np.ndarray) -> bool:
+    """Whether survival rows [n, 2] (time, event) give a Cox partial likelihood that depends on
+    the risks: some event has another row still at risk (time >= its time)."""
+    y = np.asarray(y, dtype=float).reshape(-1, 2)
+    t, e = y[:, 0], y[:, 1] == 1
+    return bool(any(((t >= t[i]).sum() > 1) for i in np.flatnonzero(e)))
+
+
 def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int],
         val_bags: Sequence[np.ndarray], val_y: Sequence[int], settings: MILSettings, seed: int,
         device: str | torch.device = "cpu", progress: bool = True, target: Target | None = None) -> FitResult:
     """Train one model; keep the weights of the best validation epoch (early stopping).
 
     ``train_y``/``val_y``: 0/1 (binary), class index (multi-class), standardised value
-    (regression) or [n, 2] (time, event) rows (survival). Without a validation set the last
-    epoch is kept. Deterministic for a seed on CPU.
+    (regression) or [n, 2] (time, event) rows (survival). Without a validation set (survival: or
+    one whose Cox loss cannot change, no event with a bag still at risk) the last epoch is kept.
+    Deterministic for a seed on CPU.
     """
     from tqdm.auto import tqdm
 
@@ -243,6 +252,12 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
     vkeep = [i for i, b in enumerate(val_bags) if len(b)]
     val_bags = [val_bags[i] for i in vkeep]
     val_y = np.asarray(val_y, dtype=ydtype)[vkeep]
+    if survival and len(val_bags) and not _cox_informative(val_y):
+        # no event with a later-or-equal time beside it: the validation Cox loss is 0 at every
+        # epoch, and early stopping on it would keep the first epoch's weights
+        log.warning("survival validation set (%d bags) has no event with a comparable bag: no early stopping, "
+                    "the last epoch is kept", len(val_bags))
+        val_bags, val_y = [], val_y[:0]
 
     gen = seed_everything(seed)
     dim = int(np.asarray(train_bags[0]).shape[1])
