@@ -5,6 +5,9 @@ demo-cohort --task), CI-sized: the demo's SSL encoder (3 epochs on 1024 tiles), 
 resamples; rule targets `metrics checklist predict` (no per-slide heatmaps or lesions of the
 development slides).
 
+Cost, measured under the heavy lock on the shared 2-core machine: 280-300 s of CPU per task
+(demo rendering included), i.e. about 2.5 min per task on 2 quiet cores; 3.5-5 min wall there.
+
 Besides the development sheet each run has an external cohort (three development slides under
 new ids and patients: plumbing, not generalisation) and an unlabelled predict sheet (two
 development slides under new ids, only slide_id and source, plus a nonsense label column that
@@ -190,7 +193,6 @@ def test_survival_predict_and_external(survival):
     _check_predict_and_external(survival)
 
 
-@pytest.mark.slow
 def test_regression_dag_beats_its_permutation_null(regression):
     from histoflow.targets import regression_metrics
 
