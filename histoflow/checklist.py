@@ -140,6 +140,28 @@ def hardware_software() -> dict[str, Any]:
             "workflow_commit": commit, "workflow_dirty": dirty, "versions": versions}
 
 
+def _published_vs_run(it: "ChecklistItem", cfg: dict, mj: dict, out: Path) -> None:
+    """Item 11: each published figure of the config (a preset's `published`) beside this run's
+    value and 95 % CI (histoflow.presets.compare_published)."""
+    from .presets import compare_published, format_row
+
+    if cfg.get("preset"):
+        it.params["preset"] = cfg["preset"]
+    if not cfg.get("published"):
+        return
+    lesions = {Path(p).parent.name: _read_json(p) for p in _files(str(out / "lesions" / "*" / "metrics.json"))}
+    rows = compare_published(cfg["published"], mj, lesions)
+    for i, row in enumerate(rows):
+        key = f"published.{i}.{row['model']}.{row['metric']}"
+        it.metrics[key] = float(row["published"])
+        if row["value"] is not None:
+            it.metrics[f"{key}.this_run"] = float(row["value"])
+        if row["inside"] is not None:
+            it.metrics[f"{key}.inside_ci"] = float(row["inside"])
+    it.summary.append(f"Published vs this run{' (preset ' + cfg['preset'] + ')' if cfg.get('preset') else ''}: "
+                      + "; ".join(format_row(r) for r in rows) + ".")
+
+
 def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[ChecklistItem]:
     """Read every stage's outputs under ``outdir`` and describe the 11 checklist items."""
     from .privacy import Exporter, deidentify_config
@@ -394,6 +416,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.metrics[f"{model}.n_slides"] = float(res.get("n_slides", 0))
         it.metrics[f"{model}.n_patients"] = float(res.get("n_patients", 0))
     it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("metrics.json", "metrics.tsv", "roc.png", "pr.png", "calibration.png")) if Path(p).exists()]
+    _published_vs_run(it, cfg, mj, out)
     if mj and "target" in mj:  # multi-class, survival, regression
         best, primary = mj.get("best_model"), mj.get("primary_metric")
         b = mj["models"].get(best, {})
