@@ -138,3 +138,62 @@ def test_every_preset_plans_on_a_sheet_of_its_shape(name, tmp_path):
     assert "train_mil" in planned and "checklist" in planned
     if name == "camelyon16":   # lesion annotations: patch classifier and FROC
         assert "train_patch_classifier" in planned and "lesion_metrics" in planned
+
+
+# --- end to end at CI size ----------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_camelyon16_preset_runs_end_to_end_and_says_published_vs_this_run(tmp_path):
+    """The camelyon16 preset on a 12-slide --small demo cohort with an official-style split
+    column. Swapped for CI size (the rest is the preset's): the encoder (ssl:resnet-tiny trained
+    on the cohort, 3 epochs, instead of ResNet50-trunc, whose ImageNet weights are a download),
+    112-px tiles at the demo's 1.0 µm/px (small slides, small lesions), two of the six MIL
+    models, 30 epochs, no feature-based slide classifiers, 200 bootstrap resamples."""
+    import json
+
+    from histoflow.demo import make_demo_cohort
+
+    sheet = make_demo_cohort(tmp_path / "demo", n_slides=12, seed=7, small=True, progress=False)
+    samples = pd.read_csv(sheet, sep="\t", keep_default_na=False)
+    patients = sorted(samples["patient_id"].unique())
+    test_patients = set(patients[::3])   # a third of the patients as the "official" test set
+    samples["split"] = ["test" if p in test_patients else "train" for p in samples["patient_id"]]
+    samples.to_csv(sheet, sep="\t", index=False)
+    ci = {"samples": str(sheet), "outdir": str(tmp_path / "results"),
+          "tiling": {"mpp": [1.0], "tile_px": 112}, "features": {"mpp": 1.0, "encoders": ["ssl:resnet-tiny"]},
+          "ssl": {"epochs": 3, "max_tiles": 1024},
+          "split": {"val_fraction": 0.25},
+          "mil": {"models": ["transmil", "abmil"], "epochs": 30, "patience": 5},
+          "slide_classifier": {"models": []}, "metrics": {"n_bootstrap": 200}}
+    (tmp_path / "ci.yaml").write_text(yaml.safe_dump(ci))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
+    proc = subprocess.run([str(BIN / "snakemake"), "--cores", "2", "--configfile", "config.yaml",
+                           "presets/camelyon16.yaml", str(tmp_path / "ci.yaml")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    out = tmp_path / "results"
+    metrics = json.loads((out / "metrics" / "metrics.json").read_text())
+    assert {"mil-transmil", "mil-abmil"} <= set(metrics["models"])
+    assert metrics["models"]["mil-transmil"]["n_slides"] == int((samples["split"] == "test").sum())
+    froc = json.loads((out / "lesions" / "patch_classifier" / "metrics.json").read_text())
+    assert froc["available"] and 0 <= froc["froc_score"] <= 1
+    checklist = (out / "checklist.md").read_text()
+    line = next(s for s in checklist.splitlines() if "Published vs this run (preset camelyon16)" in s)
+    lo, hi = metrics["models"]["mil-transmil"]["ci"]["auc"]
+    assert f"auc of mil-transmil: published 0.9309" in line and f"95% CI {lo:.3f}-{hi:.3f}" in line
+    assert ("inside CI" if lo <= 0.9309 <= hi else "CI") in line
+    assert f"froc_score of patch_classifier: published 0.807" in line and f"this run {froc['froc_score']:.3f}: no CI" in line
+    assert "auc of best = " in line   # the run's best model, named
+
+
+def test_a_preset_with_a_named_foundation_encoder_says_its_resolution_at_start_up(tmp_path):
+    """``features={encoders: [uni]}`` on the camelyon16 preset: Snakemake's own output says the
+    tiles are at uni's µm/px (item 4: a run with a foundation encoder says so)."""
+    sheet = _sheet(tmp_path, "camelyon16")
+    (tmp_path / "uni.yaml").write_text(yaml.safe_dump({"features": {"encoders": ["uni"]}}))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--quiet", "rules", "--configfile", "config.yaml",
+                           "presets/camelyon16.yaml", str(tmp_path / "uni.yaml"), "--config", f"samples={sheet}",
+                           f"outdir={tmp_path / 'results'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "tiling at 0.5 µm/px, the resolution uni was trained at" in proc.stderr
