@@ -55,7 +55,9 @@ def _model_value(metrics: Mapping, model: str, metric: str) -> tuple[str | None,
 
 
 def _lesion_value(lesions: Mapping[str, Mapping], source: str, metric: str) -> tuple[str | None, float | None, list | None]:
-    """A lesion metric of tile-probability source ``source`` (``best`` = the highest)."""
+    """A lesion metric of tile-probability source ``source`` (``best`` = the highest), read
+    from lesions/<source>/metrics.json as lesion_metrics writes it (the FROC under ``froc``)."""
+    lesions = {s: m.get("froc", m) for s, m in lesions.items()}
     scored = {s: _number(m.get(metric)) for s, m in lesions.items() if m.get("available", True)}
     scored = {s: v for s, v in scored.items() if v is not None}
     if source == "best":

@@ -56,8 +56,10 @@ def test_best_names_the_runs_best_model_and_a_missing_model_or_metric_is_not_in_
 
 
 def test_froc_is_read_from_the_lesion_metrics_and_has_no_ci():
-    lesions = {"patch_classifier": {"available": True, "froc_score": 0.61},
-               "mil-abmil": {"available": True, "froc_score": 0.70}}
+    # lesions/<source>/metrics.json as lesion_metrics writes it; a source without ground truth has no score
+    lesions = {"patch_classifier": {"source": "patch_classifier", "froc": {"available": True, "froc_score": 0.61}},
+               "mil-abmil": {"source": "mil-abmil", "froc": {"available": True, "froc_score": 0.70}},
+               "mil-mean": {"source": "mil-mean", "froc": {"available": False, "reason": "no ground-truth lesion"}}}
     named, best = compare_published([{"metric": "froc_score", "model": "patch_classifier", "value": 0.807, "source": "s"},
                                      {"metric": "froc_score", "model": "best", "value": 0.807, "source": "s"}],
                                     _metrics(), lesions)
@@ -175,7 +177,7 @@ def test_camelyon16_preset_runs_end_to_end_and_says_published_vs_this_run(tmp_pa
     metrics = json.loads((out / "metrics" / "metrics.json").read_text())
     assert {"mil-transmil", "mil-abmil"} <= set(metrics["models"])
     assert metrics["models"]["mil-transmil"]["n_slides"] == int((samples["split"] == "test").sum())
-    froc = json.loads((out / "lesions" / "patch_classifier" / "metrics.json").read_text())
+    froc = json.loads((out / "lesions" / "patch_classifier" / "metrics.json").read_text())["froc"]
     assert froc["available"] and 0 <= froc["froc_score"] <= 1
     checklist = (out / "checklist.md").read_text()
     line = next(s for s in checklist.splitlines() if "Published vs this run (preset camelyon16)" in s)
