@@ -144,6 +144,48 @@ def hardware_software() -> dict[str, Any]:
             "workflow_commit": commit, "workflow_dirty": dirty, "versions": versions}
 
 
+def _encoder_resolution(it: "ChecklistItem", cfg: dict) -> None:
+    """A named foundation encoder tiles at the µm/px it was trained at unless the config says
+    otherwise (histoflow.config._encoder_mpp): the record says which it was."""
+    from .encoders import trained_mpp
+
+    features = cfg.get("features", {})
+    named = {e: m for e in features.get("encoders") or () if (m := trained_mpp(str(e))) is not None}
+    if not named:
+        return
+    mpp = float(features.get("mpp"))
+    for name, trained in named.items():
+        it.params[f"features.trained_mpp.{name}"] = trained
+    same = [n for n, m in named.items() if abs(mpp - m) <= 0.1 * m]
+    other = [f"{n} (trained at {m} µm/px)" for n, m in named.items() if n not in same]
+    it.summary.append(f"Features at {mpp} µm/px: " + "; ".join(
+        ([f"the resolution {', '.join(same)} was trained at (histoflow encoders), used unless the config sets another"]
+         if same else [])
+        + ([f"set by the config, not the resolution of {', '.join(other)}"] if other else [])) + ".")
+
+
+def _published_vs_run(it: "ChecklistItem", cfg: dict, mj: dict, out: Path) -> None:
+    """Item 11: each published figure of the config (a preset's `published`) beside this run's
+    value and 95 % CI (histoflow.presets.compare_published)."""
+    from .presets import compare_published, format_row
+
+    if cfg.get("preset"):
+        it.params["preset"] = cfg["preset"]
+    if not cfg.get("published"):
+        return
+    lesions = {Path(p).parent.name: _read_json(p) for p in _files(str(out / "lesions" / "*" / "metrics.json"))}
+    rows = compare_published(cfg["published"], mj, lesions)
+    for i, row in enumerate(rows):
+        key = f"published.{i}.{row['model']}.{row['metric']}"
+        it.metrics[key] = float(row["published"])
+        if row["value"] is not None:
+            it.metrics[f"{key}.this_run"] = float(row["value"])
+        if row["inside"] is not None:
+            it.metrics[f"{key}.inside_ci"] = float(row["inside"])
+    it.summary.append(f"Published vs this run{' (preset ' + cfg['preset'] + ')' if cfg.get('preset') else ''}: "
+                      + "; ".join(format_row(r) for r in rows) + ".")
+
+
 def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[ChecklistItem]:
     """Read every stage's outputs under ``outdir`` and describe the 11 checklist items."""
     from .privacy import Exporter, deidentify_config
@@ -290,6 +332,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
                       f"features {cfg.get('features', {}).get('encoders')} (TTA {cfg.get('features', {}).get('tta')}); "
                       f"{int(failed.sum())} tiles failed to read (qc/features.tsv), {n_failed_skipped} slide(s) over "
                       f"features.max_failed_tile_fraction {cfg.get('features', {}).get('max_failed_tile_fraction', 0.01)}.")
+    _encoder_resolution(it, cfg)
     for arch, (fit_on, n_fit) in ssl_fit.items():
         sigma = ssl_runs.get(arch, {}).get("hed_sigma", cfg.get("ssl", {}).get("hed_sigma"))
         it.summary.append(f"SSL encoder ssl:{arch} trained (SimCLR) on tiles of {n_fit} slides: "
@@ -397,6 +440,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.metrics[f"{model}.n_slides"] = float(res.get("n_slides", 0))
         it.metrics[f"{model}.n_patients"] = float(res.get("n_patients", 0))
     it.artifacts += [p for p in (str(out / "metrics" / n) for n in ("metrics.json", "metrics.tsv", "roc.png", "pr.png", "calibration.png")) if Path(p).exists()]
+    _published_vs_run(it, cfg, mj, out)
     if mj and "target" in mj:  # multi-class, survival, regression
         best, primary = mj.get("best_model"), mj.get("primary_metric")
         b = mj["models"].get(best, {})

@@ -88,15 +88,27 @@ def _encoder_mpp(config: dict, schema: dict) -> None:
         changed = mpp != features.get("mpp")
         if changed:
             features["mpp"], tiling["mpp"] = mpp, [mpp]
-        (log.warning if changed else log.info)(
-            "features.mpp/tiling.mpp: tiling at %s µm/px, the resolution %s was trained at "
-            "(set features.mpp and tiling.mpp to use another)", mpp, names)
+        _say(log, logging.WARNING if changed else logging.INFO,
+             "features.mpp/tiling.mpp: tiling at %s µm/px, the resolution %s was trained at "
+             "(set features.mpp and tiling.mpp to use another)", mpp, names)
         return
     for name, mpp in named.items():
         if abs(float(features.get("mpp")) - mpp) > 0.1 * mpp:
-            log.warning("features.mpp is %s µm/px but encoder %s was trained at %s µm/px: its features "
-                        "may be off; set features.mpp: %s (and add it to tiling.mpp) unless this is intended",
-                        features.get("mpp"), name, mpp, mpp)
+            _say(log, logging.WARNING, "features.mpp is %s µm/px but encoder %s was trained at %s µm/px: its features "
+                 "may be off; set features.mpp: %s (and add it to tiling.mpp) unless this is intended",
+                 features.get("mpp"), name, mpp, mpp)
+
+
+def _say(log, level: int, msg: str, *args) -> None:
+    """Log, or where no logging is set up (Snakemake's start-up, which drops INFO records of
+    library loggers) write one line to stderr as the start-up errors are: said either way."""
+    import logging
+    import sys
+
+    if log.isEnabledFor(level) and log.hasHandlers():
+        log.log(level, msg, *args)
+    else:
+        sys.stderr.write(f"histoflow: {msg % args}\n")
 
 
 def _check_fit_on(config: dict) -> None:

@@ -299,3 +299,36 @@ def test_an_explicit_mpp_wins_with_a_warning(monkeypatch, caplog):
     caplog.clear()
     config = validate_config({"samples": "x.tsv", "features": {"encoders": ["resnet50-trunc"], "mpp": 0.5}})
     assert config["features"]["mpp"] == 0.5 and not caplog.records
+
+
+def test_the_resolution_is_said_where_no_logging_is_set_up(capsys):
+    """Snakemake's start-up sets up no handler for histoflow's loggers (an INFO record would be
+    dropped): the line then goes to stderr, so a run with a named encoder says it either way."""
+    import logging
+
+    from histoflow.config import validate_config
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = []   # pytest's capture handlers sit on the root logger
+    try:
+        validate_config({"samples": "x.tsv", "features": {"encoders": ["uni"]}})
+    finally:
+        root.handlers[:] = saved
+    assert "histoflow: features.mpp/tiling.mpp: tiling at 0.5 µm/px, the resolution uni was trained at" \
+        in capsys.readouterr().err
+
+
+def test_the_checklist_records_which_resolution_a_named_encoder_ran_at():
+    from histoflow.checklist import ChecklistItem, _encoder_resolution
+
+    it = ChecklistItem(5, "tiles")
+    _encoder_resolution(it, {"features": {"encoders": ["uni", "resnet50-trunc"], "mpp": 0.5}})
+    assert it.params == {"features.trained_mpp.uni": 0.5}
+    assert "the resolution uni was trained at" in it.summary[0]
+    it = ChecklistItem(5, "tiles")
+    _encoder_resolution(it, {"features": {"encoders": ["uni"], "mpp": 1.0}})
+    assert "set by the config, not the resolution of uni (trained at 0.5 µm/px)" in it.summary[0]
+    it = ChecklistItem(5, "tiles")
+    _encoder_resolution(it, {"features": {"encoders": ["ssl:resnet-tiny"], "mpp": 1.0}})
+    assert not it.summary and not it.params

@@ -6,6 +6,9 @@ rule checklist:
     input:
         metrics=out("metrics/metrics.json"),
         qc=out("qc/slides.tsv"),
+        # a published froc_score (config `published`, histoflow.presets) is read from these
+        lesions=[out(f"lesions/{s}/metrics.json") for s in TILE_PROB_SOURCES]
+        if any(p.get("metric") == "froc_score" for p in config.get("published", [])) else [],
     output:
         checklist=report(
             out("checklist.md"),
