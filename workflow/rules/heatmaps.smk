@@ -10,7 +10,10 @@ rule heatmap:
         tissue_mask=out("tissue/{slide_id}.png"),
         tissue_stats=out("tissue/{slide_id}.json"),
     output:
-        png=out("heatmaps/{source}/{slide_id}.png"),
+        # in the report per source and slide; batched cohorts (> 500 slides) have no per-slide
+        # jobs, so no per-slide figures there (docs/cluster.md)
+        png=report(out("heatmaps/{source}/{slide_id}.png"), caption="../report/heatmap.rst",
+                   category="10. Lesion detection", subcategory="heatmaps {source}", labels={"slide": "{slide_id}"}),
         geojson=out("heatmaps/{source}/{slide_id}.geojson"),
     params:
         settings=config["heatmaps"],

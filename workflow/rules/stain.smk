@@ -17,7 +17,7 @@ rule fit_stain:
         reference=report(
             out("stain/reference.png"),
             caption="../report/stain_reference.rst",
-            category="2. Tiles and features",
+            category="04. Stain normalisation",
         ),
     params:
         slides=per_slide("slides/{slide_id}.json"),

@@ -13,7 +13,7 @@ rule tile_slide:
         preview=report(
             out("tiles/{slide_id}.preview.jpg"),
             caption="../report/tile_preview.rst",
-            category="1. Slides and QC",
+            category="06. Patch extraction",
             subcategory="Tile grids",
             labels={"slide": "{slide_id}"},
         ),
