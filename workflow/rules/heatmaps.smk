@@ -25,7 +25,7 @@ rule heatmap:
         mem_mb=4000,
         runtime=20,
     conda:
-        "../../envs/report.yaml"
+        "../../envs/slides.yaml"
     script:
         "../scripts/heatmap.py"
 
@@ -47,7 +47,7 @@ rule heatmap_batch:
         mem_mb=4000,
         runtime=batch_minutes(5),
     conda:
-        "../../envs/report.yaml"
+        "../../envs/slides.yaml"
     script:
         "../scripts/slide_batch.py"
 

@@ -62,7 +62,7 @@ rule qc_table:
     log:
         log_path("qc_table", "qc_table"),
     conda:
-        "../../envs/slides.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/qc_table.py"
 

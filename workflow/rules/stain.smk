@@ -32,7 +32,7 @@ rule fit_stain:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/slides.yaml"
     script:
         "../scripts/fit_stain.py"
 
