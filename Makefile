@@ -7,6 +7,7 @@ CORES ?= 2
 DEMO_DIR := demo
 OUTDIR ?= results
 STAMP := $(VENV)/.installed
+HISTOFLOW ?= $(BIN)/histoflow
 
 .PHONY: install demo demo-cohort test test-fast test-slow bench mlflow-ui install-profile lint clean
 
@@ -55,6 +56,8 @@ install-profile:
 	rm -rf $(HOME)/.config/snakemake/slurm
 	cp -r profiles/slurm $(HOME)/.config/snakemake/slurm
 	@echo "installed: snakemake --profile slurm now finds $(HOME)/.config/snakemake/slurm"
+	@# a job asking for more CPUs/memory than any node has stays PENDING for ever: warn now
+	@if command -v sinfo >/dev/null 2>&1; then $(HISTOFLOW) slurm-check --profile $(HOME)/.config/snakemake/slurm || true; fi
 
 lint: demo-cohort
 	$(SMK) --lint -n
