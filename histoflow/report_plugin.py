@@ -32,6 +32,8 @@ NAME = "histoflow"
 MODULE = f"snakemake_report_plugin_{NAME}"     # the name Snakemake's plugin registry expects
 # config keys whose value is a sheet: its path columns are redacted too
 SHEET_KEYS = ("samples",)
+# config keys that hold a path even when it does not look like one ("samples.tsv")
+PATH_KEYS = ("samples", "weights_dir", "artifact_location", "reference")
 
 
 @dataclass
@@ -48,12 +50,15 @@ class Reporter(_HtmlReporter):
 
 
 def _variants(value: str, base: Path) -> set[str]:
-    """The spellings a path may have in the page: as given, absolute, resolved."""
-    out = {value}
-    if "://" not in value:
-        path = Path(os.path.expanduser(value))
-        path = path if path.is_absolute() else base / path
-        out |= {os.path.abspath(path), str(path.resolve())}
+    """The spellings a path may have in the page: absolute, resolved, and as given where that
+    cannot be mistaken for a word of the page's code ("results" is also a JavaScript variable:
+    only "results/" is a path)."""
+    if "://" in value:
+        return {value}
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base / path
+    out = {os.path.abspath(path), str(path.resolve())}
+    out.add(value if "/" in value.rstrip("/") or value.startswith("~") else value.rstrip("/") + "/")
     return out
 
 
@@ -81,21 +86,22 @@ def redactions(config: dict, base: Path | None = None) -> list[tuple[str, str]]:
     for key, value in _strings(config):
         if key == "outdir":
             continue
-        if _is_path_or_url(value):
+        value = value.removeprefix("local:")          # a local TorchScript encoder's path
+        if _is_path_or_url(value) or (key in PATH_KEYS and ("/" in value or "." in value)):
             for v in _variants(value, base):
-                pairs.setdefault(v, f"<{key}>")
+                pairs.setdefault(v, f"<{key}>/" if v.endswith("/") and not value.endswith("/") else f"<{key}>")
         if key in SHEET_KEYS and os.path.isfile(value):
             sheet = pd.read_csv(value, sep=None, engine="python", dtype=str, keep_default_na=False)
             for column in sheet.columns.intersection(PATH_COLUMNS):
                 for cell in filter(None, sheet[column]):
-                    # a bare file name only as a path (short names could match the page's code)
-                    forms = _variants(cell, Path(value).resolve().parent)
-                    for v in forms if ("/" in cell or "://" in cell) else forms - {cell}:
+                    for v in _variants(cell, Path(value).resolve().parent):
+                        if v.endswith("/") and not cell.endswith("/"):
+                            continue      # a bare file name: only its absolute spellings
                         pairs.setdefault(v, f"<{column}>")
     outdir = str(config.get("outdir") or "")
     if outdir:
         for v in _variants(outdir, base):
-            pairs[v.rstrip("/")] = "{outdir}"
+            pairs[v] = "{outdir}/" if v.endswith("/") else "{outdir}"
     # as the page may spell them: raw, JSON-escaped, HTML-escaped
     spelled: dict[str, str] = {}
     for text, token in pairs.items():

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from histoflow.report_plugin import redact_report, redactions
+from histoflow.report_plugin import redact_report, redact_text, redactions
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -48,6 +48,19 @@ def leaks(texts: dict[str, str], needles: set[str], pids: set[str]) -> list[str]
     found += [f"patient {p!r} in {where}" for where, text in texts.items() for p in pids
               if re.search(rf"(?<![A-Za-z0-9_]){re.escape(p)}(?![A-Za-z0-9_])", text)]
     return found
+
+
+def test_a_relative_outdir_is_redacted_as_a_path_not_as_a_word(tmp_path, monkeypatch):
+    """outdir "results": "results/qc/slides.tsv" is a path, `var results = {` is the page's code."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples.tsv").write_text("slide_id\tpatient_id\tlabel\tsource\nS1\tP1\ta\ts1.svs\n")
+    config = {"outdir": "results", "samples": "samples.tsv",
+              "features": {"encoders": [f"local:{tmp_path}/enc/model.pt"]}}
+    page = (f'var results = {{"results/qc/slides.tsv": 1, "{tmp_path}/results/x.png": 2}}; '
+            f'sheet {tmp_path}/samples.tsv enc {tmp_path}/enc/model.pt slide {tmp_path}/s1.svs s1.svs')
+    text = redact_text(page, redactions(config))
+    assert text.startswith('var results = {"{outdir}/qc/slides.tsv": 1, "{outdir}/x.png": 2}'), text
+    assert str(tmp_path) not in text and text.endswith("s1.svs"), text
 
 
 def test_redactions_cover_outdir_sheet_sources_and_urls(tmp_path, monkeypatch):
