@@ -44,7 +44,7 @@ def test_every_reported_output_has_a_caption_and_a_checklist_numbered_category()
 
 def test_heatmaps_ssl_curves_and_froc_are_reported():
     reported = " ".join(call for _, call in report_calls())
-    for output in ("heatmaps/{source}/{slide_id}.png", "ssl/{arch}/training.png", "lesions/{source}/froc.png",
+    for output in ("report/heatmaps/{source}", "ssl/{arch}/training.png", "lesions/{source}/froc.png",
                    "mil/{model}/curves.png", "metrics/roc.png", "qc/slides.tsv", "checklist.md"):
         assert output in reported, f"{output} is not in the report"
 
@@ -56,3 +56,19 @@ def test_captions_render_no_patient_field_or_path():
     for rst in (REPO / "workflow" / "report").glob("*.rst"):
         for expr in re.findall(r"{{(.*?)}}", rst.read_text(), flags=re.S):
             assert not forbidden.search(expr), f"{rst.name} renders {expr.strip()}"
+
+
+def test_the_heatmap_gallery_appears_whole_and_replaces_an_old_one(tmp_path):
+    from histoflow.gallery import copy_gallery
+
+    src = tmp_path / "heatmaps" / "patch_classifier"
+    src.mkdir(parents=True)
+    for slide in ("S1", "S2", "S3"):
+        (src / f"{slide}.png").write_bytes(slide.encode())
+    out = tmp_path / "report" / "heatmaps" / "patch_classifier"
+    out.mkdir(parents=True)
+    (out / "OLD.png").write_bytes(b"old")
+    (out.parent / f".{out.name}.partial").mkdir()        # an interrupted earlier attempt
+    copies = copy_gallery([str(src / "S1.png"), str(src / "S2.png")], out)
+    assert [p.name for p in copies] == ["S1.png", "S2.png"] and (out / "S2.png").read_bytes() == b"S2"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["patch_classifier"]

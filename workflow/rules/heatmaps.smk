@@ -10,10 +10,7 @@ rule heatmap:
         tissue_mask=out("tissue/{slide_id}.png"),
         tissue_stats=out("tissue/{slide_id}.json"),
     output:
-        # in the report per source and slide; batched cohorts (> 500 slides) have no per-slide
-        # jobs, so no per-slide figures there (docs/cluster.md)
-        png=report(out("heatmaps/{source}/{slide_id}.png"), caption="../report/heatmap.rst",
-                   category="10. Lesion detection", subcategory="heatmaps {source}", labels={"slide": "{slide_id}"}),
+        png=out("heatmaps/{source}/{slide_id}.png"),
         geojson=out("heatmaps/{source}/{slide_id}.geojson"),
     params:
         settings=config["heatmaps"],
@@ -53,6 +50,29 @@ rule heatmap_batch:
 
 
 HEATMAP_FILES = [f for s in TILE_PROB_SOURCES for f in slide_inputs(f"heatmaps/{s}/{{slide_id}}.png")]
+# The report shows the heatmaps of the first heatmaps.report_slides slides of the sheet (a
+# page with every slide's would grow with the cohort); all of them stay in heatmaps/{source}/.
+REPORT_HEATMAP_SLIDES = SLIDES[: config["heatmaps"]["report_slides"]]
+
+
+rule report_heatmaps:
+    input:
+        lambda wc: slide_inputs(f"heatmaps/{wc.source}/{{slide_id}}.png"),
+    output:
+        gallery=report(directory(out("report/heatmaps/{source}")), patterns=["{slide_id}.png"],
+                       caption="../report/heatmap.rst", category="10. Lesion detection",
+                       subcategory="heatmaps {source}", labels={"slide": "{slide_id}"}),
+    params:
+        pngs=lambda wc: [out(f"heatmaps/{wc.source}/{s}.png") for s in REPORT_HEATMAP_SLIDES],
+    wildcard_constraints:
+        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
+    log:
+        log_path("report_heatmaps", "{source}"),
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/report_heatmaps.py"
 
 
 rule heatmaps:
@@ -61,3 +81,5 @@ rule heatmaps:
 
 
 TARGETS.extend(HEATMAP_FILES)
+if REPORT_HEATMAP_SLIDES:
+    TARGETS.extend(out(f"report/heatmaps/{s}") for s in TILE_PROB_SOURCES)
