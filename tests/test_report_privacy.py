@@ -104,7 +104,8 @@ def test_the_report_of_a_run_carries_no_site_path_url_or_patient_id(tmp_path):
     outdir = tmp_path / "results"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"samples": str(sheet), "outdir": str(outdir),
-                                   "tiling": {"mpp": [2.0], "tile_px": 128, "min_tissue_fraction": 0.5}}))
+                                   "tiling": {"mpp": [2.0], "tile_px": 128, "min_tissue_fraction": 0.5},
+                                   "features": {"mpp": 2.0}}))
     args = ["qc", "--configfile", "config.yaml", str(cfg)]
     run = lambda cmd: subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     for proc in (run([str(BIN / "snakemake"), "--cores", "2", *args]),
