@@ -5,7 +5,7 @@ the params of the job that made it, and every rule's input and output paths: the
 the samples sheet's path (``make_splits`` reads it) and anything else a path or URL in the config
 points to. None of that is a supported option to switch off, so histoflow ships a report plugin
 (Snakemake's reporter plugin interface): Snakemake's own html reporter, whose rendered page then
-has each such path or URL replaced by a placeholder (``{outdir}/qc/slides.tsv``, ``<samples>``).
+has each such path or URL replaced by a placeholder (``{outdir}/qc/slides.tsv``, ``{samples}`` (braces, not angle brackets: the page shows some strings as HTML)).
 The embedded files themselves are histoflow's de-identified outputs (checklist, QC table).
 
 ``histoflow report {outdir}/report.html [snakemake options]`` runs it; with ``privacy.export: full``
@@ -89,7 +89,7 @@ def redactions(config: dict, base: Path | None = None) -> list[tuple[str, str]]:
         value = value.removeprefix("local:")          # a local TorchScript encoder's path
         if _is_path_or_url(value) or (key in PATH_KEYS and ("/" in value or "." in value)):
             for v in _variants(value, base):
-                pairs.setdefault(v, f"<{key}>/" if v.endswith("/") and not value.endswith("/") else f"<{key}>")
+                pairs.setdefault(v, "{" + key + "}/" if v.endswith("/") and not value.endswith("/") else "{" + key + "}")
         if key in SHEET_KEYS and os.path.isfile(value):
             sheet = pd.read_csv(value, sep=None, engine="python", dtype=str, keep_default_na=False)
             for column in sheet.columns.intersection(PATH_COLUMNS):
@@ -97,7 +97,7 @@ def redactions(config: dict, base: Path | None = None) -> list[tuple[str, str]]:
                     for v in _variants(cell, Path(value).resolve().parent):
                         if v.endswith("/") and not cell.endswith("/"):
                             continue      # a bare file name: only its absolute spellings
-                        pairs.setdefault(v, f"<{column}>")
+                        pairs.setdefault(v, "{" + column + "}")
     outdir = str(config.get("outdir") or "")
     if outdir:
         for v in _variants(outdir, base):

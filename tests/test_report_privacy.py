@@ -82,7 +82,7 @@ def test_redactions_cover_outdir_sheet_sources_and_urls(tmp_path, monkeypatch):
     redact_report(path, redactions(config))
     text = path.read_text()
     assert str(tmp_path) not in text and "hospital.example" not in text and "sig=abc" not in text, text
-    assert "{outdir}/qc/slides.tsv" in text and "<samples>" in text and "µm/px" in text
+    assert "{outdir}/qc/slides.tsv" in text and "{samples}" in text and "µm/px" in text
     # a zipped report: the page inside is redacted, the archive otherwise unchanged
     archive = tmp_path / "report.zip"
     with zipfile.ZipFile(archive, "w") as zf:
