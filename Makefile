@@ -7,6 +7,7 @@ CORES ?= 2
 DEMO_DIR := demo
 OUTDIR ?= results
 STAMP := $(VENV)/.installed
+HISTOFLOW ?= $(BIN)/histoflow
 
 .PHONY: install demo demo-cohort test test-fast test-slow bench mlflow-ui install-profile lint clean
 
@@ -21,6 +22,8 @@ $(STAMP): requirements.lock pyproject.toml
 install: $(STAMP)
 
 SMK := PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --configfile config.yaml $(DEMO_DIR)/config.yaml --config outdir=$(OUTDIR)
+# the report through histoflow's report plugin: no site paths or URLs under privacy.export: deidentified
+REPORT := PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/histoflow report $(OUTDIR)/report.html --configfile config.yaml $(DEMO_DIR)/config.yaml --config outdir=$(OUTDIR)
 
 # The demo cohort is built once (deterministic from the seed); `make clean` removes it.
 $(DEMO_DIR)/samples.tsv: | $(STAMP)
@@ -30,7 +33,7 @@ demo-cohort: $(STAMP) $(DEMO_DIR)/samples.tsv
 
 demo: demo-cohort
 	$(SMK) --cores $(CORES)
-	$(SMK) --report $(OUTDIR)/report.html
+	$(REPORT)
 	@$(BIN)/histoflow where --outdir $(OUTDIR)
 
 test: $(STAMP)
@@ -53,6 +56,8 @@ install-profile:
 	rm -rf $(HOME)/.config/snakemake/slurm
 	cp -r profiles/slurm $(HOME)/.config/snakemake/slurm
 	@echo "installed: snakemake --profile slurm now finds $(HOME)/.config/snakemake/slurm"
+	@# a job asking for more CPUs/memory than any node has stays PENDING for ever: warn now
+	@if command -v sinfo >/dev/null 2>&1; then $(HISTOFLOW) slurm-check --profile $(HOME)/.config/snakemake/slurm || true; fi
 
 lint: demo-cohort
 	$(SMK) --lint -n

@@ -1,8 +1,8 @@
 """Slide batches: the per-slide steps of many slides in one job, for cohorts of thousands.
 
-Snakemake plans ~2 ms per job and a SLURM job costs seconds of scheduling, so a 10,000-slide
-cohort cut into one job per slide and step (~70,000 jobs) takes minutes to plan and floods the
-queue. With `slides_per_job` > 1 each per-slide rule `<rule>` gets a twin `<rule>_batch`: one job
+Snakemake's planning cost grows with the number of jobs and each SLURM job costs scheduling
+time (figures: docs/benchmarks.md, `dag`), so a 10,000-slide cohort cut into one job per slide
+and step (~70,000 jobs) is slow to plan and floods the queue. With `slides_per_job` > 1 each per-slide rule `<rule>` gets a twin `<rule>_batch`: one job
 per batch of consecutive sheet rows, running the same `histoflow.slide_jobs` step for each slide
 and writing the same per-slide files, plus a manifest `{outdir}/batches/<rule>/.../<batch>.json`
 that downstream rules depend on.

@@ -124,14 +124,18 @@ def hardware_software() -> dict[str, Any]:
         import torch
 
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:   # per-rule conda envs: the checklist's own (envs/report.yaml) has no torch
+        gpus = ["not detected (no torch in the checklist job's environment)"]
     except Exception:  # a broken CUDA install must not stop the audit
         pass
     versions = {}
+    pins = _env_pins()
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = "absent"
+            # per-rule conda envs: the version the rules that use it were given
+            versions[name] = pins.get(name, "absent")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"
@@ -184,6 +188,22 @@ def _published_vs_run(it: "ChecklistItem", cfg: dict, mj: dict, out: Path) -> No
             it.metrics[f"{key}.inside_ci"] = float(row["inside"])
     it.summary.append(f"Published vs this run{' (preset ' + cfg['preset'] + ')' if cfg.get('preset') else ''}: "
                       + "; ".join(format_row(r) for r in rows) + ".")
+def _env_pins() -> dict[str, str]:
+    """Package -> ``<version> (envs/<file>)`` for the pip pins of the per-rule conda envs."""
+    import yaml
+
+    pins: dict[str, str] = {}
+    for env_file in sorted((REPO_ROOT / "envs").glob("*.yaml")):
+        try:
+            deps = yaml.safe_load(env_file.read_text()).get("dependencies", [])
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        for dep in deps:
+            for spec in dep.get("pip", []) if isinstance(dep, dict) else []:
+                name, _, version = str(spec).partition("==")
+                if version:
+                    pins.setdefault(name.strip().lower(), f"{version} (envs/{env_file.name})")
+    return pins
 
 
 def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[ChecklistItem]:

@@ -1,7 +1,9 @@
 """Command line: ``histoflow demo-cohort`` writes the synthetic demo cohort, ``histoflow where``
 says where a run's report, checklist, QC table and MLflow store are, ``histoflow gdc-cohort`` and
 ``histoflow camelyon16-cohort`` write the samples sheet of a TCGA or CAMELYON16 cohort,
-``histoflow encoders [--build]`` lists (and builds offline) the named foundation encoders."""
+``histoflow encoders [--build]`` lists (and builds offline) the named foundation encoders,
+``histoflow report PATH`` writes the Snakemake report as ``privacy.export`` allows,
+``histoflow slurm-check`` warns of jobs that no SLURM node can run."""
 
 from __future__ import annotations
 
@@ -107,6 +109,23 @@ def _encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_cmd(args: argparse.Namespace) -> int:
+    from .report_plugin import run_report
+
+    return run_report(args.path, args.snakemake_args)
+
+
+def _slurm_check(args: argparse.Namespace) -> int:
+    from .slurm_check import check
+
+    warnings = check(args.profile, args.workflow_profile, args.configfile, sinfo=args.sinfo, partition=args.partition)
+    for line in warnings:
+        sys.stderr.write(f"histoflow slurm-check: WARNING {line}\n")
+    if not warnings:
+        print("histoflow slurm-check: every rule and group job fits on the largest node")
+    return 1 if warnings else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "one forward pass at its input size: dim and params_m are then measured")
     enc.add_argument("--only", action="append", metavar="NAME", help="only this model (repeatable), e.g. uni")
     enc.set_defaults(func=_encoders)
+
+    rep = sub.add_parser("report", help="the Snakemake report (.html or .zip) without paths or URLs under "
+                                        "privacy.export: deidentified (snakemake --report would carry them)")
+    rep.add_argument("path", help="report to write, e.g. results/report.html")
+    rep.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                     help="passed to snakemake as they are, e.g. --configfile config.yaml demo/config.yaml")
+    rep.set_defaults(func=_report_cmd)
+
+    slurm = sub.add_parser("slurm-check", help="warn of rules / group jobs asking for more CPUs or memory than "
+                                               "sinfo's largest node (SLURM would keep them PENDING for ever)")
+    slurm.add_argument("--profile", default="profiles/slurm", help="the slurm profile folder (default profiles/slurm)")
+    slurm.add_argument("--workflow-profile", help="the workflow profile folder (default profiles/default)")
+    slurm.add_argument("--configfile", nargs="+", help="config files as given to snakemake (default config.yaml)")
+    slurm.add_argument("--partition", help="only this partition's nodes (sinfo -p)")
+    slurm.add_argument("--sinfo", default="sinfo", help=argparse.SUPPRESS)
+    slurm.set_defaults(func=_slurm_check)
     return parser
 
 

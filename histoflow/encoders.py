@@ -723,7 +723,8 @@ def load_encoder(name: str, *, ssl_checkpoint: str | os.PathLike | None = None, 
 
 
 def describe_known_models() -> list[dict[str, Any]]:
-    """The table of known foundation models (for docs and `histoflow encoders`)."""
+    """Every registry field of each known foundation model (normalisation, output, backend,
+    licence), as dicts. `histoflow encoders` prints the shorter :func:`encoder_rows` instead."""
     return [{"name": f"hf-hub:{s.repo}", "aliases": list(s.aliases), "dim": s.dim, "input_size": s.input_size,
              "mean": list(s.mean), "std": list(s.std), "interpolation": s.interpolation, "crop_pct": s.crop_pct,
              "output": s.output, "backend": s.backend, "mpp": s.mpp, "licence": s.licence}

@@ -26,7 +26,7 @@ rule download_slide:
         downloads=1,
         mem_mb=512,
     conda:
-        "../../envs/slides.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/download_slide.py"
 
@@ -48,7 +48,7 @@ rule download_slide_batch:
         runtime=batch_minutes(5),
         downloads=1,
     conda:
-        "../../envs/slides.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/slide_batch.py"
 

@@ -87,7 +87,7 @@ rule features_qc:
     log:
         log_path("features_qc", "features_qc"),
     conda:
-        "../../envs/slides.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/features_qc.py"
 

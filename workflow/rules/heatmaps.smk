@@ -22,7 +22,7 @@ rule heatmap:
         mem_mb=4000,
         runtime=20,
     conda:
-        "../../envs/report.yaml"
+        "../../envs/slides.yaml"
     script:
         "../scripts/heatmap.py"
 
@@ -44,12 +44,35 @@ rule heatmap_batch:
         mem_mb=4000,
         runtime=batch_minutes(5),
     conda:
-        "../../envs/report.yaml"
+        "../../envs/slides.yaml"
     script:
         "../scripts/slide_batch.py"
 
 
 HEATMAP_FILES = [f for s in TILE_PROB_SOURCES for f in slide_inputs(f"heatmaps/{s}/{{slide_id}}.png")]
+# The report shows the heatmaps of the first heatmaps.report_slides slides of the sheet (a
+# page with every slide's would grow with the cohort); all of them stay in heatmaps/{source}/.
+REPORT_HEATMAP_SLIDES = SLIDES[: config["heatmaps"]["report_slides"]]
+
+
+rule report_heatmaps:
+    input:
+        lambda wc: slide_inputs(f"heatmaps/{wc.source}/{{slide_id}}.png"),
+    output:
+        gallery=report(directory(out("report/heatmaps/{source}")), patterns=["{slide_id}.png"],
+                       caption="../report/heatmap.rst", category="10. Lesion detection",
+                       subcategory="heatmaps {source}", labels={"slide": "{slide_id}"}),
+    params:
+        pngs=lambda wc: [out(f"heatmaps/{wc.source}/{s}.png") for s in REPORT_HEATMAP_SLIDES],
+    wildcard_constraints:
+        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
+    log:
+        log_path("report_heatmaps", "{source}"),
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/report_heatmaps.py"
 
 
 rule heatmaps:
@@ -58,3 +81,5 @@ rule heatmaps:
 
 
 TARGETS.extend(HEATMAP_FILES)
+if REPORT_HEATMAP_SLIDES:
+    TARGETS.extend(out(f"report/heatmaps/{s}") for s in TILE_PROB_SOURCES)

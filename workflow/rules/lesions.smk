@@ -61,8 +61,8 @@ rule lesion_metrics:
     output:
         metrics=out("lesions/{source}/metrics.json"),
         per_slide=out("lesions/{source}/per_slide.tsv"),
-        froc=report(out("lesions/{source}/froc.png"), caption="../report/froc.rst", category="5. Lesions",
-                    labels={"source": "{source}"}),
+        froc=report(out("lesions/{source}/froc.png"), caption="../report/froc.rst", category="10. Lesion detection",
+                    subcategory="FROC", labels={"source": "{source}"}),
     params:
         records=lambda wc: per_slide(f"lesions/{wc.source}/{{slide_id}}.json"),
         settings=config["lesions"],

@@ -13,13 +13,13 @@ if TARGET.binary:
             [p for per_model in external_predictions().values() for p in per_model.values()],
         output:
             json=out("metrics/metrics.json"),
-            tsv=report(out("metrics/metrics.tsv"), caption="../report/metrics.rst", category="4. Metrics"),
-            roc=report(out("metrics/roc.png"), caption="../report/roc.rst", category="4. Metrics"),
-            pr=report(out("metrics/pr.png"), caption="../report/pr.rst", category="4. Metrics"),
-            calibration=report(out("metrics/calibration.png"), caption="../report/calibration.rst", category="4. Metrics"),
+            tsv=report(out("metrics/metrics.tsv"), caption="../report/metrics.rst", category="11. Metrics"),
+            roc=report(out("metrics/roc.png"), caption="../report/roc.rst", category="11. Metrics"),
+            pr=report(out("metrics/pr.png"), caption="../report/pr.rst", category="11. Metrics"),
+            calibration=report(out("metrics/calibration.png"), caption="../report/calibration.rst", category="11. Metrics"),
             # one comparison table per external cohort, a report section each
             **{f"external_{c}": report(out(f"metrics/external/{c}.tsv"), caption="../report/external.rst",
-                                       category="5. External cohorts", subcategory=c) for c in EXTERNAL},
+                                       category="11. Metrics", subcategory=f"external cohort {c}") for c in EXTERNAL},
         params:
             predictions=model_predictions(),
             settings=config["metrics"],
@@ -46,10 +46,11 @@ else:
             [p for per_model in external_predictions().values() for p in per_model.values()],
         output:
             json=out("metrics/metrics.json"),
-            tsv=report(out("metrics/metrics.tsv"), caption="../report/metrics.rst", category="4. Metrics"),
-            plots=[out(f"metrics/{name}") for name in TARGET_PLOTS.values()],
+            tsv=report(out("metrics/metrics.tsv"), caption="../report/metrics.rst", category="11. Metrics"),
+            plots=[report(out(f"metrics/{name}"), caption=f"../report/target_{key}.rst", category="11. Metrics")
+                   for key, name in TARGET_PLOTS.items()],
             **{f"external_{c}": report(out(f"metrics/external/{c}.tsv"), caption="../report/external.rst",
-                                       category="5. External cohorts", subcategory=c) for c in EXTERNAL},
+                                       category="11. Metrics", subcategory=f"external cohort {c}") for c in EXTERNAL},
         params:
             predictions=model_predictions(),
             settings=config["metrics"],

@@ -45,7 +45,7 @@ rule collect_mil:
         histories=expand(out("mil/{{model}}/fold{fold}/history.tsv"), fold=FOLDS),
     output:
         predictions=out("mil/{model}/predictions.tsv"),
-        curves=report(out("mil/{model}/curves.png"), caption="../report/mil_curves.rst", category="3. Slide models",
+        curves=report(out("mil/{model}/curves.png"), caption="../report/mil_curves.rst", category="09. Slide classifier",
                       subcategory="{model}"),
         summary=out("mil/{model}/summary.json"),
     wildcard_constraints:

@@ -11,7 +11,7 @@ rule mlflow_init:
     log:
         log_path("mlflow_init", "mlflow_init"),
     conda:
-        "../../envs/report.yaml"
+        "../../envs/mlflow.yaml"
     script:
         "../scripts/mlflow_init.py"
 
@@ -31,7 +31,7 @@ rule mlflow_log:
     log:
         log_path("mlflow_log", "mlflow_log"),
     conda:
-        "../../envs/report.yaml"
+        "../../envs/mlflow.yaml"
     script:
         "../scripts/mlflow_log.py"
 
@@ -50,7 +50,7 @@ rule mlflow_sync:
     log:
         log_path("mlflow_sync", "mlflow_sync"),
     conda:
-        "../../envs/report.yaml"
+        "../../envs/mlflow.yaml"
     script:
         "../scripts/mlflow_log.py"
 

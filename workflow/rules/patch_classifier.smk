@@ -126,7 +126,7 @@ rule tile_probs_mil:
     log:
         log_path("tile_probs", "mil-{model}/fold{fold}"),
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/tile_probs_mil.py"
 

@@ -13,7 +13,7 @@ rule checklist:
         checklist=report(
             out("checklist.md"),
             caption="../report/checklist.rst",
-            category="0. Checklist",
+            category="00. Checklist",
         ),
     params:
         # the report shows a rule's params: a digest of the config (a changed config reruns the

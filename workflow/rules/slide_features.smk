@@ -98,7 +98,7 @@ rule crossfit_tile_probs_mil:
     log:
         log_path("crossfit_tile_probs", "mil-{model}/fold{fold}"),
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/crossfit_tile_probs_mil.py"
 

@@ -52,7 +52,7 @@ rule qc_table:
         table=report(
             out("qc/slides.tsv"),
             caption="../report/qc_table.rst",
-            category="1. Slides and QC",
+            category="02. Data source",
         ),
     params:
         slides=per_slide("slides/{slide_id}.json"),
@@ -62,7 +62,7 @@ rule qc_table:
     log:
         log_path("qc_table", "qc_table"),
     conda:
-        "../../envs/slides.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/qc_table.py"
 

@@ -16,7 +16,8 @@ rule train_ssl_encoder:
     output:
         checkpoint=out("ssl/{arch}/encoder.pt"),
         curve=out("ssl/{arch}/training.tsv"),
-        plot=out("ssl/{arch}/training.png"),
+        plot=report(out("ssl/{arch}/training.png"), caption="../report/ssl_training.rst",
+                    category="06. Patch extraction", subcategory="SSL encoder {arch}"),
     params:
         slides=per_slide("slides/{slide_id}.json"),
         tiles=per_slide("tiles/{slide_id}.parquet"),

@@ -17,7 +17,7 @@ rule fit_stain:
         reference=report(
             out("stain/reference.png"),
             caption="../report/stain_reference.rst",
-            category="2. Tiles and features",
+            category="04. Stain normalisation",
         ),
     params:
         slides=per_slide("slides/{slide_id}.json"),
@@ -32,7 +32,7 @@ rule fit_stain:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/slides.yaml"
     script:
         "../scripts/fit_stain.py"
 

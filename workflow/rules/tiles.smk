@@ -13,7 +13,7 @@ rule tile_slide:
         preview=report(
             out("tiles/{slide_id}.preview.jpg"),
             caption="../report/tile_preview.rst",
-            category="1. Slides and QC",
+            category="06. Patch extraction",
             subcategory="Tile grids",
             labels={"slide": "{slide_id}"},
         ),
@@ -32,7 +32,7 @@ rule tile_slide:
         mem_mb=1000,
         runtime=10,
     conda:
-        "../../envs/slides.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/tile_slide.py"
 
@@ -53,7 +53,7 @@ rule tile_slide_batch:
         mem_mb=1000,
         runtime=batch_minutes(2),
     conda:
-        "../../envs/slides.yaml"
+        "../../envs/report.yaml"
     script:
         "../scripts/slide_batch.py"
 

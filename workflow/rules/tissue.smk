@@ -10,7 +10,7 @@ rule detect_tissue:
         overlay=report(
             out("tissue/{slide_id}.overlay.jpg"),
             caption="../report/tissue_overlay.rst",
-            category="1. Slides and QC",
+            category="05. Background removal",
             subcategory="Tissue masks",
             labels={"slide": "{slide_id}"},
         ),
