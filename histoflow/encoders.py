@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .devices import resolve_device  # noqa: F401 - the one rule, re-exported for callers
 from .errors import InputError
 from .logs import get_logger
 
@@ -325,15 +326,6 @@ def _finalise(model, *, name: str, input_size: int, mean, std, interpolation: st
                          mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
                          dim=int(y.shape[1]), interpolation=str(interpolation), crop_pct=float(crop_pct),
                          weights_source=weights_source, output=output, device=device, meta=dict(meta or {}))
-
-
-def resolve_device(device: str | None) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def file_fingerprint(path: str | os.PathLike, n_hex: int = 16) -> str:
