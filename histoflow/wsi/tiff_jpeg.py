@@ -132,7 +132,7 @@ class TiffJpegReader(OpenSlideReader):
 
     def _level_ok(self, level: int) -> bool:
         """Whether ``level`` may be served from its tiles. A page that says RGB may hold streams
-        libjpeg would read as YCbCr (Aperio's component ids): one tile at the level's centre is
+        libjpeg would read as YCbCr (Aperio's component ids): one tile of the level is
         compared with OpenSlide's once per reader (inherited by forked workers)."""
         page = self.pages.get(level)
         if page is None:
@@ -140,13 +140,13 @@ class TiffJpegReader(OpenSlideReader):
         if page.photometric == YCBCR:
             return True
         if level not in self._checked:
-            tx = (page.width // 2 // page.tile_w) * page.tile_w
-            ty = (page.height // 2 // page.tile_h) * page.tile_h
-            w, h = min(page.tile_w, page.width - tx), min(page.tile_h, page.height - ty)
-            ds = self.level_downsamples[level]
+            # the first tile: its level-0 position is 0 whatever the downsample (elsewhere a
+            # fractional downsample puts tiles at fractional level-0 positions, which OpenSlide
+            # resamples)
+            w, h = min(page.tile_w, page.width), min(page.tile_h, page.height)
             try:
-                fast = self._region(int(round(tx * ds)), int(round(ty * ds)), level, w, h, 255)
-                ref = OpenSlideReader.read_region(self, int(round(tx * ds)), int(round(ty * ds)), level, w, h)
+                fast = self._region(0, 0, level, w, h, 255)
+                ref = OpenSlideReader.read_region(self, 0, 0, level, w, h)
                 ok = fast is not None and int(np.abs(fast[0].astype(np.int16) - ref).max()) <= PROBE_TOLERANCE
             except Exception:  # noqa: BLE001 - OpenSlide reads it, or reports the error
                 ok = False
