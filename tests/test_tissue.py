@@ -15,8 +15,8 @@ from histoflow.annotations import read_qupath_geojson
 from histoflow.geojson import mask_to_polygons, polygons_to_feature_collection, write_geojson
 from histoflow.io import write_json
 from histoflow.slide_qc import write_slide_metadata
-from histoflow.tissue import (TissueSettings, choose_mask_source, clean_mask, compute_tissue_mask,
-                              detect_method, detect_tissue_for_slide, overlay_image, pen_mask)
+from histoflow.tissue import choose_mask_source, detect_tissue_for_slide, overlay_image
+from histoflow.tissue_mask import TissueSettings, clean_mask, compute_tissue_mask, detect_method, pen_mask
 
 RNG = np.random.default_rng(0)
 SETTINGS = TissueSettings()
@@ -92,7 +92,7 @@ def test_ink_tables_apply_the_ink_rules_to_every_hue_saturation_value():
 
     import cv2
 
-    from histoflow.tissue import HUE_SCALE, pen_mask
+    from histoflow.tissue_mask import HUE_SCALE, pen_mask
 
     h, s, v = (a.astype(np.uint8) for a in np.meshgrid(np.arange(256), np.arange(256), np.arange(0, 256, 3),
                                                        indexing="ij"))
@@ -198,7 +198,7 @@ def random_masks(n: int, seed: int = 5):
 def test_majority_is_a_median_filter_of_the_mask_with_edges_replicated():
     from scipy import ndimage
 
-    from histoflow.tissue import majority
+    from histoflow.tissue_mask import majority
 
     for mask in random_masks(40):
         for size in (3, 5, 7, 17, 23):                                 # 23: sums beyond a byte
@@ -211,7 +211,7 @@ def test_majority_is_a_median_filter_of_the_mask_with_edges_replicated():
 def test_closing_dilation_and_erosion_use_a_disk_with_background_outside():
     from scipy import ndimage
 
-    from histoflow.tissue import _morph, disk
+    from histoflow.tissue_mask import _morph, disk
 
     for mask in random_masks(40):
         for r in (1, 2, 4, 7):
@@ -227,7 +227,7 @@ def test_closing_dilation_and_erosion_use_a_disk_with_background_outside():
 def test_cleaning_inside_the_tissue_box_equals_cleaning_the_whole_mask():
     """clean_mask works on the tissue's bounding box; specks, holes and closing must be exactly
     those of the whole image, glass touching the box's sides included (it is never a hole)."""
-    from histoflow.tissue import _clean, clean_mask, um2_to_px
+    from histoflow.tissue_mask import _clean, clean_mask, um2_to_px
 
     rng = np.random.default_rng(1)
     for mask in random_masks(300, seed=5):
@@ -245,7 +245,7 @@ def test_small_regions_are_the_4_connected_regions_below_the_size_whatever_their
     when they fit and 32-bit ones beyond 65,535 regions."""
     import cv2
 
-    from histoflow.tissue import _small_regions
+    from histoflow.tissue_mask import _small_regions
 
     def reference(mask, min_px):
         _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4,
@@ -268,7 +268,7 @@ def test_small_regions_are_the_4_connected_regions_below_the_size_whatever_their
 def test_median_from_a_histogram_is_numpys_median():
     """detect_method reads its medians off 256-bin histograms: the same numbers as np.median,
     the mean of the two middle values for an even count."""
-    from histoflow.tissue import _histogram_median
+    from histoflow.tissue_mask import _histogram_median
 
     rng = np.random.default_rng(2)
     for n in (1, 2, 3, 10, 11, 1000, 1001):
@@ -278,7 +278,7 @@ def test_median_from_a_histogram_is_numpys_median():
 
 
 def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
-    from histoflow.tissue import otsu, otsu_of_histogram, plane_histogram
+    from histoflow.tissue_mask import otsu, otsu_of_histogram, plane_histogram
 
     rng = np.random.default_rng(2)
     for _ in range(30):
@@ -292,7 +292,7 @@ def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
 
 
 def test_dark_is_the_rounded_grey_level_below_the_white_threshold():
-    from histoflow.tissue import grey, saturation_dark_and_ink
+    from histoflow.tissue_mask import grey, saturation_dark_and_ink
 
     rgb = np.random.default_rng(4).integers(150, 256, (256, 256, 3), dtype=np.uint8)
     g = grey(rgb).astype(np.float64)
@@ -623,7 +623,7 @@ def test_saturation_dark_and_ink_in_one_pass_equal_the_separate_functions():
     of a very wide image, a single pixel, an empty image) and the threshold."""
     import cv2
 
-    from histoflow.tissue import hsv, saturation_dark_and_ink
+    from histoflow.tissue_mask import hsv, saturation_dark_and_ink
 
     rng = np.random.default_rng(12)
     for h, w in ((1, 1), (37, 53), (700, 389), (3, 300_000), (0, 5)):
