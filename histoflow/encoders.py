@@ -714,14 +714,6 @@ def load_encoder(name: str, *, ssl_checkpoint: str | os.PathLike | None = None, 
                        f"local:<path>, ssl:<arch> or an alias ({known}) in features.encoders")
 
 
-def describe_known_models() -> list[dict[str, Any]]:
-    """The table of known foundation models (for docs and `histoflow encoders`)."""
-    return [{"name": f"hf-hub:{s.repo}", "aliases": list(s.aliases), "dim": s.dim, "input_size": s.input_size,
-             "mean": list(s.mean), "std": list(s.std), "interpolation": s.interpolation, "crop_pct": s.crop_pct,
-             "output": s.output, "backend": s.backend, "mpp": s.mpp, "licence": s.licence}
-            for s in KNOWN_MODELS.values()]
-
-
 # ---------------------------------------------------------------------------------------------
 # Offline builds of the named foundation models (no download): `histoflow encoders [--build]`
 # and tests/test_encoder_registry.py. The architecture comes from the registry alone, so a wrong
