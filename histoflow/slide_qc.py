@@ -271,10 +271,11 @@ QC_COLUMNS = ["slide_id", "status", "reason", "vendor", "format", "width", "heig
 
 
 def _tile_counts(path) -> dict[str, int]:
-    import pyarrow.parquet as pq
+    from .tiles_table import read_tile_columns
 
     try:
-        table = pq.read_table(path, columns=["target_mpp"])
+        table = read_tile_columns(path, ["target_mpp"])
+        table.column("target_mpp")
     except Exception:  # missing file, empty table without the column: no tiles
         return {}
     counts: dict[str, int] = {}

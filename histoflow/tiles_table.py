@@ -116,6 +116,14 @@ def read_tiles_table(path: str | os.PathLike):
 
 
 
+def read_tile_columns(path: str | os.PathLike, columns):
+    """The given columns of a tiles table that it has (pyarrow Table, nothing else read)."""
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    return pq.read_table(path, columns=[c for c in columns if c in present])
+
+
 def load_tiles(path: str | os.PathLike, mpp: float):
     """The tiles at ``mpp`` (:func:`histoflow.wsi.same_mpp`) of a tiles table, sorted by
     (read_level, y, x) so reads walk the slide (features, stain)."""
