@@ -52,10 +52,14 @@ def index_jpeg_pages(path: str, level_dimensions) -> dict[int, JpegPage]:
     """The levels of ``path`` stored as plain JPEG tile pages, matched to OpenSlide's levels by
     size; {} when the file has a tile with no bytes on any page (a sparse scan) or tifffile
     cannot parse it."""
-    import tifffile
-
     found: dict[int, JpegPage] = {}
     try:
+        import cv2  # the decoder; without it (or tifffile, or before OpenCV 4.10) OpenSlide reads everything
+        import tifffile
+
+        if not hasattr(cv2, "IMREAD_COLOR_RGB"):
+            return {}
+
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
             for page in pages:
