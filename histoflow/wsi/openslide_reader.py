@@ -76,6 +76,12 @@ class OpenSlideReader(SlideReader):
     def _read_rgba(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         return np.asarray(self.handle.read_region((x, y), level, (w, h)))
 
+    def __getstate__(self):
+        # a reader sent to a spawned worker travels without its handles (reopened there)
+        state = dict(self.__dict__)
+        state["_slide"] = None
+        return state
+
     def reset(self) -> None:
         # an OpenSlide handle is unusable after a read error, and a forked worker must not
         # share its parent's: (re)open lazily on the next read

@@ -103,6 +103,11 @@ class TiffJpegReader(OpenSlideReader):
         # a walk sorted by position reuses the last few, as OpenSlide's own tile cache does
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_fd"], state["_cache"] = None, OrderedDict()
+        return state
+
     def _file(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
