@@ -92,7 +92,6 @@ def detect_tissue(job: SlideJob) -> None:
 
 
 def tile_slide(job: SlideJob) -> None:
-    from .privacy import resolve_sheet_value
     from .tiling import tile_slide_with_preview
 
     tile_slide_with_preview(slide_json=job.input["slide"], mask_png=job.input["mask"],
