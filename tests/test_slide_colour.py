@@ -174,3 +174,24 @@ def test_at_the_default_mask_resolution_both_formats_give_the_same_tissue_area(p
         assert stats["mask_mpp"] == pytest.approx(16, rel=0.05)
         areas[sid] = stats["tissue_area_mm2"]
     assert abs(areas["dcm"] - areas["svs"]) / areas["svs"] < DEFAULT_MASK_AREA_TOLERANCE, areas
+
+
+def test_glass_chroma_from_histograms_is_the_median_over_the_brightest_tenth():
+    """The colour check's statistic, computed from histograms, equals its definition:
+    median(max - min channel) over the pixels with luma >= the 0.9 quantile (numpy's)."""
+    from histoflow.wsi.colour import _chroma_of_glass
+
+    def definition(rgb):
+        pixels = rgb.reshape(-1, 3).astype(np.int16)
+        luma = pixels.sum(axis=1)
+        bright = pixels[luma >= np.quantile(luma, 0.9)]
+        return float(np.median(bright.max(axis=1) - bright.min(axis=1)))
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 11, 257, 12345):
+        for k in range(12):
+            x = rng.integers(0, 256, (n, 3), dtype=np.uint8) if k % 3 else \
+                np.clip(rng.normal(230, 8, (n, 3)), 0, 255).astype(np.uint8)
+            if k % 4 == 3:
+                x[:] = x[0]                         # ties everywhere
+            assert _chroma_of_glass(x) == definition(x), (n, k)
