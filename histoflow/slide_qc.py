@@ -18,11 +18,11 @@ from typing import Any, Mapping
 
 from .errors import HistoflowError, SlideError
 from .io import file_md5, read_json, write_json
+from .wsi.levels import TIFF_UNIT_UM, mpp_from_properties  # noqa: F401 - the readers' µm/px, QC's first source
 
 log = logging.getLogger("histoflow.slide_qc")
 
 MPP_MIN, MPP_MAX = 0.05, 20.0          # µm/px a slide can plausibly have at level 0
-TIFF_UNIT_UM = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0}
 
 SLIDE_FIELDS = ("slide_id", "status", "reason", "path", "vendor", "format", "width", "height", "level_count",
                 "level_dimensions", "level_downsamples", "mpp_x", "mpp_y", "mpp_source", "mpp_warning", "objective_power",
@@ -42,19 +42,6 @@ def _number(value: Any) -> float | None:
 
 def plausible_mpp(mpp: float | None) -> bool:
     return mpp is not None and MPP_MIN <= mpp <= MPP_MAX
-
-
-def mpp_from_properties(props: Mapping[str, str]) -> tuple[float | None, float | None, str | None]:
-    """(mpp_x, mpp_y, source) from OpenSlide properties: ``openslide.mpp-*`` ("slide"), else the
-    TIFF XResolution/YResolution tags with their unit ("tiff_resolution"), else (None, None, None)."""
-    mx, my = _number(props.get("openslide.mpp-x")), _number(props.get("openslide.mpp-y"))
-    if mx and my:
-        return mx, my, "slide"
-    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
-    rx, ry = _number(props.get("tiff.XResolution")), _number(props.get("tiff.YResolution"))
-    if unit in TIFF_UNIT_UM and rx and ry:
-        return TIFF_UNIT_UM[unit] / rx, TIFF_UNIT_UM[unit] / ry, "tiff_resolution"
-    return None, None, None
 
 
 MPP_DISAGREEMENT = 0.10   # sheet vs file µm/px: a larger relative difference is warned about

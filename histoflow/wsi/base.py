@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .colour import COLOUR_FIXES, ycbcr_to_rgb_array
+from .levels import mpp_from_properties
 from ..errors import SlideError
 
 
@@ -52,15 +53,11 @@ class SlideReader:
 
     @property
     def mpp(self) -> tuple[float, float] | None:
-        from ..slide_qc import mpp_from_properties
-
         mx, my, _ = mpp_from_properties(self.properties)
         return (mx, my) if mx and my else None
 
     @property
     def mpp_source(self) -> str | None:
-        from ..slide_qc import mpp_from_properties
-
         return mpp_from_properties(self.properties)[2]
 
     # ------------------------------------------------------------------ pixels

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+from typing import Any, Mapping
+
 import numpy as np
 
 # One tolerance for every µm/px comparison: scanner calibrations scatter by about 2 % (a
@@ -46,3 +49,29 @@ def nearest_level_for_mpp(level_downsamples, mpp0: float, target_mpp: float) -> 
     downsamples = np.asarray(level_downsamples, dtype=float)
     level = int(np.argmin(np.abs(np.log(downsamples * mpp0) - np.log(target_mpp))))
     return LevelChoice(level=level, downsample=float(downsamples[level]), mpp=float(mpp0 * downsamples[level]))
+
+
+TIFF_UNIT_UM = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0}
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) or number <= 0 else number
+
+
+def mpp_from_properties(props: Mapping[str, str]) -> tuple[float | None, float | None, str | None]:
+    """(mpp_x, mpp_y, source) from OpenSlide properties: ``openslide.mpp-*`` ("slide"), else the
+    TIFF XResolution/YResolution tags with their unit ("tiff_resolution"), else (None, None, None)."""
+    mx, my = _number(props.get("openslide.mpp-x")), _number(props.get("openslide.mpp-y"))
+    if mx and my:
+        return mx, my, "slide"
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    rx, ry = _number(props.get("tiff.XResolution")), _number(props.get("tiff.YResolution"))
+    if unit in TIFF_UNIT_UM and rx and ry:
+        return TIFF_UNIT_UM[unit] / rx, TIFF_UNIT_UM[unit] / ry, "tiff_resolution"
+    return None, None, None
+
+
