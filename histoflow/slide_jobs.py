@@ -158,8 +158,7 @@ SLIDE_STEPS: dict[str, Callable[[SlideJob], None]] = {
 
 
 # What a step imports before it starts, per rule: the import is then the process's start-up (paid
-# once per batch job, before the first slide), and settle_imports() exempts it from the garbage
-# collector. benchmarks/ingest.py times the steps the same way.
+# once per batch job, before the first slide). benchmarks/ingest.py times the steps the same way.
 STEP_IMPORTS: dict[str, tuple[str, ...]] = {
     "slide_qc": ("histoflow.slide_qc", "histoflow.wsi", "openslide", "PIL.Image"),
     # a JPEG-tiled TIFF's level is indexed by tifffile and decoded by OpenCV; OpenSlide (and its
@@ -178,8 +177,7 @@ _PREPARED: set[str] = set()
 
 
 def prepare_step(rule: str) -> None:
-    """Import what step ``rule`` needs, then :func:`settle_imports`: the set-up of a rule's
-    process before its first slide. Once
+    """Import what step ``rule`` needs: the set-up of a rule's process before its first slide. Once
     per rule and process: a batch job calls it for every slide."""
     import importlib
 
@@ -187,19 +185,7 @@ def prepare_step(rule: str) -> None:
         return
     for module in STEP_IMPORTS.get(rule, ()):
         importlib.import_module(module)
-    settle_imports()
     _PREPARED.add(rule)
-
-
-def settle_imports() -> None:
-    """Exempt everything alive now (modules, classes, functions) from Python's cyclic garbage
-    collector. Why: a rule's process imports a large stack (numpy, scipy, pyvips, shapely, ...)
-    just before its step, and the first full collection the step's allocations trigger walks all
-    those long-lived objects: 40-70 ms, as long as a whole tissue or tiling step. The objects live
-    until the process exits anyway; garbage the step makes is still collected. Idempotent."""
-    import gc
-
-    gc.freeze()
 
 
 def run_slide_job(rule: str, snakemake) -> None:
