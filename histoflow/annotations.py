@@ -12,16 +12,14 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
 from shapely import make_valid
-from shapely.geometry import MultiPolygon, Polygon, mapping, shape
+from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from .errors import InputError
-from .io import write_json
 
 # CAMELYON16 ASAP groups: Tumor/_0/_1 are lesion outlines, _2 (and Exclusion in later releases)
 # are non-tumour areas drawn inside lesions, i.e. holes.
@@ -147,27 +145,5 @@ def polygons_of(geom: BaseGeometry) -> list[Polygon]:
     return [g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon) and not g.is_empty]
 
 
-# --- GeoJSON that QuPath opens (File > Import objects) -------------------------------------------
-
-def qupath_feature(geom: BaseGeometry, object_type: str, class_name: str, color: Sequence[int],
-                   measurements: dict[str, float] | None = None, **properties: Any) -> dict:
-    """One GeoJSON Feature with QuPath's properties: objectType, classification, measurements."""
-    if object_type not in ("annotation", "detection"):
-        raise ValueError(f"object_type must be annotation or detection, not {object_type!r}")
-    props: dict[str, Any] = {
-        "objectType": object_type,
-        "classification": {"name": class_name, "color": [int(c) for c in color]},
-    }
-    if measurements:
-        # NaN is not JSON; QuPath shows a missing measurement as NaN anyway
-        props["measurements"] = {k: float(v) for k, v in measurements.items() if np.isfinite(v)}
-    props.update(properties)
-    return {"type": "Feature", "geometry": mapping(geom), "properties": props}
-
-
-def feature_collection(features: list[dict]) -> dict:
-    return {"type": "FeatureCollection", "features": features}
-
-
-def write_feature_collection(path: str | os.PathLike, features: list[dict]) -> None:
-    write_json(path, feature_collection(features))
+# GeoJSON that QuPath opens is written by histoflow.geojson (one writer for every stage)
+from .geojson import feature_collection, qupath_feature, write_feature_collection  # noqa: E402,F401

@@ -34,7 +34,6 @@ each slide (burden, time, event) is in truth/ and in truth/targets.tsv beside th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -49,7 +48,7 @@ import yaml
 from scipy import ndimage as ndi
 
 from .errors import InputError
-from .io import atomic_path, safe_remove, write_json, write_text, write_tsv
+from .io import atomic_path, file_md5, safe_remove, write_json, write_text, write_tsv
 
 log = logging.getLogger("histoflow.demo")
 
@@ -760,14 +759,6 @@ def lesion_asap_xml(polygons: list) -> str:
     return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 DEMO_MIL_MODELS = ("abmil", "mean", "max", "clam_sb", "dsmil", "transmil")
 
 
@@ -832,7 +823,7 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
         _write_mask_png(out / "truth" / f"{plan.slide_id}.tissue.png", result.tissue)
         truths.append(result.truth)
         row = {"slide_id": plan.slide_id, "patient_id": plan.patient_id, "label": plan.label,
-               "source": f"slides/{plan.slide_id}.tiff", "md5": md5sum(tiff)}
+               "source": f"slides/{plan.slide_id}.tiff", "md5": file_md5(tiff)}
         # the null cohort's negatives carry lesions nobody outlined (as CAMELYON16's sheets do)
         if annotations and not (null_labels and plan.label != TUMOR):
             write_json(out / "annotations" / f"{plan.slide_id}.geojson",

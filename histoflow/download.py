@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlun
 from . import __version__
 from .config import source_kind
 from .errors import InputError, SlideError
-from .io import read_json, safe_remove, write_json
+from .io import file_md5, read_json, safe_remove, write_json
 
 
 def _remove(path: Path) -> None:
@@ -176,14 +176,6 @@ def parse_content_range(value: str | None) -> tuple[int, int | None] | None:
     if not m:
         return None
     return int(m.group(1)), (None if m.group(3) == "*" else int(m.group(3)))
-
-
-def md5_file(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_gdc_token(settings: DownloadSettings) -> str | None:
@@ -535,7 +527,7 @@ def link_local(source: str | os.PathLike, dest_dir: str | os.PathLike, *, slide_
             size += _tree_size(data_dir)
     md5 = None
     if expected_md5:
-        md5 = md5_file(path)
+        md5 = file_md5(path)
         if md5 != expected_md5.lower():
             for link in links:  # a file that fails its check is never left where it would be used
                 _remove(link)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .devices import resolve_device  # noqa: F401 - the one rule, re-exported for callers
 from .errors import InputError
 from .logs import get_logger
 
@@ -325,15 +326,6 @@ def _finalise(model, *, name: str, input_size: int, mean, std, interpolation: st
                          mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
                          dim=int(y.shape[1]), interpolation=str(interpolation), crop_pct=float(crop_pct),
                          weights_source=weights_source, output=output, device=device, meta=dict(meta or {}))
-
-
-def resolve_device(device: str | None) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def file_fingerprint(path: str | os.PathLike, n_hex: int = 16) -> str:
@@ -720,15 +712,6 @@ def load_encoder(name: str, *, ssl_checkpoint: str | os.PathLike | None = None, 
     known = ", ".join(sorted(ALIASES))
     raise EncoderError(f"encoder {raw!r} is unknown: use resnet50-trunc, timm:<model>, hf-hub:<org>/<model>, "
                        f"local:<path>, ssl:<arch> or an alias ({known}) in features.encoders")
-
-
-def describe_known_models() -> list[dict[str, Any]]:
-    """Every registry field of each known foundation model (normalisation, output, backend,
-    licence), as dicts. `histoflow encoders` prints the shorter :func:`encoder_rows` instead."""
-    return [{"name": f"hf-hub:{s.repo}", "aliases": list(s.aliases), "dim": s.dim, "input_size": s.input_size,
-             "mean": list(s.mean), "std": list(s.std), "interpolation": s.interpolation, "crop_pct": s.crop_pct,
-             "output": s.output, "backend": s.backend, "mpp": s.mpp, "licence": s.licence}
-            for s in KNOWN_MODELS.values()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Batched tile feature extraction: tiles table -> one Parquet of encoder features per slide.
 
-Reading hides behind compute: a torch DataLoader whose workers each own an OpenSlide handle
-read tiles (sorted by position, for the slide cache), resize, stain-normalise, and hand uint8
+Reading hides behind compute: a torch DataLoader whose workers share one slide reader
+(:func:`histoflow.wsi.open_slide`, made in the parent; each worker reopens its own file
+handles) read tiles (sorted by position, for the tile caches), resize, stain-normalise, and hand uint8
 tensors (4x less inter-process traffic than float) to the main process, which normalises the
 batch and runs the encoder under ``torch.inference_mode`` (pinned memory, channels_last and
 autocast on GPU). Optional test-time augmentation averages the 8 flips/90° rotations.
@@ -25,7 +26,10 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import pandas as pd
 
+from .devices import resolve_device
 from .errors import InputError, SlideError
+from .tiles_table import load_tiles  # noqa: F401 - the features step's tiles (and stain's)
+from .wsi import open_slide, same_mpp
 
 log = logging.getLogger("histoflow.features")
 
@@ -37,7 +41,6 @@ FEATURE_METADATA = ("histoflow.encoder", "histoflow.dim", "histoflow.dtype", "hi
                     "histoflow.dropped_tiles", "histoflow.dropped_decode", "histoflow.dropped_nonfinite",
                     "histoflow.encoder_weights", "histoflow.status", "histoflow.reason",
                     "histoflow.max_failed_tile_fraction", "histoflow.slide_id")
-MPP_TOL = 1e-3  # relative: 0.5 and 0.5000001 are the same resolution
 
 
 class EncoderLike(Protocol):
@@ -85,198 +88,12 @@ class FeatureSettings:
 
 def check_feature_mpp(mpp: float, tiling_mpp: Sequence[float]) -> None:
     """features.mpp must be one of tiling.mpp (features are computed on existing tiles)."""
-    if not any(math.isclose(mpp, m, rel_tol=MPP_TOL) for m in tiling_mpp):
+    if not any(same_mpp(mpp, m) for m in tiling_mpp):
         raise InputError(f"config key 'features.mpp': {mpp} µm/px is not tiled; add it to 'tiling.mpp' "
                          f"(now {list(tiling_mpp)}) or set features.mpp to one of them")
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"config key 'features.device': {device!r} but no CUDA GPU is visible here; "
-                         "use 'auto' or 'cpu', or run on a GPU node (features.gpu: 1)")
-    return device
-
-
 # --------------------------------------------------------------------------- tiles and reading
-
-
-def load_tiles(path: str | os.PathLike, mpp: float) -> pd.DataFrame:
-    """Tiles at ``mpp`` from a tiles table, sorted by (level, y, x) so reads walk the slide."""
-    frame = pd.read_parquet(path)
-    if len(frame) == 0:
-        return frame
-    keep = np.isclose(frame["target_mpp"].to_numpy(float), mpp, rtol=MPP_TOL, atol=0)
-    frame = frame.loc[keep]
-    return frame.sort_values(["read_level", "y", "x"], kind="stable").reset_index(drop=True)
-
-
-class JpegTiles:
-    """Direct access to the JPEG tiles of a TIFF-based pyramid (generic TIFF, SVS, ...).
-
-    A tile request that coincides with one stored JPEG tile (same level, aligned, same size,
-    inside the image) is served by decoding that tile's bytes with PIL: no OpenSlide region
-    assembly, no ARGB -> RGBA -> RGB conversions (about 2x faster than ``read_region``).
-    Levels are matched to TIFF pages by size; ``None`` is returned for anything else, and the
-    caller falls back to OpenSlide.
-    """
-
-    def __init__(self, path: str, level_dimensions, level_downsamples):
-        import tifffile
-
-        self._file = open(path, "rb")
-        self._fd = self._file.fileno()
-        self.levels: dict[int, dict] = {}
-        with tifffile.TiffFile(path) as tif:
-            pages = [p for p in tif.pages if getattr(p, "is_tiled", False) and p.compression == 7
-                     and p.samplesperpixel == 3 and p.planarconfig == 1 and p.bitspersample == 8]
-            for level, (w, h) in enumerate(level_dimensions):
-                page = next((p for p in pages if (p.imagewidth, p.imagelength) == (w, h)), None)
-                if page is None:
-                    continue
-                tables = page.jpegtables or b""
-                self.levels[level] = dict(
-                    width=w, height=h, tw=page.tilewidth, th=page.tilelength, ds=float(level_downsamples[level]),
-                    ntx=-(-w // page.tilewidth), offsets=np.asarray(page.dataoffsets, np.int64),
-                    counts=np.asarray(page.databytecounts, np.int64),
-                    prefix=tables[:-2] if tables.endswith(b"\xff\xd9") else b"")
-
-    def read(self, x: int, y: int, level: int, w: int, h: int):
-        import io
-
-        from PIL import Image
-
-        lv = self.levels.get(level)
-        if lv is None or w != lv["tw"] or h != lv["th"]:
-            return None
-        lx, ly = x / lv["ds"], y / lv["ds"]
-        if lx != int(lx) or ly != int(ly):
-            return None
-        lx, ly = int(lx), int(ly)
-        if lx % w or ly % h or lx + w > lv["width"] or ly + h > lv["height"]:
-            return None
-        i = (ly // h) * lv["ntx"] + lx // w
-        if lv["counts"][i] == 0:  # sparse TIFF: tile not scanned
-            return None
-        data = os.pread(self._fd, int(lv["counts"][i]), int(lv["offsets"][i]))
-        if lv["prefix"]:  # abbreviated stream: splice the shared tables in after SOI
-            data = lv["prefix"] + data[2:]
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img if img.mode == "RGB" and img.size == (w, h) else None
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class TileReader:
-    """Reads tiles of one slide as uint8 RGB; one instance (one OpenSlide handle) per process.
-
-    ``read`` takes a tiles-table row (x, y, read_level, read_w, read_h, tile_px); the region is
-    read at ``read_level`` and resized to ``out_px`` (default: the row's ``tile_px``) with
-    PIL's ``reduce`` for integer factors (box filter, fast) and Lanczos otherwise (as
-    ``histoflow.tiling.read_tile``). Transparent (unscanned) pixels become white.
-    Aligned requests on JPEG-tiled TIFF pyramids take the ``JpegTiles`` fast path, enabled only
-    after it reproduced OpenSlide's pixels on a probe tile of the slide.
-    """
-
-    def __init__(self, path: str | os.PathLike, slide_id: str = "?", out_px: int | None = None,
-                 fast_jpeg: bool = True, colour_fix: str | None = None):
-        self.path = str(path)
-        self.slide_id = slide_id
-        self.out_px = out_px
-        # a slide QC found in the wrong colour space is read through OpenSlide and converted
-        self.colour_fix = colour_fix
-        self.fast_jpeg = fast_jpeg and not colour_fix
-        self._slide = None
-        self._jpeg: JpegTiles | None | bool = None  # None: not tried yet; False: not available
-
-    @property
-    def slide(self):
-        if self._slide is None:
-            from .slide import open_slide
-
-            self._slide = open_slide(self.path, self.slide_id, self.colour_fix)
-        return self._slide
-
-    @property
-    def jpeg(self) -> JpegTiles | None:
-        if self._jpeg is None:
-            self._jpeg = self._open_jpeg() or False
-        return self._jpeg or None
-
-    def _open_jpeg(self) -> JpegTiles | None:
-        if not self.fast_jpeg:
-            return None
-        try:
-            tiles = JpegTiles(self.path, self.slide.level_dimensions, self.slide.level_downsamples)
-        except Exception:  # noqa: BLE001 - not a TIFF, or one tifffile cannot parse: OpenSlide only
-            return None
-        for level, lv in sorted(tiles.levels.items()):
-            # probe the tile at the image centre: same pixels as OpenSlide, or no fast path
-            tx = (lv["width"] // 2 // lv["tw"]) * lv["tw"]
-            ty = (lv["height"] // 2 // lv["th"]) * lv["th"]
-            x0, y0 = int(round(tx * lv["ds"])), int(round(ty * lv["ds"]))
-            try:
-                fast = tiles.read(x0, y0, level, lv["tw"], lv["th"])
-                ref = self._read_openslide(x0, y0, level, lv["tw"], lv["th"])
-            except Exception:  # noqa: BLE001
-                fast = None
-            if fast is None or np.abs(np.asarray(fast, np.int16) - np.asarray(ref, np.int16)).max() > 2:
-                tiles.levels.pop(level)
-        if not tiles.levels:
-            tiles.close()
-            return None
-        return tiles
-
-    def close(self) -> None:
-        if self._slide is not None:
-            self._slide.close()
-            self._slide = None
-        if self._jpeg:
-            self._jpeg.close()
-        self._jpeg = None
-
-    def _read_openslide(self, x: int, y: int, level: int, w: int, h: int):
-        from PIL import Image
-
-        img = self.slide.read_region((int(x), int(y)), int(level), (int(w), int(h)))
-        if img.getchannel("A").getextrema()[0] < 255:
-            # OpenSlide gives alpha 0 outside the scanned area: composite on white
-            bg = Image.new("RGB", img.size, (255, 255, 255))
-            bg.paste(img, mask=img.getchannel("A"))
-            return bg
-        return img.convert("RGB")
-
-    def read_pil(self, x: int, y: int, level: int, w: int, h: int, out_px: int):
-        from PIL import Image
-
-        img = self.jpeg.read(x, y, level, w, h) if self.jpeg is not None else None
-        if img is None:
-            img = self._read_openslide(x, y, level, w, h)
-        if img.size != (out_px, out_px):
-            fx, fy = img.size[0] / out_px, img.size[1] / out_px
-            if fx == fy and fx == int(fx) and fx > 1:
-                img = img.reduce(int(fx))
-            else:
-                img = img.resize((out_px, out_px), Image.LANCZOS)
-        return img
-
-    def read(self, row) -> np.ndarray:
-        out_px = int(self.out_px or row["tile_px"])
-        return np.asarray(self.read_pil(row["x"], row["y"], row["read_level"], row["read_w"],
-                                        row["read_h"], out_px))
-
-    def reset(self) -> None:
-        # an OpenSlide handle is unusable after a read error, and a forked worker must not share
-        # its parent's: (re)open lazily on the next read
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - the handle is already broken
-            self._slide, self._jpeg = None, None
 
 
 class TileDataset:
@@ -289,30 +106,40 @@ class TileDataset:
 
     def __init__(self, slide_path: str, slide_id: str, tiles: pd.DataFrame, input_size: int,
                  normalizer=None, interpolation: str = "bilinear", crop_pct: float = 1.0,
-                 colour_fix: str | None = None):
+                 colour_fix: str | None = None, record: dict | None = None):
         cols = ["x", "y", "read_level", "read_w", "read_h", "tile_px"]
         self.coords = tiles[cols].to_numpy(np.int64) if len(tiles) else np.zeros((0, 6), np.int64)
         self.input_size = int(input_size)
         self.resize_px = int(math.floor(input_size / crop_pct)) if crop_pct < 1 else self.input_size
         self.interpolation = interpolation
         self.normalizer = normalizer
-        self.reader = TileReader(slide_path, slide_id, colour_fix=colour_fix)
+        self.slide_id = slide_id
+        # one reader, made here in the parent: the file is parsed and its levels checked once,
+        # and every forked worker inherits that (it only reopens its file handles)
+        self.reader = open_slide(slide_path, slide_id, colour_fix, record=record)
+        if hasattr(self.reader, "prepare") and len(self.coords):
+            self.reader.prepare(np.unique(self.coords[:, 2]))
 
     def __len__(self) -> int:
         return len(self.coords)
 
-    def prepare(self, img) -> np.ndarray:
-        """A tile (PIL RGB, tile_px) -> uint8 H x W x 3 at the encoder's input size."""
+    def prepare(self, tile: np.ndarray) -> np.ndarray:
+        """A tile (uint8 RGB, tile_px) -> uint8 H x W x 3 at the encoder's input size."""
         from PIL import Image
 
-        if img.size != (self.resize_px, self.resize_px):
+        if tile.shape[:2] == (self.resize_px, self.resize_px) and self.resize_px == self.input_size:
+            img = None
+        else:
+            img = Image.fromarray(tile)
+
+        if img is not None and img.size != (self.resize_px, self.resize_px):
             resample = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
                         "lanczos": Image.LANCZOS}.get(self.interpolation, Image.BILINEAR)
             img = img.resize((self.resize_px, self.resize_px), resample)
-        if self.resize_px != self.input_size:
+        if img is not None and self.resize_px != self.input_size:
             off = (self.resize_px - self.input_size) // 2
             img = img.crop((off, off, off + self.input_size, off + self.input_size))
-        arr = np.asarray(img)
+        arr = tile if img is None else np.asarray(img)
         if self.normalizer is not None and self.normalizer.method != "none":
             arr = self.normalizer.apply(arr)
         return arr
@@ -321,13 +148,14 @@ class TileDataset:
         import torch
 
         x, y, level, w, h, tile_px = (int(v) for v in self.coords[i])
+        row = {"x": x, "y": y, "read_level": level, "read_w": w, "read_h": h, "tile_px": tile_px}
         try:
-            arr = self.prepare(self.reader.read_pil(x, y, level, w, h, tile_px))
+            arr = self.prepare(self.reader.read_tile(row))
             return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), i, True
         except SlideError:
             raise  # the slide itself cannot be opened: not a per-tile problem
         except Exception as err:  # noqa: BLE001 - a corrupt tile is dropped and counted, not fatal
-            log.warning("slide %r: tile at (%d, %d) level %d failed to decode: %s", self.reader.slide_id,
+            log.warning("slide %r: tile at (%d, %d) level %d failed to decode: %s", self.slide_id,
                         x, y, level, err)
             self.reader.reset()
             return torch.zeros((3, self.input_size, self.input_size), dtype=torch.uint8), i, False
@@ -336,8 +164,9 @@ class TileDataset:
 def _worker_init(worker_id: int) -> None:
     import torch
 
-    # each worker owns its OpenSlide handle (handles are not fork/thread safe to share) and
-    # one compute thread: the main process's threads do the model's work
+    # each worker owns its file handles (an OpenSlide handle is not fork/thread safe to share;
+    # the parsed index is inherited) and one compute thread: the main process's threads do the
+    # model's work
     torch.set_num_threads(1)
     info = torch.utils.data.get_worker_info()
     info.dataset.reader.reset()
@@ -405,7 +234,7 @@ def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int
     mean = torch.tensor(encoder.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
-    with torch.inference_mode(), tqdm(total=n, desc=f"{dataset.reader.slide_id} {encoder.name}",
+    with torch.inference_mode(), tqdm(total=n, desc=f"{dataset.slide_id} {encoder.name}",
                                       unit="tile", disable=not progress, mininterval=5) as bar:
         for images, idx, good in loader:
             out = embed_batch(model, images, mean, std, device, tta).numpy()
@@ -501,7 +330,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     from .stain import load_normalizer
 
     cfg = FeatureSettings.from_config(settings, tiling_mpp)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "features.device")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -525,7 +354,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     else:
         dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer,
                               getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0),
-                              colour_fix=meta_slide.get("colour_fix"))
+                              colour_fix=meta_slide.get("colour_fix"), record=meta_slide)
         feats, ok = extract_features(dataset, encoder, cfg.batch_size, cfg.num_workers, device, cfg.tta)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
     with np.errstate(over="ignore", invalid="ignore"):

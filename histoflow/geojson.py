@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -20,58 +19,19 @@ from .io import atomic_path
 OBJECT_TYPES = ("annotation", "detection")
 
 
-# Marching squares on a binary image, vectorised. A cell joins the centres of pixels (r, c),
-# (r, c+1), (r+1, c+1), (r+1, c) (clockwise: corner bits 1, 2, 4, 8); a contour crosses a cell
-# edge (clockwise: top, right, bottom, left) where its two pixels differ, at the edge's midpoint.
-# Each segment runs from an edge where the walk clockwise enters the mask to one where it leaves,
-# so the mask is always on the same side: outlines and holes come out with opposite orientations.
-# Saddle cells (two diagonal mask pixels) join the diagonal, as skimage's
-# ``find_contours(fully_connected="high")`` does: diagonal mask pixels are one region.
-
-def _marching_squares_table() -> np.ndarray:
-    """``table[case] = [from_edge, to_edge, from_edge2, to_edge2]`` (-1: no segment)."""
-    table = np.full((16, 4), -1, np.int64)
-    for case in range(16):
-        v = [(case >> k) & 1 for k in range(4)]
-        entering = [k for k in range(4) if not v[k] and v[(k + 1) % 4]]
-        leaving = [k for k in range(4) if v[k] and not v[(k + 1) % 4]]
-        if len(entering) == 1:
-            table[case, :2] = entering[0], leaving[0]
-        elif len(entering) == 2:        # saddle: pair each entry with the exit just before it
-            table[case] = entering[0], (entering[0] - 1) % 4, entering[1], (entering[1] - 1) % 4
-    return table
-
-
-_MS_TABLE = _marching_squares_table()
-
-
-def _crossing_keys(rows: np.ndarray, cols: np.ndarray, edges: np.ndarray, width: int) -> np.ndarray:
-    """A unique integer per crossing point: 2 * pixel index of the edge's first pixel, + 1 for the
-    vertical edges (between a pixel and the one below it)."""
-    r = rows + (edges == 2)                      # bottom edge: the top edge of the cell below
-    c = cols + (edges == 1)                      # right edge: the left edge of the cell to the right
-    return 2 * (r * width + c) + ((edges == 1) | (edges == 3))
-
-
 def contour_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Closed marching-squares contours of a binary mask at level 0.5.
+    """Closed contours of a binary mask at level 0.5 (marching squares' contours, with diagonal
+    mask pixels joined), from OpenCV's border following (:func:`_rings_from_borders`).
 
     Returns ``(coords, ring)``: vertices (row, col) as float (edge midpoints, so .5 on one axis)
     in walking order without the closing repeat, and the ring index of each vertex (rings in
     runs). Outlines run counter-clockwise and holes clockwise in shapely's (x, y) sense.
     Vertices in the middle of a straight run (horizontal, vertical or 45°) are dropped. The
-    mask must have a False border (pad it), so every contour is closed.
-
-    With OpenCV loaded (the tissue step), the contours come from its border following
-    (:func:`_rings_from_borders`, ~3x faster); otherwise from vectorised marching squares
-    (:func:`_rings_from_cells`). Both give the same rings."""
-    import sys
-
+    mask must have a False border (pad it), so every contour is closed."""
     m = np.ascontiguousarray(np.asarray(mask, bool)).view(np.uint8)
     if m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any():
         raise ValueError("contour_rings needs a mask with a False border: np.pad(mask, 1) first")
-    cv2 = sys.modules.get("cv2")
-    coords, ring = _rings_from_borders(m, cv2) if cv2 is not None else _rings_from_cells(m)
+    coords, ring = _rings_from_borders(m)
     if len(ring) == 0:
         return np.zeros((0, 2)), np.zeros(0, np.int64)
     # drop vertices where the direction does not change (cyclically within each ring)
@@ -88,52 +48,6 @@ def _cyclic_neighbours(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     length = np.repeat(lengths, lengths)
     pos = np.arange(len(first)) - first
     return first + (pos - 1) % length, first + (pos + 1) % length
-
-
-def _rings_from_cells(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Marching squares, vectorised: each crossed cell's segments (:data:`_MS_TABLE`), chained
-    into rings by pointer jumping. (row, col) vertices and ring ids, rings in runs."""
-    h, w = m.shape
-    case = m[:-1, :-1] | (m[:-1, 1:] << 1) | (m[1:, 1:] << 2) | (m[1:, :-1] << 3)
-    cells = np.flatnonzero((case != 0) & (case != 15))
-    if len(cells) == 0:
-        return np.zeros((0, 2)), np.zeros(0, np.int64)
-    kinds = _MS_TABLE[case.ravel()[cells]]
-    rows, cols = np.divmod(cells, w - 1)
-    second = kinds[:, 2] >= 0
-    rows = np.concatenate([rows, rows[second]])
-    cols = np.concatenate([cols, cols[second]])
-    src = np.concatenate([kinds[:, 0], kinds[second, 2]])
-    dst = np.concatenate([kinds[:, 1], kinds[second, 3]])
-    start = _crossing_keys(rows, cols, src, w)
-    end = _crossing_keys(rows, cols, dst, w)
-    # every crossing is the end of one segment and the start of the next
-    order = np.argsort(start, kind="stable")
-    nxt = order[np.searchsorted(start[order], end)]
-    n = len(start)
-    # pointer jumping: each ring's smallest segment index names it, and each segment's distance
-    # to the ring's last segment orders it; log2(n) passes of array operations, no Python loop
-    ring = np.arange(n)
-    jump = nxt.copy()
-    for _ in range(max(1, int(np.ceil(np.log2(n))) + 1)):
-        ring = np.minimum(ring, ring[jump])
-        jump = jump[jump]
-    last = nxt == ring                           # the segment before the ring's first one
-    succ = np.where(last, np.arange(n), nxt)
-    dist = (~last).astype(np.int64)
-    for _ in range(max(1, int(np.ceil(np.log2(n))) + 1)):
-        dist = dist + dist[succ]
-        succ = succ[succ]
-    # ring by ring, walked backwards: outlines come out counter-clockwise and holes clockwise in
-    # shapely's (x, y) sense, the orientation GeoJSON (RFC 7946) asks for
-    walk = np.lexsort((dist, ring))
-    key = start[walk]
-    ring = ring[walk]
-    vertical = (key & 1).astype(bool)
-    pixel = key >> 1
-    pr, pc = np.divmod(pixel, w)
-    coords = np.column_stack([pr + 0.5 * vertical, pc + 0.5 * ~vertical])
-    return coords, ring
 
 
 # Border following (OpenCV's findContours, Suzuki-Abe): foreground 8-connected and holes
@@ -171,9 +85,11 @@ def _crack_table() -> tuple[np.ndarray, np.ndarray]:
 _CRACK_COUNT, _CRACK_STEPS = _crack_table()
 
 
-def _rings_from_borders(m: np.ndarray, cv2) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_rings_from_cells`' rings from OpenCV's border following: (row, col) vertices and
-    ring ids, each ring walked backwards so that outlines run counter-clockwise."""
+def _rings_from_borders(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Marching-squares rings from OpenCV's border following: (row, col) vertices (crack
+    midpoints) and ring ids, each ring walked backwards so that outlines run counter-clockwise."""
+    import cv2
+
     contours, _ = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return np.zeros((0, 2)), np.zeros(0, np.int64)
@@ -286,56 +202,59 @@ def _largest_polygon(geom):
     return max(parts, key=lambda g: g.area) if parts else None
 
 
-def round_like_python(values: np.ndarray, ndigits: int) -> np.ndarray:
-    """``[round(v, ndigits) for v in values]`` (Python's correctly rounded decimal rounding),
-    elementwise over a float array. ``rint(v * 10**ndigits) / 10**ndigits`` is that exactly
-    unless the product's own rounding crossed a half-way point: only values whose product lies
-    within two ulps of one (and non-finite or huge ones) go through Python's ``round``."""
-    values = np.asarray(values, np.float64)
-    scale = 10.0 ** ndigits
-    scaled = values * scale
-    out = np.rint(scaled) / scale
-    with np.errstate(invalid="ignore"):
-        doubtful = ~(np.abs(np.abs(scaled - np.floor(scaled)) - 0.5) > 2 * np.spacing(np.abs(scaled)))
-    doubtful |= ~(np.abs(scaled) < 2.0 ** 52)
-    if doubtful.any():
-        out[doubtful] = [round(v, ndigits) for v in values[doubtful].tolist()]
-    return out
-
-
-def _rounded_coords(coords: Iterable[Sequence[float]], ndigits: int) -> list[list[float]]:
+def _rounded(coords, ndigits: int) -> list[list[float]]:
     import shapely
 
     xy = shapely.get_coordinates(coords) if hasattr(coords, "geom_type") else np.asarray(coords, float)[:, :2]
-    return round_like_python(xy, ndigits).tolist()
+    return np.round(xy, ndigits).tolist()
 
 
 def polygon_to_geometry(poly, ndigits: int = 2) -> dict:
-    """GeoJSON geometry of a shapely Polygon or MultiPolygon (rings closed, holes kept)."""
+    """GeoJSON geometry of a shapely Polygon or MultiPolygon (rings closed, holes kept),
+    coordinates rounded to ``ndigits`` decimals (level-0 px: 1/100 px is far below a pixel)."""
     if poly.geom_type == "MultiPolygon":
         return {"type": "MultiPolygon",
                 "coordinates": [polygon_to_geometry(p, ndigits)["coordinates"] for p in poly.geoms]}
-    if poly.geom_type != "Polygon":
-        raise ValueError(f"expected a Polygon or MultiPolygon, got {poly.geom_type}")
-    rings = [_rounded_coords(poly.exterior, ndigits)]
-    rings += [_rounded_coords(r, ndigits) for r in poly.interiors]
+    if poly.geom_type != "Polygon":        # points, lines, an empty union: shapely's own mapping
+        from shapely.geometry import mapping
+
+        return mapping(poly)
+    rings = [_rounded(poly.exterior, ndigits)]
+    rings += [_rounded(r, ndigits) for r in poly.interiors]
     return {"type": "Polygon", "coordinates": rings}
+
+
+def qupath_feature(geom, object_type: str, class_name: str, color: Sequence[int],
+                   measurements: dict[str, Any] | None = None, feature_id: str | None = None,
+                   **properties: Any) -> dict:
+    """One GeoJSON Feature as QuPath imports it (File > Import objects): ``objectType``,
+    ``classification`` {name, color}, ``isLocked``, plain ``properties``, then ``measurements``
+    (finite numbers: QuPath's measurement table; NaN is not JSON and QuPath shows a missing
+    one as NaN anyway). Every GeoJSON histoflow writes (tissue, heatmaps, lesions) is made here."""
+    if object_type not in OBJECT_TYPES:
+        raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+    props: dict[str, Any] = {"objectType": object_type,
+                             "classification": {"name": class_name, "color": [int(c) for c in color]},
+                             "isLocked": False, **properties}
+    values = {k: float(v) for k, v in (measurements or {}).items() if np.isfinite(v)}
+    if values:
+        props["measurements"] = values
+    feature: dict[str, Any] = {"type": "Feature"}
+    if feature_id is not None:
+        feature["id"] = feature_id
+    feature["geometry"] = polygon_to_geometry(geom)
+    feature["properties"] = props
+    return feature
 
 
 def polygons_to_feature_collection(polys: Sequence, classification: str | Sequence[str] = "Tissue",
                                    color: Sequence[int] | Sequence[Sequence[int]] = (0, 160, 0),
                                    object_type: str = "annotation",
-                                   properties_list: Sequence[dict[str, Any]] | None = None,
-                                   geometries: bool = True) -> dict:
-    """A QuPath-importable FeatureCollection of ``polys`` (level-0 px). ``geometries=False``:
-    features without their "geometry" (:func:`write_polygons_geojson` writes it).
-
-    ``classification``/``color`` are one class for all polygons or one per polygon.
-    ``properties_list``: per-polygon numbers (go to ``measurements``, which QuPath shows in its
-    measurement table); non-numeric values stay plain properties.
-    """
-    if object_type not in OBJECT_TYPES:
-        raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+                                   properties_list: Sequence[dict[str, Any]] | None = None) -> dict:
+    """A QuPath-importable FeatureCollection of ``polys`` (level-0 px), features named
+    ``{class}-{i}``. ``classification``/``color``: one class for all polygons or one per polygon.
+    ``properties_list``: per-polygon numbers (go to ``measurements``); non-numeric values stay
+    plain properties."""
     n = len(polys)
     names = [classification] * n if isinstance(classification, str) else list(classification)
     colors = [list(color)] * n if color and np.isscalar(color[0]) else [list(c) for c in color]
@@ -349,17 +268,13 @@ def polygons_to_feature_collection(polys: Sequence, classification: str | Sequen
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
                 extra[key] = value
             else:
-                measurements[key] = float(value)
-        properties = {"objectType": object_type,
-                      "classification": {"name": names[i], "color": [int(c) for c in colors[i]]},
-                      "isLocked": False, **extra}
-        if measurements:
-            properties["measurements"] = measurements
-        feature = {"type": "Feature", "id": f"{names[i]}-{i}"}
-        if geometries:
-            feature["geometry"] = polygon_to_geometry(poly)
-        feature["properties"] = properties
-        features.append(feature)
+                measurements[key] = value
+        features.append(qupath_feature(poly, object_type, names[i], colors[i], measurements,
+                                       feature_id=f"{names[i]}-{i}", **extra))
+    return feature_collection(features)
+
+
+def feature_collection(features: list[dict]) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -369,78 +284,6 @@ def write_geojson(path: str | os.PathLike, fc: dict) -> None:
         tmp.write_text(json.dumps(fc, separators=(",", ":")) + "\n")
 
 
-def _geometry_text(poly, ndigits: int = 2) -> str:
-    """``json.dumps(polygon_to_geometry(poly))``, compact. A Polygon's coordinates are rounded
-    in numpy (:func:`round_like_python`) and written by GEOS in C (shortest round-trip numbers,
-    as Python's): no Python float and list per vertex. Up to 15 significant digits a rounded
-    value has one shortest form, which both write; larger values (GEOS breaks ties and
-    switches to exponents otherwise than Python) take the dict route."""
-    import shapely
-
-    if poly.geom_type == "Polygon":
-        xy = shapely.get_coordinates(poly)
-        rounded = round_like_python(xy, ndigits)
-        if np.abs(rounded).max(initial=0.0) < 10.0 ** (15 - ndigits):      # also False for NaN or inf
-            if not np.array_equal(rounded, xy):
-                poly = shapely.transform(poly, lambda _: rounded)
-            return shapely.to_geojson(poly)
-    return json.dumps(polygon_to_geometry(poly, ndigits), separators=(",", ":"))
-
-
-def write_polygons_geojson(path: str | os.PathLike, polys: Sequence, classification: str | Sequence[str] = "Tissue",
-                           color: Sequence[int] | Sequence[Sequence[int]] = (0, 160, 0),
-                           object_type: str = "annotation",
-                           properties_list: Sequence[dict[str, Any]] | None = None) -> None:
-    """``write_geojson(path, polygons_to_feature_collection(polys, ...))``, the same bytes,
-    with each geometry serialised by :func:`_geometry_text` (a tissue outline has thousands of
-    vertices; the dict route builds a Python list per vertex, then encodes it)."""
-    fc = polygons_to_feature_collection([None] * len(polys), classification, color, object_type, properties_list,
-                                        geometries=False)
-    dumps = lambda value: json.dumps(value, separators=(",", ":"))   # noqa: E731
-    features = [f'{{"type":"Feature","id":{dumps(feature["id"])},"geometry":{_geometry_text(poly)},'
-                f'"properties":{dumps(feature["properties"])}}}'
-                for feature, poly in zip(fc["features"], polys)]
-    with atomic_path(path) as tmp:
-        tmp.write_text('{"type":"FeatureCollection","features":[' + ",".join(features) + "]}\n")
-
-
-def _class_name(feature: dict) -> str | None:
-    props = feature.get("properties") or {}
-    cls = props.get("classification", feature.get("classification"))
-    if isinstance(cls, dict):
-        return cls.get("name")
-    if isinstance(cls, str):
-        return cls
-    # older QuPath exports and other tools
-    return props.get("name") or props.get("class") or None
-
-
-def read_polygons(path: str | os.PathLike) -> list[tuple[Any, str | None]]:
-    """``[(shapely Polygon, class name or None), ...]`` from a QuPath GeoJSON export.
-
-    Accepts a FeatureCollection, a single Feature or a bare list of features (QuPath 0.2);
-    MultiPolygons are split into their Polygons; other geometry types (points, lines) are skipped.
-    """
-    from shapely.geometry import shape
-
-    data = json.loads(Path(path).read_text())
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features", [])
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, list):
-        features = data
-    else:
-        raise ValueError(f"{str(path)!r} is not a GeoJSON FeatureCollection, Feature or list of features")
-    out = []
-    for feature in features:
-        geom = feature.get("geometry")
-        if not geom:
-            continue
-        name = _class_name(feature)
-        g = shape(geom)
-        if g.geom_type == "Polygon":
-            out.append((g, name))
-        elif g.geom_type == "MultiPolygon":
-            out.extend((p, name) for p in g.geoms)
-    return out
+def write_feature_collection(path: str | os.PathLike, features: list[dict]) -> None:
+    """:func:`write_geojson` of a FeatureCollection of ``features`` (:func:`qupath_feature`)."""
+    write_geojson(path, feature_collection(features))

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from shapely.geometry import box
 
-from .annotations import qupath_feature, write_feature_collection
+from .geojson import qupath_feature, write_feature_collection
 from .io import atomic_path, read_json
 from .tile_probs import class_columns, read_slide_probs, target_kind
 
@@ -118,16 +118,17 @@ def tiles_geojson_features(frame: pd.DataFrame, threshold: float) -> list[dict]:
 def _thumbnail(slide_meta: dict, max_px: int) -> np.ndarray | None:
     """RGB thumbnail covering the whole level-0 extent, read from a coarse pyramid level."""
     try:
-        from .slide import open_slide
+        from .wsi import open_slide
 
-        slide = open_slide(slide_meta["path"], slide_meta.get("slide_id", "?"), slide_meta.get("colour_fix"))
-        ds = max(slide.dimensions) / max_px
-        level = slide.get_best_level_for_downsample(max(ds, 1.0))
-        w, h = slide.level_dimensions[level]
-        if w * h > MAX_THUMB_READ_PX:
-            log.warning("no pyramid level small enough for a thumbnail; drawing on the tissue mask")
-            return None
-        return np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
+        with open_slide(slide_meta["path"], slide_meta.get("slide_id", "?"), slide_meta.get("colour_fix"),
+                        record=slide_meta) as slide:
+            ds = max(slide.dimensions) / max_px
+            level = slide.best_level_for_downsample(max(ds, 1.0))
+            w, h = slide.level_dimensions[level]
+            if w * h > MAX_THUMB_READ_PX:
+                log.warning("no pyramid level small enough for a thumbnail; drawing on the tissue mask")
+                return None
+            return slide.thumbnail(max_px)
     except Exception as err:  # the heatmap is still useful on a blank background
         log.warning("thumbnail unavailable (%s); drawing on a blank background", err)
         return None

@@ -1,4 +1,4 @@
-"""File I/O at the edges: atomic writes, JSON, Parquet, greyscale PNG.
+"""File I/O at the edges: atomic writes, JSON, Parquet, greyscale PNG, md5.
 
 Every output is written to a temporary file in the destination directory and renamed into
 place, so a killed job never leaves a half-written file that looks complete (rename is atomic
@@ -12,9 +12,7 @@ import errno
 import json
 import os
 import re
-import struct
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -178,77 +176,23 @@ def write_parquet(path: str | os.PathLike, table, metadata: dict[str, str] | Non
         pq.write_table(table, tmp, compression="zstd")
 
 
+def file_md5(path: str | os.PathLike) -> str:
+    """The md5 of a file, streamed (slides are gigabytes): slide QC, downloads and the demo."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
+
+
 def write_tsv(path: str | os.PathLike, frame) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, sep="\t", index=False)
 
 
-def grey_png(image: np.ndarray, level: int = 1) -> bytes:
-    """An 8-bit greyscale PNG of a 2-D image: uint8 as is, bool as 0/255 (a mask).
-
-    Why not an imaging library: a mask PNG is one zlib stream of rows, each prefixed by its
-    filter byte. Written here it costs one copy and one ``zlib.compress`` (which releases the
-    GIL, so another thread can work meanwhile); libpng through OpenCV spends 4x longer choosing
-    row filters, and libvips pays its saver's set-up on a rule's first call. Level 1: a mask
-    compresses to a few percent at any level, and level 1 is the fastest."""
-    image = np.asarray(image)
-    if image.ndim != 2 or image.dtype not in (np.uint8, np.bool_):
-        raise ValueError(f"grey_png takes a 2-D uint8 or bool image, got {image.dtype} {image.shape}")
-    h, w = image.shape
-    rows = np.empty((h, w + 1), np.uint8)
-    rows[:, 0] = 0                                      # filter type 0 (None) on every row
-    if image.dtype == np.bool_:
-        np.multiply(image.view(np.uint8), 255, out=rows[:, 1:])
-    else:
-        rows[:, 1:] = image
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)   # 8-bit, greyscale, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, level))
-            + chunk(b"IEND", b""))
-
-
 def read_grey_png(path: str | os.PathLike) -> np.ndarray:
-    """A greyscale PNG as a 2-D uint8 array. The files :func:`grey_png` writes (8-bit grey, no
-    interlace, every row unfiltered) are decoded here with one ``zlib.decompress`` and no copy;
-    any other PNG goes through PIL (converted to 8-bit grey). The zlib stream's checksum
-    rejects a damaged file either way (``OSError``)."""
-    data = Path(path).read_bytes()
-    plain = _plain_grey_png_rows(data)
-    if plain is not None:
-        return plain
-    import io
-
+    """A PNG (a tissue mask) as a 2-D uint8 array, converted to 8-bit grey if it is not; a
+    damaged file raises ``OSError``."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(path) as img:
         return np.array(img if img.mode == "L" else img.convert("L"))
-
-
-def _plain_grey_png_rows(data: bytes) -> np.ndarray | None:
-    """The pixels of a PNG as :func:`grey_png` writes it, or None when it is another kind."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        return None
-    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    if depth != 8 or colour != 0 or interlace != 0 or w == 0 or h == 0:
-        return None
-    idat, at = [], 8
-    while at + 8 <= len(data):
-        (length,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
-        if kind == b"IDAT":
-            idat.append(data[at + 8:at + 8 + length])
-        elif kind == b"IEND":
-            break
-        at += 12 + length
-    try:
-        raw = zlib.decompress(b"".join(idat), bufsize=h * (w + 1))   # sized once: no regrowing copies
-    except zlib.error as err:
-        raise OSError(f"damaged PNG ({err})") from None
-    if len(raw) != h * (w + 1):
-        raise OSError(f"damaged PNG ({len(raw)} bytes of pixels for {w} x {h})")
-    rows = np.frombuffer(raw, np.uint8).reshape(h, w + 1)
-    if rows[:, 0].any():            # filtered rows (another encoder): PIL undoes the filters
-        return None
-    return rows[:, 1:]

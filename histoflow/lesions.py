@@ -34,7 +34,8 @@ from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from .annotations import lesion_geometry, polygons_of, qupath_feature, read_annotations, write_feature_collection
+from .annotations import lesion_geometry, polygons_of, read_annotations
+from .geojson import qupath_feature, write_feature_collection
 from .heatmaps import GridGeometry, grid_geometry, rasterize
 from .errors import InputError
 from .io import atomic_path, read_json, write_json, write_tsv

@@ -107,9 +107,9 @@ def label_tiles(coords: pd.DataFrame, geom: BaseGeometry | None, slide_positive:
 
 
 def _read_coords(tiles_path: str | os.PathLike) -> pd.DataFrame:
-    table = pq.read_table(tiles_path)
-    cols = [c for c in COORD_COLUMNS if c in table.column_names]
-    return table.select(cols).to_pandas()
+    from .tiles_table import read_tile_columns
+
+    return read_tile_columns(tiles_path, COORD_COLUMNS).to_pandas()
 
 
 def _to_table(frame: pd.DataFrame) -> pa.Table:

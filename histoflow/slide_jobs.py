@@ -92,7 +92,6 @@ def detect_tissue(job: SlideJob) -> None:
 
 
 def tile_slide(job: SlideJob) -> None:
-    from .privacy import resolve_sheet_value
     from .tiling import tile_slide_with_preview
 
     tile_slide_with_preview(slide_json=job.input["slide"], mask_png=job.input["mask"],
@@ -159,19 +158,18 @@ SLIDE_STEPS: dict[str, Callable[[SlideJob], None]] = {
 
 
 # What a step imports before it starts, per rule: the import is then the process's start-up (paid
-# once per batch job, before the first slide), and settle_imports() exempts it from the garbage
-# collector. benchmarks/ingest.py times the steps the same way.
+# once per batch job, before the first slide). benchmarks/ingest.py times the steps the same way.
 STEP_IMPORTS: dict[str, tuple[str, ...]] = {
-    "slide_qc": ("histoflow.slide_qc", "histoflow.slide", "openslide", "PIL.Image"),
-    # the level is read by histoflow.tiff (JPEG tiles) with OpenCV; libvips (other TIFF pages) and
-    # OpenSlide (and its progress bar; other formats) are imported when a slide needs them
-    "detect_tissue": ("histoflow.tissue", "histoflow.tiff", "histoflow.geojson", "cv2", "shapely",
+    "slide_qc": ("histoflow.slide_qc", "histoflow.wsi", "openslide", "PIL.Image"),
+    # a JPEG-tiled TIFF's level is indexed by tifffile and decoded by OpenCV; OpenSlide (and its
+    # progress bar; other formats) is imported when a slide needs it
+    "detect_tissue": ("histoflow.tissue", "histoflow.wsi", "tifffile", "histoflow.geojson", "cv2", "shapely",
                       "concurrent.futures"),
     # PIL.Image.open loads the Bmp/Gif/Jpeg/Ppm/Png plugins on its first call; the tile sample
     # draws from numpy.random
     "tile_slide": ("histoflow.tiling", "PIL.Image", "PIL.ImageDraw", "PIL.BmpImagePlugin", "PIL.GifImagePlugin",
                    "PIL.JpegImagePlugin", "PIL.PpmImagePlugin", "PIL.PngImagePlugin", "numpy.random",
-                   "pyarrow", "pyarrow.parquet", "concurrent.futures"),
+                   "pyarrow", "pyarrow.parquet", "histoflow.wsi", "concurrent.futures"),
 }
 
 
@@ -179,8 +177,7 @@ _PREPARED: set[str] = set()
 
 
 def prepare_step(rule: str) -> None:
-    """Import what step ``rule`` needs, then :func:`settle_imports` (and for the ingest steps
-    :func:`reuse_freed_memory`): the set-up of a rule's process before its first slide. Once
+    """Import what step ``rule`` needs: the set-up of a rule's process before its first slide. Once
     per rule and process: a batch job calls it for every slide."""
     import importlib
 
@@ -188,44 +185,7 @@ def prepare_step(rule: str) -> None:
         return
     for module in STEP_IMPORTS.get(rule, ()):
         importlib.import_module(module)
-    settle_imports()
-    if rule in STEP_IMPORTS:    # the light ingest steps; feature extraction keeps glibc's defaults
-        reuse_freed_memory()
     _PREPARED.add(rule)
-
-
-def reuse_freed_memory(limit_mb: int = 64) -> None:
-    """Keep freed arrays of up to ``limit_mb`` in the process's heap for reuse, in one heap for
-    all threads (glibc only; a no-op elsewhere). Why: glibc hands out and returns every block
-    over 128 kB with mmap/munmap, so each temporary image of a step starts on fresh pages that
-    the kernel must fault in and zero, again and again: ~10 % of a tissue step on a 2 Mpx mask.
-    One arena: the step's helper threads (outlines, OpenCV's pool) would otherwise each keep
-    their own freed blocks, ~10 MB more peak RSS in the tissue step. A rule's process is short;
-    all goes back at exit."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)        # the process's own symbols: libc is loaded (find_library forks ldconfig)
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8          # <malloc.h>
-        libc.mallopt(m_mmap_threshold, limit_mb << 20)
-        libc.mallopt(m_trim_threshold, 2 * limit_mb << 20)
-        libc.mallopt(m_arena_max, 1)
-    except (OSError, AttributeError):                        # musl and others: keep the defaults
-        pass
-
-
-def settle_imports() -> None:
-    """Exempt everything alive now (modules, classes, functions) from Python's cyclic garbage
-    collector. Why: a rule's process imports a large stack (numpy, scipy, pyvips, shapely, ...)
-    just before its step, and the first full collection the step's allocations trigger walks all
-    those long-lived objects: 40-70 ms, as long as a whole tissue or tiling step. The objects live
-    until the process exits anyway; garbage the step makes is still collected. Idempotent."""
-    import gc
-
-    gc.freeze()
 
 
 def run_slide_job(rule: str, snakemake) -> None:

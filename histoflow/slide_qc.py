@@ -10,7 +10,6 @@ mistaken for a real resolution.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -18,12 +17,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import HistoflowError, SlideError
-from .io import read_json, write_json
+from .io import file_md5, read_json, write_json
+from .wsi.levels import TIFF_UNIT_UM, mpp_from_properties  # noqa: F401 - the readers' µm/px, QC's first source
 
 log = logging.getLogger("histoflow.slide_qc")
 
 MPP_MIN, MPP_MAX = 0.05, 20.0          # µm/px a slide can plausibly have at level 0
-TIFF_UNIT_UM = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0}
 
 SLIDE_FIELDS = ("slide_id", "status", "reason", "path", "vendor", "format", "width", "height", "level_count",
                 "level_dimensions", "level_downsamples", "mpp_x", "mpp_y", "mpp_source", "mpp_warning", "objective_power",
@@ -43,19 +42,6 @@ def _number(value: Any) -> float | None:
 
 def plausible_mpp(mpp: float | None) -> bool:
     return mpp is not None and MPP_MIN <= mpp <= MPP_MAX
-
-
-def mpp_from_properties(props: Mapping[str, str]) -> tuple[float | None, float | None, str | None]:
-    """(mpp_x, mpp_y, source) from OpenSlide properties: ``openslide.mpp-*`` ("slide"), else the
-    TIFF XResolution/YResolution tags with their unit ("tiff_resolution"), else (None, None, None)."""
-    mx, my = _number(props.get("openslide.mpp-x")), _number(props.get("openslide.mpp-y"))
-    if mx and my:
-        return mx, my, "slide"
-    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
-    rx, ry = _number(props.get("tiff.XResolution")), _number(props.get("tiff.YResolution"))
-    if unit in TIFF_UNIT_UM and rx and ry:
-        return TIFF_UNIT_UM[unit] / rx, TIFF_UNIT_UM[unit] / ry, "tiff_resolution"
-    return None, None, None
 
 
 MPP_DISAGREEMENT = 0.10   # sheet vs file µm/px: a larger relative difference is warned about
@@ -105,14 +91,6 @@ def resolve_mpp(slide_id: str, props: Mapping[str, str], sheet_mpp: Any = None,
                                "`default_mpp` (µm/px at level 0, e.g. 0.25 for 40x, 0.5 for 20x)")
 
 
-def file_md5(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _objective_power(props: Mapping[str, str]) -> float | None:
     value = _number(props.get("openslide.objective-power"))
     if value is None:
@@ -129,117 +107,14 @@ def _check_readable(slide, slide_id: str, name: str) -> None:
     pw, ph = min(w, 512), min(h, 512)
     x, y = (w - pw) // 2, (h - ph) // 2
     try:
-        slide.read_region((int(x * ds), int(y * ds)), level, (pw, ph))
+        slide.read_rgba(int(x * ds), int(y * ds), level, pw, ph)
     except Exception as err:  # openslide.OpenSlideError and decoder errors
         raise SlideError(slide_id, f"{name!r} opens but its image data cannot be decoded ({err}); the file is corrupt: "
                                    "re-download it or set on_error: skip") from None
 
 
-# ------------------------------------------------------------------------------ colour space
-
-COLOUR_SAMPLE_PX = 1024       # the colour check reads a level (or a patch) at most this size
-BACKGROUND_CHROMA_MAX = 20    # max - min channel of a bright-field slide's glass: near grey
-WRONG_CHROMA_MIN = 40         # glass this coloured, and grey once read as YCbCr: it is YCbCr
-
-
-def jpeg_colour_space(data: bytes) -> str | None:
-    """What a JPEG stream's markers say its 3 components are, as libjpeg decides it: "rgb"
-    (Adobe APP14 transform 0, or component ids 'R','G','B'), "ycbcr" (JFIF, Adobe transform 1,
-    ids 1,2,3) or None (not a 3-component JPEG, or no stream found)."""
-    start = data.find(b"\xff\xd8\xff")
-    if start < 0:
-        return None
-    pos, jfif, adobe, ids = start + 2, False, None, None
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
-        segment = data[pos + 4:pos + 2 + length]
-        if marker == 0xE0 and segment.startswith(b"JFIF"):
-            jfif = True
-        elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
-            adobe = segment[11]
-        elif marker in (0xC0, 0xC1, 0xC2) and len(segment) >= 6:
-            n = segment[5]
-            ids = tuple(segment[6 + 3 * i] for i in range(n)) if len(segment) >= 6 + 3 * n else None
-        elif marker == 0xDA:
-            break
-        pos += 2 + length
-    if not ids or len(ids) != 3:
-        return None
-    if jfif:
-        return "ycbcr"
-    if adobe is not None:
-        return "rgb" if adobe == 0 else "ycbcr"
-    if ids == (ord("R"), ord("G"), ord("B")):
-        return "rgb"
-    return "ycbcr"
-
-
-def _container_contradiction(path: Path, props: Mapping[str, str]) -> str | None:
-    """A reason when the container's colour space contradicts its JPEG frames (a DICOM saying
-    RGB whose frames are YCbCr, as bfconvert writes), else None. Reads the first frame's
-    markers only (the first MB of the file)."""
-    said = str(props.get("dicom.PhotometricInterpretation", "")).upper()
-    if said != "RGB":
-        return None
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(1 << 20)
-    except OSError:
-        return None
-    if jpeg_colour_space(head) == "ycbcr":
-        return "its JPEG frames are YCbCr (JFIF / component ids) while its PhotometricInterpretation says RGB"
-    return None
-
-
-def _chroma_of_glass(rgb) -> float:
-    """Median chroma (max - min channel) of the brightest tenth of the pixels: the glass of a
-    bright-field slide, which is near grey when the colours are right."""
-    import numpy as np
-
-    pixels = rgb.reshape(-1, 3).astype(np.int16)
-    luma = pixels.sum(axis=1)
-    bright = pixels[luma >= np.quantile(luma, 0.9)]
-    return float(np.median(bright.max(axis=1) - bright.min(axis=1)))
-
-
-def check_colour_space(slide, slide_id: str, path: Path, props: Mapping[str, str]) -> dict[str, Any]:
-    """Decide whether OpenSlide's pixels are RGB or unconverted YCbCr: the same pixels read both
-    ways, and the one whose glass is grey wins; a container that contradicts its JPEG frames is
-    the second witness. Returns the record's ``colour_fix`` (None or "ycbcr_to_rgb") and
-    ``colour_check`` (the numbers). Raises SlideError when the container contradicts its
-    frames and the pixels cannot tell which is right (the slide would be read in wrong colours)."""
-    import numpy as np
-
-    from .slide import ycbcr_to_rgb_array
-
-    level = next((i for i, (w, h) in enumerate(slide.level_dimensions) if max(w, h) <= COLOUR_SAMPLE_PX),
-                 slide.level_count - 1)
-    w, h = slide.level_dimensions[level]
-    pw, ph = min(w, COLOUR_SAMPLE_PX), min(h, COLOUR_SAMPLE_PX)
-    ds = slide.level_downsamples[level]
-    x, y = (w - pw) // 2, (h - ph) // 2
-    rgba = np.asarray(slide.read_region((int(x * ds), int(y * ds)), level, (pw, ph)))
-    scanned = rgba[..., :3][rgba[..., 3] == 255]
-    contradiction = _container_contradiction(path, props)
-    check: dict[str, Any] = {"level": int(level), "n_pixels": int(len(scanned)), "container": contradiction or "consistent"}
-    fix = None
-    if len(scanned) >= 256:
-        as_read = _chroma_of_glass(scanned)
-        converted = _chroma_of_glass(ycbcr_to_rgb_array(scanned[None]))
-        check.update(glass_chroma_as_read=as_read, glass_chroma_as_ycbcr=converted)
-        if as_read > WRONG_CHROMA_MIN and converted <= BACKGROUND_CHROMA_MAX:
-            fix = "ycbcr_to_rgb"
-            log.warning("slide %s: pixels are YCbCr read as RGB (glass chroma %.0f, %.0f once converted)%s; "
-                        "reading it with colour_fix ycbcr_to_rgb", slide_id, as_read, converted,
-                        f"; {contradiction}" if contradiction else "")
-        elif contradiction and as_read > BACKGROUND_CHROMA_MAX:
-            raise SlideError(slide_id, f"{contradiction}, and its pixels do not show which is right (glass chroma "
-                                       f"{as_read:.0f} as read, {converted:.0f} as YCbCr); convert the slide to a format "
-                                       "with consistent colour (e.g. SVS/TIFF) or set on_error: skip")
-    elif contradiction:
-        raise SlideError(slide_id, f"{contradiction}, and too few scanned pixels to check which is right; convert the "
-                                   "slide to a format with consistent colour or set on_error: skip")
-    return {"colour_fix": fix, "colour_check": check}
+# The colour-space check (YCbCr frames in an RGB container) lives with the readers
+from .wsi.colour import check_colour_space, jpeg_colour_space  # noqa: E402,F401 - slide QC's step
 
 
 # ------------------------------------------------------------------------------ tile decoding
@@ -259,7 +134,7 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
     limit is not failed by the luck of the sample). Returns the counts for slides/{id}.json."""
     from scipy.stats import binom
 
-    from .slide import best_level_for_mpp, open_slide
+    from .wsi import OpenSlideReader, best_level_for_mpp
 
     mpp = float(tile_check.get("mpp") or mpp0)
     tile_px = int(tile_check.get("tile_px") or 256)
@@ -275,9 +150,9 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
         for y in ys:
             for x in xs:
                 if slide is None:
-                    slide = open_slide(path, slide_id, colour_fix)
+                    slide = OpenSlideReader(path, slide_id, colour_fix)
                 try:
-                    slide.read_region((int(x * choice.downsample), int(y * choice.downsample)), choice.level, (pw, ph))
+                    slide.read_rgba(int(x * choice.downsample), int(y * choice.downsample), choice.level, pw, ph)
                 except Exception as err:  # noqa: BLE001 - a decode error; OpenSlide's handle is then unusable
                     failed += 1
                     # the decoder's words, not the file's name or folder (reasons leave the site)
@@ -303,17 +178,15 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
 def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None, default_mpp: Any = None,
                    md5: str | None = None, tile_check: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The slides/{id}.json record of a readable slide (raises SlideError otherwise)."""
-    import openslide
-
-    from .slide import open_slide
+    from .wsi import OpenSlideReader
 
     path = Path(path)
-    slide = open_slide(path, slide_id)
+    slide = OpenSlideReader(path, slide_id)       # QC reads what OpenSlide reads, unconverted
     try:
         _check_readable(slide, slide_id, path.name)
         props = dict(slide.properties)
         mpp_x, mpp_y, mpp_source, notes = resolve_mpp(slide_id, props, sheet_mpp, default_mpp)
-        colour = check_colour_space(slide, slide_id, path, props)
+        colour = check_colour_space(slide, slide_id)
         notes.update(colour)
         if tile_check is not None:
             notes.update(check_tiles(path, slide_id, slide.level_downsamples, slide.level_dimensions, mpp_x,
@@ -322,7 +195,7 @@ def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None
             log.warning("slide %s: anisotropic pixels (%.4g x %.4g µm/px)", slide_id, mpp_x, mpp_y)
         record: dict[str, Any] = {
             "slide_id": slide_id, "status": "ok", "reason": "", "path": str(path.resolve()),
-            "vendor": props.get("openslide.vendor") or openslide.OpenSlide.detect_format(str(path)),
+            "vendor": slide.vendor,
             "format": path.suffix.lower().lstrip("."),
             "width": int(slide.dimensions[0]), "height": int(slide.dimensions[1]),
             "level_count": int(slide.level_count),
@@ -330,7 +203,7 @@ def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None
             "level_downsamples": [float(d) for d in slide.level_downsamples],
             "mpp_x": mpp_x, "mpp_y": mpp_y, "mpp_source": mpp_source, "mpp_warning": None,
             "objective_power": _objective_power(props),
-            "associated_images": sorted(slide.associated_images.keys()),
+            "associated_images": sorted(slide.associated_image_names),
             "file_size_bytes": path.stat().st_size,
             "md5": md5 or file_md5(path),
             "quickhash": props.get("openslide.quickhash-1"),
@@ -385,10 +258,11 @@ QC_COLUMNS = ["slide_id", "status", "reason", "vendor", "format", "width", "heig
 
 
 def _tile_counts(path) -> dict[str, int]:
-    import pyarrow.parquet as pq
+    from .tiles_table import read_tile_columns
 
     try:
-        table = pq.read_table(path, columns=["target_mpp"])
+        table = read_tile_columns(path, ["target_mpp"])
+        table.column("target_mpp")
     except Exception:  # missing file, empty table without the column: no tiles
         return {}
     counts: dict[str, int] = {}

@@ -28,6 +28,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .wsi.levels import same_mpp_mask
+
 from .errors import InputError
 from .io import atomic_path, read_json, write_tsv
 from .logs import get_logger
@@ -326,7 +328,7 @@ def pretrain(tiles: np.ndarray, settings: SSLSettings, seed: int, *, device: str
     from torch import nn
     from tqdm import tqdm
 
-    from .encoders import resolve_device
+    from .devices import resolve_device
 
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
         raise ValueError(f"tiles must be N x S x S x 3 uint8, got {tiles.shape} {tiles.dtype}")
@@ -425,7 +427,7 @@ def choose_tiles(tables: Sequence[Any], max_tiles: int, mpp: float, seed: int):
     for table in tables:
         if table is None or len(table) == 0:
             continue
-        sel = table[np.isclose(table["target_mpp"].astype(float), mpp, rtol=1e-3)]
+        sel = table[same_mpp_mask(table["target_mpp"].astype(float), mpp)]
         if len(sel):
             pools.append(sel.reset_index(drop=True))
     pools.sort(key=lambda t: (len(t), str(t["slide_id"].iloc[0])))
@@ -444,13 +446,12 @@ def choose_tiles(tables: Sequence[Any], max_tiles: int, mpp: float, seed: int):
 
 def read_training_tiles(chosen, slide_paths: Mapping[str, str], image_px: int, progress: bool = True,
                         colour_fixes: Mapping[str, str | None] | None = None) -> np.ndarray:
-    """Read the chosen tiles (``histoflow.tiling.read_tile``) downscaled to ``image_px``: memory is
+    """Read the chosen tiles (:meth:`histoflow.wsi.SlideReader.read_tile`) downscaled to ``image_px``: memory is
     ``n x image_px^2 x 3`` bytes, never a whole slide."""
     from PIL import Image
     from tqdm import tqdm
 
-    from .slide import open_slide
-    from .tiling import read_tile
+    from .wsi import open_slide
 
     out = np.zeros((len(chosen), image_px, image_px, 3), dtype=np.uint8)
     bar = tqdm(total=len(chosen), desc="ssl tiles", disable=not progress, mininterval=5)
@@ -459,7 +460,7 @@ def read_training_tiles(chosen, slide_paths: Mapping[str, str], image_px: int, p
         slide = open_slide(slide_paths[slide_id], slide_id, (colour_fixes or {}).get(slide_id))
         try:
             for row in group.to_dict("records"):
-                rgb = read_tile(slide, row)
+                rgb = slide.read_tile(row)
                 if rgb.shape[0] != image_px:
                     rgb = np.asarray(Image.fromarray(rgb).resize((image_px, image_px), Image.Resampling.BOX))
                 out[pos] = rgb

@@ -346,7 +346,8 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
     """
     from PIL import Image
 
-    from .features import TileReader, load_tiles
+    from .tiles_table import load_tiles
+    from .wsi import SlideReader, open_slide
     from .io import atomic_path, read_json, write_json
     from .splits import slides_to_fit
 
@@ -376,11 +377,12 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
                              "give a reference tile image in config 'stain.reference' or set stain.method: none")
         pick = sorted(rng.choice(len(candidates), min(cfg.n_reference_tiles, len(candidates)), replace=False))
         images, where = [], []
-        readers: dict[str, TileReader] = {}
+        readers: dict[tuple, SlideReader] = {}
         for i in pick:
             path, row = candidates[i]
-            reader = readers.setdefault(path, TileReader(path[0], slide_id=row["slide_id"], colour_fix=path[1]))
-            images.append(reader.read(row))
+            if path not in readers:
+                readers[path] = open_slide(path[0], row["slide_id"], path[1])
+            images.append(readers[path].read_tile(row))
             where.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
         for r in readers.values():
             r.close()

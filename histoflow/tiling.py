@@ -2,7 +2,7 @@
 
 Only metadata is needed to tile: the slide JSON (size, levels, µm/px) and the tissue mask (a
 low-resolution PNG). The slide itself is opened only to export tile images or, later, by the
-feature extractor through :func:`read_tile`. Memory is therefore bounded by the mask size,
+feature extractor through :meth:`histoflow.wsi.SlideReader.read_tile`. Memory is therefore bounded by the mask size,
 whatever the slide size.
 
 Geometry (all coordinates at level 0):
@@ -11,8 +11,8 @@ Geometry (all coordinates at level 0):
   * Tile ``(col, row)`` has top-left ``(col * stride0, row * stride0)``; only tiles lying
     entirely inside the slide are made.
   * Tiles are read from the coarsest level that is at least as fine as ``target_mpp``
-    (:func:`histoflow.slide.best_level_for_mpp`), ``read_w x read_h`` px at that level, then
-    downscaled to ``tile_px`` (never upscaled beyond :data:`MPP_TOLERANCE`).
+    (:func:`histoflow.wsi.best_level_for_mpp`), ``read_w x read_h`` px at that level, then
+    downscaled to ``tile_px`` (never upscaled beyond :data:`histoflow.wsi.MPP_TOLERANCE`).
 
 ``tissue_fraction`` is the exact area fraction of the tile covered by the mask (bilinear
 interpolation of the mask's integral image is exact for a piecewise-constant mask), computed for
@@ -32,40 +32,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import InputError, SlideError
-from .io import atomic_path, read_grey_png, read_json, write_parquet
+from .io import read_grey_png, read_json
 from .logs import get_logger
-from .slide import best_level_for_mpp
+from .tiles_table import (TILE_COLUMNS, _column, _repeated_string, empty_tiles_table, read_tiles_table,  # noqa: F401
+                          tiles_schema, write_tiles_table)
+from .tile_preview import preview_canvas, write_tile_preview, _read_overlay_or_none
+from .wsi import MPP_TOLERANCE, best_level_for_mpp, open_slide, same_mpp
 
 log = get_logger(__name__)
 
-# A level whose µm/px is within 2 % of the target serves it: scanner calibrations scatter by
-# about that much (0.2527 µm/px "40x" slides must serve a 0.25 request).
-MPP_TOLERANCE = 0.02
-
 IMAGE_FORMATS = {"jpeg": ".jpg", "png": ".png"}
-
-
-def _schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("slide_id", pa.string()),
-        ("x", pa.int64()),
-        ("y", pa.int64()),
-        ("read_level", pa.int16()),
-        ("read_w", pa.int32()),
-        ("read_h", pa.int32()),
-        ("target_mpp", pa.float64()),
-        ("tile_px", pa.int32()),
-        ("tissue_fraction", pa.float32()),
-        ("col", pa.int32()),
-        ("row", pa.int32()),
-        ("size0", pa.int32()),
-    ])
-
-
-TILE_COLUMNS = ("slide_id", "x", "y", "read_level", "read_w", "read_h", "target_mpp", "tile_px",
-                "tissue_fraction", "col", "row", "size0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,8 +78,9 @@ class TilingSettings:
     def check(self) -> None:
         if not self.mpp or any(m <= 0 for m in self.mpp):
             raise InputError(f"config key 'tiling.mpp': {list(self.mpp)} must be a non-empty list of positive µm/px, e.g. [0.5]")
-        if len(set(self.mpp)) != len(self.mpp):
-            raise InputError(f"config key 'tiling.mpp': {list(self.mpp)} lists a resolution twice; give each µm/px once")
+        if any(same_mpp(a, b) for i, a in enumerate(self.mpp) for b in self.mpp[i + 1:]):
+            raise InputError(f"config key 'tiling.mpp': {list(self.mpp)} lists a resolution twice (µm/px within "
+                             f"{MPP_TOLERANCE:.0%} are one resolution); give each µm/px once")
         if self.tile_px < 1:
             raise InputError(f"config key 'tiling.tile_px': {self.tile_px} must be >= 1 (e.g. 224 or 256)")
         if not 0 <= self.overlap_px < self.tile_px:
@@ -169,47 +146,6 @@ def grid_coordinates(spec: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """``(x, y, col, row)`` of every grid tile, row-major (sorted by y then x)."""
     rows, cols = np.divmod(np.arange(spec.n_tiles, dtype=np.int64), max(spec.n_cols, 1))
     return cols * spec.stride0_x, rows * spec.stride0_y, cols, rows
-
-
-def integral_image(mask: np.ndarray) -> np.ndarray:
-    """Summed-area table with a zero first row/column: ``S[i, j] = mask[:i, :j].sum()``."""
-    binary = (np.asarray(mask) > 0)
-    # int32 holds up to 2**31 mask px (a 46k x 46k mask): far above any sane mask size
-    dtype = np.int32 if binary.size < 2**31 else np.int64
-    table = np.zeros((binary.shape[0] + 1, binary.shape[1] + 1), dtype=dtype)
-    np.cumsum(binary, axis=0, dtype=dtype, out=table[1:, 1:])
-    np.cumsum(table[1:, 1:], axis=1, dtype=dtype, out=table[1:, 1:])
-    return table
-
-
-def _integral_at(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Integral of the mask over [0, u) x [0, v) (u along columns, v along rows) at fractional
-    mask coordinates: bilinear interpolation of the summed-area table, exact for a
-    piecewise-constant mask."""
-    h, w = table.shape[0] - 1, table.shape[1] - 1
-    u = np.clip(u, 0.0, w)
-    v = np.clip(v, 0.0, h)
-    j0 = np.minimum(np.floor(u).astype(np.int64), max(w - 1, 0))
-    i0 = np.minimum(np.floor(v).astype(np.int64), max(h - 1, 0))
-    a = u - j0
-    b = v - i0
-    s00 = table[i0, j0].astype(np.float64)
-    s01 = table[i0, j0 + 1]
-    s10 = table[i0 + 1, j0]
-    s11 = table[i0 + 1, j0 + 1]
-    return s00 + a * (s01 - s00) + b * (s10 - s00) + a * b * (s11 - s10 - s01 + s00)
-
-
-def box_fractions(table: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
-    """Fraction of each box (mask px, fractional allowed) covered by the mask; outside the mask
-    counts as background."""
-    x0, y0, x1, y1 = (np.asarray(a, dtype=np.float64) for a in (x0, y0, x1, y1))
-    area = (x1 - x0) * (y1 - y0)
-    inside = (_integral_at(table, x1, y1) - _integral_at(table, x0, y1)
-              - _integral_at(table, x1, y0) + _integral_at(table, x0, y0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(area > 0, inside / area, 0.0)
-    return np.clip(frac, 0.0, 1.0)
 
 
 def _sums_between(a: np.ndarray, cuts: np.ndarray, axis: int, dtype, binary: bool = False) -> np.ndarray:
@@ -401,56 +337,6 @@ def sample_indices(n: int, cap: int | None, rng: np.random.Generator, priority: 
 # Table building (pure) and I/O
 
 
-def empty_tiles_table():
-    """A table with the full tiles schema and no rows (skipped slides, no tissue)."""
-    import pyarrow as pa
-
-    return pa.Table.from_pylist([], schema=_schema())
-
-
-# Columns are built from raw buffers: ``pa.array``/``pa.table`` import pandas (~0.3 s and ~75 MB
-# RSS per rule process) just to check whether their input is a pandas object.
-
-def _column(values: np.ndarray, dtype):
-    """A pyarrow array (no nulls) of ``values`` cast to the numpy ``dtype``, zero-copy."""
-    import pyarrow as pa
-
-    values = np.ascontiguousarray(values, dtype=dtype)
-    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
-
-
-NUMPY_OF_ARROW = {"int32": np.int32, "int64": np.int64, "float": np.float32, "double": np.float64}
-
-
-def _numpy_of(column) -> np.ndarray:
-    """A numeric pyarrow (chunked) array as numpy, nulls as NaN, read from its buffers:
-    ``to_numpy`` imports pandas, as ``pa.array`` does."""
-    if str(column.type) not in NUMPY_OF_ARROW:     # not a type the tiles schema uses: the slow path
-        values = column.to_numpy() if hasattr(column, "chunks") else column.to_numpy(zero_copy_only=False)
-        return values.astype(np.float64) if column.null_count else values
-    arrays = column.chunks if hasattr(column, "chunks") else [column]
-    parts = []
-    for arr in arrays:
-        dtype = np.dtype(NUMPY_OF_ARROW[str(arr.type)])
-        validity, data = arr.buffers()[:2]
-        values = np.frombuffer(data, dtype=dtype, count=arr.offset + len(arr))[arr.offset:] if len(arr) else \
-            np.empty(0, dtype)
-        if arr.null_count:
-            bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")[arr.offset:arr.offset + len(arr)]
-            values = np.where(bits.astype(bool), values, np.nan)
-        parts.append(values)
-    return np.concatenate(parts) if parts else np.empty(0)
-
-
-def _repeated_string(value: str, n: int):
-    """A pyarrow string array holding ``value`` ``n`` times."""
-    import pyarrow as pa
-
-    data = value.encode()
-    offsets = np.arange(n + 1, dtype=np.int32) * len(data)
-    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])
-
-
 def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_y: float, level_downsamples,
                       mask: np.ndarray, scale_x: float, scale_y: float, settings: TilingSettings,
                       seed: int = 0):
@@ -473,7 +359,7 @@ def build_tiles_table(slide_id: str, width: int, height: int, mpp_x: float, mpp_
         pick = sample_indices(len(x), settings.max_tiles_per_slide, rng)   # tissue only, no priority
         x, y, col, row, frac = x[pick], y[pick], col[pick], row[pick], frac[pick]
         n = len(x)
-        schema = _schema()
+        schema = tiles_schema()
         columns = {
             "slide_id": _repeated_string(slide_id, n),
             "x": _column(x, np.int64),
@@ -518,13 +404,13 @@ def tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int 
     A slide skipped upstream (status "skipped") gets an empty table with the full schema.
     Returns the per-resolution stats (also logged).
     """
-    return _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed, on_error)[0]
+    stats, table, metadata = _tiles_of_slide(slide_json, mask_png, tissue_json, settings, seed, on_error)
+    write_tiles_table(out_path, table, metadata)
+    return stats
 
 
-def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int, on_error: str,
-                write=write_parquet):
-    """:func:`tile_slide`, also returning the table it wrote (pyarrow). ``write(path, table,
-    metadata)`` writes the Parquet (the caller may hand it to another thread)."""
+def _tiles_of_slide(slide_json, mask_png, tissue_json, settings, seed: int, on_error: str):
+    """:func:`tile_slide`'s work before the write: ``(stats, pyarrow table, metadata)``."""
     start = time.perf_counter()
     settings = settings if isinstance(settings, TilingSettings) else TilingSettings.from_config(settings)
     meta = read_json(slide_json)
@@ -534,9 +420,7 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
 
     def write_empty(reason: str):
         log.warning("slide %s: no tiles (%s)", slide_id, reason)
-        empty = empty_tiles_table()
-        write(out_path, empty, _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason))
-        return {}, empty
+        return {}, empty_tiles_table(), _metadata(mpp_x, mpp_y, settings, {}, "skipped", reason)
 
     if meta.get("status") != "ok":
         return write_empty(f"slide skipped upstream: {meta.get('reason') or 'no reason given'}")
@@ -560,54 +444,13 @@ def _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed: int
 
     table, stats = build_tiles_table(slide_id, int(meta["width"]), int(meta["height"]), float(mpp_x), float(mpp_y),
                                      meta["level_downsamples"], mask, scale_x, scale_y, settings, seed)
-    write(out_path, table, _metadata(float(mpp_x), float(mpp_y), settings, stats, "ok", None))
+    metadata = _metadata(float(mpp_x), float(mpp_y), settings, stats, "ok", None)
     for mpp, st in stats.items():
         log.info("slide %s @ %s µm/px: level %d, size0 %d px, %d grid tiles, %d with tissue >= %.2f, %d kept",
                  slide_id, mpp, st["level"], st["size0"], st["grid"], st["tissue"],
                  settings.min_tissue_fraction, st["kept"])
     log.info("slide %s: %d tiles in %.3f s", slide_id, table.num_rows, time.perf_counter() - start)
-    return stats, table
-
-
-def read_tiles_table(path: str | os.PathLike):
-    """A tiles Parquet as a pandas DataFrame (all columns of the schema, in order). The schema
-    metadata (mpp_x, mpp_y, stride0, ...) is in ``frame.attrs["histoflow"]``."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    frame = table.to_pandas()
-    # an older table's extra columns (annotation_fraction, before bag tiles stopped reading
-    # annotations) follow the schema's
-    frame = frame[list(TILE_COLUMNS) + [c for c in frame.columns if c not in TILE_COLUMNS]]
-    raw = table.schema.metadata or {}
-    frame.attrs["histoflow"] = {k.decode()[len("histoflow."):]: v.decode() for k, v in raw.items()
-                                if k.decode().startswith("histoflow.")}
-    return frame
-
-
-# --------------------------------------------------------------------------------------------
-# Reading tiles
-
-
-def read_tile(slide, row) -> np.ndarray:
-    """One tile as ``(tile_px, tile_px, 3)`` uint8 RGB: ``read_w x read_h`` px at ``read_level``
-    (level-0 corner ``x, y``), downscaled to ``tile_px`` (box mean for integer factors, Lanczos
-    otherwise) when the level is finer than the target. ``slide`` is an open OpenSlide; ``row`` any mapping/row with the tiles columns."""
-    from PIL import Image
-
-    from .slide import read_rgb
-
-    tile_px = int(row["tile_px"])
-    rgb = read_rgb(slide, int(row["x"]), int(row["y"]), int(row["read_level"]), int(row["read_w"]), int(row["read_h"]))
-    if rgb.shape[0] == tile_px and rgb.shape[1] == tile_px:
-        return rgb
-    img = Image.fromarray(rgb)
-    h, w = rgb.shape[:2]
-    if w == h and w % tile_px == 0:
-        # exact integer factor (pyramid level twice as fine, the common case): a box mean is the
-        # correct anti-aliasing filter and several times faster than Lanczos
-        return np.asarray(img.reduce(w // tile_px))
-    return np.asarray(img.resize((tile_px, tile_px), Image.Resampling.LANCZOS))
+    return stats, table, metadata
 
 
 def tile_image_name(slide_id: str, x: int, y: int, mpp: float, image_format: str) -> str:
@@ -627,7 +470,6 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     from tqdm import tqdm
 
     from .io import inside_root, safe_remove
-    from .slide import open_slide
 
     out_dir = Path(out_dir)
     meta = read_json(slide_json)
@@ -645,10 +487,10 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
     try:
         if len(frame) and image_format != "none" and meta.get("status") == "ok":
-            slide = open_slide(meta["path"], slide_id, meta.get("colour_fix"))
+            slide = open_slide(meta["path"], slide_id, meta.get("colour_fix"), record=meta)
             try:
                 for row in tqdm(frame.to_dict("records"), desc=f"tiles {slide_id}", unit="tile", mininterval=5):
-                    img = Image.fromarray(read_tile(slide, row))
+                    img = Image.fromarray(slide.read_tile(row))
                     name = tile_image_name(slide_id, row["x"], row["y"], row["target_mpp"], image_format)
                     if image_format == "jpeg":
                         img.save(tmp / name, quality=90)
@@ -668,196 +510,6 @@ def export_tile_images(slide_json, tiles_path, out_dir, image_format: str = "jpe
     return n
 
 
-# --------------------------------------------------------------------------------------------
-# Preview
-
-
-# viridis at 17 evenly spaced stops (matplotlib's values, 0-255), interpolated linearly: within
-# 5/255 of the full map, and the preview (drawn in every tile_slide job) needs no matplotlib
-VIRIDIS_STOPS = np.array([
-    (68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134), (59, 82, 139), (51, 99, 141), (44, 114, 142),
-    (38, 130, 142), (33, 145, 140), (31, 160, 136), (40, 174, 128), (63, 188, 115), (94, 201, 98),
-    (132, 212, 75), (173, 220, 48), (216, 226, 25), (253, 231, 37)], dtype=np.float64)
-
-
-def viridis(values: np.ndarray) -> np.ndarray:
-    """RGB (int, 0-255) of ``values`` in [0, 1] on the viridis colour map."""
-    v = np.clip(np.nan_to_num(np.asarray(values, np.float64)), 0.0, 1.0)
-    stops = np.linspace(0.0, 1.0, len(VIRIDIS_STOPS))
-    return np.stack([np.interp(v, stops, VIRIDIS_STOPS[:, k]) for k in range(3)], axis=-1).round().astype(int)
-
-
-PREVIEW_COLUMNS = ("target_mpp", "x", "y", "size0", "tissue_fraction")
-
-
-def _preview_columns(tiles) -> dict[str, np.ndarray]:
-    """The columns the preview draws, as numpy arrays, from a pyarrow Table or a DataFrame."""
-    names = tiles.column_names if hasattr(tiles, "column_names") else list(tiles.columns)
-    n = tiles.num_rows if hasattr(tiles, "num_rows") else len(tiles)
-    out = {}
-    for name in PREVIEW_COLUMNS:
-        if name not in names:
-            out[name] = np.full(n, np.nan)
-        elif hasattr(tiles, "column_names"):
-            out[name] = _numpy_of(tiles.column(name))
-        else:
-            out[name] = tiles[name].to_numpy()
-    return out
-
-
-def _outline_pixels(x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cols, box index) of the 1 px outlines of boxes [x0, x1] x [y0, y1] (inclusive),
-    box by box in order (top, bottom, left, right): drawing them in one fancy-index assignment
-    lets a later box overwrite a shared edge, as drawing them one by one would."""
-    n = len(x0)
-    # int32: a preview is a few thousand px wide; half the memory of int64 temporaries
-    x0, y0, x1, y1 = (np.asarray(a, np.int32) for a in (x0, y0, x1, y1))
-    w, h = x1 - x0 + 1, y1 - y0 + 1
-    # per box and side: start (col, row), step (dcol, drow), length
-    sc = np.stack([x0, x0, x0, x1], axis=1).ravel()
-    sr = np.stack([y0, y1, y0, y0], axis=1).ravel()
-    dc = np.tile(np.array([1, 1, 0, 0], np.int32), n)
-    dr = np.tile(np.array([0, 0, 1, 1], np.int32), n)
-    length = np.stack([w, w, h, h], axis=1).ravel()
-    total = int(length.sum())
-    starts = np.repeat(np.cumsum(length, dtype=np.int32) - length, length)
-    step = np.arange(total, dtype=np.int32) - starts
-    rows = np.repeat(sr, length) + np.repeat(dr, length) * step
-    cols = np.repeat(sc, length) + np.repeat(dc, length) * step
-    return rows, cols, np.repeat(np.arange(n, dtype=np.int32), 2 * (w + h))
-
-
-PREVIEW_HEADER_PX, PREVIEW_GAP_PX = 18, 8
-
-
-def _preview_background(background: np.ndarray, max_px: int) -> np.ndarray:
-    """The thumbnail as uint8 RGB, shrunk so its longer side is at most ``max_px``."""
-    from PIL import Image
-
-    base = np.asarray(background, np.uint8)
-    if base.ndim == 2:
-        base = np.repeat(base[..., None], 3, axis=2)
-    base = base[..., :3]
-    scale = min(1.0, max_px / max(base.shape[:2])) if max(base.shape[:2]) else 1.0
-    if scale < 1.0:
-        bg = Image.fromarray(np.ascontiguousarray(base))
-        bg = bg.resize((max(1, int(bg.width * scale)), max(1, int(bg.height * scale))), Image.Resampling.BILINEAR)
-        base = np.asarray(bg)
-    return base
-
-
-def preview_canvas(background: np.ndarray, n_panels: int, max_px: int = 1600) -> np.ndarray:
-    """The preview before any tile is drawn: white, with the thumbnail under each panel's
-    header. Apart from the drawing so that the tiling step makes it while the grid is computed."""
-    base = _preview_background(background, max_px)
-    ph, pw = base.shape[:2]
-    out = np.full((ph + PREVIEW_HEADER_PX, n_panels * (pw + PREVIEW_GAP_PX) - PREVIEW_GAP_PX, 3), 255, np.uint8)
-    for k in range(n_panels):
-        out[PREVIEW_HEADER_PX:, k * (pw + PREVIEW_GAP_PX):k * (pw + PREVIEW_GAP_PX) + pw] = base
-    return out
-
-
-def _has_panels(canvas: np.ndarray, n_panels: int, background: np.ndarray, max_px: int) -> bool:
-    """Whether ``canvas`` is :func:`preview_canvas` of this background with ``n_panels`` panels."""
-    h, w = np.shape(background)[:2]
-    scale = min(1.0, max_px / max(h, w)) if max(h, w) else 1.0
-    ph, pw = (max(1, int(h * scale)), max(1, int(w * scale))) if scale < 1.0 else (h, w)
-    return canvas.shape == (ph + PREVIEW_HEADER_PX, n_panels * (pw + PREVIEW_GAP_PX) - PREVIEW_GAP_PX, 3)
-
-
-def tile_preview_image(background: np.ndarray, tiles, width: int, height: int, max_px: int = 1600,
-                       canvas: np.ndarray | None = None) -> np.ndarray:
-    """The tile grid over a slide thumbnail, one panel per resolution (uint8 RGB): outlines
-    coloured by tissue fraction (viridis); annotations are not drawn (the tiling step never reads
-    them). ``background`` covers the whole slide (``width x height`` level-0 px); ``tiles``: a
-    tiles table (pyarrow Table or pandas DataFrame). Drawn with array operations (a slide has thousands of tiles), in place
-    in ``canvas`` (:func:`preview_canvas` of ``background``) when it has one panel per resolution."""
-    from PIL import Image, ImageDraw
-
-    cols = _preview_columns(tiles)
-    mpps = list(dict.fromkeys(cols["target_mpp"].tolist())) or [None]
-    if canvas is None or not canvas.flags.c_contiguous or not _has_panels(canvas, len(mpps), background, max_px):
-        canvas = preview_canvas(background, len(mpps), max_px)
-    out = canvas
-    gap, header_h = PREVIEW_GAP_PX, PREVIEW_HEADER_PX
-    ph = out.shape[0] - header_h
-    pw = (out.shape[1] + gap) // len(mpps) - gap
-    sx, sy = pw / max(width, 1), ph / max(height, 1)
-    for k, mpp in enumerate(mpps):
-        left = k * (pw + gap)
-        sel = np.ones(len(cols["x"]), bool) if mpp is None else cols["target_mpp"] == mpp
-        n_sel = int(sel.sum())
-        if n_sel:
-            x, y, size0 = cols["x"][sel], cols["y"][sel], cols["size0"][sel]
-            x0 = (x * sx).astype(np.int64)
-            y0 = (y * sy).astype(np.int64)
-            x1 = np.maximum(((x + size0) * sx).astype(np.int64) - 1, x0)
-            y1 = np.maximum(((y + size0) * sy).astype(np.int64) - 1, y0)
-            colours = viridis(cols["tissue_fraction"][sel]).astype(np.uint8)
-            rows, cc, box = _outline_pixels(x0, y0, x1, y1)
-            inside = (rows >= 0) & (rows < ph) & (cc >= 0) & (cc < pw)
-            if not inside.all():
-                rows, cc, box = rows[inside], cc[inside], box[inside]
-            # one flat assignment of 3-byte pixels (out is contiguous): ~2x faster than a 2-D
-            # fancy index of RGB rows; a later box still overwrites an earlier one's edge
-            at = (rows.astype(np.intp) + header_h) * out.shape[1] + cc + left
-            out.reshape(-1).view("V3")[at] = colours.reshape(-1).view("V3")[box]
-        # PIL's default font is ASCII only: "um/px"
-        label = ("no tiles" if mpp is None else
-                 f"{mpp:g} um/px: {n_sel} tiles (outline: tissue fraction, viridis)")
-        header = Image.new("RGB", (pw, header_h), (255, 255, 255))
-        ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
-        out[:header_h, left:left + pw] = np.asarray(header)
-    return out
-
-
-def _read_overlay(overlay_jpg) -> np.ndarray | None:
-    from PIL import Image
-
-    if not overlay_jpg or not Path(overlay_jpg).exists():
-        return None
-    with Image.open(overlay_jpg) as img:
-        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-
-
-def _read_overlay_or_none(overlay_jpg) -> np.ndarray | None:
-    """:func:`_read_overlay`, None when unreadable: decided later, once the slide's status is
-    known (a skipped slide's preview ignores it; an ok slide's preview reads it again and fails)."""
-    try:
-        return _read_overlay(overlay_jpg)
-    except OSError:
-        return None
-
-
-def write_tile_preview(slide_json, tiles, overlay_jpg, out_path, max_px: int = 1600,
-                       background: np.ndarray | None = None, canvas: np.ndarray | None = None) -> None:
-    """The tile grid drawn over the tissue overlay (for the report and for a quick look at what
-    will be extracted). ``tiles``: the tiles Parquet's path, or the table itself. A skipped slide
-    gets a small blank image. ``background``: the overlay, when the caller has read it already;
-    ``canvas``: its :func:`preview_canvas`, drawn on in place."""
-    from PIL import Image
-
-    meta = read_json(slide_json)
-    if isinstance(tiles, (str, os.PathLike)):
-        import pyarrow.parquet as pq
-
-        tiles = pq.read_table(tiles)
-    width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
-    if meta.get("status") != "ok" or not width or not height:
-        background = canvas = None
-    elif background is None:
-        background, canvas = _read_overlay(overlay_jpg), None
-    if background is None:
-        background = np.full((256, 256, 3), 255, np.uint8)
-        width = width or 256
-        height = height or 256
-    image = tile_preview_image(background, tiles, width, height, max_px, canvas=canvas)
-    with atomic_path(out_path) as tmp:
-        Image.fromarray(image).save(tmp, format="JPEG", quality=90)
-    log.info("slide %s: tile preview %s (%d x %d px)", meta.get("slide_id"), out_path, image.shape[1], image.shape[0])
-
-
 def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_path, preview_path, settings,
                             seed: int = 0, on_error: str = "fail") -> dict:
     """Rule `tile_slide`: the tile table, then its preview. One job per slide rather than two:
@@ -875,12 +527,10 @@ def tile_slide_with_preview(slide_json, mask_png, tissue_json, overlay_jpg, out_
     # computed, then writes the Parquet while the tiles are drawn (both release the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
         overlay = pool.submit(overlay_and_canvas)
-        written = []
-        stats, table = _tile_slide(slide_json, mask_png, tissue_json, out_path, settings, seed,
-                                   on_error, write=lambda *args: written.append(pool.submit(write_parquet, *args)))
+        stats, table, metadata = _tiles_of_slide(slide_json, mask_png, tissue_json, settings, seed, on_error)
+        written = pool.submit(write_tiles_table, out_path, table, metadata)
         background, canvas = overlay.result()
         write_tile_preview(slide_json, table, overlay_jpg, preview_path, background=background,  # the table in hand
                            canvas=canvas)
-        for future in written:
-            future.result()
+        written.result()
     return stats

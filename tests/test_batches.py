@@ -167,15 +167,11 @@ def test_every_per_slide_rule_has_a_step_and_its_script_runs_it():
     assert slide_jobs.SLIDE_STEPS is SLIDE_STEPS
 
 
-def test_a_step_imports_what_it_declares_before_it_starts_and_exempts_it_from_garbage_collection():
-    """A rule's process imports its stack first (start-up, paid once per batch job), then freezes
-    it, so the step's allocations never trigger a full collection over tens of thousands of
-    long-lived module objects."""
+def test_a_step_imports_what_it_declares_before_it_starts():
+    """A rule's process imports its stack first (start-up, paid once per batch job)."""
     code = ("import gc, sys\n"
             "from histoflow.slide_jobs import STEP_IMPORTS, prepare_step\n"
-            "assert gc.get_freeze_count() == 0\n"
             "prepare_step('detect_tissue')\n"
             "assert all(m in sys.modules for m in STEP_IMPORTS['detect_tissue'])\n"
-            "assert gc.get_freeze_count() > 10000, gc.get_freeze_count()\n"
             "assert set(STEP_IMPORTS) <= set(__import__('histoflow.slide_jobs').slide_jobs.SLIDE_STEPS)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

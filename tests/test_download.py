@@ -367,7 +367,7 @@ def test_local_file_is_linked_not_copied_and_md5_only_when_asked(tmp_path, monke
         raise AssertionError("md5 of a local file computed without a sheet md5")
 
     with monkeypatch.context() as m:
-        m.setattr(dl, "md5_file", no_md5)
+        m.setattr(dl, "file_md5", no_md5)
         manifest, dest = run(tmp_path, str(src))
     link = dest / "slide.svs"
     assert link.is_symlink() and os.readlink(link) == str(src) and manifest["path"] == str(link.absolute())

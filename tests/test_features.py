@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from histoflow import features as F
+from histoflow.wsi import OpenSlideReader, SlideReader, open_slide
 from histoflow.errors import InputError
 from histoflow.io import write_json, write_parquet
 from histoflow.stain import fit_stain_for_cohort, od_to_rgb
@@ -116,9 +117,9 @@ def test_features_are_the_encoder_applied_to_the_tiles(cohort):
     enc = tiny_encoder()
     out, _ = run(root, "f32.parquet", enc, {"dtype": "float32"})
     coords, feats = F.read_features(out)
-    reader = F.TileReader(root / "s1.tiff")
+    reader = open_slide(root / "s1.tiff")
     row = F.load_tiles(root / "s1.tiles.parquet", 0.5).iloc[5]
-    tile = reader.read(row)
+    tile = reader.read_tile(row)
     assert tile.shape == (64, 64, 3)
     from PIL import Image
 
@@ -160,15 +161,15 @@ def test_slide_without_tiles_at_the_feature_resolution_gives_an_empty_table(coho
 
 def test_a_tile_that_fails_to_decode_is_dropped_and_counted(cohort, monkeypatch):
     root, tiles = cohort
-    real = F.TileReader.read_pil
+    real = SlideReader.read_tile
     bad_x = int(tiles["x"].iloc[3]), int(tiles["y"].iloc[3])
 
-    def flaky(self, x, y, *args):
-        if (x, y) == bad_x:
+    def flaky(self, row, *args):
+        if (row["x"], row["y"]) == bad_x:
             raise OSError("JPEG decode error: corrupt data")
-        return real(self, x, y, *args)
+        return real(self, row, *args)
 
-    monkeypatch.setattr(F.TileReader, "read_pil", flaky)
+    monkeypatch.setattr(SlideReader, "read_tile", flaky)
     # under features.max_failed_tile_fraction (tests/test_failed_tiles.py: above it)
     out, meta = run(root, "drop.parquet", settings={"max_failed_tile_fraction": 0.5})
     coords, feats = F.read_features(out)
@@ -240,29 +241,15 @@ def test_stain_normalisation_is_applied_and_recorded(cohort):
     assert normed.shape == plain.shape and not np.allclose(normed, plain)
 
 
-def test_reader_matches_the_tiling_stage_reader_on_a_real_slide(shared_data):
-    """Same pixels as histoflow.tiling.read_tile (no resize needed: level read at tile size)."""
-    import openslide
-
-    from histoflow.tiling import read_tile
-
-    path = shared_data / "slides" / "CMU-1-Small-Region.svs"
-    row = dict(x=512, y=768, read_level=0, read_w=224, read_h=224, tile_px=224)
-    ours = F.TileReader(path).read(row)
-    with openslide.OpenSlide(str(path)) as slide:
-        theirs = read_tile(slide, row)
-    np.testing.assert_array_equal(ours, theirs)
-
-
-def test_fast_jpeg_path_gives_openslide_pixels_and_falls_back_when_unaligned(cohort):
-    import openslide
-
+def test_tiles_give_openslide_pixels_aligned_or_not(cohort):
+    """The features dataset's reader decodes the stored JPEG tiles that cover a request and
+    crops: aligned, unaligned, smaller than a stored tile or overhanging, OpenSlide's pixels."""
     root, _ = cohort
-    reader = F.TileReader(root / "s1.tiff")
-    assert reader.jpeg is not None and 1 in reader.jpeg.levels  # the fast path is on for this pyramid
-    with openslide.OpenSlide(str(root / "s1.tiff")) as slide:
-        for x, y, level, w in [(512, 256, 1, 256), (0, 0, 0, 256), (100, 60, 1, 256), (512, 512, 1, 64)]:
-            ours = np.asarray(reader.read_pil(x, y, level, w, w, w))
-            plain = np.asarray(slide.read_region((x, y), level, (w, w)).convert("RGB"))
-            np.testing.assert_array_equal(ours, plain)
-    assert reader.jpeg.read(100, 60, 1, 256, 256) is None  # unaligned: served by OpenSlide
+    reader = open_slide(root / "s1.tiff")
+    assert 1 in reader.pages and reader._level_ok(1)       # the fast path is on for this pyramid
+    with OpenSlideReader(root / "s1.tiff") as plain:
+        for x, y, level, w in [(512, 256, 1, 256), (0, 0, 0, 256), (100, 60, 1, 256), (512, 512, 1, 64),
+                               (300, 900, 1, 224)]:
+            ours = reader.read_region(x, y, level, w, w)
+            np.testing.assert_array_equal(ours, plain.read_region(x, y, level, w, w))
+    assert reader._region(101, 60, 1, 256, 256, 255) is None   # level-1 position 50.5: OpenSlide's

@@ -233,10 +233,9 @@ def test_label_and_macro_images_are_never_read(tmp_path, shared_data, monkeypatc
     slide QC, tissue detection, tiling and tile images run with both made unreadable, and only
     their names reach the slide record."""
     import openslide
-    import pyvips
 
-    from histoflow.tiff import read_tiff_pages
     from histoflow.tiling import export_tile_images, tile_slide_with_preview
+    from histoflow.wsi.tiff_jpeg import TiffJpegReader
     from test_tissue import run_rule, slide_json
 
     path = shared_data / "slides" / "CMU-1-Small-Region.svs"
@@ -246,17 +245,16 @@ def test_label_and_macro_images_are_never_read(tmp_path, shared_data, monkeypatc
     def refuse(*args, **kwargs):
         raise AssertionError("an associated image (label/macro/thumbnail) was read")
 
-    real_tiffload = pyvips.Image.tiffload
+    real_decode = TiffJpegReader._decode
     pages_read = []
 
-    def tiffload(file, page=0, **kwargs):   # libvips may read pyramid pages only (tiled)
-        pages = read_tiff_pages(file, page)
-        pages_read.append(page)
-        assert pages is not None and pages[-1].tiled, f"page {page} of {file} is not a pyramid level"
-        return real_tiffload(file, page=page, **kwargs)
+    def decode(self, page, index):         # the tiles' backend may decode pyramid levels only
+        pages_read.append((page.width, page.height))
+        assert (page.width, page.height) in self.level_dimensions, "a page that is not a pyramid level was read"
+        return real_decode(self, page, index)
 
     monkeypatch.setattr(openslide.lowlevel, "read_associated_image", refuse)
-    monkeypatch.setattr(pyvips.Image, "tiffload", staticmethod(tiffload))
+    monkeypatch.setattr(TiffJpegReader, "_decode", decode)
     sj = slide_json(tmp_path, "cmu", path)
     record = json.loads(sj.read_text())
     assert record["status"] == "ok" and {"label", "macro"} <= set(record["associated_images"])

@@ -12,7 +12,8 @@ from PIL import Image
 from histoflow.config import validate_config
 from histoflow.errors import SlideError
 from histoflow.io import read_json, write_json
-from histoflow.slide_qc import check_colour_space, jpeg_colour_space, write_slide_metadata
+from histoflow.slide_qc import write_slide_metadata
+from histoflow.wsi import SlideReader, check_colour_space, jpeg_colour_space
 
 
 def _jpeg(mode: str = "RGB", **save) -> bytes:
@@ -30,18 +31,18 @@ def test_jpeg_markers_say_which_colour_space_the_frames_are():
     assert jpeg_colour_space(_jpeg("L")) is None and jpeg_colour_space(b"no jpeg here") is None
 
 
-class FakeSlide:
-    """An OpenSlide-like handle serving one image, for the colour check."""
+class FakeSlide(SlideReader):
+    """A reader serving one image as its backend's raw pixels, for the colour check."""
 
-    def __init__(self, rgb: np.ndarray):
+    def __init__(self, rgb: np.ndarray, path="none", properties=None):
+        super().__init__(path)
         self.rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
         self.level_dimensions = [(rgb.shape[1], rgb.shape[0])]
         self.level_downsamples = [1.0]
-        self.level_count = 1
+        self.properties = dict(properties or {})
 
-    def read_region(self, location, level, size):
-        x, y = location
-        return Image.fromarray(self.rgba[y:y + size[1], x:x + size[0]])
+    def _read_rgba(self, x, y, level, w, h):
+        return self.rgba[y:y + h, x:x + w]
 
 
 def _tissue_on_glass() -> np.ndarray:
@@ -52,9 +53,9 @@ def _tissue_on_glass() -> np.ndarray:
 
 def test_ycbcr_read_as_rgb_is_found_and_rgb_is_left_alone(tmp_path):
     rgb = _tissue_on_glass()
-    assert check_colour_space(FakeSlide(rgb), "s", tmp_path / "none", {})["colour_fix"] is None
+    assert check_colour_space(FakeSlide(rgb, tmp_path / "none"), "s")["colour_fix"] is None
     as_ycbcr = np.asarray(Image.fromarray(rgb).convert("YCbCr"))     # what OpenSlide hands back
-    found = check_colour_space(FakeSlide(as_ycbcr), "s", tmp_path / "none", {})
+    found = check_colour_space(FakeSlide(as_ycbcr, tmp_path / "none"), "s")
     assert found["colour_fix"] == "ycbcr_to_rgb" and found["colour_check"]["glass_chroma_as_read"] > 40
 
 
@@ -63,18 +64,18 @@ def test_a_container_that_contradicts_its_frames_and_unclear_pixels_is_refused(t
     dcm.write_bytes(b"\0" * 132 + b"DICM" + _jpeg())
     tinted = np.full((200, 200, 3), (230, 180, 120), np.uint8)      # neither reading gives grey glass
     with pytest.raises(SlideError, match="PhotometricInterpretation says RGB.*on_error: skip"):
-        check_colour_space(FakeSlide(tinted), "s", dcm, {"dicom.PhotometricInterpretation": "RGB"})
+        check_colour_space(FakeSlide(tinted, dcm, {"dicom.PhotometricInterpretation": "RGB"}), "s")
     # the same file with grey glass as read: OpenSlide converted it, nothing to fix
-    ok = check_colour_space(FakeSlide(_tissue_on_glass()), "s", dcm, {"dicom.PhotometricInterpretation": "RGB"})
+    ok = check_colour_space(FakeSlide(_tissue_on_glass(), dcm, {"dicom.PhotometricInterpretation": "RGB"}), "s")
     assert ok["colour_fix"] is None and "PhotometricInterpretation" in ok["colour_check"]["container"]
 
 
 @pytest.fixture(scope="module")
 def pair(shared_data, tmp_path_factory):
     """CMU-1-Small-Region as SVS and as DICOM, through slide QC, tissue and tiling."""
-    from histoflow.slide import open_slide
-    from histoflow.tiling import read_tile, read_tiles_table, tile_slide
+    from histoflow.tiling import read_tiles_table, tile_slide
     from histoflow.tissue import detect_tissue_for_slide
+    from histoflow.wsi import open_slide
 
     svs = shared_data / "slides" / "CMU-1-Small-Region.svs"
     dcm_dir = shared_data / "slides" / "dicom-cmu-1-small-region"
@@ -96,8 +97,8 @@ def pair(shared_data, tmp_path_factory):
         tile_slide(root / f"{sid}.json", root / f"{sid}.png", root / f"{sid}.tissue.json", root / f"{sid}.parquet",
                    cfg["tiling"])
         tiles = read_tiles_table(root / f"{sid}.parquet")
-        slide = open_slide(path, sid, record.get("colour_fix"))
-        images = [read_tile(slide, row) for row in tiles.to_dict("records")]
+        slide = open_slide(path, sid, record.get("colour_fix"), record=record)
+        images = [slide.read_tile(row) for row in tiles.to_dict("records")]
         slide.close()
         result[sid] = {"record": record, "tissue": read_json(root / f"{sid}.tissue.json"), "tiles": tiles,
                        "images": images, "root": root}
@@ -149,3 +150,48 @@ def test_features_see_the_dicom_in_rgb(pair):
         assert len(feats) == len(pair[sid]["tiles"])
         colours[sid] = feats.mean(axis=0) * 255
     assert np.abs(colours["dcm"] - colours["svs"]).max() < 6, colours
+
+
+# the DICOM's coarse levels are point samples; its mask at the default resolution is the block
+# mean of a finer level (tissue.SUBSAMPLED_VENDORS), which brings it within this of the SVS's
+DEFAULT_MASK_AREA_TOLERANCE = 0.05
+
+
+@pytest.mark.shared
+def test_at_the_default_mask_resolution_both_formats_give_the_same_tissue_area(pair):
+    """tissue.mask_mpp at its default (16 µm/px): the SVS's mask is its level 0 shrunk by 32, the
+    DICOM's would be its level 5, one level-0 pixel in 32 x 32 (11 % less tissue); it is read
+    from a level at least 4x finer instead and averaged down."""
+    from histoflow.tissue import detect_tissue_for_slide
+
+    cfg = validate_config({"samples": "x.tsv"})
+    assert cfg["tissue"]["mask_mpp"] == 16
+    areas = {}
+    for sid in ("svs", "dcm"):
+        root = pair[sid]["root"]
+        stats = detect_tissue_for_slide(root / f"{sid}.json", root / f"{sid}.16.png", root / f"{sid}.16.geojson",
+                                        root / f"{sid}.16.overlay.jpg", root / f"{sid}.16.tissue.json", cfg["tissue"])
+        assert stats["mask_mpp"] == pytest.approx(16, rel=0.05)
+        areas[sid] = stats["tissue_area_mm2"]
+    assert abs(areas["dcm"] - areas["svs"]) / areas["svs"] < DEFAULT_MASK_AREA_TOLERANCE, areas
+
+
+def test_glass_chroma_from_histograms_is_the_median_over_the_brightest_tenth():
+    """The colour check's statistic, computed from histograms, equals its definition:
+    median(max - min channel) over the pixels with luma >= the 0.9 quantile (numpy's)."""
+    from histoflow.wsi.colour import _chroma_of_glass
+
+    def definition(rgb):
+        pixels = rgb.reshape(-1, 3).astype(np.int16)
+        luma = pixels.sum(axis=1)
+        bright = pixels[luma >= np.quantile(luma, 0.9)]
+        return float(np.median(bright.max(axis=1) - bright.min(axis=1)))
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 11, 257, 12345):
+        for k in range(12):
+            x = rng.integers(0, 256, (n, 3), dtype=np.uint8) if k % 3 else \
+                np.clip(rng.normal(230, 8, (n, 3)), 0, 255).astype(np.uint8)
+            if k % 4 == 3:
+                x[:] = x[0]                         # ties everywhere
+            assert _chroma_of_glass(x) == definition(x), (n, k)

@@ -1,26 +1,28 @@
-"""Reading a whole low-resolution level for the tissue mask: the libvips fast path must give
-OpenSlide's pixels exactly, and must step aside for every slide it cannot read the same way."""
+"""Reading slides through histoflow.wsi: the tifffile backend (JPEG tiles decoded from the TIFF
+pages) must give OpenSlide's pixels exactly, for whole levels and for any region, and must step
+aside for every slide it cannot read the same way; only histoflow/wsi imports the readers."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from histoflow.io import read_json, write_json
-from histoflow.slide import open_slide, read_whole_level_fast
 from histoflow.slide_qc import write_slide_metadata
+from histoflow.wsi import OpenSlideReader, TiffJpegReader, open_slide
 
 pyvips = pytest.importorskip("pyvips")
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def openslide_level(path, level) -> np.ndarray:
-    slide = open_slide(path)
-    try:
-        rgba = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]))
-    finally:
-        slide.close()
+    with OpenSlideReader(path) as slide:
+        rgba = slide.read_rgba(0, 0, level, *slide.level_dimensions[level])
     assert rgba[..., 3].min() == 255            # fully scanned: the comparison is on RGB
     return rgba[..., :3]
 
@@ -44,19 +46,44 @@ def jpeg_pyramid(tmp_path):
     return path
 
 
+def assert_regions_match_openslide(path, level: int, rng, n: int = 12, size: int = 224) -> None:
+    """Unaligned regions (a 224-px tile on 256/240-px stored tiles), some overhanging the
+    level's edge, equal OpenSlide's read, unscanned areas included."""
+    fast, ref = open_slide(path), OpenSlideReader(path)
+    assert isinstance(fast, TiffJpegReader) and level in fast.pages
+    w, h = fast.level_dimensions[level]
+    ds = fast.level_downsamples[level]
+    for _ in range(n):
+        lx, ly = int(rng.integers(-size // 2, w)), int(rng.integers(-size // 2, h))
+        x, y = int(lx * ds), int(ly * ds)
+        got, seen = fast.read_region(x, y, level, size, size, with_scanned=True)
+        want, want_seen = ref.read_region(x, y, level, size, size, with_scanned=True)
+        assert np.array_equal(got, want) and np.array_equal(np.asarray(seen), want_seen), (lx, ly)
+    fast.close()
+    ref.close()
+
+
 def test_every_level_of_a_generic_tiff_reads_exactly_as_openslide(tmp_path, jpeg_pyramid):
     meta = slide_meta(tmp_path, jpeg_pyramid)
     assert meta["vendor"] == "generic-tiff" and meta["level_count"] >= 3
+    reader = open_slide(jpeg_pyramid, record=meta)
+    assert isinstance(reader, TiffJpegReader) and sorted(reader.pages) == list(range(meta["level_count"]))
+    rng = np.random.default_rng(0)
     for level in range(meta["level_count"]):
-        rgb, scanned = read_whole_level_fast(jpeg_pyramid, meta["vendor"], meta["level_dimensions"], level)
+        rgb, scanned = reader.read_level(level)
         assert np.array_equal(rgb, openslide_level(jpeg_pyramid, level)) and scanned.all()
+        assert_regions_match_openslide(jpeg_pyramid, level, rng, n=4)
+    assert reader._slide is None          # YCbCr pages: OpenSlide never opened, the tiles served it all
 
 
 def assert_aperio_reads_as_openslide(tmp_path, path):
     meta = slide_meta(tmp_path, path)
     assert meta["vendor"] == "aperio"
-    rgb, _ = read_whole_level_fast(path, "aperio", meta["level_dimensions"], 0)
+    reader = open_slide(path, record=meta)
+    rgb, _ = reader.read_level(0)
     assert np.array_equal(rgb, openslide_level(path, 0))
+    assert reader._checked.get(0) in (None, True)          # an RGB page passed its one probe
+    assert_regions_match_openslide(path, 0, np.random.default_rng(1))
 
 
 def test_aperio_svs_fixture_reads_exactly_as_openslide(tmp_path, openslide_fixtures):
@@ -64,35 +91,33 @@ def test_aperio_svs_fixture_reads_exactly_as_openslide(tmp_path, openslide_fixtu
 
 
 def test_real_aperio_svs_reads_exactly_as_openslide(tmp_path, shared_data):
-    """A real scan: JPEG tiles in YCbCr, with thumbnail, label and macro pages beside the level."""
-    assert_aperio_reads_as_openslide(tmp_path, shared_data / "slides" / "CMU-1-Small-Region.svs")
+    """A real scan: RGB JPEG tiles of 240 px (component ids that libjpeg would read as YCbCr),
+    with thumbnail, label and macro pages beside the level."""
+    path = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    assert_aperio_reads_as_openslide(tmp_path, path)
+    reader = open_slide(path)
+    assert reader.pages[0].tile_w == 240 and reader._level_ok(0)      # the fast path engages on 240-px tiles
 
 
-def test_formats_it_cannot_read_the_same_way_are_left_to_openslide(tmp_path, jpeg_pyramid):
-    meta = slide_meta(tmp_path, jpeg_pyramid)
-    dims = meta["level_dimensions"]
-    assert read_whole_level_fast(jpeg_pyramid, "hamamatsu", dims, 1) is None          # vendor not known to match
-    assert read_whole_level_fast(jpeg_pyramid, "generic-tiff", [[7, 7]] * len(dims), 1) is None  # size mismatch
-    assert read_whole_level_fast(jpeg_pyramid, "generic-tiff", dims, len(dims)) is None  # no such level
-    assert read_whole_level_fast(tmp_path / "missing.tiff", "generic-tiff", dims, 0) is None
-
-
-def test_ndpi_is_read_by_openslide(tmp_path, shared_data):
+def test_formats_it_cannot_read_the_same_way_are_left_to_openslide(tmp_path, shared_data):
     ndpi = shared_data / "slides" / "fluorescence-DAPI.ndpi"
     meta = slide_meta(tmp_path, ndpi)
     assert meta["vendor"] == "hamamatsu"
-    assert read_whole_level_fast(ndpi, meta["vendor"], meta["level_dimensions"], 3) is None
+    assert type(open_slide(ndpi, record=meta)) is OpenSlideReader
+    # a colour fix is OpenSlide's pixels converted: never the tiles
+    svs = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    assert type(open_slide(svs, colour_fix="ycbcr_to_rgb")) is OpenSlideReader
 
 
 def test_tissue_outputs_do_not_depend_on_which_reader_ran(tmp_path, jpeg_pyramid, monkeypatch):
-    """The mask, polygons and stats of the fast path equal those read through OpenSlide."""
-    from histoflow import tissue
+    """The mask, polygons and stats from the tiles equal those read through OpenSlide."""
+    from histoflow import tissue, wsi
 
     meta = slide_meta(tmp_path, jpeg_pyramid)
     outputs = {}
     for name in ("fast", "openslide"):
         if name == "openslide":
-            monkeypatch.setattr(tissue, "read_whole_level_fast", lambda *a, **k: None)
+            monkeypatch.setattr(tissue, "open_slide", lambda *a, **k: wsi.open_slide(*a, backend="openslide", **k))
         paths = [tmp_path / f"{name}.{ext}" for ext in ("png", "geojson", "jpg", "json")]
         tissue.detect_tissue_for_slide(tmp_path / "s.json", *paths, {"mask_mpp": 4.0}, "fail")
         stats = json.loads(paths[3].read_text())
@@ -104,27 +129,22 @@ def test_tissue_outputs_do_not_depend_on_which_reader_ran(tmp_path, jpeg_pyramid
 
 def test_a_sparse_scan_is_left_to_openslide(tmp_path, jpeg_pyramid):
     """A tile stored with no bytes is unscanned for OpenSlide (transparent, at every level of an
-    Aperio slide); libvips would show the lower pages' pixels there, so such files take the
-    OpenSlide path."""
+    Aperio slide); the tiles' backend would show the lower pages' pixels there, so such files
+    are read by OpenSlide."""
     import shutil
     import struct
 
-    from histoflow.slide import tiff_has_missing_tiles
-
-    meta = slide_meta(tmp_path, jpeg_pyramid)
-    assert not tiff_has_missing_tiles(jpeg_pyramid, meta["level_count"] - 1)
     sparse = tmp_path / "sparse.tiff"
     shutil.copy(jpeg_pyramid, sparse)
     where, fmt = tile_byte_counts_at(sparse)
     with open(sparse, "r+b") as handle:         # level 0, tile 5: no bytes
         handle.seek(where + 5 * struct.calcsize(fmt))
         handle.write(struct.pack(fmt, 0))
-    assert tiff_has_missing_tiles(sparse, 0) and tiff_has_missing_tiles(sparse, 2)
-    assert read_whole_level_fast(jpeg_pyramid, "generic-tiff", meta["level_dimensions"], 2) is not None
-    assert read_whole_level_fast(sparse, "generic-tiff", meta["level_dimensions"], 2) is None
-    not_tiff = tmp_path / "x.tiff"
-    not_tiff.write_bytes(b"not a tiff at all")
-    assert tiff_has_missing_tiles(not_tiff, 0)   # unparseable: the safe answer
+    assert open_slide(jpeg_pyramid).pages
+    reader = open_slide(sparse)
+    assert reader.pages == {}
+    rgb, scanned = reader.read_level(0)
+    assert not scanned.all()                    # the missing tile, as OpenSlide shows it
 
 
 def tile_byte_counts_at(path) -> tuple[int, str]:
@@ -147,12 +167,9 @@ def tile_byte_counts_at(path) -> tuple[int, str]:
 
 @pytest.mark.parametrize("colours,bigtiff", [("ycbcr", False), ("rgb", False), ("ycbcr", True)])
 def test_jpeg_tiles_are_decoded_from_the_page_with_openslides_pixels(tmp_path, colours, bigtiff):
-    """The tissue step decodes a level's JPEG tiles itself (histoflow.tiff): for YCbCr tiles
-    (libvips' and most scanners' default) and for RGB tiles (Aperio's, whose streams look like
-    YCbCr to libjpeg unless told), in classic TIFF and BigTIFF, every level equals OpenSlide's
-    read, and the direct path is the one that ran."""
-    from histoflow.tiff import read_jpeg_page, read_tiff_pages
-
+    """YCbCr tiles (libvips' and most scanners' default) and RGB tiles (Aperio's, whose streams
+    look like YCbCr to libjpeg unless told), in classic TIFF and BigTIFF: every level and
+    unaligned regions equal OpenSlide's read, and the tiles' path is the one that ran."""
     rng = np.random.default_rng(5)
     base = rng.integers(0, 255, (260, 330, 3), dtype=np.uint8)
     img = pyvips.Image.new_from_array(base, interpretation="srgb").resize(7, kernel="linear")
@@ -161,56 +178,64 @@ def test_jpeg_tiles_are_decoded_from_the_page_with_openslides_pixels(tmp_path, c
                  xres=2000.0, yres=2000.0, rgbjpeg=colours == "rgb", bigtiff=bigtiff)
     assert path.read_bytes()[2] == (43 if bigtiff else 42)
     meta = slide_meta(tmp_path, path)
+    reader = open_slide(path, record=meta)
     for level in range(meta["level_count"]):
-        page = read_tiff_pages(path, level)[-1]
-        assert page.value(262) == (2 if colours == "rgb" else 6)          # photometric as asked
-        direct = read_jpeg_page(path, page)
-        assert direct is not None
-        assert np.array_equal(direct, openslide_level(path, level))
-        rgb, _ = read_whole_level_fast(path, "generic-tiff", meta["level_dimensions"], level)
-        assert np.array_equal(rgb, direct)
+        assert reader.pages[level].photometric == (2 if colours == "rgb" else 6)     # photometric as asked
+        assert reader._level_ok(level)
+        rgb, _ = reader.read_level(level)
+        assert np.array_equal(rgb, openslide_level(path, level))
+        assert_regions_match_openslide(path, level, rng, n=3)
 
 
-def test_pages_that_are_not_plain_jpeg_tiles_go_through_libvips(tmp_path):
-    """LZW or Deflate tiles, and files that are not TIFF at all, are not decoded by histoflow:
-    read_jpeg_page declines and the level still equals OpenSlide's."""
-    from histoflow.tiff import read_jpeg_page, read_tiff_pages
-
+def test_pages_that_are_not_plain_jpeg_tiles_are_read_by_openslide(tmp_path):
+    """LZW or Deflate tiles, and files that are not TIFF at all, have no tile index; the level
+    still equals OpenSlide's."""
     rng = np.random.default_rng(6)
     img = pyvips.Image.new_from_array(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8), interpretation="srgb")
     for compression in ("lzw", "deflate"):
         path = tmp_path / f"{compression}.tiff"
         img.tiffsave(str(path), tile=True, pyramid=True, compression=compression, tile_width=128, tile_height=128,
                      xres=2000.0, yres=2000.0)
-        meta = slide_meta(tmp_path, path)
-        assert read_jpeg_page(path, read_tiff_pages(path, 0)[-1]) is None
-        rgb, _ = read_whole_level_fast(path, "generic-tiff", meta["level_dimensions"], 0)
-        assert np.array_equal(rgb, openslide_level(path, 0))
+        slide_meta(tmp_path, path)
+        reader = open_slide(path)
+        assert reader.pages == {}
+        assert np.array_equal(reader.read_level(0)[0], openslide_level(path, 0))
+    from histoflow.wsi.tiff_jpeg import index_jpeg_pages
+
     junk = tmp_path / "junk.tiff"
     junk.write_bytes(b"II*\x00" + b"\xff" * 20)
-    assert read_tiff_pages(junk, 0) is None and read_tiff_pages(tmp_path / "none.tiff", 0) is None
+    assert index_jpeg_pages(str(junk), [(10, 10)]) == {} and index_jpeg_pages(str(tmp_path / "none.tiff"), []) == {}
 
 
-def test_a_jpeg_stream_is_read_in_the_colour_space_the_tiff_says_or_not_at_all():
-    """libjpeg guesses a stream's colour space from its markers; histoflow adds an Adobe marker
-    when the guess differs from the TIFF's photometric tag, and declines when a JFIF or Adobe
-    marker contradicts it (libtiff would override what the decoder guesses)."""
-    import cv2
+def test_forked_workers_inherit_the_index_instead_of_parsing_again(tmp_path, jpeg_pyramid, monkeypatch):
+    """The features dataset makes its reader (tifffile index, level probes) in the parent; a
+    worker's reset (what _worker_init does after the fork) keeps them, and reads go on."""
+    import pandas as pd
 
-    from histoflow.tiff import libjpeg_colour_space, stream_in_colour_space
+    from histoflow import features as F
+    from histoflow.wsi import tiff_jpeg
 
-    pixels = np.random.default_rng(7).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-    jfif = cv2.imencode(".jpg", pixels)[1].tobytes()           # OpenCV writes JFIF: YCbCr
-    assert libjpeg_colour_space(jfif) == "ycbcr"
-    assert stream_in_colour_space(jfif, "ycbcr") == jfif
-    assert stream_in_colour_space(jfif, "rgb") is None
-    bare = jfif[:2] + jfif[2 + 2 + int.from_bytes(jfif[4:6], "big"):]   # the JFIF segment dropped
-    assert bare[2:4] != b"\xff\xe0" and libjpeg_colour_space(bare) == "ycbcr"      # ids 1, 2, 3
-    as_rgb = stream_in_colour_space(bare, "rgb")
-    assert libjpeg_colour_space(as_rgb) == "rgb"
-    # decoded without conversion: the raw components, as libtiff reads an RGB-photometric tile
-    raw = cv2.imdecode(np.frombuffer(as_rgb, np.uint8), cv2.IMREAD_COLOR_RGB)
-    converted = cv2.imdecode(np.frombuffer(bare, np.uint8), cv2.IMREAD_COLOR_RGB)
-    assert not np.array_equal(raw, converted)
-    assert stream_in_colour_space(as_rgb, "ycbcr") is None     # its Adobe marker says RGB
-    assert libjpeg_colour_space(b"not a jpeg") is None and stream_in_colour_space(b"\xff\xd8", "rgb") is None
+    meta = slide_meta(tmp_path, jpeg_pyramid)
+    tiles = pd.DataFrame({"x": [0, 512], "y": [0, 256], "read_level": [1, 1], "read_w": [224, 224],
+                          "read_h": [224, 224], "tile_px": [224, 224]})
+    dataset = F.TileDataset(str(jpeg_pyramid), "s", tiles, 224, record=meta)
+    assert 1 in dataset.reader.pages and dataset.reader._level_ok(1)
+
+    def no_parsing(*a, **k):
+        raise AssertionError("the TIFF was parsed again in a worker")
+
+    monkeypatch.setattr(tiff_jpeg, "index_jpeg_pages", no_parsing)
+    dataset.reader.reset()
+    images = [dataset[i] for i in range(len(dataset))]
+    assert all(ok for _, _, ok in images)
+    with OpenSlideReader(jpeg_pyramid) as ref:
+        want = ref.read_region(512, 256, 1, 224, 224)
+    assert np.array_equal(images[1][0].numpy().transpose(1, 2, 0), want)
+
+
+def test_openslide_and_tifffile_are_imported_only_in_histoflow_wsi():
+    """One reading package: no other module of histoflow imports a slide library."""
+    pattern = re.compile(r"^\s*(import|from)\s+(openslide|tifffile)\b", re.M)
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "histoflow").rglob("*.py")
+                 if "wsi" not in p.relative_to(REPO / "histoflow").parts and pattern.search(p.read_text())]
+    assert offenders == []

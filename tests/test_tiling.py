@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from histoflow.errors import SlideError
-from histoflow.tiling import (TILE_COLUMNS, TilingSettings, box_fractions, export_tile_images, grid_coordinates,
-                              grid_spec, grid_tissue_fractions, integral_image, read_tile, read_tiles_table,
+from histoflow.tiles_table import TILE_COLUMNS, read_tiles_table
+from histoflow.tiling import (TilingSettings, export_tile_images, grid_coordinates, grid_spec, grid_tissue_fractions,
                               sample_indices, tile_slide, tissue_fractions)
+from histoflow.wsi import open_slide
 
 DOWNSAMPLES = [1.0, 4.0, 16.0]
 
@@ -80,6 +81,31 @@ def test_scanner_calibration_scatter_is_tolerated():
 
 
 # ---------------------------------------------------------------------------------------- tissue fraction
+
+def integral_image(mask: np.ndarray) -> np.ndarray:
+    """The dense summed-area table with a zero first row/column (the reference)."""
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    table[1:, 1:] = (np.asarray(mask) > 0).cumsum(0).cumsum(1)
+    return table
+
+
+def box_fractions(table, x0, y0, x1, y1) -> np.ndarray:
+    """Reference: fraction of each box (mask px, fractional) covered, by bilinear interpolation
+    of the dense table; outside the mask is background."""
+    h, w = table.shape[0] - 1, table.shape[1] - 1
+
+    def at(u, v):
+        u, v = np.clip(np.asarray(u, float), 0, w), np.clip(np.asarray(v, float), 0, h)
+        j0, i0 = np.minimum(np.floor(u).astype(int), max(w - 1, 0)), np.minimum(np.floor(v).astype(int), max(h - 1, 0))
+        a, b = u - j0, v - i0
+        s00 = table[i0, j0].astype(float)
+        s01, s10, s11 = table[i0, j0 + 1], table[i0 + 1, j0], table[i0 + 1, j0 + 1]
+        return s00 + a * (s01 - s00) + b * (s10 - s00) + a * b * (s11 - s10 - s01 + s00)
+
+    x0, y0, x1, y1 = (np.asarray(v, float) for v in (x0, y0, x1, y1))
+    inside = at(x1, y1) - at(x0, y1) - at(x1, y0) + at(x0, y0)
+    return np.clip(inside / ((x1 - x0) * (y1 - y0)), 0.0, 1.0)
+
 
 def test_tissue_fraction_equals_brute_force_area_at_non_integer_scale():
     rng = np.random.default_rng(0)
@@ -268,8 +294,6 @@ def pyramid_tiff(tmp_path):
 
 
 def test_read_tile_gives_tile_px_rgb_from_the_right_place(tmp_path, pyramid_tiff):
-    from histoflow.slide import open_slide
-
     slide = open_slide(pyramid_tiff)
     ds = [float(d) for d in slide.level_downsamples]
     mask = np.ones((48, 64), bool)
@@ -277,11 +301,11 @@ def test_read_tile_gives_tile_px_rgb_from_the_right_place(tmp_path, pyramid_tiff
                           path=str(pyramid_tiff), downsamples=ds)
     for mpp in (0.5, 1.0):
         row = tiles[tiles.target_mpp == mpp].iloc[0]
-        tile = read_tile(slide, row)
+        tile = slide.read_tile(row)
         assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
         assert tile[..., 0].mean() > 150 and tile[..., 2].mean() < 80  # top-left tile is red
     right = tiles[(tiles.target_mpp == 0.5) & (tiles.x >= 1024)].iloc[0]
-    assert read_tile(slide, right)[..., 2].mean() > 150
+    assert slide.read_tile(right)[..., 2].mean() > 150
     slide.close()
 
 
@@ -305,17 +329,15 @@ def test_export_for_a_skipped_slide_writes_an_empty_folder(tmp_path):
 
 @pytest.mark.shared
 def test_real_svs_tiles_read_back_as_tissue(tmp_path, shared_data):
-    from histoflow.slide import open_slide
-
     path = shared_data / "slides" / "CMU-1-Small-Region.svs"
     slide = open_slide(path)
-    thumb = np.asarray(slide.get_thumbnail((222, 297)).convert("L"))
+    thumb = np.asarray(Image.fromarray(slide.thumbnail(297)).convert("L"))
     mask = thumb < 210
     _, tiles = run_tiling(tmp_path, mask, 2220, 2967, {"mpp": [0.5, 1.0], "tile_px": 224},
                           mpp=0.499, path=str(path), downsamples=[1.0])
     assert len(tiles) > 10 and (tiles.read_level == 0).all()
     row = tiles[tiles.target_mpp == 1.0].sort_values("tissue_fraction").iloc[-1]
-    tile = read_tile(slide, row)
+    tile = slide.read_tile(row)
     assert row.read_w == 449 and tile.shape == (224, 224, 3)
     assert tile.mean() < 215  # stained tissue, not white glass
     slide.close()
@@ -342,7 +364,7 @@ def test_preview_draws_one_panel_per_resolution_over_the_thumbnail(tmp_path):
 def test_preview_outlines_each_tile_in_its_tissue_colour():
     import pandas as pd
 
-    from histoflow.tiling import tile_preview_image, viridis
+    from histoflow.tile_preview import tile_preview_image, viridis
 
     tiles = pd.DataFrame({"target_mpp": [0.5, 0.5], "x": [0, 200], "y": [0, 200], "size0": [100, 100],
                           "tissue_fraction": [1.0, 0.0]})
@@ -363,7 +385,7 @@ def test_preview_draws_boxes_in_table_order_as_one_by_one_drawing_would():
     table order, a later tile over an earlier one, panel by panel."""
     import pandas as pd
 
-    from histoflow.tiling import preview_canvas, tile_preview_image, viridis
+    from histoflow.tile_preview import preview_canvas, tile_preview_image, viridis
 
     rng = np.random.default_rng(7)
     n = 300
@@ -426,7 +448,7 @@ def test_tile_slide_job_draws_its_preview_from_the_table_in_hand_without_pandas(
 def test_numeric_columns_come_out_of_arrow_buffers_with_nulls_as_nan():
     import pyarrow as pa
 
-    from histoflow.tiling import _numpy_of
+    from histoflow.tiles_table import _numpy_of
 
     floats = pa.array([1.0, None, 3.0, 4.0], pa.float32())
     assert np.array_equal(_numpy_of(floats), [1.0, np.nan, 3.0, 4.0], equal_nan=True)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histoflow.geojson import mask_to_polygons, polygons_to_feature_collection, read_polygons, write_geojson
+from histoflow.annotations import read_qupath_geojson
+from histoflow.geojson import mask_to_polygons, polygons_to_feature_collection, write_geojson
 from histoflow.io import write_json
 from histoflow.slide_qc import write_slide_metadata
-from histoflow.tissue import (TissueSettings, choose_mask_source, clean_mask, compute_tissue_mask,
-                              detect_method, detect_tissue_for_slide, overlay_image, pen_mask)
+from histoflow.tissue import choose_mask_source, detect_tissue_for_slide, overlay_image
+from histoflow.tissue_mask import TissueSettings, clean_mask, compute_tissue_mask, detect_method, pen_mask
 
 RNG = np.random.default_rng(0)
 SETTINGS = TissueSettings()
@@ -91,7 +92,7 @@ def test_ink_tables_apply_the_ink_rules_to_every_hue_saturation_value():
 
     import cv2
 
-    from histoflow.tissue import HUE_SCALE, pen_mask
+    from histoflow.tissue_mask import HUE_SCALE, pen_mask
 
     h, s, v = (a.astype(np.uint8) for a in np.meshgrid(np.arange(256), np.arange(256), np.arange(0, 256, 3),
                                                        indexing="ij"))
@@ -166,17 +167,21 @@ def test_without_a_near_level_the_coarsest_finer_level_is_shrunk():
 
 
 def test_chunked_shrink_equals_block_mean_of_the_whole_level(openslide_fixtures):
-    import openslide
+    from histoflow.wsi import OpenSlideReader
 
-    from histoflow.slide import read_level_downsampled
-
-    slide = openslide.OpenSlide(str(openslide_fixtures / "boxes.tiff"))  # 300 x 250, 4 levels
-    full = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))[..., :3].astype(np.float32)
-    small, scanned = read_level_downsampled(slide, 0, 4, chunk_px=64)  # many chunks, ragged edges
+    slide = OpenSlideReader(openslide_fixtures / "boxes.tiff")  # 300 x 250, 4 levels
+    full = slide.read_region(0, 0, 0, *slide.dimensions).astype(np.float32)
+    small, scanned = slide.read_level(0, 4, chunk_px=64)  # many chunks, ragged edges
     assert small.shape == (63, 75, 3) and scanned.all()
     expect = full[:248].reshape(62, 4, 75, 4, 3).mean(axis=(1, 3))
     assert np.abs(small[:62].astype(np.float32) - expect).max() <= 1.0
-    assert np.array_equal(small, read_level_downsampled(slide, 0, 4, chunk_px=4096)[0])
+    assert np.array_equal(small, slide.read_level(0, 4, chunk_px=4096)[0])
+
+
+def read_polygons(path):
+    """(polygon, class) pairs of a GeoJSON, read back as the annotations reader reads it."""
+    return [(part, r.name) for r in read_qupath_geojson(path)
+            for part in (r.geometry.geoms if r.geometry.geom_type == "MultiPolygon" else [r.geometry])]
 
 
 def random_masks(n: int, seed: int = 5):
@@ -193,7 +198,7 @@ def random_masks(n: int, seed: int = 5):
 def test_majority_is_a_median_filter_of_the_mask_with_edges_replicated():
     from scipy import ndimage
 
-    from histoflow.tissue import majority
+    from histoflow.tissue_mask import majority
 
     for mask in random_masks(40):
         for size in (3, 5, 7, 17, 23):                                 # 23: sums beyond a byte
@@ -206,7 +211,7 @@ def test_majority_is_a_median_filter_of_the_mask_with_edges_replicated():
 def test_closing_dilation_and_erosion_use_a_disk_with_background_outside():
     from scipy import ndimage
 
-    from histoflow.tissue import _morph, disk
+    from histoflow.tissue_mask import _morph, disk
 
     for mask in random_masks(40):
         for r in (1, 2, 4, 7):
@@ -222,7 +227,7 @@ def test_closing_dilation_and_erosion_use_a_disk_with_background_outside():
 def test_cleaning_inside_the_tissue_box_equals_cleaning_the_whole_mask():
     """clean_mask works on the tissue's bounding box; specks, holes and closing must be exactly
     those of the whole image, glass touching the box's sides included (it is never a hole)."""
-    from histoflow.tissue import _clean, clean_mask, um2_to_px
+    from histoflow.tissue_mask import _clean, clean_mask, um2_to_px
 
     rng = np.random.default_rng(1)
     for mask in random_masks(300, seed=5):
@@ -240,7 +245,7 @@ def test_small_regions_are_the_4_connected_regions_below_the_size_whatever_their
     when they fit and 32-bit ones beyond 65,535 regions."""
     import cv2
 
-    from histoflow.tissue import _small_regions
+    from histoflow.tissue_mask import _small_regions
 
     def reference(mask, min_px):
         _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4,
@@ -263,7 +268,7 @@ def test_small_regions_are_the_4_connected_regions_below_the_size_whatever_their
 def test_median_from_a_histogram_is_numpys_median():
     """detect_method reads its medians off 256-bin histograms: the same numbers as np.median,
     the mean of the two middle values for an even count."""
-    from histoflow.tissue import _histogram_median
+    from histoflow.tissue_mask import _histogram_median
 
     rng = np.random.default_rng(2)
     for n in (1, 2, 3, 10, 11, 1000, 1001):
@@ -273,7 +278,7 @@ def test_median_from_a_histogram_is_numpys_median():
 
 
 def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
-    from histoflow.tissue import otsu, otsu_of_histogram, plane_histogram
+    from histoflow.tissue_mask import otsu, otsu_of_histogram, plane_histogram
 
     rng = np.random.default_rng(2)
     for _ in range(30):
@@ -287,7 +292,7 @@ def test_otsu_of_a_histogram_equals_otsu_of_the_sample():
 
 
 def test_dark_is_the_rounded_grey_level_below_the_white_threshold():
-    from histoflow.tissue import grey, saturation_dark_and_ink
+    from histoflow.tissue_mask import grey, saturation_dark_and_ink
 
     rgb = np.random.default_rng(4).integers(150, 256, (256, 256, 3), dtype=np.uint8)
     g = grey(rgb).astype(np.float64)
@@ -301,24 +306,17 @@ def test_dark_is_the_rounded_grey_level_below_the_white_threshold():
 
 # ---------------------------------------------------------------- GeoJSON helpers
 
-def test_geojson_coordinates_are_rounded_to_two_decimals_as_python_rounds():
-    from histoflow.geojson import _rounded_coords, round_like_python
+def test_geojson_coordinates_are_rounded_to_two_decimals():
+    import shapely
+
+    from histoflow.geojson import polygon_to_geometry
 
     rng = np.random.default_rng(0)
-    for divisor in (1, 2, 8, 100, 1000, 3, 7):          # on the 0.01 grid already, or not
-        xy = rng.integers(0, 10**6, (200, 2)) / divisor
-        assert _rounded_coords(xy, 2) == [[round(x, 2), round(y, 2)] for x, y in xy.tolist()]
-    # the hard cases: half-way points (exact and inexact in binary), signs, zeros, huge values
-    k = rng.integers(-10**9, 10**9, 20000)
-    values = np.concatenate([(k + 0.5) / 100, k / 1000 + 0.005, k * 0.005, k / 200.0, rng.standard_normal(2000) * 1e6,
-                             [0.0, -0.0, -0.004, 0.125, 2.675, 1.005, 2.0 ** 50, 2.0 ** 52 / 100 + 0.5, 1e17,
-                              -1e300, np.inf, -np.inf, np.nan], np.nextafter((k + 0.5) / 100, np.inf),
-                             np.nextafter((k + 0.5) / 100, -np.inf)])
-    for ndigits in (2, 0, 3):
-        got = round_like_python(values, ndigits)
-        want = np.array([round(v, ndigits) for v in values.tolist()])
-        assert np.array_equal(got, want, equal_nan=True)
-        assert np.array_equal(np.signbit(got), np.signbit(want))
+    xy = rng.uniform(0, 1e5, (50, 2))
+    ring = polygon_to_geometry(shapely.Polygon(xy))["coordinates"][0]
+    got = np.array(ring)
+    assert np.abs(got[:-1] - xy).max() <= 0.005 + 1e-9
+    assert all(len(repr(v).split(".")[1]) <= 2 for v in got.ravel().tolist())
 
 
 def test_polygons_preserve_area_holes_and_level0_scale():
@@ -417,49 +415,6 @@ def test_feature_collection_is_qupath_shaped_and_round_trips(tmp_path):
     back = read_polygons(path)
     assert [c for _, c in back] == ["Tumor", "Stroma"]
     assert [p.area for p, _ in back] == pytest.approx([p.area for p in polys], rel=1e-3)
-
-
-def test_geojson_written_from_polygons_is_byte_for_byte_the_feature_collection(tmp_path):
-    """The tissue step writes outlines through write_polygons_geojson (geometry text from GEOS
-    when the coordinates are on the 0.01 grid): the file must be exactly what
-    write_geojson(polygons_to_feature_collection(...)) writes, on the grid or not."""
-    import shapely
-
-    from histoflow.geojson import write_polygons_geojson
-
-    cases = []
-    for mask, scale in zip(random_masks(12, seed=21), (16, 64, 1, 2.5, 0.37, 7.3) * 2):
-        cases.append(mask_to_polygons(mask, scale, scale))
-    cases.append([shapely.Polygon([(0.01, 0.3), (1e5 + 0.07, 2.5), (12.34, 80000.0)])])   # on the grid
-    cases.append([shapely.Polygon([(0.1 + 0.2, 1 / 3), (5.0, 0.0), (2.0, 7.123456)])])    # off it
-    cases.append([shapely.Polygon([(-0.001, -2.675), (-1e14 / 3, 0.125), (7e14 + 0.3, -1.005)],
-                                  [[(1.0, 1.0), (2.0, 1.0), (1.5, 1 / 7)]])])              # signs, a hole, large
-    cases.append([shapely.Polygon([(3e15, 0.5), (0.0, 1.0), (1.0, 0.0)])])                  # past GEOS' plain numbers
-    cases.append([shapely.box(0, 0, 3.333, 4), shapely.MultiPolygon([shapely.box(10, 10, 11.005, 12),
-                                                                     shapely.box(20, 20, 21, 22)]),
-                  shapely.Polygon([(0.5, 0.5), (1e14 + 0.25, 0.5), (7.0, 9.0)]), shapely.box(1, 1, 2, 2)])
-    rng = np.random.default_rng(5)
-    cases.append([shapely.Polygon(rng.uniform(-9.9e12, 9.9e12, (500, 2))), shapely.Polygon(rng.uniform(0, 1, (9, 2)))])
-    cases.append([])
-    for k, polys in enumerate(cases):
-        names = [f"Class {i % 2}" for i in range(len(polys))]
-        colours = [(i, 2 * i % 256, 9) for i in range(len(polys))]
-        props = [{"area_mm2": p.area / 7, "n": i, "model": "abmil", "flag": True} for i, p in enumerate(polys)]
-        want, got = tmp_path / f"want{k}.geojson", tmp_path / f"got{k}.geojson"
-        write_geojson(want, polygons_to_feature_collection(polys, names, colours, "detection", props))
-        write_polygons_geojson(got, polys, names, colours, "detection", props)
-        assert got.read_bytes() == want.read_bytes()
-
-
-def test_read_polygons_accepts_bare_feature_lists_and_multipolygons(tmp_path):
-    square = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
-    shifted = [[x + 20, y] for x, y in square]
-    data = [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[square], [shifted]]},
-             "properties": {"classification": {"name": "Tumor"}}},
-            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}, "properties": {}}]
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps(data))
-    assert [(p.area, c) for p, c in read_polygons(path)] == [(100.0, "Tumor"), (100.0, "Tumor")]
 
 
 def test_empty_mask_gives_valid_empty_collection():
@@ -609,12 +564,13 @@ def test_tissue_iou_against_demo_ground_truth(tmp_path, demo_cohort, settings):
 
 
 def test_mask_png_reads_back_as_the_mask_in_every_common_reader(tmp_path):
-    """tissue/{slide_id}.png is written by histoflow's own PNG encoder (grey_png): PIL, OpenCV
-    and libvips must all read back exactly 0/255 where the mask is False/True, any size."""
+    """tissue/{slide_id}.png (OpenCV, unfiltered rows): PIL, OpenCV, libvips and the tiling
+    step's reader must all read back exactly 0/255 where the mask is False/True, any size."""
     import cv2
     import pyvips
 
-    from histoflow.io import grey_png
+    from histoflow.io import read_grey_png
+    from histoflow.tissue import _write_png
 
     rng = np.random.default_rng(8)
     for h, w in ((1, 1), (1, 700), (333, 1), (517, 389)):
@@ -623,31 +579,32 @@ def test_mask_png_reads_back_as_the_mask_in_every_common_reader(tmp_path):
         for k, (image, want) in enumerate(((mask, mask.astype(np.uint8) * 255), (grey, grey),
                                            (mask[:, ::-1], mask[:, ::-1] * np.uint8(255)))):
             path = tmp_path / f"m{h}x{w}_{k}.png"        # a new name each time: libvips caches by name
-            path.write_bytes(grey_png(image))
+            _write_png(path, image)
             with Image.open(path) as img:
                 assert img.mode == "L" and np.array_equal(np.array(img), want)
             assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), want)
             assert np.array_equal(pyvips.Image.new_from_file(str(path)).numpy().reshape(h, w), want)
+            assert np.array_equal(read_grey_png(path), want)
     with pytest.raises(ValueError, match="2-D uint8 or bool"):
-        grey_png(np.zeros((4, 4, 3), np.uint8))
+        _write_png(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
 
 
-def test_mask_png_reader_takes_any_greyscale_png_and_rejects_damaged_ones(tmp_path):
-    """The tiling step reads the mask with read_grey_png: its own PNGs by the fast path, a PNG
-    from another encoder (filtered rows, palette, 1-bit, RGB) through PIL, with the same pixels;
-    a truncated or corrupted file raises OSError (the step turns it into a clear error)."""
-    from histoflow.io import grey_png, read_grey_png
+def test_mask_png_reader_takes_any_png_and_rejects_damaged_ones(tmp_path):
+    """The tiling step reads the mask with read_grey_png: palette, 1-bit and RGB PNGs give the
+    same pixels; a truncated or corrupted file raises OSError (the step turns it into a clear
+    error)."""
+    from histoflow.io import read_grey_png
+    from histoflow.tissue import _write_png
 
     rng = np.random.default_rng(9)
     mask = rng.random((301, 457)) < 0.4
     want = mask.astype(np.uint8) * 255
     ours = tmp_path / "ours.png"
-    ours.write_bytes(grey_png(mask))
-    assert np.array_equal(read_grey_png(ours), want)
+    _write_png(ours, mask)
     for k, image in enumerate((Image.fromarray(want), Image.fromarray(mask), Image.fromarray(want).convert("RGB"),
                                Image.fromarray(want).convert("P"))):
         other = tmp_path / f"other{k}.png"
-        image.save(other, optimize=True)          # PIL filters rows adaptively
+        image.save(other, optimize=True)
         assert np.array_equal(read_grey_png(other), want)
     data = ours.read_bytes()
     damaged = {"truncated": data[:len(data) // 2],
@@ -666,7 +623,7 @@ def test_saturation_dark_and_ink_in_one_pass_equal_the_separate_functions():
     of a very wide image, a single pixel, an empty image) and the threshold."""
     import cv2
 
-    from histoflow.tissue import hsv, saturation_dark_and_ink
+    from histoflow.tissue_mask import hsv, saturation_dark_and_ink
 
     rng = np.random.default_rng(12)
     for h, w in ((1, 1), (37, 53), (700, 389), (3, 300_000), (0, 5)):

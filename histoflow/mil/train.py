@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
+from ..devices import resolve_device
 from ..errors import InputError
 from ..targets import UNSUPPORTED_MIL, Target, cox_loss
 from . import MODELS, MILModel, build_model
@@ -88,12 +89,6 @@ class MILSettings:
 
     def model_options(self, name: str) -> dict[str, Any]:
         return dict(getattr(self, name, {}) or {})
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
@@ -428,7 +423,7 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
     if missing:
         raise InputError(f"slide {missing[0]!r} is in {splits_tsv} but has no features file; re-run `snakemake split features`")
     feature_dim(bags)
-    device = resolve_device(settings.device)
+    device = torch.device(resolve_device(settings.device, "mil.device"))
 
     task = target or BINARY
     check_model_target(model_name, task)
