@@ -147,6 +147,12 @@ class Walker:
         if mod is None:
             return
         for target, optional in mod.top_imports:
+            module, _, attr = target.partition(":")
+            if module.split(".")[0] == PACKAGE and attr and not _module_file(f"{module}.{attr}"):
+                # `from .x import name` at module level runs module x, not `name`: the name is
+                # followed where walked code uses it (Walker.name via the module's bindings)
+                self.module(module)
+                continue
             self.target(target, optional)
         for call in mod.top_calls:
             if call in mod.defs:

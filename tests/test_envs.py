@@ -25,7 +25,8 @@ HEAVY = {"torch", "torchvision", "timm", "openslide-python", "openslide-bin", "p
 OPTIONAL = {"transformers"}
 # import name -> the package that provides it, where they differ
 PROVIDER = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "skimage": "scikit-image",
-            "cv2": "opencv-python-headless", "openslide": "openslide-python", "huggingface_hub": "huggingface-hub"}
+            "cv2": "opencv-python-headless", "openslide": "openslide-python", "huggingface_hub": "huggingface-hub",
+            "sksurv": "scikit-survival"}
 
 
 @cache
