@@ -259,3 +259,34 @@ def needs_transformers(name: str) -> bool:
     resolved = resolve_name(name)
     spec = KNOWN_MODELS.get(resolved[len("hf-hub:"):]) if resolved.startswith("hf-hub:") else None
     return spec is not None and spec.backend == "transformers"
+
+
+LARGE_MODEL_PARAMS_M = 100.0
+LARGE_MODEL_FILE_BYTES = 400 * 2**20      # ~100 M float32 parameters
+_LARGE_TIMM = ("large", "huge", "giant", "gigantic", "vit_l", "vit_h", "vit_g", "eva02_l", "dinov2_l")
+
+
+def encoder_is_large(name: str) -> bool:
+    """Whether loading encoder ``name`` is a large fixed cost (>= 100 M parameters): a known
+    foundation model by its published size, a ``local:`` file by its size, a ``timm:`` model by
+    its name (large/huge/giant). Cheap (no torch): the workflow asks it at parse time."""
+    import os
+
+    resolved = resolve_name(name)
+    if resolved.startswith("hf-hub:"):
+        spec = KNOWN_MODELS.get(resolved[len("hf-hub:"):])
+        return spec is None or spec.params_m is None or spec.params_m >= LARGE_MODEL_PARAMS_M
+    if resolved.startswith("local:"):
+        try:
+            return os.path.getsize(os.path.expanduser(resolved[len("local:"):])) >= LARGE_MODEL_FILE_BYTES
+        except OSError:
+            return False
+    if resolved.startswith("timm:"):
+        return any(tag in resolved.lower() for tag in _LARGE_TIMM)
+    return False
+
+
+def features_model_is_large(features: dict) -> bool:
+    """Config section ``features``: any large encoder, or GPU jobs (a GPU job never reloads its
+    model per slide). Decides ``slides_per_job: auto`` (histoflow.batches.slides_per_job)."""
+    return int(features.get("gpu", 0) or 0) > 0 or any(encoder_is_large(n) for n in features.get("encoders", []))

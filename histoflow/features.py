@@ -101,6 +101,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def plan_threads(threads: int, num_workers: int, device: str) -> tuple[int, int]:
+    """(torch threads, reader worker processes) of a features job granted ``threads`` cores.
+
+    The rule asks ``features.num_workers + 1`` threads; the job uses exactly what it is given
+    (torch threads + reader processes = ``threads``), never more:
+
+    * GPU: the model runs on the GPU and tiles are the work: up to ``num_workers`` readers,
+      the rest (at least 1) for the main process.
+    * CPU: the forward pass is the ceiling (reading is ~2-5 % of it), so readers get one core
+      per 8 (at most ``num_workers``) and torch the rest; with fewer than 8 cores tiles are read
+      in the main process between batches (``num_workers`` 0), all cores run the model.
+    """
+    threads = max(1, int(threads))
+    wanted = max(0, int(num_workers))
+    if str(device).startswith("cuda"):
+        workers = min(wanted, threads - 1)
+    else:
+        workers = min(wanted, threads // 8)
+    return threads - workers, workers
+
+
 # --------------------------------------------------------------------------- tiles and reading
 
 
@@ -505,7 +526,8 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, int(threads)))
+    torch_threads, workers = plan_threads(threads, cfg.num_workers, device)
+    torch.set_num_threads(torch_threads)
     meta_slide = read_json(slide_json)
     slide_id = meta_slide.get("slide_id", os.path.basename(tiles_path).rsplit(".", 1)[0])
     normalizer = load_normalizer(stain_json)
@@ -526,7 +548,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer,
                               getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0),
                               colour_fix=meta_slide.get("colour_fix"))
-        feats, ok = extract_features(dataset, encoder, cfg.batch_size, cfg.num_workers, device, cfg.tta)
+        feats, ok = extract_features(dataset, encoder, cfg.batch_size, workers, device, cfg.tta)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
     with np.errstate(over="ignore", invalid="ignore"):
         out = feats.astype(cfg.dtype)
