@@ -388,37 +388,80 @@ def d4_views(batch):
     return views
 
 
-def embed_batch(model, batch_uint8, mean, std, device: str, tta: bool = False):
-    """uint8 N x 3 x S x S -> float32 N x dim (on CPU), normalised with the encoder's mean/std."""
+def _to_model_input(batch_uint8, mean, std, device: str):
+    """uint8 N x 3 x S x S (pinned on GPU runs) -> normalised float on ``device`` (copy queued,
+    not awaited: the GPU converts while the host fetches the next batch)."""
+    import torch
+
+    x = batch_uint8.to(device, non_blocking=True).float().div_(255.0)
+    x = (x - mean) / std
+    if device.startswith("cuda"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _forward(model, x, device: str, tta: bool):
     import torch
 
     on_gpu = device.startswith("cuda")
-    x = batch_uint8.to(device, non_blocking=True).float().div_(255.0)
-    x = (x - mean) / std
-    if on_gpu:
-        x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.float16, enabled=on_gpu):
         if tta:
             out = torch.stack([model(v).float() for v in d4_views(x)]).mean(0)
         else:
             out = model(x).float()
-    return out.reshape(out.shape[0], -1).cpu()
+    return out.reshape(out.shape[0], -1)
+
+
+def embed_batch(model, batch_uint8, mean, std, device: str, tta: bool = False):
+    """uint8 N x 3 x S x S -> float32 N x dim (on CPU), normalised with the encoder's mean/std."""
+    return _forward(model, _to_model_input(batch_uint8, mean, std, device), device, tta).cpu()
+
+
+class _Pending:
+    """One batch in flight: its features copied back to (pinned) host memory asynchronously;
+    ``result()`` waits for that copy only (on CPU everything is already done)."""
+
+    def __init__(self, out, idx, good, device: str):
+        import torch
+
+        self.idx, self.good, self.event = idx, good, None
+        if device.startswith("cuda"):
+            self.out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.out.copy_(out, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.out = out
+
+    def result(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.out.numpy(), self.idx.numpy(), self.good.numpy()
 
 
 def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int = 64,
                      num_workers: int = 2, device: str = "cpu", tta: bool = False,
-                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                     progress: bool = True, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features of every tile of ``dataset``: (float32 [n, dim], ok bool [n]).
 
-    Rows whose tile failed to decode are zeros with ok False.
+    Rows whose tile failed to decode are zeros with ok False. On a GPU one batch is always
+    queued behind the one computing: while batch k runs, the host takes batch k+1 from the
+    readers, queues its copy and forward, and only then waits for batch k's features, so the
+    model never waits for the host. ``stats`` (a dict) receives where the time went:
+    ``first_batch_s`` (call -> first batch ready), ``wait_s`` (waiting for tiles), ``model_s``
+    (normalisation + forward + copy back), ``tiles``.
     """
     import torch
     from tqdm.auto import tqdm
 
+    t_call = time.perf_counter()
     n = len(dataset)
     feats = np.zeros((n, encoder.dim), np.float32)
     ok = np.zeros(n, bool)
+    timing = {"first_batch_s": 0.0, "wait_s": 0.0, "model_s": 0.0, "tiles": n}
     if n == 0:
+        if stats is not None:
+            stats.update(timing)
         return feats, ok
     model = encoder.model.eval().to(device)
     if device.startswith("cuda"):
@@ -426,17 +469,42 @@ def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int
     mean = torch.tensor(encoder.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
+
+    def collect(pending: _Pending, bar) -> None:
+        out, idx, good = pending.result()
+        if out.shape[1] != encoder.dim:
+            raise InputError(f"encoder {encoder.name!r} returned {out.shape[1]} features, declared dim "
+                             f"{encoder.dim}; fix the encoder definition")
+        feats[idx] = out
+        ok[idx] = good
+        bar.update(len(idx))
+
+    pending: _Pending | None = None
     with torch.inference_mode(), tqdm(total=n, desc=f"{dataset.reader.slide_id} {encoder.name}",
                                       unit="tile", disable=not progress, mininterval=5) as bar:
-        for images, idx, good in loader:
-            out = embed_batch(model, images, mean, std, device, tta).numpy()
-            if out.shape[1] != encoder.dim:
-                raise InputError(f"encoder {encoder.name!r} returned {out.shape[1]} features, declared dim "
-                                 f"{encoder.dim}; fix the encoder definition")
-            idx = idx.numpy()
-            feats[idx] = out
-            ok[idx] = good.numpy()
-            bar.update(len(idx))
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            timing["wait_s"] += t1 - t0
+            if batch is None:
+                break
+            if not timing["first_batch_s"]:
+                timing["first_batch_s"] = t1 - t_call
+            images, idx, good = batch
+            x = _to_model_input(images, mean, std, device)
+            current = _Pending(_forward(model, x, device, tta), idx, good, device)
+            if pending is not None:   # the previous batch's features: ready by now or soon
+                collect(pending, bar)
+            pending = current
+            timing["model_s"] += time.perf_counter() - t1
+        if pending is not None:
+            t2 = time.perf_counter()
+            collect(pending, bar)
+            timing["model_s"] += time.perf_counter() - t2
+    if stats is not None:
+        stats.update(timing)
     return feats, ok
 
 
@@ -539,6 +607,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         torch.manual_seed(seed)
     tiles = load_tiles(tiles_path, cfg.mpp) if meta_slide.get("status") == "ok" else pd.DataFrame()
     t0 = time.perf_counter()
+    timing: dict = {}
     if len(tiles) == 0:
         why = "skipped" if meta_slide.get("status") != "ok" else f"has no tiles at {cfg.mpp} µm/px"
         warnings.warn(f"slide {slide_id!r} {why}: writing an empty features table", stacklevel=2)
@@ -548,7 +617,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer,
                               getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0),
                               colour_fix=meta_slide.get("colour_fix"))
-        feats, ok = extract_features(dataset, encoder, cfg.batch_size, workers, device, cfg.tta)
+        feats, ok = extract_features(dataset, encoder, cfg.batch_size, workers, device, cfg.tta, stats=timing)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
     with np.errstate(over="ignore", invalid="ignore"):
         out = feats.astype(cfg.dtype)
@@ -586,6 +655,14 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     elapsed = time.perf_counter() - t0
     log.info("slide %r: %d tiles -> %s features (%s, dim %d) in %.1f s (%.1f tiles/s) on %s", slide_id,
              int(keep.sum()), encoder_name, cfg.dtype, encoder.dim, elapsed, len(tiles) / max(elapsed, 1e-9), device)
+    if timing.get("tiles"):
+        # where the time went (benchmarks/peers.py reads this line): the feature phase is
+        # first batch -> last features; waiting = the model idle for tiles
+        phase = timing["wait_s"] + timing["model_s"]
+        log.info("slide %r: feature phase %d tiles in %.2f s (%.2f tiles/s): model %.2f s, waiting for tiles "
+                 "%.2f s, first batch after %.2f s; %d torch thread(s), %d reader(s)", slide_id, timing["tiles"],
+                 phase, timing["tiles"] / max(phase, 1e-9), timing["model_s"], timing["wait_s"],
+                 timing["first_batch_s"], torch_threads, workers)
     return metadata
 
 
