@@ -448,7 +448,7 @@ def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int
     queued behind the one computing: while batch k runs, the host takes batch k+1 from the
     readers, queues its copy and forward, and only then waits for batch k's features, so the
     model never waits for the host. ``stats`` (a dict) receives where the time went:
-    ``first_batch_s`` (call -> first batch ready), ``wait_s`` (waiting for tiles), ``model_s``
+    ``first_batch_s`` (call -> first batch ready), ``wait_s`` (waiting for tiles after that), ``model_s``
     (normalisation + forward + copy back), ``tiles``.
     """
     import torch
@@ -487,11 +487,12 @@ def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int
             t0 = time.perf_counter()
             batch = next(batches, None)
             t1 = time.perf_counter()
-            timing["wait_s"] += t1 - t0
+            if batch is not None and not timing["first_batch_s"]:
+                timing["first_batch_s"] = t1 - t_call     # start-up, not the feature phase
+            else:
+                timing["wait_s"] += t1 - t0
             if batch is None:
                 break
-            if not timing["first_batch_s"]:
-                timing["first_batch_s"] = t1 - t_call
             images, idx, good = batch
             x = _to_model_input(images, mean, std, device)
             current = _Pending(_forward(model, x, device, tta), idx, good, device)
