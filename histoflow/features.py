@@ -36,7 +36,7 @@ FEATURE_METADATA = ("histoflow.encoder", "histoflow.dim", "histoflow.dtype", "hi
                     "histoflow.stain_method", "histoflow.tta", "histoflow.mpp", "histoflow.n_tiles",
                     "histoflow.dropped_tiles", "histoflow.dropped_decode", "histoflow.dropped_nonfinite",
                     "histoflow.encoder_weights", "histoflow.status", "histoflow.reason",
-                    "histoflow.max_failed_tile_fraction", "histoflow.slide_id")
+                    "histoflow.max_failed_tile_fraction", "histoflow.slide_id", "histoflow.autocast")
 MPP_TOL = 1e-3  # relative: 0.5 and 0.5000001 are the same resolution
 
 
@@ -67,6 +67,7 @@ class FeatureSettings:
     allow_random_weights: bool = False
     trust_local_code: bool = False      # a local: TorchScript encoder is code: load it only when true
     max_failed_tile_fraction: float = 0.01
+    cpu_autocast: str = "none"          # none | bfloat16: opt-in, changes the features' numerics
 
     @classmethod
     def from_config(cls, section: dict | None, tiling_mpp: Sequence[float] | None = None) -> "FeatureSettings":
@@ -78,6 +79,8 @@ class FeatureSettings:
         settings = cls(**kw)
         if tiling_mpp is not None:
             check_feature_mpp(settings.mpp, tiling_mpp)
+        if settings.cpu_autocast not in ("none", "bfloat16"):
+            raise InputError(f"config key 'features.cpu_autocast': {settings.cpu_autocast!r} is not none or bfloat16")
         if settings.dtype not in ("float16", "float32"):
             raise InputError(f"config key 'features.dtype': {settings.dtype!r} is not float16 or float32")
         return settings
@@ -400,11 +403,21 @@ def _to_model_input(batch_uint8, mean, std, device: str):
     return x
 
 
-def _forward(model, x, device: str, tta: bool):
+def autocast_for(device: str, cpu_autocast: str = "none") -> str:
+    """The forward pass's autocast dtype: float16 on CUDA; on CPU bfloat16 only when asked
+    (features.cpu_autocast, numerics change), else none (float32)."""
+    if device.startswith("cuda"):
+        return "float16"
+    return "bfloat16" if cpu_autocast == "bfloat16" else "none"
+
+
+def _forward(model, x, device: str, tta: bool, cpu_autocast: str = "none"):
     import torch
 
-    on_gpu = device.startswith("cuda")
-    with torch.autocast("cuda", dtype=torch.float16, enabled=on_gpu):
+    mode = autocast_for(device, cpu_autocast)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = torch.bfloat16 if mode == "bfloat16" else torch.float16
+    with torch.autocast(kind, dtype=dtype, enabled=mode != "none"):
         if tta:
             out = torch.stack([model(v).float() for v in d4_views(x)]).mean(0)
         else:
@@ -412,9 +425,9 @@ def _forward(model, x, device: str, tta: bool):
     return out.reshape(out.shape[0], -1)
 
 
-def embed_batch(model, batch_uint8, mean, std, device: str, tta: bool = False):
+def embed_batch(model, batch_uint8, mean, std, device: str, tta: bool = False, cpu_autocast: str = "none"):
     """uint8 N x 3 x S x S -> float32 N x dim (on CPU), normalised with the encoder's mean/std."""
-    return _forward(model, _to_model_input(batch_uint8, mean, std, device), device, tta).cpu()
+    return _forward(model, _to_model_input(batch_uint8, mean, std, device), device, tta, cpu_autocast).cpu()
 
 
 class _Pending:
@@ -441,7 +454,8 @@ class _Pending:
 
 def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int = 64,
                      num_workers: int = 2, device: str = "cpu", tta: bool = False,
-                     progress: bool = True, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     progress: bool = True, stats: dict | None = None,
+                     cpu_autocast: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Features of every tile of ``dataset``: (float32 [n, dim], ok bool [n]).
 
     Rows whose tile failed to decode are zeros with ok False. On a GPU one batch is always
@@ -495,7 +509,7 @@ def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int
                 break
             images, idx, good = batch
             x = _to_model_input(images, mean, std, device)
-            current = _Pending(_forward(model, x, device, tta), idx, good, device)
+            current = _Pending(_forward(model, x, device, tta, cpu_autocast), idx, good, device)
             if pending is not None:   # the previous batch's features: ready by now or soon
                 collect(pending, bar)
             pending = current
@@ -618,7 +632,8 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer,
                               getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0),
                               colour_fix=meta_slide.get("colour_fix"))
-        feats, ok = extract_features(dataset, encoder, cfg.batch_size, workers, device, cfg.tta, stats=timing)
+        feats, ok = extract_features(dataset, encoder, cfg.batch_size, workers, device, cfg.tta, stats=timing,
+                                     cpu_autocast=cfg.cpu_autocast)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
     with np.errstate(over="ignore", invalid="ignore"):
         out = feats.astype(cfg.dtype)
@@ -651,6 +666,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         "histoflow.status": status, "histoflow.reason": reason,
         "histoflow.max_failed_tile_fraction": f"{cfg.max_failed_tile_fraction:g}",
         "histoflow.slide_id": str(slide_id),
+        "histoflow.autocast": autocast_for(device, cfg.cpu_autocast),
     }
     write_parquet(out_path, table, metadata)
     elapsed = time.perf_counter() - t0

@@ -49,3 +49,26 @@ def test_which_feature_settings_count_as_a_large_model(tmp_path):
     assert features_model_is_large({"encoders": ["resnet50-trunc"], "gpu": 1})
     assert not features_model_is_large({"encoders": ["resnet50-trunc"], "gpu": 0})
     assert features_model_is_large({"encoders": ["resnet50-trunc", "uni"]})
+
+
+def test_bfloat16_on_cpu_is_opt_in_and_recorded():
+    import torch
+
+    from histoflow import features as F
+
+    assert F.autocast_for("cpu") == "none" and F.autocast_for("cpu", "bfloat16") == "bfloat16"
+    assert F.autocast_for("cuda", "none") == "float16"
+    with pytest.raises(Exception, match="cpu_autocast"):
+        F.FeatureSettings.from_config({"cpu_autocast": "float8"})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    mean = torch.zeros(1, 3, 1, 1)
+    std = torch.ones(1, 3, 1, 1)
+    with torch.inference_mode():
+        plain = F.embed_batch(model, x, mean, std, "cpu")
+        again = F.embed_batch(model, x, mean, std, "cpu", cpu_autocast="none")
+        bf16 = F.embed_batch(model, x, mean, std, "cpu", cpu_autocast="bfloat16")
+        ref = model(x.float() / 255.0)
+    assert torch.equal(plain, again) and torch.equal(plain, ref)     # default: float32, unchanged
+    assert not torch.equal(bf16, plain) and torch.allclose(bf16, plain, rtol=0.05, atol=0.05)
