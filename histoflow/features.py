@@ -68,6 +68,7 @@ class FeatureSettings:
     trust_local_code: bool = False      # a local: TorchScript encoder is code: load it only when true
     max_failed_tile_fraction: float = 0.01
     cpu_autocast: str = "none"          # none | bfloat16: opt-in, changes the features' numerics
+    cpu_channels_last: bool = True      # CPU convolutions in channels_last (summation order changes)
 
     @classmethod
     def from_config(cls, section: dict | None, tiling_mpp: Sequence[float] | None = None) -> "FeatureSettings":
@@ -391,14 +392,14 @@ def d4_views(batch):
     return views
 
 
-def _to_model_input(batch_uint8, mean, std, device: str):
+def _to_model_input(batch_uint8, mean, std, device: str, channels_last: bool = False):
     """uint8 N x 3 x S x S (pinned on GPU runs) -> normalised float on ``device`` (copy queued,
     not awaited: the GPU converts while the host fetches the next batch)."""
     import torch
 
     x = batch_uint8.to(device, non_blocking=True).float().div_(255.0)
     x = (x - mean) / std
-    if device.startswith("cuda"):
+    if channels_last or device.startswith("cuda"):
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -455,7 +456,7 @@ class _Pending:
 def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int = 64,
                      num_workers: int = 2, device: str = "cpu", tta: bool = False,
                      progress: bool = True, stats: dict | None = None,
-                     cpu_autocast: str = "none") -> tuple[np.ndarray, np.ndarray]:
+                     cpu_autocast: str = "none", cpu_channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features of every tile of ``dataset``: (float32 [n, dim], ok bool [n]).
 
     Rows whose tile failed to decode are zeros with ok False. On a GPU one batch is always
@@ -478,7 +479,10 @@ def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int
             stats.update(timing)
         return feats, ok
     model = encoder.model.eval().to(device)
-    if device.startswith("cuda"):
+    # channels_last: oneDNN's fast convolution layout on CPU (1.4x for resnet50-trunc here,
+    # docs/benchmarks.md "cpu_modes"), and the tensor-core layout on GPU
+    channels_last = device.startswith("cuda") or bool(cpu_channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean = torch.tensor(encoder.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -508,7 +512,7 @@ def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int
             if batch is None:
                 break
             images, idx, good = batch
-            x = _to_model_input(images, mean, std, device)
+            x = _to_model_input(images, mean, std, device, channels_last)
             current = _Pending(_forward(model, x, device, tta, cpu_autocast), idx, good, device)
             if pending is not None:   # the previous batch's features: ready by now or soon
                 collect(pending, bar)
@@ -633,7 +637,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
                               getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0),
                               colour_fix=meta_slide.get("colour_fix"))
         feats, ok = extract_features(dataset, encoder, cfg.batch_size, workers, device, cfg.tta, stats=timing,
-                                     cpu_autocast=cfg.cpu_autocast)
+                                     cpu_autocast=cfg.cpu_autocast, cpu_channels_last=cfg.cpu_channels_last)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
     with np.errstate(over="ignore", invalid="ignore"):
         out = feats.astype(cfg.dtype)

@@ -72,3 +72,24 @@ def test_bfloat16_on_cpu_is_opt_in_and_recorded():
         ref = model(x.float() / 255.0)
     assert torch.equal(plain, again) and torch.equal(plain, ref)     # default: float32, unchanged
     assert not torch.equal(bf16, plain) and torch.allclose(bf16, plain, rtol=0.05, atol=0.05)
+
+
+def test_cpu_channels_last_changes_only_the_summation_order():
+    import torch
+
+    from histoflow import features as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    with torch.inference_mode():
+        ref = model(x.float() / 255.0)
+        plain = F._forward(model, F._to_model_input(x, mean, std, "cpu", channels_last=False), "cpu", False)
+        cl_in = F._to_model_input(x, mean, std, "cpu", channels_last=True)
+        assert cl_in.is_contiguous(memory_format=torch.channels_last)
+        cl = F._forward(model.to(memory_format=torch.channels_last), cl_in, "cpu", False)
+    assert torch.equal(plain, ref)                   # false: bit-identical to the plain model
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+    assert F.FeatureSettings().cpu_channels_last is True
