@@ -252,8 +252,10 @@ def run_peer(tool: str, python: Path, slide: Path, weights: Path, work: Path, ar
             "peak_rss_mb": res["peak_rss_mb"]}
 
 
-def bare_tiles_per_s(weights: Path, batch: int, threads: int, max_passes: int = 12) -> dict:
-    """The same module, batch and threads on random tensors: passes until 3 agree within 3 %."""
+def bare_tiles_per_s(weights: Path, batch: int, threads: int, max_passes: int = 12,
+                     channels_last: bool = False) -> dict:
+    """The same module, batch and threads on random tensors: passes until 3 agree within 3 %.
+    ``channels_last``: in the memory layout histoflow runs on CPU (features.cpu_channels_last)."""
     import torch
 
     from histoflow.encoders import truncated_resnet50
@@ -263,6 +265,9 @@ def bare_tiles_per_s(weights: Path, batch: int, threads: int, max_passes: int = 
     full.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     x = torch.rand(batch, 3, TILE, TILE, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     rates: list[float] = []
     with torch.inference_mode():
         model(x)
@@ -324,13 +329,16 @@ def main(argv=None) -> int:
                 runs[tool].append(res)
                 print(f"round {rnd + 1}: {tool:<10} {res['tiles']:>6} tiles  feature {res['tiles'] / max(res['feature_s'], 1e-9):6.2f} "
                       f"tiles/s  wall {res['wall_s']:7.1f} s  peak RSS {res['peak_rss_mb']:7.0f} MB", flush=True)
-        bare = bare_tiles_per_s(weights, args.batch, args.threads)
+        bare = bare_tiles_per_s(weights, args.batch, args.threads, channels_last=True)
+        bare["layout"] = "channels_last (as histoflow runs it)"
+        bare_plain = bare_tiles_per_s(weights, args.batch, args.threads)
     summary = {t: summarise(r) for t, r in runs.items() if r}
     peers = [t for t in summary if t != "histoflow"]
     result = {"slide": f"synthetic {width}x{height} px at {MPP0} µm/px (JPEG pyramid)", "model": "resnet50-trunc (one random state dict)",
               "tile_px": TILE, "mpp": MPP, "batch": args.batch, "threads": args.threads, "workers": args.workers,
               "dtype": "float32", "rounds": args.rounds, "order": "interleaved " + " ".join(tools),
-              "versions": {"lazyslide": LAZYSLIDE, "slide2vec": SLIDE2VEC}, "bare": bare, "tools": summary,
+              "versions": {"lazyslide": LAZYSLIDE, "slide2vec": SLIDE2VEC}, "bare": bare,
+              "bare_contiguous": bare_plain, "tools": summary,
               "errors": errors}
     if "histoflow" in summary:
         ours = summary["histoflow"]["feature_tiles_per_s"]["median"]
@@ -343,7 +351,8 @@ def main(argv=None) -> int:
                                                     / summary[best]["peak_rss_mb"]["median"], 3)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nbare forward: {bare['tiles_per_s']:.2f} tiles/s ({bare['passes']} passes)")
+    print(f"\nbare forward: {bare['tiles_per_s']:.2f} tiles/s channels_last ({bare['passes']} passes), "
+          f"{bare_plain['tiles_per_s']:.2f} contiguous ({bare_plain['passes']} passes)")
     for t, s in summary.items():
         f = s["feature_tiles_per_s"]
         print(f"{t:<10} tiles {s['tiles']:>6}  feature tiles/s {f['median']:.2f} ({f['min']:.2f}-{f['max']:.2f})  "
