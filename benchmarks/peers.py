@@ -305,7 +305,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tools", default="histoflow,lazyslide,slide2vec")
-    ap.add_argument("--shared", action="store_true", help="also run the real slides in ../shared (one round)")
+    ap.add_argument("--shared", action="store_true", help="also run the real slides in ../shared/data/slides "
+                    "(.svs/.tif/.tiff; one round each)")
     args = ap.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -329,6 +330,19 @@ def main(argv=None) -> int:
                 runs[tool].append(res)
                 print(f"round {rnd + 1}: {tool:<10} {res['tiles']:>6} tiles  feature {res['tiles'] / max(res['feature_s'], 1e-9):6.2f} "
                       f"tiles/s  wall {res['wall_s']:7.1f} s  peak RSS {res['peak_rss_mb']:7.0f} MB", flush=True)
+        shared: dict[str, dict] = {}
+        real = sorted(p for p in SHARED.glob("*") if p.suffix.lower() in (".svs", ".tif", ".tiff")) \
+            if args.shared and SHARED.is_dir() else []
+        for path in real:                         # one interleaved round per real slide
+            for tool in tools:
+                try:
+                    res = (run_histoflow(path, weights, work, args) if tool == "histoflow"
+                           else run_peer(tool, python, path, weights, work, args))
+                    res["feature_tiles_per_s"] = round(res["tiles"] / max(res["feature_s"], 1e-9), 2)
+                except Exception as err:  # noqa: BLE001
+                    res = {"error": str(err)[-500:]}
+                shared.setdefault(path.name, {})[tool] = res
+                print(f"{path.name}: {tool}: {res}", flush=True)
         bare = bare_tiles_per_s(weights, args.batch, args.threads, channels_last=True)
         bare["layout"] = "channels_last (as histoflow runs it)"
         bare_plain = bare_tiles_per_s(weights, args.batch, args.threads)
@@ -338,7 +352,7 @@ def main(argv=None) -> int:
               "tile_px": TILE, "mpp": MPP, "batch": args.batch, "threads": args.threads, "workers": args.workers,
               "dtype": "float32", "rounds": args.rounds, "order": "interleaved " + " ".join(tools),
               "versions": {"lazyslide": LAZYSLIDE, "slide2vec": SLIDE2VEC}, "bare": bare,
-              "bare_contiguous": bare_plain, "tools": summary,
+              "bare_contiguous": bare_plain, "tools": summary, "shared_slides": shared,
               "errors": errors}
     if "histoflow" in summary:
         ours = summary["histoflow"]["feature_tiles_per_s"]["median"]
