@@ -32,10 +32,24 @@ AUTO_PER_SLIDE_MAX = 500
 AUTO_BATCHES = 250
 
 
-def slides_per_job(setting: int | str, n_slides: int) -> int:
-    """How many slides one job of a per-slide step takes (1 = a job per slide)."""
+# `auto` with a large encoder (>= 100 M parameters) or GPU features jobs: a features job loads
+# its model once, so one job per slide would reload (and re-page) a 0.3-2.5 GB model per slide;
+# then at least this many slides share a job (a 20-slide cohort: one job)
+AUTO_LARGE_MODEL_PER_JOB = 25
+
+
+def slides_per_job(setting: int | str, n_slides: int, large_model: bool = False) -> int:
+    """How many slides one job of a per-slide step takes (1 = a job per slide).
+
+    ``auto``: one job per slide up to 500 slides, else about 250 batches per step; with
+    ``large_model`` (see :func:`histoflow.encoder_registry.features_model_is_large`) at least
+    AUTO_LARGE_MODEL_PER_JOB slides (or the whole cohort, if smaller) per job, so the model
+    loads once per batch of slides. An integer is taken as it is."""
     if setting == "auto":
-        return 1 if n_slides <= AUTO_PER_SLIDE_MAX else math.ceil(n_slides / AUTO_BATCHES)
+        per_job = 1 if n_slides <= AUTO_PER_SLIDE_MAX else math.ceil(n_slides / AUTO_BATCHES)
+        if large_model:
+            per_job = max(per_job, min(max(n_slides, 1), AUTO_LARGE_MODEL_PER_JOB))
+        return per_job
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise InputError(f"config slides_per_job: {setting!r} is not 'auto' or an integer >= 1")
     return setting

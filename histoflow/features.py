@@ -40,7 +40,7 @@ FEATURE_METADATA = ("histoflow.encoder", "histoflow.dim", "histoflow.dtype", "hi
                     "histoflow.stain_method", "histoflow.tta", "histoflow.mpp", "histoflow.n_tiles",
                     "histoflow.dropped_tiles", "histoflow.dropped_decode", "histoflow.dropped_nonfinite",
                     "histoflow.encoder_weights", "histoflow.status", "histoflow.reason",
-                    "histoflow.max_failed_tile_fraction", "histoflow.slide_id")
+                    "histoflow.max_failed_tile_fraction", "histoflow.slide_id", "histoflow.autocast")
 
 
 class EncoderLike(Protocol):
@@ -70,6 +70,8 @@ class FeatureSettings:
     allow_random_weights: bool = False
     trust_local_code: bool = False      # a local: TorchScript encoder is code: load it only when true
     max_failed_tile_fraction: float = 0.01
+    cpu_autocast: str = "none"          # none | bfloat16: opt-in, changes the features' numerics
+    cpu_channels_last: bool = True      # CPU convolutions in channels_last (summation order changes)
 
     @classmethod
     def from_config(cls, section: dict | None, tiling_mpp: Sequence[float] | None = None) -> "FeatureSettings":
@@ -81,6 +83,8 @@ class FeatureSettings:
         settings = cls(**kw)
         if tiling_mpp is not None:
             check_feature_mpp(settings.mpp, tiling_mpp)
+        if settings.cpu_autocast not in ("none", "bfloat16"):
+            raise InputError(f"config key 'features.cpu_autocast': {settings.cpu_autocast!r} is not none or bfloat16")
         if settings.dtype not in ("float16", "float32"):
             raise InputError(f"config key 'features.dtype': {settings.dtype!r} is not float16 or float32")
         return settings
@@ -91,6 +95,27 @@ def check_feature_mpp(mpp: float, tiling_mpp: Sequence[float]) -> None:
     if not any(same_mpp(mpp, m) for m in tiling_mpp):
         raise InputError(f"config key 'features.mpp': {mpp} µm/px is not tiled; add it to 'tiling.mpp' "
                          f"(now {list(tiling_mpp)}) or set features.mpp to one of them")
+
+
+def plan_threads(threads: int, num_workers: int, device: str) -> tuple[int, int]:
+    """(torch threads, reader worker processes) of a features job granted ``threads`` cores.
+
+    The rule asks ``features.num_workers + 1`` threads; the job uses exactly what it is given
+    (torch threads + reader processes = ``threads``), never more:
+
+    * GPU: the model runs on the GPU and tiles are the work: up to ``num_workers`` readers,
+      the rest (at least 1) for the main process.
+    * CPU: the forward pass is the ceiling (reading is ~2-5 % of it), so readers get one core
+      per 8 (at most ``num_workers``) and torch the rest; with fewer than 8 cores tiles are read
+      in the main process between batches (``num_workers`` 0), all cores run the model.
+    """
+    threads = max(1, int(threads))
+    wanted = max(0, int(num_workers))
+    if str(device).startswith("cuda"):
+        workers = min(wanted, threads - 1)
+    else:
+        workers = min(wanted, threads // 8)
+    return threads - workers, workers
 
 
 # --------------------------------------------------------------------------- tiles and reading
@@ -196,55 +221,138 @@ def d4_views(batch):
     return views
 
 
-def embed_batch(model, batch_uint8, mean, std, device: str, tta: bool = False):
-    """uint8 N x 3 x S x S -> float32 N x dim (on CPU), normalised with the encoder's mean/std."""
+def _to_model_input(batch_uint8, mean, std, device: str, channels_last: bool = False):
+    """uint8 N x 3 x S x S (pinned on GPU runs) -> normalised float on ``device`` (copy queued,
+    not awaited: the GPU converts while the host fetches the next batch)."""
     import torch
 
-    on_gpu = device.startswith("cuda")
     x = batch_uint8.to(device, non_blocking=True).float().div_(255.0)
     x = (x - mean) / std
-    if on_gpu:
+    if channels_last or device.startswith("cuda"):
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.float16, enabled=on_gpu):
+    return x
+
+
+def autocast_for(device: str, cpu_autocast: str = "none") -> str:
+    """The forward pass's autocast dtype: float16 on CUDA; on CPU bfloat16 only when asked
+    (features.cpu_autocast, numerics change), else none (float32)."""
+    if device.startswith("cuda"):
+        return "float16"
+    return "bfloat16" if cpu_autocast == "bfloat16" else "none"
+
+
+def _forward(model, x, device: str, tta: bool, cpu_autocast: str = "none"):
+    import torch
+
+    mode = autocast_for(device, cpu_autocast)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = torch.bfloat16 if mode == "bfloat16" else torch.float16
+    with torch.autocast(kind, dtype=dtype, enabled=mode != "none"):
         if tta:
             out = torch.stack([model(v).float() for v in d4_views(x)]).mean(0)
         else:
             out = model(x).float()
-    return out.reshape(out.shape[0], -1).cpu()
+    return out.reshape(out.shape[0], -1)
+
+
+def embed_batch(model, batch_uint8, mean, std, device: str, tta: bool = False, cpu_autocast: str = "none"):
+    """uint8 N x 3 x S x S -> float32 N x dim (on CPU), normalised with the encoder's mean/std."""
+    return _forward(model, _to_model_input(batch_uint8, mean, std, device), device, tta, cpu_autocast).cpu()
+
+
+class _Pending:
+    """One batch in flight: its features copied back to (pinned) host memory asynchronously;
+    ``result()`` waits for that copy only (on CPU everything is already done)."""
+
+    def __init__(self, out, idx, good, device: str):
+        import torch
+
+        self.idx, self.good, self.event = idx, good, None
+        if device.startswith("cuda"):
+            self.out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.out.copy_(out, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.out = out
+
+    def result(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.out.numpy(), self.idx.numpy(), self.good.numpy()
 
 
 def extract_features(dataset: TileDataset, encoder: EncoderLike, batch_size: int = 64,
                      num_workers: int = 2, device: str = "cpu", tta: bool = False,
-                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                     progress: bool = True, stats: dict | None = None,
+                     cpu_autocast: str = "none", cpu_channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features of every tile of ``dataset``: (float32 [n, dim], ok bool [n]).
 
-    Rows whose tile failed to decode are zeros with ok False.
+    Rows whose tile failed to decode are zeros with ok False. On a GPU one batch is always
+    queued behind the one computing: while batch k runs, the host takes batch k+1 from the
+    readers, queues its copy and forward, and only then waits for batch k's features, so the
+    model never waits for the host. ``stats`` (a dict) receives where the time went:
+    ``first_batch_s`` (call -> first batch ready), ``wait_s`` (waiting for tiles after that), ``model_s``
+    (normalisation + forward + copy back), ``tiles``.
     """
     import torch
     from tqdm.auto import tqdm
 
+    t_call = time.perf_counter()
     n = len(dataset)
     feats = np.zeros((n, encoder.dim), np.float32)
     ok = np.zeros(n, bool)
+    timing = {"first_batch_s": 0.0, "wait_s": 0.0, "model_s": 0.0, "tiles": n}
     if n == 0:
+        if stats is not None:
+            stats.update(timing)
         return feats, ok
     model = encoder.model.eval().to(device)
-    if device.startswith("cuda"):
+    # channels_last: oneDNN's fast convolution layout on CPU (1.4x for resnet50-trunc here,
+    # docs/benchmarks.md "cpu_modes"), and the tensor-core layout on GPU
+    channels_last = device.startswith("cuda") or bool(cpu_channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean = torch.tensor(encoder.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
+
+    def collect(pending: _Pending, bar) -> None:
+        out, idx, good = pending.result()
+        if out.shape[1] != encoder.dim:
+            raise InputError(f"encoder {encoder.name!r} returned {out.shape[1]} features, declared dim "
+                             f"{encoder.dim}; fix the encoder definition")
+        feats[idx] = out
+        ok[idx] = good
+        bar.update(len(idx))
+
+    pending: _Pending | None = None
     with torch.inference_mode(), tqdm(total=n, desc=f"{dataset.slide_id} {encoder.name}",
                                       unit="tile", disable=not progress, mininterval=5) as bar:
-        for images, idx, good in loader:
-            out = embed_batch(model, images, mean, std, device, tta).numpy()
-            if out.shape[1] != encoder.dim:
-                raise InputError(f"encoder {encoder.name!r} returned {out.shape[1]} features, declared dim "
-                                 f"{encoder.dim}; fix the encoder definition")
-            idx = idx.numpy()
-            feats[idx] = out
-            ok[idx] = good.numpy()
-            bar.update(len(idx))
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            if batch is not None and not timing["first_batch_s"]:
+                timing["first_batch_s"] = t1 - t_call     # start-up, not the feature phase
+            else:
+                timing["wait_s"] += t1 - t0
+            if batch is None:
+                break
+            images, idx, good = batch
+            x = _to_model_input(images, mean, std, device, channels_last)
+            current = _Pending(_forward(model, x, device, tta, cpu_autocast), idx, good, device)
+            if pending is not None:   # the previous batch's features: ready by now or soon
+                collect(pending, bar)
+            pending = current
+            timing["model_s"] += time.perf_counter() - t1
+        if pending is not None:
+            t2 = time.perf_counter()
+            collect(pending, bar)
+            timing["model_s"] += time.perf_counter() - t2
+    if stats is not None:
+        stats.update(timing)
     return feats, ok
 
 
@@ -334,7 +442,8 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, int(threads)))
+    torch_threads, workers = plan_threads(threads, cfg.num_workers, device)
+    torch.set_num_threads(torch_threads)
     meta_slide = read_json(slide_json)
     slide_id = meta_slide.get("slide_id", os.path.basename(tiles_path).rsplit(".", 1)[0])
     normalizer = load_normalizer(stain_json)
@@ -346,6 +455,7 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         torch.manual_seed(seed)
     tiles = load_tiles(tiles_path, cfg.mpp) if meta_slide.get("status") == "ok" else pd.DataFrame()
     t0 = time.perf_counter()
+    timing: dict = {}
     if len(tiles) == 0:
         why = "skipped" if meta_slide.get("status") != "ok" else f"has no tiles at {cfg.mpp} µm/px"
         warnings.warn(f"slide {slide_id!r} {why}: writing an empty features table", stacklevel=2)
@@ -355,7 +465,8 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         dataset = TileDataset(meta_slide["path"], slide_id, tiles, encoder.input_size, normalizer,
                               getattr(encoder, "interpolation", "bilinear"), getattr(encoder, "crop_pct", 1.0),
                               colour_fix=meta_slide.get("colour_fix"), record=meta_slide)
-        feats, ok = extract_features(dataset, encoder, cfg.batch_size, cfg.num_workers, device, cfg.tta)
+        feats, ok = extract_features(dataset, encoder, cfg.batch_size, workers, device, cfg.tta, stats=timing,
+                                     cpu_autocast=cfg.cpu_autocast, cpu_channels_last=cfg.cpu_channels_last)
     # cast first: float16 overflows to inf for |x| > 65504, which must be caught too
     with np.errstate(over="ignore", invalid="ignore"):
         out = feats.astype(cfg.dtype)
@@ -388,11 +499,20 @@ def extract_slide_features(slide_json: str, tiles_path: str, out_path: str, enco
         "histoflow.status": status, "histoflow.reason": reason,
         "histoflow.max_failed_tile_fraction": f"{cfg.max_failed_tile_fraction:g}",
         "histoflow.slide_id": str(slide_id),
+        "histoflow.autocast": autocast_for(device, cfg.cpu_autocast),
     }
     write_parquet(out_path, table, metadata)
     elapsed = time.perf_counter() - t0
     log.info("slide %r: %d tiles -> %s features (%s, dim %d) in %.1f s (%.1f tiles/s) on %s", slide_id,
              int(keep.sum()), encoder_name, cfg.dtype, encoder.dim, elapsed, len(tiles) / max(elapsed, 1e-9), device)
+    if timing.get("tiles"):
+        # where the time went (benchmarks/peers.py reads this line): the feature phase is
+        # first batch -> last features; waiting = the model idle for tiles
+        phase = timing["wait_s"] + timing["model_s"]
+        log.info("slide %r: feature phase %d tiles in %.2f s (%.2f tiles/s): model %.2f s, waiting for tiles "
+                 "%.2f s, first batch after %.2f s; %d torch thread(s), %d reader(s)", slide_id, timing["tiles"],
+                 phase, timing["tiles"] / max(phase, 1e-9), timing["model_s"], timing["wait_s"],
+                 timing["first_batch_s"], torch_threads, workers)
     return metadata
 
 

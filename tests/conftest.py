@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("HISTOFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
 BIN = Path(sys.executable).parent
+# the weight-checksum cache (histoflow.encoders.checksum_cache_dir): a fresh one per test session,
+# inherited by the workflow runs tests start, never the user's ~/.cache
+os.environ.setdefault("HISTOFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="histoflow-test-cache-"))
 
 
 @pytest.fixture(scope="session")

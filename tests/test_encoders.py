@@ -252,3 +252,77 @@ def test_phikon_without_transformers_is_refused_at_config_validation(name, monke
     msg = str(info.value)
     assert "\n" not in msg and "features.encoders" in msg and "pip install transformers" in msg
     validate_config({"samples": "x.tsv", "features": {"encoders": ["resnet50-trunc", "uni"]}})
+
+
+# ------------------------------------------------------------------ per-job fixed cost (issue 22)
+
+
+def test_weight_checksum_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from histoflow import encoders as E
+
+    monkeypatch.setenv("HISTOFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x" * 1000)
+    real = E.file_sha256(weights)
+    assert real == __import__("hashlib").sha256(b"x" * 1000).hexdigest()
+    entries = list((tmp_path / "cache" / "checksums").glob("*.json"))
+    assert len(entries) == 1
+    # the cache is what answers the second time: a planted digest comes back unchanged
+    entry = json.loads(entries[0].read_text())
+    entry["sha256"] = "f" * 64
+    entries[0].write_text(json.dumps(entry))
+    assert E.file_sha256(weights) == "f" * 64
+    assert E.file_fingerprint(weights).endswith("sha256:" + "f" * 16)
+    # a rewritten file (new size or mtime) is hashed again
+    weights.write_bytes(b"y" * 1000)
+    os.utime(weights, ns=(1, 1))
+    assert E.file_sha256(weights) == __import__("hashlib").sha256(b"y" * 1000).hexdigest()
+    # an unwritable cache is no error
+    monkeypatch.setenv("HISTOFLOW_CACHE_DIR", "/proc/no-such-cache")
+    assert E.file_sha256(weights) == __import__("hashlib").sha256(b"y" * 1000).hexdigest()
+
+
+def test_dry_run_dimension_is_cached_per_weights_file(tmp_path, monkeypatch):
+    from histoflow import encoders as E
+
+    monkeypatch.setenv("HISTOFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    net = _tiny_timm()
+    ckpt = tmp_path / "enc.pt"
+    torch.save(net.state_dict(), ckpt)
+    (tmp_path / "enc.pt.json").write_text(json.dumps({"arch": "timm:resnet10t", "input_size": 32}))
+    first = load_encoder(f"local:{ckpt}")
+    assert first.dim == 512
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "__call__", lambda self, *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("dry run ran")), raising=True)
+    second = load_encoder(f"local:{ckpt}")     # no forward pass: the width comes from the cache
+    monkeypatch.undo()
+    assert second.dim == 512 and not calls
+    # another sidecar (another output/input size) is another probe: measured again
+    (tmp_path / "enc.pt.json").write_text(json.dumps({"arch": "timm:resnet10t", "input_size": 40}))
+    assert E.cached_dim(ckpt, "nope") is None
+    assert load_encoder(f"local:{ckpt}").dim == 512
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_meta_device_load_gives_the_same_model_and_dtype(tmp_path, monkeypatch, half):
+    """Building on the meta device and assigning the file's tensors changes nothing: same
+    outputs as a plain build + load_state_dict, float32 weights even from a float16 file."""
+    import timm
+
+    monkeypatch.setenv("HISTOFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs).eval()
+    state = {k: (v.half() if half else v) for k, v in vit.state_dict().items()}
+    torch.save(state, tmp_path / "vit.pt")
+    (tmp_path / "vit.json").write_text(json.dumps({"arch": "timm:vit_tiny_patch16_224", "timm_kwargs": kwargs,
+                                                    "input_size": 32}))
+    enc = load_encoder(f"local:{tmp_path / 'vit.pt'}")
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs).eval()
+    ref.load_state_dict(state)
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in enc.model.parameters())
+    assert all(not b.is_meta for b in enc.model.buffers())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc.model(x), ref(x))

@@ -16,6 +16,7 @@ from histoflow.batches import slide_batches, slides_per_job
 from histoflow.config import SLIDE_ID_PATTERN, load_samples, validate_config
 from histoflow.errors import InputError
 from histoflow.encoders import encoder_slug
+from histoflow.encoder_registry import features_model_is_large
 from histoflow.external import EXTRA_SAMPLES_ENV, extra_sheet_paths, load_extra_sheets
 from histoflow.privacy import config_digest, sheet_reference
 from histoflow.splits import check_sheet_split
@@ -35,7 +36,9 @@ try:
     # what the run predicts (config target:), its class order from the sheet's labels, and the
     # MIL models / slide classifiers it cannot train, said before any job runs
     TARGET = check_target_config(config, samples)
-    SLIDES_PER_JOB = slides_per_job(config["slides_per_job"], len(samples))
+    # a large encoder (or GPU features jobs) batches even a small cohort: one model load per batch
+    SLIDES_PER_JOB = slides_per_job(config["slides_per_job"], len(samples),
+                                    large_model=features_model_is_large(config["features"]))
 except InputError as err:
     sys.stderr.write(f"histoflow: {err}\n")
     sys.exit(1)
