@@ -51,4 +51,32 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        TARGETS,
+        final_targets(),
+
+
+# Old target names (deprecated, docs/interface.md): each builds what its stage's target builds.
+rule qc:
+    input:
+        stage_targets("slide_qc"),
+
+
+rule tiles:
+    input:
+        stage_targets("tiling"),
+
+
+rule slide_features_all:
+    input:
+        stage_targets("slide_features"),
+
+
+rule slide_classifiers:
+    input:
+        stage_targets("slide_classifier"),
+
+
+# what `snakemake --report` reads: the checklist and the MLflow log
+rule report_inputs:
+    input:
+        stage_targets("checklist"),
+        stage_targets("mlflow"),

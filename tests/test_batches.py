@@ -162,7 +162,7 @@ def test_every_per_slide_rule_has_a_step_and_its_script_runs_it():
         if rule in ("echo", "talk", "lazy", "picky"):
             continue
         assert f'run_slide_job("{rule}", snakemake)' in (scripts / f"{rule}.py").read_text(), rule
-    assert set(SLIDE_STEPS) >= {"download_slide", "slide_qc", "detect_tissue", "tile_slide", "export_tile_images",
+    assert set(SLIDE_STEPS) >= {"download_slide", "qc_slide", "detect_tissue", "tile_slide", "export_tile_images",
                                 "extract_features", "patch_labels", "heatmap", "detect_lesions"}
     assert slide_jobs.SLIDE_STEPS is SLIDE_STEPS
 

@@ -67,7 +67,7 @@ def test_torch_rules_get_the_torch_env_and_ingest_rules_the_light_one():
     rules = _rules_with_scripts()
     for rule in ("extract_features", "train_ssl_encoder", "train_mil"):
         assert rules[rule][1].endswith("envs/torch.yaml"), rule
-    for rule in ("slide_qc", "detect_tissue", "tile_slide"):
+    for rule in ("qc_slide", "detect_tissue", "tile_slide"):
         assert rules[rule][1].endswith("envs/slides.yaml"), rule
     assert "torch" not in _pip_pins(yaml.safe_load((REPO / "envs" / "slides.yaml").read_text()))
 

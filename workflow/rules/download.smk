@@ -57,5 +57,3 @@ rule download:
     input:
         slide_inputs("downloads/{slide_id}.json"),
 
-
-TARGETS.extend(slide_inputs("downloads/{slide_id}.json"))

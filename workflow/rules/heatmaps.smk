@@ -49,12 +49,6 @@ rule heatmap_batch:
         "../scripts/slide_batch.py"
 
 
-HEATMAP_FILES = [f for s in TILE_PROB_SOURCES for f in slide_inputs(f"heatmaps/{s}/{{slide_id}}.png")]
-
-
 rule heatmaps:
     input:
-        HEATMAP_FILES,
-
-
-TARGETS.extend(HEATMAP_FILES)
+        stage_targets("heatmaps"),

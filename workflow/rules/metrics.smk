@@ -64,5 +64,3 @@ else:
         script:
             "../scripts/metrics.py"
 
-
-TARGETS.append(out("metrics/metrics.json"))

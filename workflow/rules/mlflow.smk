@@ -55,4 +55,6 @@ rule mlflow_sync:
         "../scripts/mlflow_log.py"
 
 
-TARGETS.append(out("mlflow/logged.json"))
+rule mlflow:
+    input:
+        stage_targets("mlflow"),

@@ -24,10 +24,3 @@ rule checklist:
         "../scripts/checklist.py"
 
 
-rule report_inputs:
-    input:
-        out("checklist.md"),
-        out("mlflow/logged.json"),
-
-
-TARGETS.append(out("checklist.md"))

@@ -100,12 +100,6 @@ rule export_tile_images_batch:
         "../scripts/slide_batch.py"
 
 
-rule tiles:
+rule tiling:
     input:
-        slide_inputs("tiles/{slide_id}.parquet"),
-        slide_inputs("tiles/{slide_id}.preview.jpg"),
-        slide_inputs("tile_images/{slide_id}") if config["tiling"]["export_images"] != "none" else [],
-
-
-TARGETS.extend(slide_inputs("tiles/{slide_id}.parquet"))
-TARGETS.extend(slide_inputs("tiles/{slide_id}.preview.jpg"))
+        stage_targets("tiling"),

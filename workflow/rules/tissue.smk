@@ -51,5 +51,3 @@ rule tissue:
     input:
         slide_inputs("tissue/{slide_id}.geojson"),
 
-
-TARGETS.extend(slide_inputs("tissue/{slide_id}.overlay.jpg"))
