@@ -10,7 +10,6 @@ import pandas as pd
 from snakemake.io import apply_wildcards
 from snakemake.iocontainers import Wildcards
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from histoflow.batches import slide_batches, slides_per_job
 from histoflow.config import SLIDE_ID_PATTERN, load_samples, validate_config
@@ -26,8 +25,8 @@ from histoflow.tile_probs import resolve_sources
 
 # Bad config or samples sheet: one line naming the field/row and the fix, no traceback.
 try:
+    # the one validation of the config (histoflow.config: deprecated keys, schema, defaults)
     validate_config(config)
-    validate(config, schema="../schemas/config.schema.yaml")
     # load_samples validates every row against workflow/schemas/samples.schema.yaml (column-wise:
     # snakemake.utils.validate on the table would re-check 10,000 rows one by one, ~1 s)
     samples = load_samples(config)

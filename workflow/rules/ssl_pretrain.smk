@@ -30,7 +30,7 @@ rule train_ssl_encoder:
     resources:
         mem_mb=config["ssl"]["mem_mb"],
         runtime=config["ssl"]["runtime"],
-        gpu=config["ssl"]["gpus"],
+        gpu=config["ssl"]["gpu"],
     conda:
         "../../envs/torch.yaml"
     script:
