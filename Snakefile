@@ -31,7 +31,7 @@ include: "workflow/rules/batches.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/slide_qc.smk"
 include: "workflow/rules/tissue.smk"
-include: "workflow/rules/tiles.smk"
+include: "workflow/rules/tiling.smk"
 include: "workflow/rules/stain.smk"
 include: "workflow/rules/ssl_pretrain.smk"
 include: "workflow/rules/features.smk"
@@ -45,7 +45,7 @@ include: "workflow/rules/slide_classifier.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/mlflow.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/checklist.smk"
 
 
 rule all:

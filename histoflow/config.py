@@ -288,7 +288,7 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
                          "each slide needs a unique slide_id")
     # Labels are per slide: one patient may carry a tumour (-01) and a normal (-11) slide (TCGA).
     # Leakage is prevented by the splits (all slides of a patient on one side of every split), so
-    # a patient with mixed labels is valid; histoflow.splits stratifies by positive-if-any.
+    # a patient with mixed labels is valid; histoflow.split stratifies by positive-if-any.
 
     sheet_dir = os.path.dirname(os.path.realpath(sheet))
     dir_cache: dict[str, str] = {}

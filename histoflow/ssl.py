@@ -66,7 +66,7 @@ class SSLSettings:
     hed_sigma: float = 0.05           # config null = stain.augment.hed_jitter (one stain-jitter knob)
     seed: int | None  # None = the workflow's global seed
     device: str
-    fit_on: str  # all | train_only (histoflow.splits.slides_to_fit)
+    fit_on: str  # all | train_only (histoflow.split.slides_to_fit)
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None, stain_hed_jitter: float | None = None,
@@ -525,7 +525,7 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
     only on the slides that are train-role in every fold of ``splits_tsv``."""
     import torch
 
-    from .splits import slides_to_fit
+    from .split import slides_to_fit
     from .tiling import read_tiles_table
 
     cfg = SSLSettings.from_config(settings, stain_hed_jitter=stain_hed_jitter, arch=arch)

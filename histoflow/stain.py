@@ -350,7 +350,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
 
     from .features import TileReader, load_tiles
     from .io import atomic_path, read_json, write_json
-    from .splits import slides_to_fit
+    from .split import slides_to_fit
 
     cfg = StainSettings.from_config(settings)
     info: dict[str, Any] = {"method": cfg.method, "reference": cfg.reference, "seed": seed, "fit_on": cfg.fit_on}

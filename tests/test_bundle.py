@@ -18,7 +18,7 @@ from test_mil import DIM, _write_features, synthetic_bags
 def trained(tmp_path_factory):
     """Two abmil fold models on synthetic bags, through train_fold as the workflow runs them."""
     from histoflow.mil.train import train_fold
-    from histoflow.splits import write_splits
+    from histoflow.split import write_splits
 
     root = tmp_path_factory.mktemp("bundle")
     bags, ys, _ = synthetic_bags(16, seed=3)

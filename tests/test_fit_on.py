@@ -15,7 +15,7 @@ import pytest
 
 from histoflow.errors import InputError
 from histoflow.io import write_json, write_parquet
-from histoflow.splits import SplitSettings, make_splits, slides_to_fit, train_in_every_fold, write_splits
+from histoflow.split import SplitSettings, make_splits, slides_to_fit, train_in_every_fold, write_splits
 
 N_PATIENTS = 12
 

@@ -16,7 +16,7 @@ from histoflow.mil import MODELS, build_model
 from histoflow.mil.train import (MILSettings, collect_model, fit, load_checkpoint, predict_proba, roc_auc,
                                  tile_scores, train_fold)
 from histoflow.mil.transmil import FullAttention, NystromAttention
-from histoflow.splits import write_splits
+from histoflow.split import write_splits
 
 DIM = 32
 

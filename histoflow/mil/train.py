@@ -397,7 +397,7 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
     from tqdm.auto import tqdm
 
     from ..io import write_parquet, write_tsv
-    from ..splits import read_splits
+    from ..split import read_splits
 
     if not isinstance(settings, MILSettings):
         settings = MILSettings.from_config(settings)

@@ -19,7 +19,7 @@ from histoflow.encoders import encoder_slug
 from histoflow.features import check_feature_mpp
 from histoflow.external import EXTRA_SAMPLES_ENV, extra_sheet_paths, load_extra_sheets
 from histoflow.privacy import config_digest, sheet_reference
-from histoflow.splits import check_sheet_split
+from histoflow.split import check_sheet_split
 from histoflow.targets import check_target_config
 from histoflow.tile_probs import resolve_sources
 
@@ -539,7 +539,7 @@ def _patch_classifier_files():
 STAGE_TARGETS = {
     "download": lambda: slide_inputs("downloads/{slide_id}.json"),
     "slide_qc": lambda: [out("qc/slides.tsv")],
-    "tissue": lambda: slide_inputs("tissue/{slide_id}.overlay.jpg"),
+    "tissue": lambda: slide_inputs("tissue/{slide_id}.geojson"),
     "tiling": lambda: _tile_files()
     + (slide_inputs("tile_images/{slide_id}") if config["tiling"]["export_images"] != "none" else []),
     "stain": lambda: stain_json_input(),

@@ -1,5 +1,5 @@
 # Stage: MLflow audit trail. Jobs write files only; one job at the end logs them (see
-# histoflow/tracking.py for why), so parallel or SLURM jobs can never lose or corrupt a log.
+# histoflow/mlflow.py for why), so parallel or SLURM jobs can never lose or corrupt a log.
 
 
 rule mlflow_init:

@@ -21,7 +21,7 @@ rule make_splits:
     conda:
         "../../envs/report.yaml"
     script:
-        "../scripts/make_splits.py"
+        "../scripts/split.py"
 
 
 rule split:

@@ -1,6 +1,6 @@
 from histoflow.logs import first_log, log_to
 from histoflow.mil.train import train_fold
-from histoflow.tracking import SystemMetrics
+from histoflow.mlflow import SystemMetrics
 
 # mlflow.system_metrics: CPU/memory/GPU of this job, sampled to a file that mlflow_log logs later
 # (read from the config, not params, so switching it on does not retrain finished folds)

@@ -34,7 +34,7 @@ rule tile_slide:
     conda:
         "../../envs/slides.yaml"
     script:
-        "../scripts/tile_slide.py"
+        "../scripts/tiling.py"
 
 
 # Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
