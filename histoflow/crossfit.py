@@ -41,6 +41,16 @@ def inner_seed(seed: int, fold: int) -> int:
     return int(seed) + 7919 * (int(fold) + 1)
 
 
+
+def mil_job_fold(wildcards, seed: int) -> tuple[int, int, bool]:
+    """(fold of the split table, seed, is inner) of a MIL training job: train_mil trains outer fold
+    ``{fold}`` with the run's seed; train_mil_inner trains inner fold ``{inner}`` of the outer
+    fold's inner split table, with a seed of its own so inner models differ from the outer ones."""
+    inner = getattr(wildcards, "inner", None)
+    if inner is None:
+        return int(wildcards.fold), int(seed), False
+    return int(inner), inner_seed(seed, int(wildcards.fold)), True
+
 def make_inner_splits(splits: pd.DataFrame, fold: int, n_inner: int, seed: int) -> pd.DataFrame:
     """The inner split table of outer fold ``fold`` (see the module docstring). Patients, not
     slides, are dealt into groups (a patient's slides are scored by one inner model), stratified

@@ -82,7 +82,7 @@ rule train_mil_inner:
     conda:
         "../../envs/torch.yaml"
     script:
-        "../scripts/train_mil_inner.py"
+        "../scripts/train_mil.py"
 
 
 rule crossfit_tile_probs_mil:
