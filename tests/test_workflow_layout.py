@@ -133,3 +133,40 @@ def test_stage_names_match_across_rule_file_script_module_and_config():
         assert stage in schema or stage == "checklist", stage
     for stage, script in (("tiling", "tiling"), ("split", "split"), ("checklist", "checklist")):
         assert f'"../scripts/{script}.py"' in (RULES / f"{stage}.smk").read_text(), stage
+
+
+def test_deprecated_target_names_plan_the_same_jobs_as_the_new_ones(tmp_path, snakemake_exe):
+    """The old targets (qc, tiles, slide_features_all, slide_classifiers, report_inputs) still
+    work: each dry-runs exactly the jobs of the stage target that replaced it."""
+    import subprocess
+
+    rows = ["slide_id\tpatient_id\tlabel\tsource"] + [
+        f"S{i:02d}\tP{i // 2:02d}\t{'tumor' if (i // 2) % 2 else 'normal'}\thttp://127.0.0.1:9/S{i:02d}.svs"
+        for i in range(12)]
+    (tmp_path / "samples.tsv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"samples: {tmp_path / 'samples.tsv'}\noutdir: {tmp_path / 'out'}\nsplit: {{k: 3}}\n"
+                   "slide_classifier: {models: [logreg]}\n")
+
+    def planned(*targets: str) -> set[tuple[str, str]]:
+        """(rule, job count) rows of the dry run, without the total."""
+        proc = subprocess.run([snakemake_exe, *targets, "-n", "--quiet", "rules", "--configfile",
+                               str(REPO / "config.yaml"), str(cfg)], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = {tuple(line.split()) for line in proc.stdout.splitlines() if re.match(r"^\w+\s+\d+$", line)}
+        assert rows, proc.stdout[-2000:]
+        return {row for row in rows if row[0] != "total"}
+
+    # each alias asks for its stages' targets (read from the Snakefile), and one dry run shows that
+    # this plans the same jobs
+    snakefile = (REPO / "Snakefile").read_text()
+    aliases = {"qc": ["slide_qc"], "tiles": ["tiling"], "slide_features_all": ["slide_features"],
+               "slide_classifiers": ["slide_classifier"], "report_inputs": ["checklist", "mlflow"]}
+    for old, new in aliases.items():
+        body = re.search(rf"^rule {old}:\n    input:\n((?:        .*\n)+)", snakefile, flags=re.M)
+        assert body, f"no alias rule {old} in the Snakefile"
+        assert re.findall(r'stage_targets\("(\w+)"\)', body.group(1)) == new, old
+    old_jobs = {row for row in planned("tiles") if row[0] != "tiles"}
+    new_jobs = {row for row in planned("tiling") if row[0] != "tiling"}
+    assert old_jobs == new_jobs and len(old_jobs) > 3, sorted(old_jobs ^ new_jobs)
