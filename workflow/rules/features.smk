@@ -1,6 +1,7 @@
 # Stage: features. For each encoder of features.encoders and each slide, the tiles at
 # features.mpp go through a DataLoader (workers read + stain-normalise) into batched inference;
 # one Parquet per (encoder, slide): features/{encoder_slug}/{slide_id}.parquet.
+import re
 
 
 rule extract_features:
