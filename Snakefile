@@ -1,7 +1,7 @@
 # histoflow: whole-slide images from download to an audited slide-level model.
-#   snakemake --cores 2                 the whole DAG (rule `all`)
-#   snakemake --cores 2 tiles           stop after tiling; other targets: download, qc,
-#                                       tissue, tiles, features, ... (see README)
+#   snakemake --cores 2                 the whole DAG (rule `all`: final_targets(), common.smk)
+#   snakemake --cores 2 tiling          stop after tiling; each stage's target is named as its
+#                                       rule file (download, slide_qc, tissue, ...; see README)
 # Logic lives in the `histoflow` package; this file only wires the stages together.
 from snakemake.utils import min_version
 
