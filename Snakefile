@@ -1,7 +1,7 @@
 # histoflow: whole-slide images from download to an audited slide-level model.
-#   snakemake --cores 2                 the whole DAG (rule `all`)
-#   snakemake --cores 2 tiles           stop after tiling; other targets: download, qc,
-#                                       tissue, tiles, features, ... (see README)
+#   snakemake --cores 2                 the whole DAG (rule `all`: final_targets(), common.smk)
+#   snakemake --cores 2 tiling          stop after tiling; each stage's target is named as its
+#                                       rule file (download, slide_qc, tissue, ...; see README)
 # Logic lives in the `histoflow` package; this file only wires the stages together.
 from snakemake.utils import min_version
 
@@ -31,7 +31,7 @@ include: "workflow/rules/batches.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/slide_qc.smk"
 include: "workflow/rules/tissue.smk"
-include: "workflow/rules/tiles.smk"
+include: "workflow/rules/tiling.smk"
 include: "workflow/rules/stain.smk"
 include: "workflow/rules/ssl_pretrain.smk"
 include: "workflow/rules/features.smk"
@@ -45,10 +45,38 @@ include: "workflow/rules/slide_classifier.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/mlflow.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/checklist.smk"
 
 
 rule all:
     default_target: True
     input:
-        TARGETS,
+        final_targets(),
+
+
+# Old target names (deprecated, docs/interface.md): each builds what its stage's target builds.
+rule qc:
+    input:
+        stage_targets("slide_qc"),
+
+
+rule tiles:
+    input:
+        stage_targets("tiling"),
+
+
+rule slide_features_all:
+    input:
+        stage_targets("slide_features"),
+
+
+rule slide_classifiers:
+    input:
+        stage_targets("slide_classifier"),
+
+
+# what `snakemake --report` reads: the checklist and the MLflow log
+rule report_inputs:
+    input:
+        stage_targets("checklist"),
+        stage_targets("mlflow"),

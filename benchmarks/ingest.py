@@ -135,7 +135,7 @@ def histoflow_config(mask_mpp: float | None = None) -> dict:
 
 
 STAGES = ("slide_qc", "tissue", "tiles")
-RULES = {"slide_qc": "slide_qc", "tissue": "detect_tissue", "tiles": "tile_slide"}
+RULES = {"slide_qc": "qc_slide", "tissue": "detect_tissue", "tiles": "tile_slide"}
 
 
 def rule_job(stage: str, out: Path, cfg: dict):

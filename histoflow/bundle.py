@@ -288,6 +288,22 @@ def check_bundle_config(manifest: dict, mine: dict, encoder: str) -> None:
                          f"but this config has {mine['stain_method']!r}; set stain.method to the bundle's")
 
 
+
+def predict_bundle(predict: dict, run_models: Sequence[str], config: dict, outdir: str, encoder: str) -> str:
+    """The bundle.json that config ``predict`` scores with: a model of this run (built by the
+    run), or another run's bundle, refused in one line when its settings differ from this run's."""
+    model = predict["model"]
+    if model in run_models:
+        return f"{outdir}/models/{model}/bundle.json"
+    if "@" in model:
+        raise InputError(f"config key 'predict.model': {model!r}: {NOT_BUNDLED}")
+    path = str(bundle_json_path(model, outdir))
+    if not os.path.exists(path):
+        raise InputError(f"config key 'predict.model': {model!r} is not a model of this run "
+                         f"({', '.join(run_models)}) nor an existing bundle folder; fix predict.model")
+    check_bundle_config(read_manifest(path), bundle_settings(config), encoder)
+    return path
+
 def load_bundle(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, list]:
     """(manifest, fold models in eval mode). Weights are safetensors, checked against their sha256."""
     from safetensors.torch import load_file

@@ -7,13 +7,13 @@ a bad slide id, a missing local file) into one line naming the row/field and the
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 
 from .errors import InputError
@@ -35,6 +35,36 @@ def load_schema(name: str) -> dict:
     return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
 
 
+@functools.lru_cache(maxsize=None)
+def _config_properties() -> dict:
+    return load_schema("config")["properties"]
+
+
+def section_defaults(section: str) -> dict:
+    """The schema default of each key of config section ``section`` (a fresh copy): what a
+    settings class gets for a key its caller leaves out. Defaults live in the schema only."""
+    import copy
+
+    props = _config_properties()[section].get("properties", {})
+    return {key: copy.deepcopy(sub["default"]) for key, sub in props.items() if "default" in sub}
+
+
+def defaults_from_schema(section: str):
+    """Class decorator (under ``@dataclass``): each annotated field without a default of its own
+    takes the schema default of ``<section>.<field>`` (lists as tuples), so a settings class
+    repeats no default of the schema."""
+
+    def apply(cls):
+        defaults = section_defaults(section)
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name not in cls.__dict__ and name in defaults:
+                value = defaults[name]
+                setattr(cls, name, tuple(value) if isinstance(value, list) else value)
+        return cls
+
+    return apply
+
+
 def _field_path(err) -> str:
     return ".".join(str(p) for p in err.absolute_path) or "(top level)"
 
@@ -46,6 +76,7 @@ def validate_config(config: dict) -> dict:
     """
     import jsonschema
 
+    _drop_deprecated(config)   # before the schema check: the schema knows only the current keys
     schema = load_schema("config")
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -55,7 +86,6 @@ def validate_config(config: dict) -> dict:
     _fill_defaults(config, schema)
     _check_fit_on(config)
     _check_encoders(config)
-    _drop_deprecated(config)
     _encoder_mpp(config, schema)
     return config
 
@@ -128,24 +158,48 @@ def _check_fit_on(config: dict) -> None:
                              f"(one fixed test and validation set) or {key}: all")
 
 
-# Keys still accepted (old configs, old demo/config.yaml) but ignored: (section, key) -> why.
+class Renamed(str):
+    """A DEPRECATED_KEYS entry for a key that moved: its value is used as ``<section>.<new name>``."""
+
+
+# Keys still accepted (old configs, old demo/config.yaml): (section, key) -> why it is ignored, or
+# Renamed(new key) for a key whose value now goes by another name. Handled before the schema
+# check, so the schema lists only the current keys.
 DEPRECATED_KEYS = {
     ("tiling", "annotation_share"): (
         "is deprecated and ignored: bag tiles (tiles/{slide}.parquet) never depend on annotations, "
         "because a lesion-enriched sample of test slides inflates MIL, heatmap and slide-feature "
         "results; to choose the patch classifier's training tiles near lesions (train-role slides "
         "only) set patch_classifier.lesion_share"),
+    # one name for the GPUs a rule asks for (features.gpu, mil.gpu)
+    ("ssl", "gpus"): Renamed("gpu"),
+    # the tile caps: max_tiles_per_slide (per slide), max_tiles (across the cohort)
+    ("mil", "max_tiles_train"): Renamed("max_tiles_per_slide"),
+    ("stain", "n_reference_tiles"): Renamed("max_tiles"),
 }
 
 
 def _drop_deprecated(config: dict) -> None:
-    """Remove deprecated keys from ``config`` with one warning line each (stderr)."""
+    """Remove deprecated keys from ``config`` (a renamed key's value moves to its new name), one
+    warning line each (stderr). config.yaml spells out every default, so the new key is there
+    too: the old key's value wins unless the new one was changed from the schema default."""
     import sys
 
     for (section, key), why in DEPRECATED_KEYS.items():
-        if isinstance(config.get(section), dict) and key in config[section]:
-            config[section].pop(key)
+        if not (isinstance(config.get(section), dict) and key in config[section]):
+            continue
+        value = config[section].pop(key)
+        if not isinstance(why, Renamed):
             sys.stderr.write(f"histoflow: warning: config key '{section}.{key}' {why}\n")
+            continue
+        default = section_defaults(section).get(why)
+        current = config[section].get(why, default)
+        if current != default and current != value:
+            raise InputError(f"config keys '{section}.{key}' ({value!r}) and '{section}.{why}' ({current!r}) are both "
+                             f"set: '{key}' is the old name of '{why}'; keep only {section}.{why}")
+        config[section][why] = value
+        sys.stderr.write(f"histoflow: warning: config key '{section}.{key}' is deprecated: it is now "
+                         f"'{section}.{why}' (used as such); rename it in your config\n")
 
 
 def _check_encoders(config: dict) -> None:
@@ -177,6 +231,8 @@ def _fill_defaults(instance: dict, schema: dict) -> None:
 
 
 def _clean_cell(value: Any) -> Any:
+    import pandas as pd  # imported here: the per-slide steps that read settings need no pandas
+
     if value is None:
         return None
     if isinstance(value, float) and pd.isna(value):
@@ -187,6 +243,8 @@ def _clean_cell(value: Any) -> Any:
 
 
 def read_samples_sheet(path: str | os.PathLike) -> pd.DataFrame:
+    import pandas as pd
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"samples sheet {str(path)!r} does not exist (set `samples:` in config.yaml; `make demo` writes demo/samples.tsv)")
@@ -204,6 +262,8 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
     flagged as bad goes through the full per-row check that words the error, so the message is the
     one a row-by-row validation would give for the first bad row.
     """
+    import pandas as pd
+
     sheet = str(sheet_path)
     missing = [c for c in SAMPLE_COLUMNS if c not in frame.columns]
     if missing:
@@ -240,7 +300,7 @@ def validate_samples(frame: pd.DataFrame, sheet_path: str | os.PathLike = "sampl
                          "each slide needs a unique slide_id")
     # Labels are per slide: one patient may carry a tumour (-01) and a normal (-11) slide (TCGA).
     # Leakage is prevented by the splits (all slides of a patient on one side of every split), so
-    # a patient with mixed labels is valid; histoflow.splits stratifies by positive-if-any.
+    # a patient with mixed labels is valid; histoflow.split stratifies by positive-if-any.
 
     sheet_dir = os.path.dirname(os.path.realpath(sheet))
     dir_cache: dict[str, str] = {}

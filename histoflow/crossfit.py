@@ -10,7 +10,7 @@ inner folds; inner model (k, j) is trained exactly as fold k's model (same val s
 calibration / early stopping) but without inner group j, and scores group j's slides. Every
 train-role slide of fold k is then scored by a model that did not see it, like a test slide.
 
-Inner splits are a split table (:mod:`histoflow.splits` format, ``fold`` = inner fold j) with an
+Inner splits are a split table (:mod:`histoflow.split` format, ``fold`` = inner fold j) with an
 extra ``outer_fold`` column: role ``train`` = outer train minus group j, ``val`` = the outer
 fold's val slides, ``test`` = group j (the slides this inner model scores). Outer test slides
 are not in it at all, so nothing of theirs reaches an inner model.
@@ -41,11 +41,21 @@ def inner_seed(seed: int, fold: int) -> int:
     return int(seed) + 7919 * (int(fold) + 1)
 
 
+
+def mil_job_fold(wildcards, seed: int) -> tuple[int, int, bool]:
+    """(fold of the split table, seed, is inner) of a MIL training job: train_mil trains outer fold
+    ``{fold}`` with the run's seed; train_mil_inner trains inner fold ``{inner}`` of the outer
+    fold's inner split table, with a seed of its own so inner models differ from the outer ones."""
+    inner = getattr(wildcards, "inner", None)
+    if inner is None:
+        return int(wildcards.fold), int(seed), False
+    return int(inner), inner_seed(seed, int(wildcards.fold)), True
+
 def make_inner_splits(splits: pd.DataFrame, fold: int, n_inner: int, seed: int) -> pd.DataFrame:
     """The inner split table of outer fold ``fold`` (see the module docstring). Patients, not
     slides, are dealt into groups (a patient's slides are scored by one inner model), stratified
     by the patient's label (positive if any slide is)."""
-    from .splits import assign_partitions
+    from .split import assign_partitions
 
     part = splits[splits["fold"].astype(int) == int(fold)]
     if part.empty:
@@ -93,7 +103,7 @@ def check_inner_splits(table: pd.DataFrame) -> None:
 def write_inner_splits(splits_path: str | os.PathLike, fold: int, n_inner: int, seed: int,
                        out_path: str | os.PathLike) -> pd.DataFrame:
     """Rule `make_inner_splits`: ``splits/inner/fold{k}.tsv``."""
-    from .splits import read_splits
+    from .split import read_splits
 
     table = make_inner_splits(read_splits(splits_path), fold, n_inner, seed)
     write_tsv(out_path, table)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
+from .config import defaults_from_schema
 from . import __version__
 from .config import source_kind
 from .errors import InputError, SlideError
@@ -63,16 +64,17 @@ _SECRET_QUERY = re.compile(r"(token|sig|signature|key|secret|password|credential
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("download")
 class DownloadSettings:
     """Config section ``download`` (see workflow/schemas/config.schema.yaml)."""
 
-    retries: int = 5                    # retries after the first attempt (each one resumes)
-    backoff_s: float = 1.0              # wait before retry k is backoff_s * 2**(k-1)
-    timeout_s: float = 60.0             # connect and read timeout of one request
-    gdc_endpoint: str = "https://api.gdc.cancer.gov/data"
-    gdc_token_file: str | None = None
-    gdc_token_env: str = "GDC_TOKEN"
-    gdc_md5: bool = True                # check GDC's own md5 when the sheet gives none
+    retries: int  # retries after the first attempt (each one resumes)
+    backoff_s: float  # wait before retry k is backoff_s * 2**(k-1)
+    timeout_s: float  # connect and read timeout of one request
+    gdc_endpoint: str
+    gdc_token_file: str | None
+    gdc_token_env: str
+    gdc_md5: bool  # check GDC's own md5 when the sheet gives none
     chunk_bytes: int = 1 << 20          # not a config key: read size of the stream
 
     @classmethod

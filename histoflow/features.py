@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .devices import resolve_device
+from .config import defaults_from_schema
 from .errors import InputError, SlideError
 from .tiles_table import load_tiles  # noqa: F401 - the features step's tiles (and stain's)
 from .wsi import open_slide, same_mpp
@@ -55,23 +56,24 @@ class EncoderLike(Protocol):
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("features")
 class FeatureSettings:
     """Config section ``features``."""
 
-    encoders: tuple[str, ...] = ("resnet50-trunc",)
-    mpp: float = 0.5
-    batch_size: int = 64
-    num_workers: int = 2
-    dtype: str = "float16"
-    tta: bool = False
-    device: str = "auto"
-    gpu: int = 0
-    weights_dir: str | None = None
-    allow_random_weights: bool = False
-    trust_local_code: bool = False      # a local: TorchScript encoder is code: load it only when true
-    max_failed_tile_fraction: float = 0.01
-    cpu_autocast: str = "none"          # none | bfloat16: opt-in, changes the features' numerics
-    cpu_channels_last: bool = True      # CPU convolutions in channels_last (summation order changes)
+    encoders: tuple[str, ...]
+    mpp: float
+    batch_size: int
+    num_workers: int
+    dtype: str
+    tta: bool
+    device: str
+    gpu: int
+    weights_dir: str | None
+    allow_random_weights: bool
+    trust_local_code: bool  # a local: TorchScript encoder is code: load it only when true
+    max_failed_tile_fraction: float
+    cpu_autocast: str  # none | bfloat16: opt-in, changes the features' numerics
+    cpu_channels_last: bool  # CPU convolutions in channels_last (summation order changes)
 
     @classmethod
     def from_config(cls, section: dict | None, tiling_mpp: Sequence[float] | None = None) -> "FeatureSettings":

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from shapely.geometry import box
 
+from .config import defaults_from_schema
 from .geojson import qupath_feature, write_feature_collection
 from .io import atomic_path, read_json
 from .tile_probs import class_columns, read_slide_probs, target_kind
@@ -30,12 +31,13 @@ MAX_THUMB_READ_PX = 64_000_000
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("heatmaps")
 class HeatmapSettings:
-    cmap: str = "turbo"
-    alpha: float = 0.55
-    threshold: float = 0.5         # tiles at/above are classified Tumor in the GeoJSON
-    thumbnail_px: int = 1600       # longest side of the thumbnail
-    dpi: int = 120
+    cmap: str
+    alpha: float
+    threshold: float  # tiles at/above are classified Tumor in the GeoJSON
+    thumbnail_px: int  # longest side of the thumbnail
+    dpi: int
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "HeatmapSettings":

@@ -34,6 +34,7 @@ from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
+from .config import defaults_from_schema
 from .annotations import lesion_geometry, polygons_of, read_annotations
 from .geojson import qupath_feature, write_feature_collection
 from .heatmaps import GridGeometry, grid_geometry, rasterize
@@ -49,15 +50,16 @@ FROC_FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("lesions")
 class LesionSettings:
-    threshold: float = 0.5
-    smooth_sigma: float = 0.0          # Gaussian sigma in tiles; 0 = no smoothing
-    min_area_um2: float = 0.0          # smaller components are dropped
-    merge_distance_um: float = 75.0    # CAMELYON16: GT lesions closer than this are one lesion
-    itc_um: float = 275.0              # CAMELYON16: GT lesions with a shorter longest axis are ignored
-    gt_overlap: float = 0.5            # a tile is ground-truth tumour for Dice at this lesion overlap
-    peak_distance_um: float = 100.0    # FROC detections: local maxima closer than this are one
-    fp_rates: tuple[float, ...] = FROC_FP_RATES
+    threshold: float
+    smooth_sigma: float  # Gaussian sigma in tiles; 0 = no smoothing
+    min_area_um2: float  # smaller components are dropped
+    merge_distance_um: float  # CAMELYON16: GT lesions closer than this are one lesion
+    itc_um: float  # CAMELYON16: GT lesions with a shorter longest axis are ignored
+    gt_overlap: float  # a tile is ground-truth tumour for Dice at this lesion overlap
+    peak_distance_um: float  # FROC detections: local maxima closer than this are one
+    fp_rates: tuple[float, ...]
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "LesionSettings":

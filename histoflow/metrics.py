@@ -23,18 +23,21 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .config import defaults_from_schema
+
 METRIC_NAMES = ("auc", "balanced_accuracy", "accuracy", "f1", "sensitivity", "specificity",
                 "ppv", "npv", "brier", "ece")
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("metrics")
 class MetricsSettings:
-    n_bootstrap: int = 1000
-    ci: float = 0.95
-    threshold_method: str = "youden"      # youden | f1 | fixed
-    fixed_threshold: float = 0.5
-    ece_bins: int = 10
-    min_val_per_class: int = 5            # a fold's own threshold needs this many val slides per class
+    n_bootstrap: int
+    ci: float
+    threshold_method: str  # youden | f1 | fixed
+    fixed_threshold: float
+    ece_bins: int
+    min_val_per_class: int  # a fold's own threshold needs this many val slides per class
     seed: int = 1337
 
     @classmethod

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import defaults_from_schema
 from .errors import InputError
 from .io import write_json, write_parquet
 from .tile_probs import to_tile_prob_table
@@ -29,24 +30,25 @@ JOIN_KEYS = ["x", "y", "target_mpp"]
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("patch_classifier")
 class PatchClassifierSettings:
-    model: str = "logreg"              # logreg | mlp
-    label_smoothing: float = 0.0       # targets become y*(1-e) + e/2
-    soft_labels: bool = False          # target = lesion overlap fraction (ambiguous tiles included)
-    max_tiles_per_slide: int | None = 2000
+    model: str  # logreg | mlp
+    label_smoothing: float  # targets become y*(1-e) + e/2
+    soft_labels: bool  # target = lesion overlap fraction (ambiguous tiles included)
+    max_tiles_per_slide: int | None
     # informed sampling: share of each train slide's max_tiles_per_slide sample taken from tiles on
     # lesions (overlap > 0); None = uniform. Train-role slides only: val/test tiles are never sampled.
-    lesion_share: float | None = None
-    balance: bool = True               # weight classes equally (lesion tiles are rare)
-    calibrate: bool = True             # Platt scaling on val tiles
-    C: float = 1.0                     # logreg inverse L2 strength
-    hidden_dim: int = 128
-    dropout: float = 0.25
-    epochs: int = 50
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 512
-    patience: int = 5
+    lesion_share: float | None
+    balance: bool  # weight classes equally (lesion tiles are rare)
+    calibrate: bool  # Platt scaling on val tiles
+    C: float  # logreg inverse L2 strength
+    hidden_dim: int
+    dropout: float
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    patience: int
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "PatchClassifierSettings":

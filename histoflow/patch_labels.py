@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from shapely import STRtree, area, box, intersection
 from shapely.geometry.base import BaseGeometry
 
+from .config import defaults_from_schema, section_defaults
 from .annotations import DEFAULT_EXCLUDE_CLASSES, lesion_geometry, polygons_of, read_annotations
 from .errors import InputError
 from .io import read_json, write_parquet, write_tsv
@@ -34,17 +35,18 @@ LABEL_SCHEMA = pa.schema([
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("patch_labels")
 class PatchLabelSettings:
-    positive_overlap: float = 0.5
-    negative_overlap: float = 0.0
-    positive_classes: tuple[str, ...] = ()
+    positive_overlap: float
+    negative_overlap: float
+    positive_classes: tuple[str, ...]
     exclude_classes: tuple[str, ...] = DEFAULT_EXCLUDE_CLASSES
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "PatchLabelSettings":
-        cfg = dict(cfg or {})
-        s = cls(positive_overlap=float(cfg.get("positive_overlap", 0.5)),
-                negative_overlap=float(cfg.get("negative_overlap", 0.0)),
+        cfg = {**section_defaults("patch_labels"), **dict(cfg or {})}
+        s = cls(positive_overlap=float(cfg["positive_overlap"]),
+                negative_overlap=float(cfg["negative_overlap"]),
                 positive_classes=tuple(cfg.get("positive_classes") or ()),
                 exclude_classes=tuple(cfg.get("exclude_classes") or DEFAULT_EXCLUDE_CLASSES))
         if not 0.0 <= s.negative_overlap < s.positive_overlap <= 1.0:

@@ -335,7 +335,7 @@ def exported_config(config: dict) -> dict:
 
 
 def exported_model_spec(spec: dict, exporter: "Exporter") -> dict:
-    """A nested model run (histoflow.tracking) with its artifacts as exported (predictions with
+    """A nested model run (histoflow.mlflow) with its artifacts as exported (predictions with
     patient hashes instead of patient ids)."""
     return {**spec, "artifacts": [exporter.artifact(p) for p in spec.get("artifacts", [])],
             "folds": [{**f, "artifacts": [exporter.artifact(p) for p in f.get("artifacts", [])]}

@@ -24,23 +24,25 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .config import defaults_from_schema, section_defaults
+
 META_COLUMNS = ("slide_id", "patient_id", "y", "fold", "role", "tile_probs_model", "time", "event")
 CLASSIFIERS = ("rf", "gb", "logreg")
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("slide_classifier")
 class SlideClassifierSettings:
-    models: tuple[str, ...] = CLASSIFIERS
-    n_estimators: int = 300
-    max_depth: int | None = None
-    C: float = 1.0
+    models: tuple[str, ...]
+    n_estimators: int
+    max_depth: int | None
+    C: float
 
     @classmethod
     def from_config(cls, section: dict | None) -> "SlideClassifierSettings":
-        section = dict(section or {})
-        return cls(models=tuple(section.get("models", CLASSIFIERS)),
-                   n_estimators=int(section.get("n_estimators", cls.n_estimators)),
-                   max_depth=section.get("max_depth"), C=float(section.get("C", cls.C)))
+        section = {**section_defaults("slide_classifier"), **dict(section or {})}
+        return cls(models=tuple(section["models"]), n_estimators=int(section["n_estimators"]),
+                   max_depth=section["max_depth"], C=float(section["C"]))
 
 
 def make_survival_model(name: str, settings: SlideClassifierSettings, seed: int):

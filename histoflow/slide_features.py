@@ -11,13 +11,16 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .config import defaults_from_schema
+
 STAT_NAMES = ("mean", "median", "mode", "var", "sd", "min", "max", "range", "sum", "count")
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("slide_features")
 class SlideFeatureSettings:
-    thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
-    mode_bins: int = 10
+    thresholds: tuple[float, ...]
+    mode_bins: int
 
     @classmethod
     def from_config(cls, section: dict | None) -> "SlideFeatureSettings":

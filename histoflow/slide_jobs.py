@@ -73,7 +73,7 @@ def download_slide(job: SlideJob) -> None:
         on_error=job.params["on_error"])
 
 
-def slide_qc(job: SlideJob) -> None:
+def qc_slide(job: SlideJob) -> None:
     from .slide_qc import write_slide_metadata
 
     write_slide_metadata(slide_id=job.slide_id, manifest_path=job.input["manifest"],
@@ -152,7 +152,7 @@ def detect_lesions(job: SlideJob) -> None:
 # rule name -> its step; a batch rule `<name>_batch` runs the same step for each of its slides
 SLIDE_STEPS: dict[str, Callable[[SlideJob], None]] = {
     step.__name__: step
-    for step in (download_slide, slide_qc, detect_tissue, tile_slide, export_tile_images, extract_features,
+    for step in (download_slide, qc_slide, detect_tissue, tile_slide, export_tile_images, extract_features,
                  patch_labels, heatmap, detect_lesions)
 }
 
@@ -160,7 +160,7 @@ SLIDE_STEPS: dict[str, Callable[[SlideJob], None]] = {
 # What a step imports before it starts, per rule: the import is then the process's start-up (paid
 # once per batch job, before the first slide). benchmarks/ingest.py times the steps the same way.
 STEP_IMPORTS: dict[str, tuple[str, ...]] = {
-    "slide_qc": ("histoflow.slide_qc", "histoflow.wsi", "openslide", "PIL.Image"),
+    "qc_slide": ("histoflow.slide_qc", "histoflow.wsi", "openslide", "PIL.Image"),
     # a JPEG-tiled TIFF's level is indexed by tifffile and decoded by OpenCV; OpenSlide (and its
     # progress bar; other formats) is imported when a slide needs it
     "detect_tissue": ("histoflow.tissue", "histoflow.wsi", "tifffile", "histoflow.geojson", "cv2", "shapely",

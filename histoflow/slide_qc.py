@@ -137,8 +137,8 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
     from .wsi import OpenSlideReader, best_level_for_mpp
 
     mpp = float(tile_check.get("mpp") or mpp0)
-    tile_px = int(tile_check.get("tile_px") or 256)
-    limit = float(tile_check.get("max_failed_tile_fraction", 0.01))
+    tile_px = int(tile_check["tile_px"])   # config tiling.tile_px, validated (the schema holds the default)
+    limit = float(tile_check["max_failed_tile_fraction"])
     choice = best_level_for_mpp(level_downsamples, mpp0, mpp)
     read_px = max(1, int(round(tile_px * mpp / choice.mpp)))
     w, h = level_dimensions[choice.level]

@@ -30,6 +30,7 @@ import numpy as np
 
 from .wsi.levels import same_mpp_mask
 
+from .config import defaults_from_schema
 from .errors import InputError
 from .io import atomic_path, read_json, write_tsv
 from .logs import get_logger
@@ -50,28 +51,29 @@ ARCHS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("ssl")
 class SSLSettings:
-    arch: str = "resnet-tiny"
-    method: str = "simclr"
-    epochs: int = 8
-    batch_size: int = 128
-    max_tiles: int = 2048
-    image_px: int = 64
-    mpp: float | None = None          # tiles at this target_mpp; None = features.mpp
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.2
-    proj_dim: int = 64
-    crop_scale_min: float = 0.35
+    arch: str
+    method: str
+    epochs: int
+    batch_size: int
+    max_tiles: int
+    image_px: int
+    mpp: float | None  # tiles at this target_mpp; None = features.mpp
+    lr: float
+    weight_decay: float
+    temperature: float
+    proj_dim: int
+    crop_scale_min: float
     hed_sigma: float = 0.05           # config null = stain.augment.hed_jitter (one stain-jitter knob)
-    seed: int | None = None           # None = the workflow's global seed
-    device: str = "auto"
-    fit_on: str = "all"               # all | train_only (histoflow.splits.slides_to_fit)
+    seed: int | None  # None = the workflow's global seed
+    device: str
+    fit_on: str  # all | train_only (histoflow.split.slides_to_fit)
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None, stain_hed_jitter: float | None = None,
                     **overrides: Any) -> "SSLSettings":
-        """Settings from the ``ssl:`` config section; unknown keys (threads, gpus: rule-level) ignored.
+        """Settings from the ``ssl:`` config section; unknown keys (threads, gpu: rule-level) ignored.
         ``hed_sigma: null`` takes ``stain_hed_jitter`` (config ``stain.augment.hed_jitter``)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in dict(section or {}).items() if k in known}
@@ -524,7 +526,7 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
     only on the slides that are train-role in every fold of ``splits_tsv``."""
     import torch
 
-    from .splits import slides_to_fit
+    from .split import slides_to_fit
     from .tiling import read_tiles_table
 
     cfg = SSLSettings.from_config(settings, stain_hed_jitter=stain_hed_jitter, arch=arch)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import defaults_from_schema
 from .errors import InputError
 
 log = logging.getLogger("histoflow.stain")
@@ -32,17 +33,18 @@ RUIFROK_HE = RUIFROK_HE / np.linalg.norm(RUIFROK_HE, axis=1, keepdims=True)
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("stain")
 class StainSettings:
     """Config section ``stain``."""
 
-    method: str = "none"
-    reference: str = "auto"          # tile image path, or "auto"
-    n_reference_tiles: int = 64      # tiles sampled across the cohort when reference is auto
-    min_tissue_fraction: float = 0.5  # a reference candidate must be at least this much tissue
-    beta: float = 0.15               # OD threshold separating tissue from background
-    alpha: float = 1.0               # Macenko angle percentile (robust extremes)
+    method: str
+    reference: str  # tile image path, or "auto"
+    max_tiles: int  # tiles sampled across the cohort when reference is auto
+    min_tissue_fraction: float  # a reference candidate must be at least this much tissue
+    beta: float  # OD threshold separating tissue from background
+    alpha: float  # Macenko angle percentile (robust extremes)
     hed_jitter: float = 0.05         # sigma of HED jitter of SSL training views (ssl.hed_sigma: null)
-    fit_on: str = "all"              # all | train_only: which slides the auto reference is drawn from
+    fit_on: str  # all | train_only: which slides the auto reference is drawn from
 
     @classmethod
     def from_config(cls, section: dict | None) -> "StainSettings":
@@ -338,7 +340,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
                          splits_tsv: str | None = None) -> dict:
     """Rule ``fit_stain``: fit the cohort's normaliser and write stain.json + reference.png.
 
-    With ``reference: auto``, up to ``n_reference_tiles`` tiles at ``mpp`` are sampled across
+    With ``reference: auto``, up to ``max_tiles`` tiles at ``mpp`` are sampled across
     the cohort's non-skipped slides (seeded), and the most typical tissue tile is the reference.
     ``stain.fit_on: all`` samples every slide, test slides included (no label is read:
     transductive, stated in the checklist); ``train_only`` only the slides that are train-role in
@@ -349,7 +351,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
     from .tiles_table import load_tiles
     from .wsi import SlideReader, open_slide
     from .io import atomic_path, read_json, write_json
-    from .splits import slides_to_fit
+    from .split import slides_to_fit
 
     cfg = StainSettings.from_config(settings)
     info: dict[str, Any] = {"method": cfg.method, "reference": cfg.reference, "seed": seed, "fit_on": cfg.fit_on}
@@ -375,7 +377,7 @@ def fit_stain_for_cohort(slide_jsons: Sequence[str], tile_tables: Sequence[str],
         if not candidates:
             raise InputError(f"stain.reference is 'auto' but no slide has tiles at {mpp} µm/px; "
                              "give a reference tile image in config 'stain.reference' or set stain.method: none")
-        pick = sorted(rng.choice(len(candidates), min(cfg.n_reference_tiles, len(candidates)), replace=False))
+        pick = sorted(rng.choice(len(candidates), min(cfg.max_tiles, len(candidates)), replace=False))
         images, where = [], []
         readers: dict[tuple, SlideReader] = {}
         for i in pick:

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .config import defaults_from_schema, section_defaults
 from .errors import InputError, SlideError
 from .io import read_grey_png, read_json
 from .logs import get_logger
@@ -49,28 +50,29 @@ IMAGE_FORMATS = {"jpeg": ".jpg", "png": ".png"}
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("tiling")
 class TilingSettings:
-    mpp: tuple[float, ...] = (0.5,)
-    tile_px: int = 256
-    overlap_px: int = 0
-    min_tissue_fraction: float = 0.5
+    mpp: tuple[float, ...]
+    tile_px: int
+    overlap_px: int
+    min_tissue_fraction: float
     # the cap is a seeded sample over tissue tiles only: bag tiles never depend on annotations
     # (lesion-aware sampling is patch_classifier.lesion_share, on each fold's train slides)
-    max_tiles_per_slide: int | None = None
-    export_images: str = "none"
+    max_tiles_per_slide: int | None
+    export_images: str
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "TilingSettings":
-        cfg = dict(cfg or {})
-        mpp = cfg.get("mpp", [0.5])
+        cfg = {**section_defaults("tiling"), **dict(cfg or {})}   # a key left out: the schema's default
+        mpp = cfg["mpp"]
         mpp = tuple(float(m) for m in (mpp if isinstance(mpp, (list, tuple)) else [mpp]))
         settings = cls(
             mpp=mpp,
-            tile_px=int(cfg.get("tile_px", 256)),
-            overlap_px=int(cfg.get("overlap_px", 0)),
-            min_tissue_fraction=float(cfg.get("min_tissue_fraction", 0.5)),
-            max_tiles_per_slide=None if cfg.get("max_tiles_per_slide") is None else int(cfg["max_tiles_per_slide"]),
-            export_images=str(cfg.get("export_images", "none")),
+            tile_px=int(cfg["tile_px"]),
+            overlap_px=int(cfg["overlap_px"]),
+            min_tissue_fraction=float(cfg["min_tissue_fraction"]),
+            max_tiles_per_slide=None if cfg["max_tiles_per_slide"] is None else int(cfg["max_tiles_per_slide"]),
+            export_images=str(cfg["export_images"]),
         )
         settings.check()
         return settings

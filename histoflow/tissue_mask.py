@@ -15,27 +15,29 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from .config import defaults_from_schema
 from .errors import InputError
 
 METHODS = ("auto", "brightfield", "fluorescence")
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("tissue")
 class TissueSettings:
     """Config section ``tissue`` (defaults = the schema's)."""
 
-    method: str = "auto"
-    mask_mpp: float = 16.0
-    white_threshold: float = 220.0
-    median_um: float = 40.0          # median window (µm): the nearest odd px count at the mask's µm/px
-    median_px: int | None = None     # the window in mask px instead (overrides median_um)
-    closing_um: float = 50.0
-    min_object_um2: float = 50000.0
-    min_hole_um2: float = 20000.0
-    remove_pen: bool = True
-    min_saturation: float = 0.05     # Otsu on saturation is clipped to [min, max] (0-1): blank glass stays
-    max_saturation: float = 0.10     # empty, and pale tissue (eosin, fat, faint edges: ~0.1) is kept when Otsu lands high
-    pen_dilate_um: float = 30.0      # ink edges bleed; grow the pen mask by this much
+    method: str
+    mask_mpp: float
+    white_threshold: float
+    median_um: float  # median window (µm): the nearest odd px count at the mask's µm/px
+    median_px: int | None  # the window in mask px instead (overrides median_um)
+    closing_um: float
+    min_object_um2: float
+    min_hole_um2: float
+    remove_pen: bool
+    min_saturation: float  # Otsu on saturation is clipped to [min, max] (0-1): blank glass stays
+    max_saturation: float  # empty, and pale tissue (eosin, fat, faint edges: ~0.1) is kept when Otsu lands high
+    pen_dilate_um: float  # ink edges bleed; grow the pen mask by this much
 
     @classmethod
     def from_config(cls, section: dict | None) -> "TissueSettings":

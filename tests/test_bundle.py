@@ -18,7 +18,7 @@ from test_mil import DIM, _write_features, synthetic_bags
 def trained(tmp_path_factory):
     """Two abmil fold models on synthetic bags, through train_fold as the workflow runs them."""
     from histoflow.mil.train import train_fold
-    from histoflow.splits import write_splits
+    from histoflow.split import write_splits
 
     root = tmp_path_factory.mktemp("bundle")
     bags, ys, _ = synthetic_bags(16, seed=3)
@@ -234,7 +234,7 @@ def task_bundle(request, tmp_path_factory):
     """Two abmil fold models of a non-binary target (train_fold, as the workflow), and their bundle."""
     from histoflow.bundle import target_of, write_mil_bundle
     from histoflow.mil.train import train_fold
-    from histoflow.splits import write_splits
+    from histoflow.split import write_splits
 
     kind = request.param
     root = tmp_path_factory.mktemp(f"bundle_{kind}")

@@ -37,6 +37,40 @@ def test_defaults_are_filled_from_the_schema():
     assert config["default_mpp"] is None
 
 
+
+@pytest.mark.parametrize("section,old,new,value", [("ssl", "gpus", "gpu", 1),
+                                                   ("mil", "max_tiles_train", "max_tiles_per_slide", 100),
+                                                   ("stain", "n_reference_tiles", "max_tiles", 12)])
+def test_renamed_keys_are_accepted_with_a_deprecation_line(capsys, section, old, new, value):
+    """An old config (ssl.gpus, mil.max_tiles_train, stain.n_reference_tiles) still runs: the value
+    is used under the new name, and stderr says to rename it."""
+    config = validate_config({"samples": "x.tsv", section: {old: value}})
+    assert config[section][new] == value and old not in config[section]
+    assert f"'{section}.{old}' is deprecated: it is now '{section}.{new}'" in capsys.readouterr().err
+    # config.yaml spells out the new key at its default: the old key's value still wins
+    assert validate_config({"samples": "x.tsv", section: {old: value, new: validate_config(
+        {"samples": "x.tsv"})[section][new]}})[section][new] == value
+    with pytest.raises(InputError, match=f"'{section}.{old}'.*'{section}.{new}'.*both"):
+        validate_config({"samples": "x.tsv", section: {old: value, new: value + 1}})
+
+
+@pytest.mark.parametrize("section", ["features", "mlflow"])
+def test_features_and_mlflow_refuse_unknown_keys(section):
+    with pytest.raises(InputError, match=f"config key '{section}'.*typo_key"):
+        validate_config({"samples": "x.tsv", section: {"typo_key": 1}})
+
+
+def test_settings_classes_take_their_defaults_from_the_schema():
+    """Defaults live in the schema only: a settings class built from nothing gets the schema's."""
+    from histoflow.config import section_defaults
+    from histoflow.mil.train import MILSettings
+    from histoflow.tiling import TilingSettings
+
+    schema = section_defaults("tiling")
+    assert TilingSettings().tile_px == schema["tile_px"] == TilingSettings.from_config({}).tile_px
+    assert TilingSettings().mpp == tuple(schema["mpp"])
+    assert MILSettings().max_tiles_per_slide == section_defaults("mil")["max_tiles_per_slide"]
+
 def test_bad_config_value_names_the_key():
     with pytest.raises(InputError) as err:
         validate_config({"samples": "x.tsv", "tiling": {"tile_px": 3}})

@@ -169,3 +169,15 @@ def test_mil_crossfit_scores_each_train_slide_with_the_inner_model_that_held_it_
         assert role == "test"                                              # held out by that inner model
         own = pq.read_table(scores[j]).to_pandas().query("slide_id == @sid")
         np.testing.assert_array_equal(part.sort_values("x")["prob"].to_numpy(), own.sort_values("x")["instance_prob"].to_numpy())
+
+
+def test_one_mil_script_trains_outer_and_inner_folds():
+    """train_mil.py serves train_mil and train_mil_inner: an inner job trains fold {inner} of the
+    inner split table with the inner seed (distinct from the outer models'), an outer job fold {fold}."""
+    from types import SimpleNamespace
+
+    from histoflow.crossfit import inner_seed, mil_job_fold
+
+    assert mil_job_fold(SimpleNamespace(fold="2"), 1337) == (2, 1337, False)
+    assert mil_job_fold(SimpleNamespace(fold="2", inner="1"), 1337) == (1, inner_seed(1337, 2), True)
+    assert inner_seed(1337, 2) != 1337

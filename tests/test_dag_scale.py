@@ -106,7 +106,7 @@ def test_a_cohort_above_500_slides_is_planned_in_slide_batches(tmp_path):
                           env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
-    for rule in ("download_slide", "slide_qc", "detect_tissue", "tile_slide", "extract_features", "heatmap",
+    for rule in ("download_slide", "qc_slide", "detect_tissue", "tile_slide", "extract_features", "heatmap",
                  "detect_lesions"):
         assert counts.get(f"{rule}_batch") == "200", (rule, counts)
         assert rule not in counts, (rule, counts)

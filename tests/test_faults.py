@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from histoflow.io import read_json, write_json, write_parquet
-from histoflow.tracking import COMPLETE_TAG, init_store, log_workflow, result_key
+from histoflow.mlflow import COMPLETE_TAG, init_store, log_workflow, result_key
 
 # shared fixtures and helpers of the stage tests (pytest puts tests/ on sys.path)
 from test_download import md5, payload, server  # noqa: F401 - `server` is a fixture
@@ -191,7 +191,7 @@ def test_a_logging_job_killed_part_way_is_redone_not_taken_for_logged(mlflow_ser
     job = _python("""
         import sys, time
         from pathlib import Path
-        import histoflow.tracking as T
+        import histoflow.mlflow as T
         def stuck(*args, **kwargs):          # the job is killed after the parent run exists
             Path(sys.argv[3]).touch()
             time.sleep(600)
@@ -215,7 +215,7 @@ def test_a_logging_job_killed_part_way_is_redone_not_taken_for_logged(mlflow_ser
 
 
 def test_a_server_killed_mid_log_and_restarted_gets_the_whole_result_once(mlflow_server, result_copy, monkeypatch):
-    import histoflow.tracking as T
+    import histoflow.mlflow as T
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
@@ -386,7 +386,7 @@ def _train(root: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mil_inputs(tmp_path_factory):
-    from histoflow.splits import write_splits
+    from histoflow.split import write_splits
 
     root = tmp_path_factory.mktemp("kill-mil")
     bags, ys, _ = synthetic_bags(14, seed=7)

@@ -230,7 +230,7 @@ def test_read_features_is_vectorised_and_honours_sliced_tables(tmp_path):
 def test_stain_normalisation_is_applied_and_recorded(cohort):
     root, tiles = cohort
     info = fit_stain_for_cohort([str(root / "s1.json")], [str(root / "s1.tiles.parquet")], str(root / "stain.json"),
-                                str(root / "reference.png"), {"method": "macenko", "n_reference_tiles": 12}, 1, 0.5)
+                                str(root / "reference.png"), {"method": "macenko", "max_tiles": 12}, 1, 0.5)
     ref_tile = info["reference_tile"]
     assert ref_tile["x"] < 768 * 0.75  # a tissue tile, not glass
     assert (root / "reference.png").stat().st_size > 0

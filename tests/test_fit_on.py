@@ -15,7 +15,7 @@ import pytest
 
 from histoflow.errors import InputError
 from histoflow.io import write_json, write_parquet
-from histoflow.splits import SplitSettings, make_splits, slides_to_fit, train_in_every_fold, write_splits
+from histoflow.split import SplitSettings, make_splits, slides_to_fit, train_in_every_fold, write_splits
 
 N_PATIENTS = 12
 
@@ -90,7 +90,7 @@ def _fit_stain(cohort, tmp_path, fit_on, splits=None):
     from histoflow.stain import fit_stain_for_cohort
 
     return fit_stain_for_cohort(cohort["slides"], cohort["tiles"], str(tmp_path / "stain.json"), str(tmp_path / "ref.png"),
-                                {"method": "macenko", "fit_on": fit_on, "n_reference_tiles": 500}, seed=0, mpp=0.5,
+                                {"method": "macenko", "fit_on": fit_on, "max_tiles": 500}, seed=0, mpp=0.5,
                                 splits_tsv=splits)
 
 

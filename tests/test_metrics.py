@@ -232,7 +232,7 @@ def test_metrics_json_says_how_every_number_was_obtained(tmp_path):
 
 
 def test_mlflow_model_run_logs_threshold_and_its_source():
-    from histoflow.tracking import _log_model
+    from histoflow.mlflow import _log_model
 
     class Client:
         def __init__(self):

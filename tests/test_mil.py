@@ -16,7 +16,7 @@ from histoflow.mil import MODELS, build_model
 from histoflow.mil.train import (MILSettings, collect_model, fit, load_checkpoint, predict_proba, roc_auc,
                                  tile_scores, train_fold)
 from histoflow.mil.transmil import FullAttention, NystromAttention
-from histoflow.splits import write_splits
+from histoflow.split import write_splits
 
 DIM = 32
 
@@ -113,7 +113,7 @@ def test_same_seed_gives_identical_predictions(data):
     assert not np.array_equal(a, predict_proba(other.model, data["test"]))
 
 
-def test_training_bags_are_capped_at_max_tiles_train(data, monkeypatch):
+def test_training_bags_are_capped_at_max_tiles_per_slide(data, monkeypatch):
     seen = []
     original = MODELS["mean"].training_loss
 
@@ -122,7 +122,7 @@ def test_training_bags_are_capped_at_max_tiles_train(data, monkeypatch):
         return original(self, x, y, w)
 
     monkeypatch.setattr(MODELS["mean"], "training_loss", spy)
-    fit("mean", data["train"], data["train_y"], [], [], quick_settings("mean", epochs=1, max_tiles_train=40), 0, progress=False)
+    fit("mean", data["train"], data["train_y"], [], [], quick_settings("mean", epochs=1, max_tiles_per_slide=40), 0, progress=False)
     assert len(seen) == len(data["train"]) and max(seen) == 40
 
 

@@ -1,6 +1,6 @@
 """Nothing that identifies a patient leaves the site by default (config privacy.export).
 
-The real logging path (histoflow.tracking.log_workflow into a local MLflow store, and the
+The real logging path (histoflow.mlflow.log_workflow into a local MLflow store, and the
 checklist) runs on a finished results folder whose sheet holds distinctive patient ids, local
 paths and signed URLs; every MLflow param, tag and text artifact and checklist.md is scanned.
 """
@@ -21,7 +21,7 @@ from histoflow.io import write_json
 from histoflow.metrics import write_metrics
 from histoflow.privacy import (SALT_NAME, Exporter, patient_hash, privacy_salt, resolve_sheet_value,
                                scrub_text, sheet_reference)
-from histoflow.tracking import init_store, log_workflow
+from histoflow.mlflow import init_store, log_workflow
 
 HOST = "pacs.stmary-hospital.example"
 SIGNATURE = "Sig0nature0Secret0Value"
@@ -211,10 +211,10 @@ def test_signed_url_reaches_params_only_as_a_reference(tmp_path, monkeypatch):
 def test_download_rule_params_hold_no_query_string(repo_root):
     rules = (repo_root / "workflow" / "rules" / "download.smk").read_text()
     assert 'source=sheet_ref("source")' in rules
-    tiles = (repo_root / "workflow" / "rules" / "tiles.smk").read_text()
+    tiles = (repo_root / "workflow" / "rules" / "tiling.smk").read_text()
     # tiling takes no annotations at all (bag tiles never depend on them), so no path in its params
     assert "annotations=" not in tiles.split("rule tile_slide:", 1)[1].split("\nrule ", 1)[0]
-    report = (repo_root / "workflow" / "rules" / "report.smk").read_text()
+    report = (repo_root / "workflow" / "rules" / "checklist.smk").read_text()
     assert "config=config" not in report
 
 

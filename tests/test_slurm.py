@@ -201,13 +201,13 @@ def test_every_job_runs_through_sbatch_and_is_accounted(first_run):
 
 
 def test_small_per_slide_rules_are_grouped_into_one_job(first_run):
-    """3 slides x (slide_qc, detect_tissue, tile_slide) = 9 rule jobs, one SLURM job (group
+    """3 slides x (qc_slide, detect_tissue, tile_slide) = 9 rule jobs, one SLURM job (group
     per_slide, 50 slides per job); download_slide ran on the submit host and is not in SLURM."""
     jobs = first_run["jobs"]
     grouped = _jobs_of(jobs, "per_slide")
     assert len(grouped) == 1, [j["Rule"] for j in jobs]
     assert not _jobs_of(jobs, "download_slide")
-    assert not [j for j in jobs if "slide_qc" in j["Rule"] and "per_slide" not in j["Rule"]]
+    assert not [j for j in jobs if "qc_slide" in j["Rule"] and "per_slide" not in j["Rule"]]
     # a group job asks for what its largest member needs (detect_tissue: 2000 MB, 15 min), runs at
     # most `cores` (profile) members side by side, and its time limit covers the members in series
     assert _mem_mb(grouped[0]["ReqMem"]) >= 2000
@@ -268,8 +268,8 @@ def test_a_corrupt_slide_fails_its_rule_with_a_readable_message(cohort, slurm, t
     jobs = _wait_accounted(since, tmp_path / "slurm_logs", n_min=1)
     assert jobs and all(j["State"] == "FAILED" for j in jobs), jobs
     # Snakemake names the failed rule and its log; the log holds histoflow's one-line reason
-    assert "slide_qc" in proc.stderr, proc.stderr[-3000:]
-    log = tmp_path / "results" / "logs" / "slide_qc" / "bad_slide.log"
+    assert "qc_slide" in proc.stderr, proc.stderr[-3000:]
+    log = tmp_path / "results" / "logs" / "qc_slide" / "bad_slide.log"
     assert log.is_file(), proc.stderr[-3000:]
     text = log.read_text()
     assert "bad_slide" in text and "Traceback" not in text.splitlines()[-1], text[-2000:]
@@ -277,7 +277,7 @@ def test_a_corrupt_slide_fails_its_rule_with_a_readable_message(cohort, slurm, t
 
 
 def test_slide_batches_submit_one_ingest_job_per_batch(cohort, slurm, tmp_path):
-    """slides_per_job: 2 on 3 slides = 2 batches: slide_qc, detect_tissue and tile_slide of a batch
+    """slides_per_job: 2 on 3 slides = 2 batches: qc_slide, detect_tissue and tile_slide of a batch
     are one SLURM job (group ingest_batch), whose time limit covers the batch's slides in series."""
     root, sheet = cohort
     configfile = tmp_path / "batched.yaml"
@@ -328,7 +328,7 @@ def test_profile_layering_rules_hold():
     # only rules fed by the slide's own files are grouped: a member waiting for cohort-wide jobs
     # would make the group depend on itself, and Snakemake's group check grows with the square
     # of the group (planning 1,000 slides took 5 min with 5 rules + a heatmap group, 17 s with none)
-    assert default["groups"] == {"slide_qc": "per_slide", "detect_tissue": "per_slide", "tile_slide": "per_slide",
-                                 "slide_qc_batch": "ingest_batch", "detect_tissue_batch": "ingest_batch",
+    assert default["groups"] == {"qc_slide": "per_slide", "detect_tissue": "per_slide", "tile_slide": "per_slide",
+                                 "qc_slide_batch": "ingest_batch", "detect_tissue_batch": "ingest_batch",
                                  "tile_slide_batch": "ingest_batch"}
     assert "download_slide" not in default["groups"]   # a localrule: compute nodes may lack internet

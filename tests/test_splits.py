@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from histoflow.errors import InputError
-from histoflow.splits import SplitSettings, check_splits, make_splits, read_splits, write_splits
+from histoflow.split import SplitSettings, check_splits, make_splits, read_splits, write_splits
 
 
 def cohort(n_patients: int = 12, extra_slides: int = 4, n_sites: int = 4) -> pd.DataFrame:
@@ -232,7 +232,7 @@ def test_sheet_split_with_k_folds_shares_the_sheet_test_set():
 
 
 def test_a_patient_on_both_sides_of_the_sheet_split_is_named():
-    from histoflow.splits import check_sheet_split
+    from histoflow.split import check_sheet_split
 
     frame = sheet_cohort()
     frame.loc[frame["slide_id"] == "P01-1", "split"] = "train"   # P01 has slides P01-0 (test) and P01-1

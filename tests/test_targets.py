@@ -202,7 +202,7 @@ def _sheet(kind: str, n: int = 24) -> pd.DataFrame:
 
 @pytest.mark.parametrize("kind", ["multiclass", "survival", "regression"])
 def test_splits_encode_the_target_and_keep_patients_together(kind):
-    from histoflow.splits import SplitSettings, make_splits
+    from histoflow.split import SplitSettings, make_splits
 
     target = {"multiclass": Target(classes=("a", "b", "c")), "survival": Target(type="survival"),
               "regression": Target(type="regression")}[kind]

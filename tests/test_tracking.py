@@ -20,7 +20,7 @@ import pytest
 from histoflow.checklist import TITLES
 from histoflow.io import write_json
 from histoflow.metrics import write_metrics
-from histoflow.tracking import init_store, log_workflow
+from histoflow.mlflow import init_store, log_workflow
 
 SECRET = "gdc-secret-token-0123456789"
 
@@ -273,7 +273,7 @@ def test_the_experiment_is_a_model_training_experiment(logged, tmp_path):
     # an experiment made before (no kind) gets it on the next log; a kind chosen in the UI is kept
     from mlflow.tracking import MlflowClient
 
-    from histoflow.tracking import ensure_experiment
+    from histoflow.mlflow import ensure_experiment
 
     other = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'old.db'}")
     old = other.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
@@ -338,7 +338,7 @@ def test_every_model_run_has_the_cohort_as_a_dataset(logged):
 
 def test_the_same_cohort_has_the_same_digest_and_a_changed_one_does_not(logged, tmp_path):
     from histoflow.privacy import Exporter
-    from histoflow.tracking import _dataset_input, cohort_table
+    from histoflow.mlflow import _dataset_input, cohort_table
 
     out, config, status = logged
     again = log_workflow(str(out), config, "samples.tsv", str(tmp_path / "again.json"), force=True)
@@ -397,7 +397,7 @@ def test_each_mil_model_is_a_logged_pyfunc_that_predicts_a_slide(logged):
 
 
 def test_register_models_and_system_metrics_when_asked(finished_outdir, tmp_path):
-    from histoflow.tracking import SYSTEM_METRICS_FILE, SystemMetrics
+    from histoflow.mlflow import SYSTEM_METRICS_FILE, SystemMetrics
 
     out = tmp_path / "results"
     shutil.copytree(finished_outdir, out, ignore=shutil.ignore_patterns("mlflow*", "mlruns"))
@@ -421,7 +421,7 @@ def test_external_cohort_metrics_and_the_task_reach_mlflow(tmp_path):
     and the model run's external.<cohort>.*; every model run names its task, loss and metrics
     (the binary default too)."""
     from histoflow.io import write_json
-    from histoflow.tracking import _model_runs, comparison_metrics
+    from histoflow.mlflow import _model_runs, comparison_metrics
 
     rec = {"pooled": {"auc": 0.8}, "ci": {"auc": [0.6, 0.9]}, "n_slides": 4, "threshold_source": "pooled_validation"}
     ext = {"pooled": {"auc": 0.7}, "ci": {"auc": [0.5, 0.95]}, "n_slides": 3, "threshold_source": "pooled_validation"}

@@ -239,9 +239,9 @@ def test_slide_batches_give_the_same_slides_models_and_metrics(run, batched_run)
     """Cutting the cohort into batch jobs (what big cohorts get) changes the jobs, not the results:
     every per-slide file and every metric is the same as with one job per slide."""
     log = batched_run["proc"].stdout + batched_run["proc"].stderr
-    for rule in ("slide_qc_batch", "extract_features_batch", "heatmap_batch", "detect_lesions_batch"):
+    for rule in ("qc_slide_batch", "extract_features_batch", "heatmap_batch", "detect_lesions_batch"):
         assert re.search(rf"^{rule}\s+\d+$", log, flags=re.M), rule
-    assert not re.search(r"^(slide_qc|extract_features|heatmap|detect_lesions)\s+\d+$", log, flags=re.M)
+    assert not re.search(r"^(qc_slide|extract_features|heatmap|detect_lesions)\s+\d+$", log, flags=re.M)
     single, batched = run["outdir"], batched_run["outdir"]
     per_slide = [p.relative_to(single) for folder in ("tiles", "tissue", "heatmaps", "lesions", "patch_labels")
                  for p in (single / folder).rglob("*") if p.is_file() and p.suffix in (".parquet", ".png", ".geojson")]

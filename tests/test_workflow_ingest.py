@@ -152,9 +152,9 @@ def test_slide_batches_write_the_same_per_slide_files_as_per_slide_jobs(tiled, b
 def test_slide_batches_run_one_job_per_batch_and_step(batched):
     _, _, proc = batched
     log = proc.stdout + proc.stderr
-    for rule in ("download_slide_batch", "slide_qc_batch", "detect_tissue_batch", "tile_slide_batch"):
+    for rule in ("download_slide_batch", "qc_slide_batch", "detect_tissue_batch", "tile_slide_batch"):
         assert re.search(rf"^{rule}\s+2$", log, flags=re.M), rule
-    assert not re.search(r"^(slide_qc|detect_tissue|tile_slide)\s+\d+$", log, flags=re.M)
+    assert not re.search(r"^(qc_slide|detect_tissue|tile_slide)\s+\d+$", log, flags=re.M)
 
 
 def test_a_deleted_per_slide_file_is_redone_by_its_batch_alone(batched):
@@ -193,5 +193,5 @@ def test_a_batch_job_never_asks_for_more_time_than_batch_max_runtime(batched):
     check(proc)
     jobs = [(m.group(1), m.group(2)) for block in (proc.stdout + proc.stderr).split("\n\n")
             if (m := re.search(r"rule (\w+_batch):(?s:.*?)runtime=(\d+)", block))]
-    assert {rule for rule, _ in jobs} >= {"slide_qc_batch", "detect_tissue_batch", "tile_slide_batch"}
+    assert {rule for rule, _ in jobs} >= {"qc_slide_batch", "detect_tissue_batch", "tile_slide_batch"}
     assert all(int(minutes) <= 11 for _, minutes in jobs) and any(int(m) == 11 for _, m in jobs), jobs

@@ -68,7 +68,7 @@ def test_torch_rules_get_the_torch_env_and_ingest_rules_the_light_one():
     for rule in ("extract_features", "train_ssl_encoder", "train_mil"):
         assert rules[rule][1].endswith("envs/torch.yaml"), rule
     # tile_slide reads the mask and overlay only (no slide): envs/report.yaml (tests/test_envs.py)
-    for rule in ("slide_qc", "detect_tissue"):
+    for rule in ("qc_slide", "detect_tissue"):
         assert rules[rule][1].endswith("envs/slides.yaml"), rule
     assert "torch" not in _pip_pins(yaml.safe_load((REPO / "envs" / "slides.yaml").read_text()))
 
@@ -91,9 +91,9 @@ def test_rule_scripts_only_unpack_snakemake_and_call_histoflow():
 
 
 def test_one_rule_file_per_stage():
-    stages = {"download", "slide_qc", "tissue", "tiles", "stain", "ssl_pretrain", "features", "split",
+    stages = {"download", "slide_qc", "tissue", "tiling", "stain", "ssl_pretrain", "features", "split",
               "mil", "patch_classifier", "heatmaps", "lesions", "slide_features", "slide_classifier",
-              "metrics", "mlflow", "report"}
+              "metrics", "mlflow", "checklist"}
     assert stages <= {p.stem for p in RULES.glob("*.smk")}
     snakefile = (REPO / "Snakefile").read_text()
     for stage in stages:
@@ -108,3 +108,66 @@ def test_input_functions_live_in_common_smk():
             assert not re.search(r"^rule \w+:", smk.read_text(), flags=re.M)
         else:
             assert not re.search(r"^def \w+", smk.read_text(), flags=re.M), f"{smk.name} defines a function"
+
+
+def test_each_stage_has_a_target_named_as_its_rule_file_and_no_include_order():
+    """`snakemake <stage>` works for each rule file <stage>.smk; no rule file appends to a global
+    target list or exits the process (targets: common.smk stage_targets/final_targets)."""
+    snakefile = (REPO / "Snakefile").read_text()
+    for smk in sorted(RULES.glob("*.smk")):
+        if smk.stem in ("common", "batches"):
+            continue
+        text = smk.read_text()
+        assert re.search(rf"^\s*rule {smk.stem}:", text, flags=re.M), f"{smk.name} has no target rule {smk.stem}"
+        assert f'stage_targets("{smk.stem}")' in text or smk.stem in ("metrics", "checklist"), smk.name
+        for banned in ("TARGETS", "sys.exit", "InputError"):
+            assert banned not in text, f"{smk.name} uses {banned} (belongs in common.smk)"
+    assert "final_targets()" in snakefile
+
+
+def test_stage_names_match_across_rule_file_script_module_and_config():
+    """rule file = script = module = config section, for the stages whose names differed."""
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
+    for stage in ("tiling", "split", "mlflow", "checklist"):
+        assert (RULES / f"{stage}.smk").is_file(), stage
+        assert (REPO / "histoflow" / f"{stage}.py").is_file(), stage
+        assert stage in schema or stage == "checklist", stage
+    for stage, script in (("tiling", "tiling"), ("split", "split"), ("checklist", "checklist")):
+        assert f'"../scripts/{script}.py"' in (RULES / f"{stage}.smk").read_text(), stage
+
+
+def test_deprecated_target_names_plan_the_same_jobs_as_the_new_ones(tmp_path, snakemake_exe):
+    """The old targets (qc, tiles, slide_features_all, slide_classifiers, report_inputs) still
+    work: each dry-runs exactly the jobs of the stage target that replaced it."""
+    import subprocess
+
+    rows = ["slide_id\tpatient_id\tlabel\tsource"] + [
+        f"S{i:02d}\tP{i // 2:02d}\t{'tumor' if (i // 2) % 2 else 'normal'}\thttp://127.0.0.1:9/S{i:02d}.svs"
+        for i in range(12)]
+    (tmp_path / "samples.tsv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"samples: {tmp_path / 'samples.tsv'}\noutdir: {tmp_path / 'out'}\nsplit: {{k: 3}}\n"
+                   "slide_classifier: {models: [logreg]}\n")
+
+    def planned(*targets: str) -> set[tuple[str, str]]:
+        """(rule, job count) rows of the dry run, without the total."""
+        proc = subprocess.run([snakemake_exe, *targets, "-n", "--quiet", "rules", "--configfile",
+                               str(REPO / "config.yaml"), str(cfg)], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = {tuple(line.split()) for line in proc.stdout.splitlines() if re.match(r"^\w+\s+\d+$", line)}
+        assert rows, proc.stdout[-2000:]
+        return {row for row in rows if row[0] != "total"}
+
+    # each alias asks for its stages' targets (read from the Snakefile), and one dry run shows that
+    # this plans the same jobs
+    snakefile = (REPO / "Snakefile").read_text()
+    aliases = {"qc": ["slide_qc"], "tiles": ["tiling"], "slide_features_all": ["slide_features"],
+               "slide_classifiers": ["slide_classifier"], "report_inputs": ["checklist", "mlflow"]}
+    for old, new in aliases.items():
+        body = re.search(rf"^rule {old}:\n    input:\n((?:        .*\n)+)", snakefile, flags=re.M)
+        assert body, f"no alias rule {old} in the Snakefile"
+        assert re.findall(r'stage_targets\("(\w+)"\)', body.group(1)) == new, old
+    old_jobs = {row for row in planned("tiles") if row[0] != "tiles"}
+    new_jobs = {row for row in planned("tiling") if row[0] != "tiling"}
+    assert old_jobs == new_jobs and len(old_jobs) > 3, sorted(old_jobs ^ new_jobs)

@@ -56,6 +56,10 @@ class MILModel(nn.Module):
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.feature_mean) / self.feature_std
 
+    def embed_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """Tile embeddings [n, hidden_dim]: standardised features through the model's projector ``fc``."""
+        return self.fc(self.standardise(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -84,3 +88,47 @@ class MILModel(nn.Module):
 def masked_softmax_scores(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the tiles of one bag (an empty bag gives an empty vector)."""
     return torch.softmax(scores, dim=0) if scores.numel() else scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared blocks. A new model composes them (a model file plus its line in ``MODELS``); the
+# attribute names (fc, attention, classifier) are the checkpoints' state-dict keys.
+
+
+class GatedAttention(nn.Module):
+    """Gated attention scores (Ilse et al. 2018): w^T (tanh(V h) * sigmoid(U h)), as torchmil's
+    ``AttentionPool(gated=True)`` and CLAM's ``Attn_Net_Gated``."""
+
+    def __init__(self, dim: int, attn_dim: int, dropout: float):
+        super().__init__()
+        self.attention_a = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.attention_b = nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
+        self.attention_c = nn.Linear(attn_dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw (pre-softmax) attention scores, shape [n]."""
+        return self.attention_c(self.attention_a(h) * self.attention_b(h)).squeeze(-1)
+
+
+class AttentionPoolMIL(MILModel):
+    """Embedding -> gated attention pooling -> linear slide head (ABMIL; CLAM adds its
+    instance objective on top). Attention weights sum to 1 over the bag."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, n_out: int = 1):
+        super().__init__(in_dim, hidden_dim, dropout, n_out)
+        self.fc = projector(in_dim, hidden_dim, dropout)
+        self.attention = GatedAttention(hidden_dim, max(hidden_dim // 2, 8), dropout)
+        self.classifier = nn.Linear(hidden_dim, n_out)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tile embeddings [n, hidden_dim], attention [n])."""
+        h = self.embed_tiles(x)
+        return h, masked_softmax_scores(self.attention(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, a = self.embed(x)
+        return self.head(self.classifier(a @ h))
+
+    def tile_scores(self, x: torch.Tensor) -> TileScores:
+        h, a = self.embed(x)
+        return TileScores(attention=a, instance_prob=self.activate(self.head(self.classifier(h))))

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .abmil import GatedAttention
-from .base import MILModel, TileScores, masked_softmax_scores, projector
+from .base import AttentionPoolMIL, TileScores
 
 
 def smooth_top1_svm_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:
@@ -24,17 +23,14 @@ def smooth_top1_svm_loss(logits: torch.Tensor, target: torch.Tensor, alpha: floa
     return (tau * torch.logsumexp((logits + margin - true_score) / tau, dim=1)).mean()
 
 
-class CLAMSB(MILModel):
+class CLAMSB(AttentionPoolMIL):
     name = "clam_sb"
 
     def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, k_sample: int = 8,
                  bag_weight: float = 0.7, instance_loss: str = "svm", subtyping: bool = False, n_out: int = 1):
-        super().__init__(in_dim, hidden_dim, dropout, n_out)
         if instance_loss not in ("svm", "ce"):
             raise ValueError(f"clam_sb instance_loss must be svm or ce, not {instance_loss!r}")
-        self.fc = projector(in_dim, hidden_dim, dropout)
-        self.attention = GatedAttention(hidden_dim, max(hidden_dim // 2, 8), dropout)
-        self.classifier = nn.Linear(hidden_dim, n_out)
+        super().__init__(in_dim, hidden_dim, dropout, n_out)   # embedding, gated attention, slide head
         # one 2-way instance classifier per slide class (binary: 0 = negative, 1 = positive);
         # multi-class is CLAM's subtyping setting (out-of-class top tiles are not evidence)
         self.instance_classifiers = nn.ModuleList([nn.Linear(hidden_dim, 2) for _ in range(max(2, n_out))])
@@ -42,14 +38,6 @@ class CLAMSB(MILModel):
         self.bag_weight = bag_weight
         self.instance_loss = instance_loss
         self.subtyping = subtyping or n_out > 1
-
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.fc(self.standardise(x))
-        return h, masked_softmax_scores(self.attention(h))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, a = self.embed(x)
-        return self.head(self.classifier(a @ h))
 
     def _instance_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.instance_loss == "svm":

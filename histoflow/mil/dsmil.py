@@ -31,7 +31,7 @@ class DSMIL(MILModel):
 
     def streams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(instance logits [n], attention [n], bag-stream logit)."""
-        h = self.fc(self.standardise(x))
+        h = self.embed_tiles(x)
         inst = self.head(self.instance_classifier(h))
         q = self.query(h)
         if self.n_out > 1:

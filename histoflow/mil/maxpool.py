@@ -17,7 +17,7 @@ class MaxPoolMIL(MILModel):
         self.instance_classifier = nn.Linear(hidden_dim, n_out)
 
     def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.instance_classifier(self.fc(self.standardise(x))))
+        return self.head(self.instance_classifier(self.embed_tiles(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.instance_logits(x).max(dim=0).values

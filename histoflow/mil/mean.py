@@ -17,10 +17,10 @@ class MeanPoolMIL(MILModel):
         self.classifier = nn.Linear(hidden_dim, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.classifier(self.fc(self.standardise(x)).mean(0)))
+        return self.head(self.classifier(self.embed_tiles(x).mean(0)))
 
     def tile_scores(self, x: torch.Tensor) -> TileScores:
-        h = self.fc(self.standardise(x))
+        h = self.embed_tiles(x)
         n = h.shape[0]
         # the bag classifier applied to each tile: the tile's own vote, since the bag logit is
         # exactly the mean of these logits (the classifier is linear)

@@ -2,7 +2,7 @@
 
 One bag (slide) per optimisation step, as in the MIL papers: bags differ in size by orders of
 magnitude and padding them into batches wastes memory. Huge slides are capped at
-``max_tiles_train`` random tiles per step (a fresh subset every epoch, which also acts as
+``max_tiles_per_slide`` random tiles per step (a fresh subset every epoch, which also acts as
 augmentation); validation and inference always see the full bag.
 
 The task comes from :class:`histoflow.targets.Target` (config ``target:``): binary (one logit,
@@ -33,6 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from ..devices import resolve_device
+from ..config import defaults_from_schema
 from ..errors import InputError
 from ..targets import UNSUPPORTED_MIL, Target, cox_loss
 from . import MODELS, MILModel, build_model
@@ -47,22 +48,23 @@ TILE_SCORE_COLUMNS = ("slide_id", "x", "y", "col", "row", "size0", "target_mpp",
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("mil")
 class MILSettings:
-    models: tuple[str, ...] = ("abmil",)
-    encoder: str | None = None
-    epochs: int = 50
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    patience: int = 10
-    min_epochs: int = 5
-    monitor: str = "loss"            # loss | auc (validation metric for early stopping)
-    max_tiles_train: int = 4096
-    hidden_dim: int = 128
-    dropout: float = 0.25
-    balance: str = "weights"         # weights | sampler
-    device: str = "auto"
-    gpu: int = 0
-    threads: int = 4
+    models: tuple[str, ...]
+    encoder: str | None
+    epochs: int
+    lr: float
+    weight_decay: float
+    patience: int
+    min_epochs: int
+    monitor: str  # loss | auc (validation metric for early stopping)
+    max_tiles_per_slide: int
+    hidden_dim: int
+    dropout: float
+    balance: str  # weights | sampler
+    device: str
+    gpu: int
+    threads: int
     clam_sb: dict = field(default_factory=dict)
     transmil: dict = field(default_factory=dict)
     dsmil: dict = field(default_factory=dict)
@@ -290,8 +292,8 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
 
         def bag_tensor(i: int) -> torch.Tensor:
             bag = train_bags[i]
-            if len(bag) > settings.max_tiles_train:
-                pick = torch.randperm(len(bag), generator=gen)[: settings.max_tiles_train].sort().values.numpy()
+            if len(bag) > settings.max_tiles_per_slide:
+                pick = torch.randperm(len(bag), generator=gen)[: settings.max_tiles_per_slide].sort().values.numpy()
                 bag = np.asarray(bag)[pick]
             return _as_tensor(bag, device)
 
@@ -405,7 +407,7 @@ def train_fold(splits_tsv: str | os.PathLike, feature_paths: Sequence[str | os.P
     from tqdm.auto import tqdm
 
     from ..io import write_parquet, write_tsv
-    from ..splits import read_splits
+    from ..split import read_splits
 
     if not isinstance(settings, MILSettings):
         settings = MILSettings.from_config(settings)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .base import MILModel, TileScores
+from .base import MILModel, TileScores, projector
 
 
 def iterative_pinv(x: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -123,7 +123,7 @@ class TransMIL(MILModel):
     def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, heads: int = 8,
                  attention: str = "nystrom", n_out: int = 1):
         super().__init__(in_dim, hidden_dim, dropout, n_out)
-        self.fc = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.fc = projector(in_dim, hidden_dim, dropout)
         self.cls_token = nn.Parameter(torch.randn(1, hidden_dim) * 0.02)
         self.layer1 = TransLayer(hidden_dim, heads, dropout, attention)
         self.ppeg = PPEG(hidden_dim)
@@ -133,7 +133,7 @@ class TransMIL(MILModel):
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens after the TPT [1 + side^2, dim], input of layer 2), for a bag of n tiles."""
-        h = self.fc(self.standardise(x))
+        h = self.embed_tiles(x)
         n = h.shape[0]
         side = max(math.ceil(math.sqrt(n)), 1)
         extra = side * side - n

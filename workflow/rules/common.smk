@@ -10,22 +10,24 @@ import pandas as pd
 from snakemake.io import apply_wildcards
 from snakemake.iocontainers import Wildcards
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from histoflow.batches import slide_batches, slides_per_job
 from histoflow.config import SLIDE_ID_PATTERN, load_samples, validate_config
 from histoflow.errors import InputError
+from histoflow.bundle import predict_bundle
 from histoflow.encoders import encoder_slug
 from histoflow.encoder_registry import features_model_is_large
+from histoflow.features import check_feature_mpp
 from histoflow.external import EXTRA_SAMPLES_ENV, extra_sheet_paths, load_extra_sheets
 from histoflow.privacy import config_digest, sheet_reference
-from histoflow.splits import check_sheet_split
+from histoflow.split import check_sheet_split
 from histoflow.targets import check_target_config
+from histoflow.tile_probs import resolve_sources
 
 # Bad config or samples sheet: one line naming the field/row and the fix, no traceback.
 try:
+    # the one validation of the config (histoflow.config: deprecated keys, schema, defaults)
     validate_config(config)
-    validate(config, schema="../schemas/config.schema.yaml")
     # load_samples validates every row against workflow/schemas/samples.schema.yaml (column-wise:
     # snakemake.utils.validate on the table would re-check 10,000 rows one by one, ~1 s)
     samples = load_samples(config)
@@ -61,9 +63,6 @@ TARGET_PARAMS = {"target": config["target"], "positive_label": config["positive_
 TARGET_COLUMNS = [TARGET.time_column, TARGET.event_column] if TARGET.type == "survival" else []
 SLIDES = list(samples["slide_id"])
 SCRIPTS = str(Path(workflow.basedir) / "workflow" / "scripts")
-
-# Each stage file appends the files its target rule builds; `rule all` asks for all of them.
-TARGETS = []
 
 wildcard_constraints:
     slide_id=SLIDE_ID_PATTERN,   # histoflow.config: a plain file name, never . or ..
@@ -200,7 +199,7 @@ BATCHES = slide_batches(SLIDES, SLIDES_PER_JOB)
 # files `<folder>/{slide_id}...`; a folder's wildcards are the batch rule's too.
 SLIDE_RULES = {
     "download_slide": "downloads",
-    "slide_qc": "slides",
+    "qc_slide": "slides",
     "detect_tissue": "tissue",
     "tile_slide": "tiles",
     "export_tile_images": "tile_images",
@@ -419,9 +418,52 @@ def batch_minutes(per_slide_minutes, fixed_minutes=10):
 
 
 # ------------------------------------------------------------------------------------------------
-# Input functions of the stages. They read globals that the stage files define when included
-# (STAIN_ON, FEATURE_ENCODERS, MIL_MODELS, FOLDS, TILE_PROB_SOURCES, SLIDE_CLASSIFIERS, CROSSFIT), and are
-# only called after those includes.
+# Stage settings: the config values that several rule files and input functions read, derived
+# once here, so no rule file depends on another having been included first.
+STAIN_ON = config["stain"]["method"] != "none"
+# the ssl:<arch> encoders that feature extraction asks for; `snakemake ssl_pretrain` alone trains ssl.arch
+SSL_ARCHS = sorted({e[len("ssl:"):] for e in config["features"]["encoders"] if e.startswith("ssl:")})
+# fold indices of splits.tsv (split.k), known before any split exists: per-fold jobs expand over them
+FOLDS = list(range(config["split"]["k"]))
+MIL_ENCODER = config["mil"]["encoder"] or config["features"]["encoders"][0]
+MIL_MODELS = list(config["mil"]["models"])
+PC_CFG = config["patch_classifier"]
+PC_ENCODER = PC_CFG["encoder"] or config["features"]["encoders"][0]
+HAS_ANNOTATIONS = bool(samples["annotations"].notna().any())
+SLIDE_CLASSIFIERS = list(config["slide_classifier"]["models"])
+# cross-fitted tile probabilities (slide_features.smk) only when slide classifiers train on them
+CROSSFIT = bool(SLIDE_CLASSIFIERS)
+INNER_FOLDS = list(range(int(config["slide_classifier"]["inner_folds"])))
+BUNDLE_MODELS = [f"mil-{m}" for m in MIL_MODELS]
+# external cohorts (models.smk): each bundle scores each cohort; rule metrics evaluates them
+EXTERNAL = [name for name, e in EXTRA.items() if e["kind"] == "external"]
+# predict: config predict.samples / name / model (models.smk)
+PREDICT = config["predict"]
+PREDICT_NAME = PREDICT["name"] if PREDICT.get("samples") else None
+# the report shows the heatmaps of the first heatmaps.report_slides slides (heatmaps.smk)
+REPORT_HEATMAP_SLIDES = SLIDES[: config["heatmaps"]["report_slides"]]
+try:
+    check_feature_mpp(config["features"]["mpp"], config["tiling"]["mpp"])
+    FEATURE_ENCODERS = {encoder_slug(name): name for name in config["features"]["encoders"]}
+    TILE_PROB_SOURCES, TILE_PROB_REASON = resolve_sources(config["tile_probs"]["sources"], HAS_ANNOTATIONS, MIL_MODELS)
+    PREDICT_BUNDLE = predict_bundle(PREDICT, BUNDLE_MODELS, config, OUTDIR, MIL_ENCODER) if PREDICT_NAME else None
+    # an external sheet's targets must encode as the development's do (numeric label, time/event
+    # columns): said now, in one line naming the cohort and field, not in a job
+    for _name in EXTERNAL:
+        if TARGET.binary:
+            continue
+        _missing = [c for c in TARGET_COLUMNS if c not in EXTRA[_name]["table"].columns]
+        if _missing:
+            raise InputError(f"external sheet {_name!r} ({EXTRA[_name]['samples']}) has no column {_missing[0]!r}; "
+                             "a survival target needs target.time_column and target.event_column in every sheet")
+        TARGET.encode(EXTRA[_name]["table"].reset_index(drop=True))
+except InputError as err:
+    sys.stderr.write(f"histoflow: {err}\n")
+    sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Input functions of the stages (they read the stage settings above).
 
 
 def fit_on_splits(section):
@@ -483,3 +525,75 @@ def external_predictions():
     """{cohort: {model: external predictions.tsv}} for the metrics rule: every bundled model
     (BUNDLE_MODELS, models.smk) on every external cohort (EXTERNAL)."""
     return {c: {m: out(f"external/{c}/{m}/predictions.tsv") for m in BUNDLE_MODELS} for c in EXTERNAL}
+
+
+# ------------------------------------------------------------------------------------------------
+# Targets. Each stage's target (`snakemake <stage>`, named as its rule file) asks for
+# stage_targets(<stage>); `rule all` (Snakefile) asks for final_targets(). As in the
+# snakemake-workflows template (rna-seq-star-deseq2, get_final_output): one function, not a
+# list that each rule file appends to in include order.
+
+
+def _mil_files():
+    return expand(out("mil/{model}/{name}"), model=MIL_MODELS, name=["predictions.tsv", "curves.png", "summary.json"])
+
+
+def _feature_files():
+    return [f for name in config["features"]["encoders"] for f in feature_inputs(name)]
+
+
+def _tile_files():
+    return slide_inputs("tiles/{slide_id}.parquet") + slide_inputs("tiles/{slide_id}.preview.jpg")
+
+
+def _patch_classifier_files():
+    labelled = ([out("patch_labels/counts.tsv")] + expand(out("patch_classifier/fold{fold}/metrics.json"), fold=FOLDS)
+                if HAS_ANNOTATIONS else [])
+    return labelled + [out("tile_probs/sources.json")] + [f for s in TILE_PROB_SOURCES for f in tile_prob_files(s)]
+
+
+STAGE_TARGETS = {
+    "download": lambda: slide_inputs("downloads/{slide_id}.json"),
+    "slide_qc": lambda: [out("qc/slides.tsv")],
+    "tissue": lambda: slide_inputs("tissue/{slide_id}.geojson"),
+    "tiling": lambda: _tile_files()
+    + (slide_inputs("tile_images/{slide_id}") if config["tiling"]["export_images"] != "none" else []),
+    "stain": lambda: stain_json_input(),
+    "ssl_pretrain": lambda: expand(out("ssl/{arch}/{name}"), arch=SSL_ARCHS or [config["ssl"]["arch"]],
+                                   name=["encoder.pt", "training.tsv", "training.png"]),
+    "features": _feature_files,
+    "split": lambda: [out("splits/splits.tsv")],
+    "mil": _mil_files,
+    "patch_classifier": _patch_classifier_files,
+    "heatmaps": lambda: [f for s in TILE_PROB_SOURCES for f in slide_inputs(f"heatmaps/{s}/{{slide_id}}.png")],
+    "lesions": lambda: [out(f"lesions/{s}/{name}") for s in TILE_PROB_SOURCES
+                        for name in ("metrics.json", "per_slide.tsv", "froc.png")],
+    "slide_features": lambda: expand(out("slide_features/{source}.parquet"), source=TILE_PROB_SOURCES),
+    "slide_classifier": lambda: expand(out("slide_classifier/{source}/{clf}/predictions.tsv"),
+                                       source=TILE_PROB_SOURCES, clf=SLIDE_CLASSIFIERS),
+    "models": lambda: expand(out("models/{model}/bundle.json"), model=BUNDLE_MODELS),
+    "predict": lambda: [out(f"predictions/{PREDICT_NAME}/slides.tsv")] if PREDICT_NAME else [],
+    "metrics": lambda: [out("metrics/metrics.json")],
+    "mlflow": lambda: [out("mlflow/logged.json")],
+    "checklist": lambda: [out("checklist.md")],
+}
+
+
+def stage_targets(stage):
+    """The files that target `stage` builds."""
+    return list(STAGE_TARGETS[stage]())
+
+
+def final_targets():
+    """The files that target `all` builds, i.e. every stage's outputs except tile image exports and
+    ssl.arch trained on its own; slide features and classifiers come in through the metrics."""
+    files = [
+        *stage_targets("download"), *stage_targets("slide_qc"), *stage_targets("tissue"), *_tile_files(),
+        *stage_targets("stain"), *expand(out("ssl/{arch}/training.png"), arch=SSL_ARCHS),
+        *_feature_files(), out("qc/features.tsv"), *stage_targets("split"), *_mil_files(),
+        *_patch_classifier_files(), *stage_targets("heatmaps"), *stage_targets("lesions"),
+        *([out(f"report/heatmaps/{s}") for s in TILE_PROB_SOURCES] if REPORT_HEATMAP_SLIDES else []),
+        *stage_targets("models"), *stage_targets("predict"), *stage_targets("metrics"),
+        *stage_targets("mlflow"), out("checklist.md"),
+    ]
+    return list(dict.fromkeys(files))

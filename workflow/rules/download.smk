@@ -55,7 +55,5 @@ rule download_slide_batch:
 
 rule download:
     input:
-        slide_inputs("downloads/{slide_id}.json"),
+        stage_targets("download"),
 
-
-TARGETS.extend(slide_inputs("downloads/{slide_id}.json"))

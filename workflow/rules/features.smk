@@ -3,16 +3,6 @@
 # one Parquet per (encoder, slide): features/{encoder_slug}/{slide_id}.parquet.
 import re
 
-from histoflow.encoders import encoder_slug
-from histoflow.features import check_feature_mpp
-
-try:
-    check_feature_mpp(config["features"]["mpp"], config["tiling"]["mpp"])
-    FEATURE_ENCODERS = {encoder_slug(name): name for name in config["features"]["encoders"]}
-except InputError as err:
-    sys.stderr.write(f"histoflow: {err}\n")
-    sys.exit(1)
-
 
 rule extract_features:
     input:
@@ -68,18 +58,15 @@ rule extract_features_batch:
         "../scripts/slide_batch.py"
 
 
-FEATURE_FILES = [f for name in config["features"]["encoders"] for f in feature_inputs(name)]
-
-
 rule features:
     input:
-        FEATURE_FILES,
+        stage_targets("features"),
 
 
 # qc/features.tsv: failed-tile counts per slide and encoder (features.max_failed_tile_fraction)
 rule features_qc:
     input:
-        FEATURE_FILES,
+        stage_targets("features"),
     output:
         table=out("qc/features.tsv"),
     params:
@@ -91,6 +78,3 @@ rule features_qc:
     script:
         "../scripts/features_qc.py"
 
-
-TARGETS.extend(FEATURE_FILES)
-TARGETS.append(out("qc/features.tsv"))

@@ -49,10 +49,8 @@ rule heatmap_batch:
         "../scripts/slide_batch.py"
 
 
-HEATMAP_FILES = [f for s in TILE_PROB_SOURCES for f in slide_inputs(f"heatmaps/{s}/{{slide_id}}.png")]
-# The report shows the heatmaps of the first heatmaps.report_slides slides of the sheet (a
-# page with every slide's would grow with the cohort); all of them stay in heatmaps/{source}/.
-REPORT_HEATMAP_SLIDES = SLIDES[: config["heatmaps"]["report_slides"]]
+# The report shows the heatmaps of the first heatmaps.report_slides slides of the sheet
+# (REPORT_HEATMAP_SLIDES, common.smk); all of them stay in heatmaps/{source}/.
 
 
 rule report_heatmaps:
@@ -77,9 +75,4 @@ rule report_heatmaps:
 
 rule heatmaps:
     input:
-        HEATMAP_FILES,
-
-
-TARGETS.extend(HEATMAP_FILES)
-if REPORT_HEATMAP_SLIDES:
-    TARGETS.extend(out(f"report/heatmaps/{s}") for s in TILE_PROB_SOURCES)
+        stage_targets("heatmaps"),

@@ -76,12 +76,6 @@ rule lesion_metrics:
         "../scripts/lesion_metrics.py"
 
 
-LESION_FILES = [out(f"lesions/{s}/{name}") for s in TILE_PROB_SOURCES for name in ("metrics.json", "per_slide.tsv", "froc.png")]
-
-
 rule lesions:
     input:
-        LESION_FILES,
-
-
-TARGETS.extend(LESION_FILES)
+        stage_targets("lesions"),

@@ -67,5 +67,3 @@ else:
         script:
             "../scripts/metrics.py"
 
-
-TARGETS.append(out("metrics/metrics.json"))

@@ -3,9 +3,6 @@
 # fold's model (heatmaps read tile_scores.parquet). collect_mil gathers the out-of-fold
 # (test-role) predictions and training curves per model. The fold count comes from config
 # (split.k), so the DAG is known before any split or checkpoint exists.
-MIL_ENCODER = config["mil"]["encoder"] or config["features"]["encoders"][0]
-MIL_FEATURES = features_for(MIL_ENCODER)
-MIL_MODELS = list(config["mil"]["models"])
 
 
 rule train_mil:
@@ -18,7 +15,7 @@ rule train_mil:
         predictions=out("mil/{model}/fold{fold}/predictions.tsv"),
         tile_scores=out("mil/{model}/fold{fold}/tile_scores.parquet"),
     params:
-        features=MIL_FEATURES,
+        features=features_for(MIL_ENCODER),
         settings=config["mil"],
         seed=config["seed"],
         encoder=MIL_ENCODER,
@@ -58,12 +55,6 @@ rule collect_mil:
         "../scripts/collect_mil.py"
 
 
-MIL_TARGETS = expand(out("mil/{model}/{name}"), model=MIL_MODELS, name=["predictions.tsv", "curves.png", "summary.json"])
-
-
 rule mil:
     input:
-        MIL_TARGETS,
-
-
-TARGETS.extend(MIL_TARGETS)
+        stage_targets("mil"),

@@ -1,5 +1,5 @@
 # Stage: MLflow audit trail. Jobs write files only; one job at the end logs them (see
-# histoflow/tracking.py for why), so parallel or SLURM jobs can never lose or corrupt a log.
+# histoflow/mlflow.py for why), so parallel or SLURM jobs can never lose or corrupt a log.
 
 
 rule mlflow_init:
@@ -55,4 +55,6 @@ rule mlflow_sync:
         "../scripts/mlflow_log.py"
 
 
-TARGETS.append(out("mlflow/logged.json"))
+rule mlflow:
+    input:
+        stage_targets("mlflow"),

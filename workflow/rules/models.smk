@@ -6,10 +6,8 @@
 #   predictions/<name>/slides.tsv (+ tile_scores.parquet, heatmaps/): target `predict`
 #     (config `predict`). The external and predict slides run the per-slide stages with this
 #     config's settings; they are never in SLIDES, so never in a split or a cohort-level fit.
-from histoflow.bundle import (NOT_BUNDLED, bundle_json_path, bundle_settings, check_bundle_config, read_manifest,
-                              target_of)
+from histoflow.bundle import bundle_settings, target_of
 
-BUNDLE_MODELS = [f"mil-{m}" for m in MIL_MODELS]
 BUNDLE_TARGET = target_of(config, samples["label"].tolist())
 MIL_SLUG = encoder_slug(MIL_ENCODER)
 
@@ -24,7 +22,7 @@ rule bundle_mil:
         weights=expand(out("models/mil-{{model}}/fold{fold}.safetensors"), fold=FOLDS),
     params:
         # read for the encoder's weights checksum only (written by the features stage)
-        features=MIL_FEATURES,
+        features=features_for(MIL_ENCODER),
         encoder=MIL_ENCODER,
         settings=bundle_settings(config),
         target=BUNDLE_TARGET,
@@ -40,34 +38,12 @@ rule bundle_mil:
         "../scripts/bundle_mil.py"
 
 
-MODEL_TARGETS = expand(out("models/{model}/bundle.json"), model=BUNDLE_MODELS)
-
-
 rule models:
     input:
-        MODEL_TARGETS,
-
-
-TARGETS.extend(MODEL_TARGETS)
+        stage_targets("models"),
 
 # ------------------------------------------------------------------------------------------------
-# External cohorts: each bundle scores each cohort; rule metrics evaluates them.
-EXTERNAL = [name for name, e in EXTRA.items() if e["kind"] == "external"]
-# an external sheet's targets must encode as the development's do (numeric label, time/event
-# columns): said now, in one line naming the slide and field, not in a job
-try:
-    for _name in EXTERNAL:
-        if TARGET.binary:
-            continue
-        if TARGET.type == "survival":
-            _missing = [c for c in TARGET_COLUMNS if c not in EXTRA[_name]["table"].columns]
-            if _missing:
-                raise InputError(f"external sheet {_name!r} ({EXTRA[_name]['samples']}) has no column {_missing[0]!r}; "
-                                 "a survival target needs target.time_column and target.event_column in every sheet")
-        TARGET.encode(EXTRA[_name]["table"].reset_index(drop=True))
-except InputError as err:
-    sys.stderr.write(f"histoflow: external cohort: {err}\n")
-    sys.exit(1)
+# External cohorts (EXTERNAL, common.smk): each bundle scores each cohort; rule metrics evaluates them.
 
 
 rule predict_external:
@@ -91,26 +67,8 @@ rule predict_external:
 
 
 # ------------------------------------------------------------------------------------------------
-# predict: config predict.samples / name / model
-PREDICT = config["predict"]
-PREDICT_TARGETS = []
-if PREDICT.get("samples"):
-    try:
-        if PREDICT["model"] in BUNDLE_MODELS:
-            PREDICT_BUNDLE = out(f"models/{PREDICT['model']}/bundle.json")
-        else:
-            if "@" in PREDICT["model"]:
-                raise InputError(f"config key 'predict.model': {PREDICT['model']!r}: {NOT_BUNDLED}")
-            PREDICT_BUNDLE = str(bundle_json_path(PREDICT["model"], OUTDIR))
-            if not os.path.exists(PREDICT_BUNDLE):
-                raise InputError(f"config key 'predict.model': {PREDICT['model']!r} is not a model of this run "
-                                 f"({', '.join(BUNDLE_MODELS)}) nor an existing bundle folder; fix predict.model")
-            # a bundle of another run: refused here, in one line, when its settings differ
-            check_bundle_config(read_manifest(PREDICT_BUNDLE), bundle_settings(config), MIL_ENCODER)
-    except InputError as err:
-        sys.stderr.write(f"histoflow: {err}\n")
-        sys.exit(1)
-    PREDICT_NAME = PREDICT["name"]
+# predict: config predict.samples / name / model (PREDICT_NAME, PREDICT_BUNDLE: common.smk)
+if PREDICT_NAME:
 
     rule predict_slides:
         input:
@@ -135,12 +93,7 @@ if PREDICT.get("samples"):
         script:
             "../scripts/predict_slides.py"
 
-    PREDICT_TARGETS.append(out(f"predictions/{PREDICT_NAME}/slides.tsv"))
-
 
 rule predict:
     input:
-        PREDICT_TARGETS,
-
-
-TARGETS.extend(PREDICT_TARGETS)
+        stage_targets("predict"),

@@ -2,16 +2,6 @@
 # per fold on frozen features, and the unified tumour probability per tile (tile_probs/{source})
 # that heatmaps, lesions and slide features read. Sources: patch_classifier (needs annotations)
 # and mil-<model> (MIL instance probabilities); tile_probs.sources: auto picks (see docs/lesions.md).
-from histoflow.tile_probs import resolve_sources
-
-PC_CFG = config["patch_classifier"]
-PC_ENCODER = PC_CFG["encoder"] or config["features"]["encoders"][0]
-HAS_ANNOTATIONS = bool(samples["annotations"].notna().any())
-try:
-    TILE_PROB_SOURCES, TILE_PROB_REASON = resolve_sources(config["tile_probs"]["sources"], HAS_ANNOTATIONS, MIL_MODELS)
-except InputError as err:
-    sys.stderr.write(f"histoflow: {err}\n")
-    sys.exit(1)
 
 
 wildcard_constraints:
@@ -147,18 +137,6 @@ rule tile_prob_sources:
         "../scripts/tile_prob_sources.py"
 
 
-PATCH_CLASSIFIER_FILES = (
-    [out("patch_labels/counts.tsv")]
-    + expand(out("patch_classifier/fold{fold}/metrics.json"), fold=FOLDS)
-    if HAS_ANNOTATIONS else []
-)
-TILE_PROB_FILES = [out("tile_probs/sources.json")] + [f for s in TILE_PROB_SOURCES for f in tile_prob_files(s)]
-
-
 rule patch_classifier:
     input:
-        PATCH_CLASSIFIER_FILES,
-        TILE_PROB_FILES,
-
-
-TARGETS.extend(PATCH_CLASSIFIER_FILES + TILE_PROB_FILES)
+        stage_targets("patch_classifier"),

@@ -1,10 +1,8 @@
 # Stage: classic slide classifiers (random forest, gradient boosting, logistic regression) on the
 # slide-level features, trained on the same folds as MIL.
 
-SLIDE_CLASSIFIERS = list(config["slide_classifier"]["models"])
 
-
-rule slide_classifier:
+rule train_slide_classifier:
     input:
         table=out("slide_features/{source}.parquet"),
     output:
@@ -15,7 +13,7 @@ rule slide_classifier:
         seed=config["seed"],
         target=TARGET_PARAMS,
     log:
-        log_path("slide_classifier", "{source}_{clf}"),
+        log_path("train_slide_classifier", "{source}_{clf}"),
     resources:
         mem_mb=4000,
         runtime=30,
@@ -25,6 +23,6 @@ rule slide_classifier:
         "../scripts/slide_classifier.py"
 
 
-rule slide_classifiers:
+rule slide_classifier:
     input:
-        expand(out("slide_classifier/{source}/{clf}/predictions.tsv"), source=TILE_PROB_SOURCES, clf=SLIDE_CLASSIFIERS),
+        stage_targets("slide_classifier"),

@@ -6,8 +6,6 @@
 # slides are by the outer fold's model. Inner splits: crossfit/splits/fold{k}.tsv; cross-fitted
 # tile probabilities: tile_probs/{source}/fold{k}.crossfit.parquet. Built only when slide
 # classifiers are configured (slide_classifier.models non-empty).
-CROSSFIT = bool(config["slide_classifier"]["models"])
-INNER_FOLDS = list(range(int(config["slide_classifier"]["inner_folds"])))
 
 
 rule make_inner_splits:
@@ -66,7 +64,7 @@ rule train_mil_inner:
         predictions=out("crossfit/mil/{model}/fold{fold}/inner{inner}/predictions.tsv"),
         tile_scores=out("crossfit/mil/{model}/fold{fold}/inner{inner}/tile_scores.parquet"),
     params:
-        features=MIL_FEATURES,
+        features=features_for(MIL_ENCODER),
         settings=config["mil"],
         seed=config["seed"],
         encoder=MIL_ENCODER,
@@ -84,7 +82,7 @@ rule train_mil_inner:
     conda:
         "../../envs/torch.yaml"
     script:
-        "../scripts/train_mil_inner.py"
+        "../scripts/train_mil.py"
 
 
 rule crossfit_tile_probs_mil:
@@ -103,7 +101,7 @@ rule crossfit_tile_probs_mil:
         "../scripts/crossfit_tile_probs_mil.py"
 
 
-rule slide_features:
+rule compute_slide_features:
     input:
         tile_probs=lambda wc: tile_prob_files(wc.source),
         crossfit=lambda wc: crossfit_files(wc.source),
@@ -115,7 +113,7 @@ rule slide_features:
         slides=per_slide("slides/{slide_id}.json"),
         settings=config["slide_features"],
     log:
-        log_path("slide_features", "{source}"),
+        log_path("compute_slide_features", "{source}"),
     resources:
         mem_mb=4000,
         runtime=30,
@@ -125,6 +123,6 @@ rule slide_features:
         "../scripts/slide_features.py"
 
 
-rule slide_features_all:
+rule slide_features:
     input:
-        expand(out("slide_features/{source}.parquet"), source=TILE_PROB_SOURCES),
+        stage_targets("slide_features"),

@@ -2,7 +2,7 @@
 # objective power, associated images, size, md5), and one cohort table with status ok/skipped.
 
 
-rule slide_qc:
+rule qc_slide:
     input:
         manifest=out("downloads/{slide_id}.json"),
     output:
@@ -15,7 +15,7 @@ rule slide_qc:
         tile_check={"mpp": config["features"]["mpp"], "tile_px": config["tiling"]["tile_px"],
                     "max_failed_tile_fraction": config["features"]["max_failed_tile_fraction"]},
     log:
-        log_path("slide_qc"),
+        log_path("qc_slide"),
     conda:
         "../../envs/slides.yaml"
     script:
@@ -23,16 +23,16 @@ rule slide_qc:
 
 
 # Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule slide_qc_batch:
+rule qc_slide_batch:
     input:
-        batch_input("slide_qc"),
+        batch_input("qc_slide"),
     output:
-        manifest=batch_manifest("slide_qc"),
+        manifest=batch_manifest("qc_slide"),
     params:
-        rule="slide_qc",
-        jobs=batch_jobs("slide_qc"),
+        rule="qc_slide",
+        jobs=batch_jobs("qc_slide"),
     log:
-        log_path("slide_qc_batch", "{batch}"),
+        log_path("qc_slide_batch", "{batch}"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -67,9 +67,6 @@ rule qc_table:
         "../scripts/qc_table.py"
 
 
-rule qc:
+rule slide_qc:
     input:
-        out("qc/slides.tsv"),
-
-
-TARGETS.append(out("qc/slides.tsv"))
+        stage_targets("slide_qc"),

@@ -1,10 +1,6 @@
 # Stage: split. Patient-level, label-stratified folds from the samples sheet alone (no slide
 # needs to exist), so the fold count and every fold's roles are fixed before any training.
 
-# Fold indices of splits.tsv (split.k), known from config before any split exists: the per-fold
-# jobs of mil, patch_classifier and metrics are expanded over them.
-FOLDS = list(range(config["split"]["k"]))
-
 
 rule make_splits:
     input:
@@ -25,12 +21,9 @@ rule make_splits:
     conda:
         "../../envs/report.yaml"
     script:
-        "../scripts/make_splits.py"
+        "../scripts/split.py"
 
 
 rule split:
     input:
-        out("splits/splits.tsv"),
-
-
-TARGETS.append(out("splits/splits.tsv"))
+        stage_targets("split"),

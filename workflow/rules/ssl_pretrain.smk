@@ -4,9 +4,6 @@
 # ssl.fit_on: all trains on every slide (unlabelled, transductive: said in the checklist);
 # train_only reads the split and keeps the slides that are train-role in every fold.
 
-# The archs that feature extraction asks for; `snakemake ssl_pretrain` alone trains ssl.arch.
-SSL_ARCHS = sorted({e[len("ssl:"):] for e in config["features"]["encoders"] if e.startswith("ssl:")})
-
 
 rule train_ssl_encoder:
     input:
@@ -34,7 +31,7 @@ rule train_ssl_encoder:
     resources:
         mem_mb=config["ssl"]["mem_mb"],
         runtime=config["ssl"]["runtime"],
-        gpu=config["ssl"]["gpus"],
+        gpu=config["ssl"]["gpu"],
     conda:
         "../../envs/torch.yaml"
     script:
@@ -43,8 +40,4 @@ rule train_ssl_encoder:
 
 rule ssl_pretrain:
     input:
-        expand(out("ssl/{arch}/{name}"), arch=SSL_ARCHS or [config["ssl"]["arch"]],
-               name=["encoder.pt", "training.tsv", "training.png"]),
-
-
-TARGETS.extend(expand(out("ssl/{arch}/training.png"), arch=SSL_ARCHS))
+        stage_targets("ssl_pretrain"),

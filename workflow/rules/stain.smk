@@ -4,9 +4,6 @@
 # stain.fit_on: all draws the auto reference from every slide (unlabelled, transductive: said in
 # the checklist); train_only reads the split and keeps the slides train-role in every fold.
 
-STAIN_ON = config["stain"]["method"] != "none"
-
-
 rule fit_stain:
     input:
         slides=slide_inputs("slides/{slide_id}.json"),
@@ -39,7 +36,4 @@ rule fit_stain:
 
 rule stain:
     input:
-        stain_json_input(),
-
-
-TARGETS.extend(stain_json_input())
+        stage_targets("stain"),

@@ -49,7 +49,5 @@ rule detect_tissue_batch:
 
 rule tissue:
     input:
-        slide_inputs("tissue/{slide_id}.geojson"),
+        stage_targets("tissue"),
 
-
-TARGETS.extend(slide_inputs("tissue/{slide_id}.overlay.jpg"))

@@ -1,5 +1,5 @@
 from histoflow.logs import first_log, log_to
-from histoflow.tracking import log_workflow
+from histoflow.mlflow import log_workflow
 
 with log_to(first_log(snakemake)):
     log_workflow(

@@ -1,18 +1,21 @@
+from histoflow.crossfit import mil_job_fold
 from histoflow.logs import first_log, log_to
 from histoflow.mil.train import train_fold
-from histoflow.tracking import SystemMetrics
+from histoflow.mlflow import SystemMetrics
 
-# mlflow.system_metrics: CPU/memory/GPU of this job, sampled to a file that mlflow_log logs later
-# (read from the config, not params, so switching it on does not retrain finished folds)
-sampling = (snakemake.config.get("mlflow") or {}).get("system_metrics", False)
+# rules train_mil (outer fold {fold}) and train_mil_inner (inner fold {inner} of outer fold {fold})
+fold, seed, inner = mil_job_fold(snakemake.wildcards, snakemake.params.seed)
+# mlflow.system_metrics: CPU/memory/GPU of an outer fold's job, sampled to a file that mlflow_log
+# logs later (read from the config, not params, so switching it on does not retrain finished folds)
+sampling = (snakemake.config.get("mlflow") or {}).get("system_metrics", False) and not inner
 with log_to(first_log(snakemake)), SystemMetrics.beside(snakemake.output.checkpoint, sampling):
     train_fold(
         splits_tsv=snakemake.input.splits,
         feature_paths=list(snakemake.params.features),
         model_name=snakemake.wildcards.model,
-        fold=int(snakemake.wildcards.fold),
+        fold=fold,
         settings=snakemake.params.settings,
-        seed=snakemake.params.seed,
+        seed=seed,
         encoder=snakemake.params.encoder,
         out_checkpoint=snakemake.output.checkpoint,
         out_history=snakemake.output.history,

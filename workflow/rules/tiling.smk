@@ -34,7 +34,7 @@ rule tile_slide:
     conda:
         "../../envs/report.yaml"
     script:
-        "../scripts/tile_slide.py"
+        "../scripts/tiling.py"
 
 
 # Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
@@ -100,12 +100,6 @@ rule export_tile_images_batch:
         "../scripts/slide_batch.py"
 
 
-rule tiles:
+rule tiling:
     input:
-        slide_inputs("tiles/{slide_id}.parquet"),
-        slide_inputs("tiles/{slide_id}.preview.jpg"),
-        slide_inputs("tile_images/{slide_id}") if config["tiling"]["export_images"] != "none" else [],
-
-
-TARGETS.extend(slide_inputs("tiles/{slide_id}.parquet"))
-TARGETS.extend(slide_inputs("tiles/{slide_id}.preview.jpg"))
+        stage_targets("tiling"),

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .config import defaults_from_schema
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,13 @@ SPLIT_COLUMNS = ("slide_id", "patient_id", "label", "y", "site", "fold", "role")
 
 
 @dataclass(frozen=True)
+@defaults_from_schema("split")
 class SplitSettings:
-    strategy: str = "kfold"          # kfold | holdout | sheet
-    k: int = 5
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2       # holdout only
-    preserve_site: bool = False
+    strategy: str  # kfold | holdout | sheet
+    k: int
+    val_fraction: float
+    test_fraction: float  # holdout only
+    preserve_site: bool
 
     @classmethod
     def from_config(cls, section: dict[str, Any] | None) -> "SplitSettings":

@@ -1,5 +1,5 @@
 from histoflow.logs import first_log, log_to
-from histoflow.splits import write_splits
+from histoflow.split import write_splits
 
 with log_to(first_log(snakemake)):
     write_splits(
