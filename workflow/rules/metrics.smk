@@ -47,8 +47,8 @@ else:
         output:
             json=out("metrics/metrics.json"),
             tsv=report(out("metrics/metrics.tsv"), caption="../report/metrics.rst", category="11. Metrics"),
-            plots=[report(out(f"metrics/{name}"), caption=f"../report/target_{key}.rst", category="11. Metrics")
-                   for key, name in TARGET_PLOTS.items()],
+            plots=[report(out(f"metrics/{name}"), caption="../report/target_plots.rst", category="11. Metrics")
+                   for name in TARGET_PLOTS.values()],
             **{f"external_{c}": report(out(f"metrics/external/{c}.tsv"), caption="../report/external.rst",
                                        category="11. Metrics", subcategory=f"external cohort {c}") for c in EXTERNAL},
         params:
