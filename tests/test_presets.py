@@ -199,3 +199,12 @@ def test_a_preset_with_a_named_foundation_encoder_says_its_resolution_at_start_u
                            f"outdir={tmp_path / 'results'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "tiling at 0.5 µm/px, the resolution uni was trained at" in proc.stderr
+
+
+def test_a_best_model_row_says_it_was_picked_on_the_test_slides():
+    from histoflow.presets import format_row
+
+    row = {"metric": "auc", "model": "best", "run_model": "mil-abmil", "published": 0.994, "source": "JAMA 2017",
+           "value": 0.95, "ci_low": 0.9, "ci_high": 0.99, "status": "below CI"}
+    assert "optimistic" in format_row(row)
+    assert "optimistic" not in format_row({**row, "model": "mil-abmil"})
