@@ -61,6 +61,9 @@ def load_extra_sheets(config: dict, development: pd.DataFrame) -> dict[str, dict
 
     found: dict[str, dict[str, Any]] = {}
     owner = {str(s): "the development sheet (samples)" for s in development["slide_id"]}
+    # an external cohort is judged as unseen: a patient of the development sheet (rescanned
+    # under a new slide id) or of another external cohort would be counted twice
+    patients = {str(p): "the development sheet (samples)" for p in development["patient_id"]}
 
     def add(name: str, kind: str, path: str, table: pd.DataFrame, key: str) -> None:
         if not NAME_RE.match(str(name)):
@@ -75,6 +78,12 @@ def load_extra_sheets(config: dict, development: pd.DataFrame) -> dict[str, dict
                                  "slide ids must be unique across all sheets (they share the per-slide folders): "
                                  "rename one (e.g. prefix the cohort name)")
             owner[slide] = f"{kind} sheet {name!r}"
+        if kind == "external":
+            for patient in dict.fromkeys(str(p) for p in table["patient_id"]):
+                if patient in patients:
+                    raise InputError(f"patient_id {patient!r} of external sheet {name!r} is also in {patients[patient]}; "
+                                     "an external cohort must hold only unseen patients: drop its slides from one sheet")
+                patients[patient] = f"external sheet {name!r}"
         found[name] = {"kind": kind, "samples": path, "table": table}
 
     for i, entry in enumerate(config.get("external") or []):

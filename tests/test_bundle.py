@@ -180,6 +180,24 @@ def test_a_slide_id_in_two_sheets_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_development_patient_in_an_external_sheet_is_refused_in_one_line(tmp_path):
+    """An external cohort is judged as unseen: a development patient rescanned under a new slide
+    id would be scored by models that trained on that patient."""
+    from histoflow.config import load_samples
+    from histoflow.external import load_extra_sheets
+
+    (tmp_path / "a.svs").write_bytes(b"x")
+    dev = _sheet(tmp_path / "dev.tsv", [{"slide_id": "s1", "patient_id": "p1", "label": "tumor", "source": "a.svs"}])
+    ext = _sheet(tmp_path / "ext.tsv", [{"slide_id": "e1", "patient_id": "p1", "label": "tumor", "source": "a.svs"}])
+    config = {"samples": dev, "external": [{"name": "ext", "samples": ext}], "predict": {}}
+    with pytest.raises(InputError, match=r"patient_id 'p1' of external sheet 'ext' is also in the development sheet") as err:
+        load_extra_sheets(config, load_samples(config))
+    assert "\n" not in str(err.value)
+    ok = _sheet(tmp_path / "ok.tsv", [{"slide_id": "e1", "patient_id": "q1", "label": "tumor", "source": "a.svs"}])
+    config["external"] = [{"name": "ext", "samples": ok}]
+    assert list(load_extra_sheets(config, load_samples(config))) == ["ext"]
+
+
 def test_a_predict_sheet_needs_only_slide_id_and_source_and_drops_labels(tmp_path):
     from histoflow.config import load_samples
     from histoflow.external import load_extra_sheets
