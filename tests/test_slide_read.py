@@ -59,6 +59,12 @@ def assert_regions_match_openslide(path, level: int, rng, n: int = 12, size: int
         got, seen = fast.read_region(x, y, level, size, size, with_scanned=True)
         want, want_seen = ref.read_region(x, y, level, size, size, with_scanned=True)
         assert np.array_equal(got, want) and np.array_equal(np.asarray(seen), want_seen), (lx, ly)
+    # wholly past the right or bottom edge: background, nothing scanned
+    for lx, ly in ((w + 10, 0), (0, h + 10), (w + 10, h + 10)):
+        x, y = int(lx * ds), int(ly * ds)
+        got, seen = fast.read_region(x, y, level, 20, 20, with_scanned=True)
+        want, want_seen = ref.read_region(x, y, level, 20, 20, with_scanned=True)
+        assert np.array_equal(got, want) and np.array_equal(np.asarray(seen), want_seen), (lx, ly)
     fast.close()
     ref.close()
 

@@ -193,7 +193,8 @@ class TiffJpegReader(OpenSlideReader):
             scanned = np.broadcast_to(np.True_, (h, w))
         else:
             scanned = np.zeros((h, w), bool)
-            scanned[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = True
+            if x1 > x0 and y1 > y0:    # a region wholly past the level's edge has no scanned pixel
+                scanned[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = True
         return out, scanned
 
     def read_region(self, x: int, y: int, level: int, w: int, h: int, background: int = 255,
