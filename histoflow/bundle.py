@@ -51,7 +51,7 @@ BUNDLE_FORMAT = "histoflow-model-bundle"
 BUNDLE_VERSION = 1
 # Settings that change what a tile's features are: a bundle is refused for a config that differs
 TILING_KEYS = ("mpp", "tile_px", "overlap_px", "min_tissue_fraction", "max_tiles_per_slide")
-FEATURE_KEYS = ("mpp", "dtype", "tta")
+FEATURE_KEYS = ("mpp", "dtype", "tta", "cpu_autocast")  # cpu_autocast changes the features
 PREDICTION_TSV_COLUMNS = ("slide_id", "status", "reason", "n_tiles", "model", "n_models", "threshold",
                           "threshold_source")
 EXTERNAL_COLUMNS = ("slide_id", "patient_id", "label", "y", "prob", "fold", "role", "n_tiles", "status")  # binary

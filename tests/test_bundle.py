@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
 
 SETTINGS = {"tiling": {"mpp": [1.0], "tile_px": 112, "overlap_px": 0, "min_tissue_fraction": 0.5,
                        "max_tiles_per_slide": None},
-            "features": {"mpp": 1.0, "dtype": "float16", "tta": False}, "stain_method": "none"}
+            "features": {"mpp": 1.0, "dtype": "float16", "tta": False, "cpu_autocast": "none"}, "stain_method": "none"}
 TARGET = {"type": "classification", "binary": True, "positive_label": "tumor", "classes": ["normal", "tumor"]}
 
 
@@ -111,7 +111,8 @@ def test_a_tampered_weights_file_is_refused(bundle, tmp_path):
         load_bundle(copy)
 
 
-@pytest.mark.parametrize("section,key,value", [("tiling", "tile_px", 224), ("features", "mpp", 0.5)])
+@pytest.mark.parametrize("section,key,value", [("tiling", "tile_px", 224), ("features", "mpp", 0.5),
+                                               ("features", "cpu_autocast", "bfloat16")])
 def test_a_bundle_with_other_tiling_or_features_is_refused_in_one_line(bundle, section, key, value):
     from histoflow.bundle import check_bundle_config
 
