@@ -373,3 +373,16 @@ def test_predict_slides_of_every_target_type(task_bundle, tmp_path):
     else:
         assert table["predicted_class"].isna().all()
     assert sorted(p.name for p in (tmp_path / "heatmaps").glob("*.png")) == [f"{s}.png" for s in ids]
+
+
+def test_a_bundle_records_every_feature_setting_that_changes_the_features():
+    """bfloat16 CPU autocast changes the features' numbers: a bundle says which it was trained on,
+    so a run extracting the other way is refused (check_bundle_config)."""
+    from histoflow.bundle import bundle_settings, check_bundle_config
+
+    base = {"tiling": dict(SETTINGS["tiling"]), "features": {**SETTINGS["features"], "cpu_autocast": "none"}}
+    trained = {"model": "mil-abmil", "encoder": {"name": "resnet50-trunc"}, **bundle_settings(base)}
+    assert trained["features"]["cpu_autocast"] == "none"
+    other = bundle_settings({**base, "features": {**base["features"], "cpu_autocast": "bfloat16"}})
+    with pytest.raises(InputError, match=r"features\.cpu_autocast="):
+        check_bundle_config(trained, other, "resnet50-trunc")
