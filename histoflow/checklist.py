@@ -81,14 +81,20 @@ def _read_json(path: str | Path) -> dict:
         return {}
 
 
+def _ci_label(mj: dict) -> str:
+    """The CI level of metrics.json (config metrics.ci), e.g. ``95%``."""
+    return f"{100 * float((mj.get('settings') or {}).get('ci', 0.95)):g}%"
+
+
 def _target_words(cfg: dict) -> str | None:
     """Checklist item 9's line on the task, loss and outputs (every target type)."""
     target = cfg.get("target") or {}
     kind = target.get("type", "classification")
     if kind == "classification" and (target.get("classes") is None or len(target.get("classes") or ()) == 2):
         return (f"Task: binary classification ({cfg.get('positive_label', 'tumor')} vs every other label); MIL heads give "
-                "one logit, binary cross-entropy loss; slide classifiers binary; predictions prob, thresholded at the "
-                "validation-chosen threshold.")
+                "one logit, binary cross-entropy loss; slide classifiers binary; predictions prob, thresholded at each "
+                "model's threshold_source in metrics.json (validation predictions, or the fixed threshold; never "
+                "training or test predictions).")
     if kind == "classification":
         return ("Task: multi-class classification (classes in metrics.json target.classes); MIL heads give one logit "
                 "per class, softmax cross-entropy loss; slide classifiers multi-class; predictions prob_<class>, argmax pred.")
@@ -187,7 +193,7 @@ def _published_vs_run(it: "ChecklistItem", cfg: dict, mj: dict, out: Path) -> No
         if row["inside"] is not None:
             it.metrics[f"{key}.inside_ci"] = float(row["inside"])
     it.summary.append(f"Published vs this run{' (preset ' + cfg['preset'] + ')' if cfg.get('preset') else ''}: "
-                      + "; ".join(format_row(r) for r in rows) + ".")
+                      + "; ".join(format_row(r, _ci_label(mj)) for r in rows) + ".")
 def _env_pins() -> dict[str, str]:
     """Package -> ``<version> (envs/<file>)`` for the pip pins of the per-rule conda envs."""
     import yaml
@@ -475,7 +481,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
                  "regression": "metrics Pearson r, Spearman rho, MAE, RMSE and R²"}.get(mj["target"].get("kind"), "")
         it.summary.append(f"Target {mj['target'].get('kind')} ({words}); {len(mj.get('models', {}))} models compared on "
                           f"test slides, each slide once; best {best}: {primary} "
-                          f"{value if value is None else f'{value:.3f}'} (95% patient-bootstrap CI "
+                          f"{value if value is None else f'{value:.3f}'} ({_ci_label(mj)} patient-bootstrap CI "
                           f"{'n/a' if lo is None else f'{lo:.3f}-{hi:.3f}'}) on {b.get('n_slides')} slides of "
                           f"{b.get('n_patients')} patients; {mj.get('settings', {}).get('n_bootstrap')} patient resamples; "
                           "paired patient-bootstrap test vs best in metrics.tsv.")
@@ -486,7 +492,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
             parts = []
             for model, res in per_model.items():
                 v, ci = res.get("pooled", {}).get(primary), res.get("ci", {}).get(primary, [None, None])
-                parts.append(f"{model} {primary} {v:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+                parts.append(f"{model} {primary} {v:.3f} ({_ci_label(mj)} CI {ci[0]:.3f}-{ci[1]:.3f})"
                              if v is not None and ci[0] is not None else f"{model} {primary} n/a")
                 it.metrics[f"external.{cohort}.{model}.{primary}"] = float(v) if v is not None else float("nan")
             n = next(iter(per_model.values()), {})
@@ -497,7 +503,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.params["target.kind"] = "binary"
         it.params["target.loss"] = "binary cross-entropy"
         it.params["target.metrics"] = ("AUC, balanced accuracy, accuracy, F1, sensitivity, specificity, PPV, NPV, "
-                                       "Brier, ECE at the validation-chosen threshold")
+                                       "Brier, ECE at each model's threshold_source (validation predictions or fixed)")
         best = mj.get("best_model")
         b = mj["models"].get(best, {})
         ci = b.get("ci", {}).get("auc", [None, None])
@@ -508,7 +514,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
         it.summary.append(f"{len(mj.get('models', {}))} models compared on "
                           + ("the held-out test slides, each slide's prediction the mean of the k fold models"
                              if holdout else "out-of-fold test slides, each slide once") + f"; best {best}: AUC {auc_txt} "
-                          f"(95% patient-bootstrap CI {ci_txt}) on {b.get('n_slides')} slides of {b.get('n_patients')} patients; "
+                          f"({_ci_label(mj)} patient-bootstrap CI {ci_txt}) on {b.get('n_slides')} slides of {b.get('n_patients')} patients; "
                           f"{mj.get('settings', {}).get('n_bootstrap')} patient resamples; DeLong vs best in metrics.tsv.")
         from .metrics import THRESHOLD_WORDS
 
@@ -523,7 +529,7 @@ def collect_checklist(outdir: str, config: dict, samples_path: str) -> list[Chec
             parts = []
             for model, res in per_model.items():
                 auc, ci = res.get("pooled", {}).get("auc"), res.get("ci", {}).get("auc", [None, None])
-                parts.append(f"{model} AUC {auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if auc is not None and ci[0] is not None
+                parts.append(f"{model} AUC {auc:.3f} ({_ci_label(mj)} CI {ci[0]:.3f}-{ci[1]:.3f})" if auc is not None and ci[0] is not None
                              else f"{model} AUC n/a")
                 it.metrics[f"external.{cohort}.{model}.auc"] = float(auc) if auc is not None else float("nan")
             n = next(iter(per_model.values()), {})

@@ -99,11 +99,11 @@ def compare_published(published: Iterable[Mapping] | None, metrics: Mapping | No
     return rows
 
 
-def format_row(row: Mapping) -> str:
+def format_row(row: Mapping, ci_label: str = "95%") -> str:
     """One line for the checklist / report: published vs this run."""
     run = "n/a" if row["value"] is None else f"{row['value']:.3f}"
     if row["ci_low"] is not None:
-        run += f" (95% CI {row['ci_low']:.3f}-{row['ci_high']:.3f})"
+        run += f" ({ci_label} CI {row['ci_low']:.3f}-{row['ci_high']:.3f})"
     who = row["model"] if row["run_model"] in (None, row["model"]) else f"{row['model']} = {row['run_model']}"
     if row["model"] == "best":   # picked on the test slides it is judged on: say so
         who += " (the best of this run's models on the test slides: an optimistic figure)"

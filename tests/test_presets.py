@@ -208,3 +208,13 @@ def test_a_best_model_row_says_it_was_picked_on_the_test_slides():
            "value": 0.95, "ci_low": 0.9, "ci_high": 0.99, "status": "below CI"}
     assert "optimistic" in format_row(row)
     assert "optimistic" not in format_row({**row, "model": "mil-abmil"})
+
+
+def test_the_checklist_names_the_configured_ci_level():
+    from histoflow.checklist import _ci_label
+    from histoflow.presets import format_row
+
+    assert _ci_label({"settings": {"ci": 0.9}}) == "90%" and _ci_label({}) == "95%"
+    row = {"metric": "auc", "model": "mil-abmil", "run_model": "mil-abmil", "published": 0.93, "source": "x",
+           "value": 0.9, "ci_low": 0.8, "ci_high": 0.97, "status": "inside CI"}
+    assert "(90% CI 0.800-0.970)" in format_row(row, _ci_label({"settings": {"ci": 0.9}}))
