@@ -556,6 +556,18 @@ def _risk_cutoffs(predictions: pd.DataFrame) -> dict[int, float]:
     return {int(f): float(g["risk"].median()) for f, g in train.groupby("fold")}
 
 
+def _train_horizons(predictions: pd.DataFrame) -> tuple[list[float], str]:
+    """Uno's c horizon when target.horizons is empty: per fold the median event time of that
+    fold's *training* slides, averaged over the folds (like the risk cut-off, never chosen on
+    the slides it judges); no horizon when no training slide has an event."""
+    train = predictions[(predictions["role"] == "train") & (predictions["event"] == 1)]
+    medians = [float(g.drop_duplicates("slide_id")["time"].median()) for _, g in train.groupby("fold")]
+    if not medians:
+        return [], "none: no training slide has an event (target.horizons empty)"
+    return ([float(np.round(np.mean(medians), 6))],
+            "mean over folds of the median event time of each fold's training slides (target.horizons empty)")
+
+
 def evaluate_target_model(predictions: pd.DataFrame, task, settings: MetricsSettings, strategy: str | None = None) -> dict:
     """Metrics of one multi-class / survival / regression model, each test slide once."""
     from . import targets as T
@@ -592,10 +604,9 @@ def evaluate_target_model(predictions: pd.DataFrame, task, settings: MetricsSett
     n_slides, n_patients = int(slides["slide_id"].nunique()), int(slides["patient_id"].nunique())
     assert n_slides == len(slides), "a slide counted twice"
     horizons = list(task.horizons)
+    horizon_source = "target.horizons"
     if task.type == "survival" and not horizons:
-        ev = slides.loc[slides["event"] == 1, "time"]
-        horizons = [float(np.round(np.quantile(ev, 0.5), 6))] if len(ev) else []
-    horizon_source = "target.horizons" if task.horizons else "median event time of the test slides (target.horizons empty)"
+        horizons, horizon_source = _train_horizons(predictions)
     pooled = _metrics_of(task, slides, horizons)
     patients = slides["patient_id"].to_numpy()
     ci, _ = T.patient_bootstrap(lambda idx: _metrics_of(task, slides.iloc[idx], horizons), patients,

@@ -300,7 +300,8 @@ def test_an_external_survival_sheet_without_the_event_column_is_refused_at_plann
     rows = [{"slide_id": f"s{i}", "patient_id": f"p{i}", "label": "x", "source": "a.svs", "time": 1.0 + i,
              "event": i % 2} for i in range(6)]
     pd.DataFrame(rows).to_csv(tmp_path / "dev.tsv", sep="\t", index=False)
-    pd.DataFrame(rows).assign(slide_id=lambda f: "e" + f["slide_id"]).drop(columns=["event"]) \
+    pd.DataFrame(rows).assign(slide_id=lambda f: "e" + f["slide_id"], patient_id=lambda f: "e" + f["patient_id"]) \
+        .drop(columns=["event"]) \
         .to_csv(tmp_path / "ext.tsv", sep="\t", index=False)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
         "samples": str(tmp_path / "dev.tsv"), "outdir": str(tmp_path / "out"), "target": {"type": "survival"},
@@ -328,3 +329,18 @@ def test_survival_validation_without_a_comparable_event_does_not_freeze_the_firs
     last = y[:2].copy()
     last[:, 0], last[:, 1] = [1.0, 5.0], [0, 1]   # the only event is the longest time: nobody else at risk
     assert not _cox_informative(last)
+
+
+def test_the_default_survival_horizon_comes_from_training_slides_only():
+    """target.horizons empty: Uno's c horizon from each fold's training slides, never the test ones."""
+    from histoflow.metrics import _train_horizons
+
+    rows = []
+    for fold in (0, 1):
+        rows += [{"slide_id": f"t{fold}{i}", "fold": fold, "role": "train", "time": t, "event": 1}
+                 for i, t in enumerate((2.0, 4.0, 6.0))]
+        rows += [{"slide_id": f"x{fold}", "fold": fold, "role": "test", "time": 1000.0, "event": 1}]
+    horizons, source = _train_horizons(pd.DataFrame(rows))
+    assert horizons == [4.0] and "training slides" in source
+    none, why = _train_horizons(pd.DataFrame(rows).assign(event=0))
+    assert none == [] and "no training slide" in why
