@@ -193,6 +193,7 @@ def test_survival_predict_and_external(survival):
     _check_predict_and_external(survival)
 
 
+@pytest.mark.slow   # ~3.5 min: CI runs the multi-class and survival DAGs; `make test-slow` runs this one
 def test_regression_dag_beats_its_permutation_null(regression):
     from histoflow.targets import regression_metrics
 
