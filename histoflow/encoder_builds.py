@@ -149,15 +149,7 @@ def encoder_module(spec: ModelSpec, backbone):
     if spec.backend == "conch":
         return backbone
     if spec.backend == "transformers":
-        class ClassToken(nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, x):
-                return self.inner(pixel_values=x).last_hidden_state[:, 0]
-
-        return ClassToken(backbone)
+        return class_token(backbone)
     return _make_head(backbone, spec.output)
 
 
@@ -227,3 +219,18 @@ def encoder_rows(*, build: bool = False, only: list[str] | None = None, progress
         if progress:
             progress(row)
     return rows
+
+
+def class_token(inner):
+    """A transformers ViT as an encoder: the CLS token of its last hidden state (Phikon's output)."""
+    from torch import nn
+
+    class ClassToken(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(pixel_values=x).last_hidden_state[:, 0]
+
+    return ClassToken(inner)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .encoder_builds import (_conch_tower, _make_head, _random_fill, _transformers_config,  # noqa: F401
+from .encoder_builds import (_conch_tower, class_token, _make_head, _random_fill, _transformers_config,  # noqa: F401
                              build_backbone_offline, build_offline, encoder_module, encoder_rows)
 from .encoder_registry import (ALIASES, ENCODER_COLUMNS, HOPTIMUS_MEAN, HOPTIMUS_STD,  # noqa: F401
                                IMAGENET_MEAN, IMAGENET_STD, KNOWN_MODELS, LOCAL_FORMAT, OUTPUTS, EncoderError,
@@ -404,15 +404,7 @@ def _load_transformers(spec: ModelSpec, *, device: str) -> LoadedEncoder:
             raise EncoderError(_hf_message(spec.repo, err)) from None
         raise
 
-    class ClassToken(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(pixel_values=x).last_hidden_state[:, 0]
-
-    return _finalise(ClassToken(net), name=f"hf-hub:{spec.repo}", input_size=spec.input_size, mean=spec.mean,
+    return _finalise(class_token(net), name=f"hf-hub:{spec.repo}", input_size=spec.input_size, mean=spec.mean,
                      std=spec.std, interpolation=spec.interpolation, crop_pct=spec.crop_pct,
                      weights_source=f"hf-hub:{spec.repo}@{hub_revision(spec.repo)}", output="cls",
                      device=device, meta={"licence": spec.licence, "trained_mpp": spec.mpp})
