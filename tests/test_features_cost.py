@@ -93,3 +93,44 @@ def test_cpu_channels_last_changes_only_the_summation_order():
     assert torch.equal(plain, ref)                   # false: bit-identical to the plain model
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
     assert F.FeatureSettings().cpu_channels_last is True
+
+
+def test_extract_features_runs_the_model_in_the_layout_asked_and_keeps_every_tile_at_its_row():
+    """features.cpu_channels_last reaches the forward pass, and the loop that keeps one batch in
+    flight puts each batch's features (the last, partial one included) at its tiles' rows."""
+    import numpy as np
+    import torch
+
+    from histoflow.features import extract_features
+
+    class Tiles:
+        slide_id = "s"
+
+        class reader:
+            @staticmethod
+            def reset():
+                pass
+
+        def __len__(self):
+            return 23
+
+        def __getitem__(self, i):
+            return torch.full((3, 4, 4), i, dtype=torch.uint8), i, i % 5 != 0
+
+    layouts = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return x.mean((2, 3))[:, :2] * 255
+
+    class Encoder:
+        name, dim, mean, std, model = "e", 2, (0, 0, 0), (1, 1, 1), Model()
+
+    for channels_last in (False, True):
+        layouts.clear()
+        feats, ok = extract_features(Tiles(), Encoder(), batch_size=5, num_workers=0, device="cpu", progress=False,
+                                     cpu_channels_last=channels_last)
+        assert layouts and set(layouts) == {channels_last}
+        np.testing.assert_allclose(feats[:, 0], np.arange(23), atol=1e-3)
+        assert (ok == (np.arange(23) % 5 != 0)).all()
