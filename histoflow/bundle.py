@@ -15,10 +15,11 @@ chosen on the development run's pooled validation predictions (``threshold_sourc
 pooled_validation, or fixed): the same operating point the metrics use for a holdout ensemble,
 never fitted on the slides being predicted.
 
-Which models get a bundle: every MIL model (``mil-<name>``). Slide-level feature classifiers
-(``<clf>@<source>``) are refused: their scikit-learn forests and pipelines have no data-only
-format in the lock file (pickle/joblib would run code on load; skops is not a dependency), and
-their input, tile probabilities from the patch classifier, would need that bundle too.
+Which models get a bundle: every model of metrics.json. MIL models (``mil-<name>``) as above;
+slide-level feature classifiers (``<clf>@<source>``, e.g. ``rf@patch_classifier``) hold each
+fold's scikit-learn / scikit-survival pipeline as a skops file (types checked against an allow
+list before loading, no pickle) beside the fold's tile-probability model and the slide-feature
+settings (:mod:`histoflow.slide_bundle`).
 
 Target types (histoflow.targets): the bundle records the run's target (binary: ``positive_label``
 and the class names; multi-class: the class order; survival: the time/event columns; regression:
@@ -55,9 +56,6 @@ FEATURE_KEYS = ("mpp", "dtype", "tta", "cpu_autocast")  # cpu_autocast changes t
 PREDICTION_TSV_COLUMNS = ("slide_id", "status", "reason", "n_tiles", "model", "n_models", "threshold",
                           "threshold_source")
 EXTERNAL_COLUMNS = ("slide_id", "patient_id", "label", "y", "prob", "fold", "role", "n_tiles", "status")  # binary
-NOT_BUNDLED = ("slide-level feature classifiers (<clf>@<source>) are not bundled: scikit-learn forests and "
-               "pipelines have no data-only format here (pickle would run code on load); predict with a "
-               "mil-<model> bundle")
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -247,8 +245,6 @@ def write_mil_bundle(model_name: str, checkpoint_paths: Sequence[str], predictio
 def bundle_json_path(model_or_path: str, outdir: str) -> Path:
     """``predict.model``: a model name as in metrics.json (e.g. mil-abmil) or a bundle folder /
     bundle.json of another outdir."""
-    if "@" in model_or_path and not os.path.exists(model_or_path):
-        raise InputError(f"config key 'predict.model': {model_or_path!r}: {NOT_BUNDLED}")
     path = Path(model_or_path)
     if path.suffix == ".json" or path.is_dir():
         return path if path.suffix == ".json" else path / "bundle.json"
@@ -289,20 +285,25 @@ def check_bundle_config(manifest: dict, mine: dict, encoder: str) -> None:
 
 
 
-def predict_bundle(predict: dict, run_models: Sequence[str], config: dict, outdir: str, encoder: str) -> str:
-    """The bundle.json that config ``predict`` scores with: a model of this run (built by the
-    run), or another run's bundle, refused in one line when its settings differ from this run's."""
+def predict_bundle(predict: dict, run_models: dict[str, str], config: dict, outdir: str,
+                   encoder: str) -> tuple[str, str]:
+    """(bundle.json, encoder of its features) that config ``predict`` scores with: a model of
+    this run (``run_models``: model name -> its encoder; built by the run), or another run's
+    bundle, refused in one line when its settings differ from this run's. ``encoder``: the MIL
+    encoder, which another run's MIL bundle must share; another run's slide classifier needs its
+    encoder among features.encoders."""
     model = predict["model"]
     if model in run_models:
-        return f"{outdir}/models/{model}/bundle.json"
-    if "@" in model:
-        raise InputError(f"config key 'predict.model': {model!r}: {NOT_BUNDLED}")
+        return f"{outdir}/models/{model}/bundle.json", run_models[model]
     path = str(bundle_json_path(model, outdir))
     if not os.path.exists(path):
         raise InputError(f"config key 'predict.model': {model!r} is not a model of this run "
                          f"({', '.join(run_models)}) nor an existing bundle folder; fix predict.model")
-    check_bundle_config(read_manifest(path), bundle_settings(config), encoder)
-    return path
+    manifest = read_manifest(path)
+    if manifest.get("kind") == "slide_classifier" and manifest["encoder"]["name"] in config["features"]["encoders"]:
+        encoder = manifest["encoder"]["name"]
+    check_bundle_config(manifest, bundle_settings(config), encoder)
+    return path, encoder
 
 def load_bundle(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, list]:
     """(manifest, fold models in eval mode). Weights are safetensors, checked against their sha256."""
@@ -415,6 +416,28 @@ def score_slides(models: list, feature_paths: Sequence[str], want_tiles: bool = 
     return ids, outputs, counts, tiles
 
 
+def score_bundle(bundle_json: str, feature_paths: Sequence[str], slide_jsons: Sequence[str] | None = None,
+                 want_tiles: bool = False) -> tuple[dict, list[str], np.ndarray, list[int], list[pd.DataFrame]]:
+    """(manifest, slide ids, outputs [n_folds, n_slides(, classes)], tile counts, tile tables) of
+    any bundle: MIL (:func:`score_slides`) or slide classifier (needs ``slide_jsons`` for the
+    slides' µm/px: :func:`histoflow.slide_bundle.score_slides`)."""
+    if read_manifest(bundle_json).get("kind") == "slide_classifier":
+        from . import slide_bundle
+
+        manifest, models = slide_bundle.load_slide_classifier_bundle(bundle_json)
+        _check_encoder_weights(manifest, feature_paths)
+        if slide_jsons is None or len(slide_jsons) != len(feature_paths):
+            raise ValueError("a slide-classifier bundle needs each slide's slides/<id>.json")
+        ids, outputs, counts, tiles = slide_bundle.score_slides(manifest, models, feature_paths, slide_jsons,
+                                                                want_tiles=want_tiles)
+        return manifest, ids, outputs, counts, tiles
+    manifest, models = load_bundle(bundle_json)
+    _check_encoder_weights(manifest, feature_paths)
+    ids, outputs, counts, tiles = score_slides(models, feature_paths, want_tiles=want_tiles, target=manifest["target"],
+                                               folds=manifest["folds"])
+    return manifest, ids, outputs, counts, tiles
+
+
 def external_columns(target: dict) -> list[str]:
     """Columns of an external cohort's predictions.tsv for a bundle's target."""
     task = task_of(target)
@@ -425,17 +448,15 @@ def external_columns(target: dict) -> list[str]:
 
 
 def predict_external(bundle_json: str, rows: list[dict], feature_paths: Sequence[str], positive_label: str | None,
-                     out_tsv: str | os.PathLike) -> pd.DataFrame:
+                     out_tsv: str | os.PathLike, slide_jsons: Sequence[str] | None = None) -> pd.DataFrame:
     """Rule predict_external: every fold model of the bundle scores every slide of an external
     cohort; one row per (slide, fold) with role ``external`` (metrics average them per slide).
     The targets (y, and time/event for survival) are encoded as the bundle's target defines."""
     from .io import write_tsv
 
-    manifest, models = load_bundle(bundle_json)
-    _check_encoder_weights(manifest, feature_paths)
+    manifest, ids, outputs, counts, _ = score_bundle(bundle_json, feature_paths, slide_jsons)
     target = manifest["target"]
     task = task_of(target)
-    ids, outputs, counts, _ = score_slides(models, feature_paths, target=target, folds=manifest["folds"])
     by_id = {str(r["slide_id"]): r for r in rows}
     sheet = pd.DataFrame([by_id[s] for s in ids]).reset_index(drop=True)
     encoded = task.encode(sheet.assign(slide_id=sheet["slide_id"].astype(str)))
@@ -452,7 +473,7 @@ def predict_external(bundle_json: str, rows: list[dict], feature_paths: Sequence
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)[external_columns(target)]
     write_tsv(out_tsv, table)
-    log.info("%s: %d external slides scored by %d fold models", manifest["model"], len(ids), len(models))
+    log.info("%s: %d external slides scored by %d fold models", manifest["model"], len(ids), len(manifest["folds"]))
     return table
 
 
@@ -469,19 +490,17 @@ def predict_slides(bundle_json: str, slide_ids: Sequence[str], feature_paths: Se
     from .heatmaps import heatmap_for_slide
     from .io import write_parquet, write_tsv
 
-    manifest, models = load_bundle(bundle_json)
-    _check_encoder_weights(manifest, feature_paths)
+    manifest, ids, outputs, counts, tiles = score_bundle(bundle_json, feature_paths, slide_jsons, want_tiles=True)
     target, threshold = manifest["target"], manifest["threshold"]
     task = task_of(target)
-    ids, outputs, counts, tiles = score_slides(models, feature_paths, want_tiles=True, target=target,
-                                               folds=manifest["folds"])
+    n_folds = len(manifest["folds"])
     if list(ids) != [str(s) for s in slide_ids]:
         raise ValueError("features paths and slide ids differ in order")
     with np.errstate(all="ignore"):
         import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)   # an empty bag: NaN in every fold
-            mean = np.nanmean(outputs, axis=0) if len(models) > 1 else outputs[0]
+            mean = np.nanmean(outputs, axis=0) if n_folds > 1 else outputs[0]
     table = pd.DataFrame({"slide_id": ids})
     status = [_slide_status(sj, read_feature_metadata(fp), n) for sj, fp, n in zip(slide_jsons, feature_paths, counts)]
     table["status"] = [s for s, _ in status]
@@ -492,11 +511,12 @@ def predict_slides(bundle_json: str, slide_ids: Sequence[str], feature_paths: Se
     table["predicted_class"] = predicted_class(target, mean, threshold.get("threshold"))
     table["model"] = manifest["model"]
     finite = np.isfinite(outputs if outputs.ndim == 2 else outputs[..., 0])
-    table["n_models"] = int(finite.sum(axis=0).max()) if len(ids) else len(models)
+    table["n_models"] = int(finite.sum(axis=0).max()) if len(ids) else n_folds
     table["threshold"] = threshold.get("threshold")
     table["threshold_source"] = threshold["threshold_source"]
     write_tsv(out_tsv, table)
-    class_cols = [f"prob_{c}" for c in task.classes] if task.multiclass else []
+    # slide classifiers: the tile map is the source's tile probability (one panel)
+    class_cols = [f"prob_{c}" for c in task.classes] if task.multiclass and manifest.get("kind") == "mil" else []
     columns = ["slide_id", "x", "y", "col", "row", "size0", "target_mpp", "fold", "role", "prob", "attention", *class_cols]
     tile_table = pd.concat(tiles, ignore_index=True) if tiles else pd.DataFrame(columns=columns)
     tile_table = tile_table.astype({"slide_id": str, "x": "int64", "y": "int64", "col": "int32", "row": "int32",
@@ -509,6 +529,6 @@ def predict_slides(bundle_json: str, slide_ids: Sequence[str], feature_paths: Se
     for slide_id, sj, tj, tp in zip(ids, slide_jsons, tissue_jsons, tissue_pngs):
         heatmap_for_slide(slide_id, manifest["model"], [str(out_tiles)], sj, tj, tp,
                           Path(heatmap_dir) / f"{slide_id}.png", Path(heatmap_dir) / f"{slide_id}.geojson",
-                          heatmap_settings or {}, target=task.kind)
+                          heatmap_settings or {}, target=task.kind if manifest.get("kind") == "mil" else "binary")
     log.info("%s: %d slides predicted (%d skipped)", manifest["model"], len(ids), int((table["status"] != "ok").sum()))
     return table

@@ -135,12 +135,12 @@ def check_honest_training(table: pd.DataFrame) -> None:
 
 
 def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierSettings, seed: int,
-                      target=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      target=None, fitted: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per fold: fit on train-role slides (cross-fitted features, checked), score every slide of
     that fold.
 
     Returns (predictions: slide_id, patient_id, y, prob, fold, role; importances: fold, feature,
-    importance)."""
+    importance). ``fitted``: filled with fold -> the fitted pipeline (for the model bundle)."""
     from .errors import InputError
 
     check_honest_training(table)
@@ -178,6 +178,8 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
                 frame[f"prob_{c}"] = prob[:, k]
             preds.append(frame)
         if kind != "binary":
+            if fitted is not None:
+                fitted[int(fold)] = model
             weights = _importances(model[-1])
             if weights is not None:
                 importances.append(pd.DataFrame({"fold": int(fold), "feature": cols, "importance": weights}))
@@ -187,6 +189,8 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
         model = make_classifier(name, settings, seed + int(fold))
         model.fit(train[cols].to_numpy(dtype=float), train["y"].to_numpy())
         prob = model.predict_proba(part[cols].to_numpy(dtype=float))[:, 1]
+        if fitted is not None:
+            fitted[int(fold)] = model
         preds.append(part[["slide_id", "patient_id", "y", "fold", "role"]].assign(prob=prob))  # columns as before
         final = model[-1]
         weights = getattr(final, "feature_importances_", None)
@@ -198,8 +202,11 @@ def train_and_predict(table: pd.DataFrame, name: str, settings: SlideClassifierS
 
 
 def write_slide_classifier(features_path: str, predictions_path: str, importances_path: str, name: str,
-                           settings: dict | None, seed: int, target: dict | None = None) -> None:
-    """Rule `slide_classifier`: predictions (all folds, all roles) and feature importances."""
+                           settings: dict | None, seed: int, target: dict | None = None,
+                           model_paths: list[str] | None = None) -> None:
+    """Rule `slide_classifier`: predictions (all folds, all roles), feature importances and, with
+    ``model_paths`` (one per fold, in fold order), each fold's fitted pipeline as a skops file
+    (data, loaded without pickle: :func:`histoflow.slide_bundle.load_estimator`)."""
     from .io import write_tsv
     from .logs import get_logger
 
@@ -209,7 +216,16 @@ def write_slide_classifier(features_path: str, predictions_path: str, importance
         from .targets import Target
         task = Target.from_config(target, labels=target.get("labels"))
         task = None if task.binary else task
-    preds, importances = train_and_predict(table, name, SlideClassifierSettings.from_config(settings), seed, task)
+    fitted: dict = {}
+    preds, importances = train_and_predict(table, name, SlideClassifierSettings.from_config(settings), seed, task,
+                                           fitted=fitted)
+    if model_paths is not None:
+        from .slide_bundle import dump_estimator
+
+        if len(model_paths) != len(fitted):
+            raise ValueError(f"{len(model_paths)} model paths for {len(fitted)} fold models")
+        for path, fold in zip(model_paths, sorted(fitted)):
+            dump_estimator(fitted[fold], path)
     get_logger(__name__).info("%s: %d predictions over %d folds", name, len(preds), preds["fold"].nunique())
     write_tsv(predictions_path, preds)
     write_tsv(importances_path, importances)

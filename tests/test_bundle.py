@@ -126,11 +126,10 @@ def test_a_bundle_with_other_tiling_or_features_is_refused_in_one_line(bundle, s
         check_bundle_config(bundle[1], mine, "resnet50-trunc")
 
 
-def test_slide_classifiers_are_refused_with_the_reason():
+def test_a_slide_classifier_name_resolves_to_its_bundle():
     from histoflow.bundle import bundle_json_path
 
-    with pytest.raises(InputError, match="not bundled"):
-        bundle_json_path("rf@patch_classifier", "results")
+    assert str(bundle_json_path("rf@patch_classifier", "results")) == "results/models/rf@patch_classifier/bundle.json"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -434,7 +434,10 @@ SLIDE_CLASSIFIERS = list(config["slide_classifier"]["models"])
 # cross-fitted tile probabilities (slide_features.smk) only when slide classifiers train on them
 CROSSFIT = bool(SLIDE_CLASSIFIERS)
 INNER_FOLDS = list(range(int(config["slide_classifier"]["inner_folds"])))
+# every model of metrics.json gets a bundle (models.smk); the slide classifiers' are added once
+# the tile-probability sources are known (below). MODEL_ENCODERS: model -> the encoder of its features
 BUNDLE_MODELS = [f"mil-{m}" for m in MIL_MODELS]
+MODEL_ENCODERS = {m: MIL_ENCODER for m in BUNDLE_MODELS}
 # external cohorts (models.smk): each bundle scores each cohort; rule metrics evaluates them
 EXTERNAL = [name for name, e in EXTRA.items() if e["kind"] == "external"]
 # predict: config predict.samples / name / model (models.smk)
@@ -446,7 +449,12 @@ try:
     check_feature_mpp(config["features"]["mpp"], config["tiling"]["mpp"])
     FEATURE_ENCODERS = {encoder_slug(name): name for name in config["features"]["encoders"]}
     TILE_PROB_SOURCES, TILE_PROB_REASON = resolve_sources(config["tile_probs"]["sources"], HAS_ANNOTATIONS, MIL_MODELS)
-    PREDICT_BUNDLE = predict_bundle(PREDICT, BUNDLE_MODELS, config, OUTDIR, MIL_ENCODER) if PREDICT_NAME else None
+    for _source in TILE_PROB_SOURCES:
+        for _clf in SLIDE_CLASSIFIERS:
+            MODEL_ENCODERS[f"{_clf}@{_source}"] = PC_ENCODER if _source == "patch_classifier" else MIL_ENCODER
+    BUNDLE_MODELS = list(MODEL_ENCODERS)
+    PREDICT_BUNDLE, PREDICT_ENCODER = (predict_bundle(PREDICT, MODEL_ENCODERS, config, OUTDIR, MIL_ENCODER)
+                                       if PREDICT_NAME else (None, MIL_ENCODER))
     # an external sheet's targets must encode as the development's do (numeric label, time/event
     # columns): said now, in one line naming the cohort and field, not in a job
     for _name in EXTERNAL:
@@ -512,6 +520,26 @@ def model_predictions():
         for clf in SLIDE_CLASSIFIERS:
             models[f"{clf}@{source}"] = [out(f"slide_classifier/{source}/{clf}/predictions.tsv")]
     return models
+
+
+def slide_classifier_source_models(wildcards):
+    """The fold tile models a slide-classifier bundle holds (bundle_slide_classifier, models.smk):
+    the patch classifier's safetensors files, or the MIL bundle's fold weights."""
+    if wildcards.source == "patch_classifier":
+        return expand(out("patch_classifier/fold{fold}/model.safetensors"), fold=FOLDS)
+    return expand(out("models/{source}/fold{fold}.safetensors"), source=wildcards.source, fold=FOLDS)
+
+
+def slide_classifier_mil_bundle(wildcards):
+    """The MIL bundle.json of a mil-<model> source (its fold models' architecture), else nothing."""
+    return [out(f"models/{wildcards.source}/bundle.json")] if wildcards.source.startswith("mil-") else []
+
+
+def bundle_features(model, cohort=None):
+    """Per-slide features files of a bundled model's encoder (MODEL_ENCODERS): the development
+    slides' (cohort None) or an extra cohort's."""
+    path = f"features/{encoder_slug(MODEL_ENCODERS[model])}/{{slide_id}}.parquet"
+    return cohort_files(cohort, path) if cohort else per_slide(path)
 
 
 def external_rows(name):

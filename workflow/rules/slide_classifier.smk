@@ -8,6 +8,8 @@ rule train_slide_classifier:
     output:
         predictions=out("slide_classifier/{source}/{clf}/predictions.tsv"),
         importances=out("slide_classifier/{source}/{clf}/importances.tsv"),
+        # each fold's fitted pipeline (skops, no pickle), for the bundle (models.smk)
+        models=expand(out("slide_classifier/{{source}}/{{clf}}/fold{fold}.skops"), fold=FOLDS),
     params:
         settings=config["slide_classifier"],
         seed=config["seed"],

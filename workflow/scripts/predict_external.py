@@ -8,4 +8,5 @@ with log_to(first_log(snakemake)):
         feature_paths=list(snakemake.input.features),
         positive_label=snakemake.params.positive_label,
         out_tsv=snakemake.output.predictions,
+        slide_jsons=list(snakemake.input.slides),
     )

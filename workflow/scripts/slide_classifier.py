@@ -10,4 +10,5 @@ with log_to(first_log(snakemake)):
         settings=snakemake.params.settings,
         seed=snakemake.params.seed,
         target=snakemake.params.target,
+        model_paths=list(snakemake.output.models),
     )
