@@ -80,6 +80,16 @@ def source_ref(source: str) -> str:
     return f"{source_kind(source)}:sha256-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
+def file_name_of(cell: str) -> str | None:
+    """The file name of a sheet cell (a path or a URL's path), when it looks like one (a dot,
+    4+ characters): slide file names often carry a case or patient id (TCGA-AB-1234-01Z.svs)."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(cell).path if "://" in cell else cell
+    name = os.path.basename(path.rstrip("/"))
+    return name if len(name) >= 4 and "." in name.strip(".") else None
+
+
 def scrub_text(text: str, file_names: bool = True) -> str:
     """Free text (a failure reason) without URLs, paths, GDC ids and (``file_names``) file names.
     Our own sentences (checklist summaries name outputs such as qc/slides.tsv) keep file names."""
@@ -160,6 +170,12 @@ class Exporter:
                         if host:
                             literal[host] = "<host>"
             tokens = [(re.compile(re.escape(k)), v) for k, v in sorted(literal.items(), key=lambda kv: -len(kv[0]))]
+            # a source's file name alone ("x.svs" of "slides/x.svs"), as a whole token
+            names = {file_name_of(str(v)): f"<{col}>" for col in ("source", "annotations")
+                     for v in sheet.get(col, pd.Series(dtype=str)).astype(str) if v}
+            names.pop(None, None)
+            tokens += [(re.compile(rf"(?<![A-Za-z0-9_.-]){re.escape(k)}(?![A-Za-z0-9_-])"), v)
+                       for k, v in sorted(names.items(), key=lambda kv: -len(kv[0]))]
             # patient ids in free text: whole tokens only, never part of a number ("0.1234"), and
             # only ids distinctive enough (4+ characters) not to rewrite ordinary counts
             for pid in set(sheet.get("patient_id", pd.Series(dtype=str)).astype(str)) - slides:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import pandas as pd
 from snakemake.report.html_reporter import Reporter as _HtmlReporter
 from snakemake.report.html_reporter import ReportSettings as _HtmlReportSettings
 
-from .privacy import PATH_COLUMNS, export_mode
+from .privacy import PATH_COLUMNS, export_mode, file_name_of
 
 NAME = "histoflow"
 MODULE = f"snakemake_report_plugin_{NAME}"     # the name Snakemake's plugin registry expects
@@ -83,6 +84,7 @@ def redactions(config: dict, base: Path | None = None) -> list[tuple[str, str]]:
     columns of the samples sheet(s) (slide sources, annotations)."""
     base = base or Path.cwd()
     pairs: dict[str, str] = {}
+    names: dict[str, str] = {}    # a source's file name alone ("x.svs" of "slides/x.svs")
     for key, value in _strings(config):
         if key == "outdir":
             continue
@@ -96,8 +98,11 @@ def redactions(config: dict, base: Path | None = None) -> list[tuple[str, str]]:
                 for cell in filter(None, sheet[column]):
                     for v in _variants(cell, Path(value).resolve().parent):
                         if v.endswith("/") and not cell.endswith("/"):
-                            continue      # a bare file name: only its absolute spellings
+                            continue      # a bare file name: as a whole token (below)
                         pairs.setdefault(v, "{" + column + "}")
+                    name = file_name_of(cell)
+                    if name:
+                        names.setdefault(name, "{" + column + "}")
     outdir = str(config.get("outdir") or "")
     if outdir:
         for v in _variants(outdir, base):
@@ -109,12 +114,17 @@ def redactions(config: dict, base: Path | None = None) -> list[tuple[str, str]]:
             continue
         for form in (text, json.dumps(text)[1:-1], html.escape(text)):
             spelled.setdefault(form, token)
-    return sorted(spelled.items(), key=lambda kv: -len(kv[0]))
+    # file names last (a full path that holds one goes first) and as whole tokens only: "x.svs"
+    # must not rewrite "index.svs" (the page's own words and code)
+    bare = [(re.compile(rf"(?<![A-Za-z0-9_.-]){re.escape(form)}(?![A-Za-z0-9_-])"), token)
+            for name, token in sorted(names.items(), key=lambda kv: -len(kv[0]))
+            for form in dict.fromkeys((name, json.dumps(name)[1:-1], html.escape(name)))]
+    return sorted(spelled.items(), key=lambda kv: -len(kv[0])) + bare
 
 
-def redact_text(text: str, pairs: list[tuple[str, str]]) -> str:
+def redact_text(text: str, pairs: list[tuple[str | re.Pattern, str]]) -> str:
     for needle, token in pairs:
-        text = text.replace(needle, token)
+        text = needle.sub(token, text) if isinstance(needle, re.Pattern) else text.replace(needle, token)
     return text
 
 

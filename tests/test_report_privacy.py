@@ -60,7 +60,25 @@ def test_a_relative_outdir_is_redacted_as_a_path_not_as_a_word(tmp_path, monkeyp
             f'sheet {tmp_path}/samples.tsv enc {tmp_path}/enc/model.pt slide {tmp_path}/s1.svs s1.svs')
     text = redact_text(page, redactions(config))
     assert text.startswith('var results = {"{outdir}/qc/slides.tsv": 1, "{outdir}/x.png": 2}'), text
-    assert str(tmp_path) not in text and text.endswith("s1.svs"), text
+    assert str(tmp_path) not in text and text.endswith("slide {source} {source}"), text
+
+
+@pytest.mark.parametrize("source", ["slides/TCGA-AB-1234-01Z.tiff", "TCGA-AB-1234-01Z.svs",
+                                    "https://files.example/TCGA-AB-1234-01Z.svs?sig=1"])
+def test_a_sources_file_name_alone_is_redacted_as_a_whole_token(tmp_path, monkeypatch, source):
+    """A relative or bare file name in the sheet's source column (slide file names carry case
+    ids): redacted wherever the page shows the name alone, never inside another word."""
+    from histoflow.privacy import Exporter
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples.tsv").write_text(f"slide_id\tpatient_id\tlabel\tsource\nS1\tP1\ta\t{source}\n")
+    name = source.split("/")[-1].split("?")[0]
+    page = f'read {source} as {name}; "{name}.json" other_{name} {name}x'
+    text = redact_text(page, redactions({"outdir": "results", "samples": "samples.tsv"}))
+    assert text.startswith("read {source} as {source}; \"{source}.json\""), text
+    assert text.endswith(f"other_{name} {name}x"), text
+    exporter = Exporter(tmp_path / "results", {"privacy": {"export": "deidentified"}}, tmp_path / "samples.tsv")
+    assert "TCGA-AB-1234" not in exporter.value(f"slide {name} read"), exporter.value(f"slide {name} read")
 
 
 def test_redactions_cover_outdir_sheet_sources_and_urls(tmp_path, monkeypatch):
