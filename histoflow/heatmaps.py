@@ -180,7 +180,9 @@ def render_heatmap(out_png: str | os.PathLike, panels: list[tuple[str, np.ndarra
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=settings.dpi)
+        # the panels' captions, readable without looking at the pixels (PNG text chunk)
+        fig.savefig(tmp, dpi=settings.dpi, format="png",
+                    metadata={"histoflow.panels": "; ".join(p[0] for p in panels)})
     plt.close(fig)
 
 

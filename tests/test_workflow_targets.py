@@ -40,7 +40,8 @@ BIN = Path(sys.executable).parent
 SCORES = {"multiclass": ["prob_lymphoid", "prob_normal", "prob_tumor"], "survival": ["risk"], "regression": ["value"]}
 
 
-def _run_task(root: Path, task: str) -> dict:
+def _run_task(root: Path, task: str, heatmap_slides: tuple[int, ...] = ()) -> dict:
+    """``heatmap_slides``: development slides (sheet rows) whose heatmaps are built too."""
     from histoflow.demo import make_demo_cohort
 
     sheet = Path(make_demo_cohort(root / "demo", n_slides=18, seed=7, small=True, progress=False, task=task))
@@ -64,7 +65,8 @@ def _run_task(root: Path, task: str) -> dict:
           "predict": {"samples": str(root / "new.tsv"), "name": "new", "model": "mil-abmil"}}
     (root / "ci.yaml").write_text(yaml.safe_dump(ci))
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
-    cmd = [str(BIN / "snakemake"), "--cores", "2", "metrics", "checklist", "predict",
+    heatmaps = [str(outdir / "heatmaps" / "mil-abmil" / f"{dev['slide_id'][i]}.png") for i in heatmap_slides]
+    cmd = [str(BIN / "snakemake"), "--cores", "2", "metrics", "checklist", "predict", *heatmaps,
            "--configfile", "config.yaml", str(sheet.parent / "config.yaml"), str(root / "ci.yaml")]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
@@ -127,7 +129,8 @@ def _check_predict_and_external(run: dict) -> None:
 
 @pytest.fixture(scope="module")
 def multiclass(tmp_path_factory):
-    return _run_task(tmp_path_factory.mktemp("multiclass"), "multiclass")
+    # two development slides' per-class heatmaps (tile_probs_mil x 3 folds + 2 heatmap jobs)
+    return _run_task(tmp_path_factory.mktemp("multiclass"), "multiclass", heatmap_slides=(0, 6))
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +170,26 @@ def test_multiclass_dag_beats_its_permutation_null(multiclass):
 
 def test_multiclass_predict_and_external(multiclass):
     _check_predict_and_external(multiclass)
+
+
+def test_multiclass_heatmaps_of_development_slides_have_a_panel_per_class(multiclass):
+    """heatmaps/mil-abmil/<slide>.png of a development slide: one captioned panel per class
+    (P(<class>)) beside the attention, from the fold in which the slide is a test slide; its
+    GeoJSON tiles are classed by their most probable class."""
+    from PIL import Image
+
+    classes = [c[len("prob_"):] for c in SCORES["multiclass"]]
+    for i in (0, 6):
+        slide = multiclass["dev"]["slide_id"][i]
+        png = multiclass["outdir"] / "heatmaps" / "mil-abmil" / f"{slide}.png"
+        with Image.open(png) as image:
+            panels = image.text["histoflow.panels"].split("; ")
+            width, height = image.size
+        assert panels == [f"P({c})" for c in classes] + ["attention (min-max per slide)"], panels
+        assert width > 3 * height   # four panels side by side
+        tiles = json.loads(png.with_suffix(".geojson").read_text())["features"]
+        assert tiles and {t["properties"]["classification"]["name"] for t in tiles} <= set(classes)
+        assert {f"prob_{c}" for c in classes} <= set(tiles[0]["properties"]["measurements"])
 
 
 def test_survival_dag_beats_its_permutation_null(survival):
