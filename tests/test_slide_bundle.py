@@ -238,3 +238,62 @@ def test_predict_bundle_accepts_a_slide_classifier_of_the_run():
     path, encoder = predict_bundle({"model": "rf@patch_classifier"}, {"mil-abmil": "uni", "rf@patch_classifier": "ctp"},
                                    {}, "results", "uni")
     assert (path, encoder) == ("results/models/rf@patch_classifier/bundle.json", "ctp")
+
+
+def test_a_survival_slide_classifier_on_mil_tile_probabilities_scores_as_in_development(dev, tmp_path):
+    """Source mil-abmil (the fold MIL models' instance probabilities), target survival (random
+    survival forest, scikit-survival): the bundle rebuilds both and gives every (slide, fold) its
+    development risk."""
+    from histoflow.bundle import predict_external, target_of, write_mil_bundle
+    from histoflow.mil.train import train_fold
+    from histoflow.slide_bundle import write_slide_classifier_bundle
+    from histoflow.slide_classifier import write_slide_classifier
+    from histoflow.slide_features import write_slide_features
+    from histoflow.split import write_splits
+    from histoflow.tile_probs import mil_tile_probs
+
+    target_cfg = {"type": "survival"}
+    samples = [{**s, "label": "x", "time": float(5 + 3 * (i % 4) + (i % 3)), "event": int(i % 5 != 0)}
+               for i, s in enumerate(dev["samples"])]
+    write_splits(samples, {"k": 2, "strategy": "kfold"}, "tumor", 3, tmp_path / "splits.tsv", tmp_path / "split.json",
+                 target=target_cfg)
+    target = {"target": target_cfg, "positive_label": "tumor", "labels": [s["label"] for s in samples]}
+    ckpts, preds, probs = [], [], []
+    for fold in (0, 1):
+        d = tmp_path / "mil" / f"fold{fold}"
+        train_fold(tmp_path / "splits.tsv", dev["paths"], "abmil", fold,
+                   {"models": ["abmil"], "epochs": 2, "lr": 2e-3, "hidden_dim": DIM, "device": "cpu", "min_epochs": 1},
+                   1337, "resnet50-trunc", d / "checkpoint.pt", d / "history.tsv", d / "predictions.tsv",
+                   d / "tile_scores.parquet", target=target)
+        ckpts.append(str(d / "checkpoint.pt"))
+        preds.append(str(d / "predictions.tsv"))
+        probs.append(str(tmp_path / "tile_probs" / f"fold{fold}.parquet"))
+        (tmp_path / "tile_probs").mkdir(exist_ok=True)
+        mil_tile_probs(d / "tile_scores.parquet", fold, probs[-1])
+    bundle_target = target_of({"target": target_cfg}, [s["label"] for s in samples])
+    mil_json = tmp_path / "models" / "mil-abmil" / "bundle.json"
+    write_mil_bundle("mil-abmil", ckpts, preds, dev["paths"], "resnet50-trunc", SETTINGS, bundle_target,
+                     {"n_bootstrap": 20}, 1337, None, mil_json)
+    table = tmp_path / "slide_features.parquet"
+    write_slide_features(probs, str(tmp_path / "splits.tsv"), dev["jsons"], str(table), SF, "mil-abmil")
+    frame = pd.read_parquet(table)
+    train_rows = frame["role"] == "train"
+    frame.loc[train_rows, "tile_probs_model"] = "fold" + frame.loc[train_rows, "fold"].astype(str) + ".inner0"
+    frame.to_parquet(table)
+    d = tmp_path / "slide_classifier"
+    d.mkdir()
+    models = [str(d / f"fold{k}.skops") for k in (0, 1)]
+    write_slide_classifier(str(table), str(d / "predictions.tsv"), str(d / "importances.tsv"), "rf",
+                           {"n_estimators": 30}, 1337, target=target, model_paths=models)
+    out = tmp_path / "models" / "rf@mil-abmil" / "bundle.json"
+    manifest = write_slide_classifier_bundle("rf@mil-abmil", "rf", "mil-abmil", models, [str(d / "predictions.tsv")],
+                                             str(table), [str(mil_json.parent / f"fold{k}.safetensors") for k in (0, 1)],
+                                             str(mil_json), dev["paths"], "resnet50-trunc", SETTINGS, SF,
+                                             bundle_target, {"n_bootstrap": 20}, 1337, None, out)
+    assert manifest["source"]["kind"] == "mil" and manifest["threshold"]["threshold_source"] == "train_median_risk"
+    ext = predict_external(str(out), samples, dev["paths"], None, tmp_path / "ext.tsv", slide_jsons=dev["jsons"])
+    dev_pred = pd.read_csv(d / "predictions.tsv", sep="\t", dtype={"slide_id": str})
+    merged = ext.merge(dev_pred, on=["slide_id", "fold"], suffixes=("", "_dev"))
+    assert len(merged) == 2 * len(samples)
+    np.testing.assert_allclose(merged["risk"], merged["risk_dev"], rtol=0, atol=1e-9)
+    assert merged["risk"].std() > 0
