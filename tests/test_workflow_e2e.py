@@ -262,3 +262,14 @@ def test_snakemake_lint_finds_nothing(run):
     output = proc.stdout + proc.stderr
     titles = [line.strip() for line in output.splitlines() if line.strip().startswith("* ")]
     assert not titles and "in a good condition" in output, output[-3000:]
+
+
+def test_every_slide_classifier_is_a_bundle(run):
+    """`rule all` writes models/<clf>@<source>/ for each slide classifier of metrics.json: its
+    fold pipelines (skops) and the source's fold tile models, loadable without pickle."""
+    from histoflow.slide_bundle import load_slide_classifier_bundle
+
+    for name in ("logreg@patch_classifier", "rf@patch_classifier"):
+        manifest, models = load_slide_classifier_bundle(run["outdir"] / "models" / name)
+        assert manifest["model"] == name and manifest["source"]["kind"] == "patch_classifier"
+        assert len(models) == len(manifest["folds"]) == len(list((run["outdir"] / "patch_classifier").glob("fold*")))
