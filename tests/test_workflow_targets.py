@@ -2,8 +2,8 @@
 ``--small`` demo cohorts of the multi-class, survival and regression tasks (histoflow
 demo-cohort --task), CI-sized: the demo's SSL encoder (3 epochs on 1024 tiles), 112-px tiles,
 3 patient folds, two MIL models (abmil, mean; 30 epochs at lr 1e-3), no slide classifier, 200 bootstrap
-resamples; rule targets `metrics checklist predict` (no per-slide heatmaps or lesions of the
-development slides).
+resamples; rule targets `metrics checklist predict` (no lesions; the multi-class run also builds
+two development slides' heatmaps: 3 tile_probs_mil jobs and 2 heatmap jobs, ~15 s measured).
 
 Cost, measured under the heavy lock on the shared 2-core machine: 280-300 s of CPU per task
 (demo rendering included), i.e. about 2.5 min per task on 2 quiet cores; 3.5-5 min wall there.
