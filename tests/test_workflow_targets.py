@@ -16,7 +16,11 @@ must be ignored).
 The margin above chance is stated from the null of the run's own predictions: the metric with
 the slides' targets permuted 2000 times (a label-permutation null; the predictions are kept);
 the observed value must beat the null's 99th percentile (one-sided p < 0.01), not a fixed
-number that chance could reach on 18 slides.
+number that chance could reach on 18 slides. Measured (2026-12-03, seed 7, under the heavy lock
+on the loaded machine): multi-class abmil auc_macro 0.921 vs null99 0.736 (wall 654 s); survival
+abmil c-index 0.757 (CI 0.554-0.907) vs null99 0.707, a margin of 0.05 (0.023 before the demo's
+steeper hazard, histoflow.demo._task_targets: the true burden as risk now reaches c = 0.84 on the
+slides, 0.89 on the patients; wall 892 s).
 """
 
 from __future__ import annotations
