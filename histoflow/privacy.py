@@ -73,13 +73,6 @@ def patient_hash(patient_id: Any, salt: bytes) -> str:
     return "pt_" + hmac.new(salt, str(patient_id).encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def source_ref(source: str) -> str:
-    """A source as it may appear in exports: its kind and a short hash, nothing of its text."""
-    from .config import source_kind
-
-    return f"{source_kind(source)}:sha256-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
-
-
 def scrub_text(text: str, file_names: bool = True) -> str:
     """Free text (a failure reason) without URLs, paths, GDC ids and (``file_names``) file names.
     Our own sentences (checklist summaries name outputs such as qc/slides.tsv) keep file names."""
