@@ -249,3 +249,17 @@ def test_openslide_and_tifffile_are_imported_only_in_histoflow_wsi():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "histoflow").rglob("*.py")
                  if "wsi" not in p.relative_to(REPO / "histoflow").parts and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_a_level_read_parses_only_its_own_page(tmp_path, jpeg_pyramid):
+    """Reading one level (the tissue step's mask level) parses that page alone: tifffile turns a
+    page's tile offsets into Python tuples, and level 0 of a large slide has 10^5 tiles."""
+    from histoflow.wsi.tiff_jpeg import JpegPages
+
+    meta = slide_meta(tmp_path, jpeg_pyramid)
+    reader = open_slide(jpeg_pyramid, record=meta)
+    assert isinstance(reader.pages, JpegPages) and reader.pages._pages == {}
+    level = meta["level_count"] - 2
+    rgb, _ = reader.read_level(level)
+    assert list(reader.pages._pages) == [level] and reader._slide is None
+    assert np.array_equal(rgb, openslide_level(jpeg_pyramid, level))
