@@ -124,3 +124,19 @@ def test_checklist_item_6_reports_failed_tiles_per_slide(slides, tmp_path):
     assert item.metrics["n_failed_tiles_total"] == 4.0
     assert item.params["features.max_failed_tile_fraction"] == 0.05
     assert "4 tiles failed to read" in " ".join(item.summary)
+
+
+def test_qc_of_a_healthy_slide_does_not_import_scipy_stats(slides):
+    """The binomial test is needed only when a sampled tile fails; importing scipy.stats costs
+    about a second, dozens of times the rest of a slide's QC (docs/benchmarks.md, ingest)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from histoflow.slide_qc import write_slide_metadata as w; "
+            f"r = w('good', {str(slides / 'good.manifest.json')!r}, {str(slides / 'qc_sub.json')!r}, tile_check={TILE_CHECK!r}); "
+            "assert r['qc_tiles_failed'] == 0; print('scipy.stats' in sys.modules)")
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"
