@@ -123,6 +123,19 @@ QC_TILE_GRID = 8              # 8 x 8 = 64 tiles sampled across the tiling level
 QC_TILE_P = 1e-3              # a slide fails when this many failures are that unlikely at the limit
 
 
+def _grid(size: int, read: int, stored: float | None) -> list[int]:
+    """QC_TILE_GRID read positions spread across ``size`` px. Moved to the start of the stored
+    tile they fall in (``stored``: the level's tile size) when the read fits in one and the
+    positions stay as many: one tile decoded per read instead of up to four."""
+    spread = sorted({int((size - read) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
+    if stored and read <= stored:
+        tile = int(stored)
+        aligned = sorted({v // tile * tile for v in spread})
+        if len(aligned) == len(spread) and all(v + read <= size for v in aligned):
+            return aligned
+    return spread
+
+
 def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, mpp0: float,
                 tile_check: Mapping[str, Any], colour_fix: str | None = None, reader=None) -> dict[str, Any]:
     """Decode tiles on a grid across the whole tiling level (QC runs before the tissue mask, and
@@ -143,10 +156,11 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
     read_px = max(1, int(round(tile_px * mpp / choice.mpp)))
     w, h = level_dimensions[choice.level]
     pw, ph = min(w, read_px), min(h, read_px)
-    xs = sorted({int((w - pw) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
-    ys = sorted({int((h - ph) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
     failed, first_error = 0, None
     slide = reader if reader is not None else OpenSlideReader(path, slide_id, colour_fix)
+    props = slide.properties
+    xs = _grid(w, pw, _number(props.get(f"openslide.level[{choice.level}].tile-width")))
+    ys = _grid(h, ph, _number(props.get(f"openslide.level[{choice.level}].tile-height")))
     try:
         for y in ys:
             for x in xs:
