@@ -14,6 +14,8 @@
   the step's declared imports, then process settings); its work is ``run_slide_job``, the
   rule script's own call, log file included.
 * Both tile at 0.5 µm/px, 256 px, no overlap, min tissue coverage 0.1; hs2p segments with HSV.
+* slide_qc runs with the tile check its rule passes (64 tiles decoded at the level features
+  read, 0.5 µm/px here); hs2p decodes no tile of that level.
 
 Prints a table and writes ``benchmarks/results/ingest.json``.
 """
@@ -129,9 +131,14 @@ def histoflow_config(mask_mpp: float | None = None) -> dict:
     from histoflow.config import _fill_defaults, load_schema
 
     cfg = {"tissue": {} if mask_mpp is None else {"mask_mpp": mask_mpp},
-           "tiling": {"mpp": [TARGET_MPP], "tile_px": TILE_PX, "min_tissue_fraction": MIN_COVERAGE}}
+           "tiling": {"mpp": [TARGET_MPP], "tile_px": TILE_PX, "min_tissue_fraction": MIN_COVERAGE},
+           "features": {"mpp": TARGET_MPP}}
     _fill_defaults(cfg, load_schema("config"))
-    return {"tissue": cfg["tissue"], "tiling": cfg["tiling"]}
+    # slide_qc's tile check, as workflow/rules/slide_qc.smk builds it (64 tiles decoded at the
+    # level features read; until 2026-12-03 the benchmark left it out)
+    tile_check = {"mpp": cfg["features"]["mpp"], "tile_px": cfg["tiling"]["tile_px"],
+                  "max_failed_tile_fraction": cfg["features"]["max_failed_tile_fraction"]}
+    return {"tissue": cfg["tissue"], "tiling": cfg["tiling"], "tile_check": tile_check}
 
 
 STAGES = ("slide_qc", "tissue", "tiles")
@@ -146,7 +153,7 @@ def rule_job(stage: str, out: Path, cfg: dict):
     f = lambda rel: str(out / rel)
     if stage == "slide_qc":
         io = dict(input=NS(manifest=f("downloads/bench.json")), output=NS(slide=f("slides/bench.json")),
-                  params=NS(sheet_mpp=MPP, default_mpp=None, on_error="fail"))
+                  params=NS(sheet_mpp=MPP, default_mpp=None, on_error="fail", tile_check=cfg.get("tile_check")))
     elif stage == "tissue":
         io = dict(input=NS(slide=f("slides/bench.json")),
                   output=NS(mask=f("tissue/bench.png"), geojson=f("tissue/bench.geojson"),

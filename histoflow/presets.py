@@ -13,8 +13,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import InputError
-
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 # metrics.json keys a published figure may name (models.<model>.pooled.<metric>), plus the
 # lesion FROC score (lesions/<source>/metrics.json, one per tile-probability source)
@@ -23,13 +21,6 @@ LESION_METRICS = ("froc_score",)
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def preset_path(name: str) -> Path:
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise InputError(f"preset {name!r} does not exist; presets: {', '.join(preset_names())}")
-    return path
 
 
 def _number(v: Any) -> float | None:

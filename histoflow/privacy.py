@@ -73,13 +73,6 @@ def patient_hash(patient_id: Any, salt: bytes) -> str:
     return "pt_" + hmac.new(salt, str(patient_id).encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def source_ref(source: str) -> str:
-    """A source as it may appear in exports: its kind and a short hash, nothing of its text."""
-    from .config import source_kind
-
-    return f"{source_kind(source)}:sha256-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
-
-
 def file_name_of(cell: str) -> str | None:
     """The file name of a sheet cell (a path or a URL's path), when it looks like one (a dot,
     4+ characters): slide file names often carry a case or patient id (TCGA-AB-1234-01Z.svs)."""

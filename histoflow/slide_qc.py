@@ -123,17 +123,30 @@ QC_TILE_GRID = 8              # 8 x 8 = 64 tiles sampled across the tiling level
 QC_TILE_P = 1e-3              # a slide fails when this many failures are that unlikely at the limit
 
 
+def _grid(size: int, read: int, stored: float | None) -> list[int]:
+    """QC_TILE_GRID read positions spread across ``size`` px. Moved to the start of the stored
+    tile they fall in (``stored``: the level's tile size) when the read fits in one and the
+    positions stay as many: one tile decoded per read instead of up to four."""
+    spread = sorted({int((size - read) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
+    if stored and read <= stored:
+        tile = int(stored)
+        aligned = sorted({v // tile * tile for v in spread})
+        if len(aligned) == len(spread) and all(v + read <= size for v in aligned):
+            return aligned
+    return spread
+
+
 def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, mpp0: float,
-                tile_check: Mapping[str, Any], colour_fix: str | None = None) -> dict[str, Any]:
+                tile_check: Mapping[str, Any], colour_fix: str | None = None, reader=None) -> dict[str, Any]:
     """Decode tiles on a grid across the whole tiling level (QC runs before the tissue mask, and
     a corrupt file is corrupt under glass too): a file whose header and coarsest level are fine
     but whose level-0 tiles are damaged fails here, before any features are computed.
 
     The slide fails when the failures are too many to come from a slide within
     ``max_failed_tile_fraction`` (one-sided binomial test at p < 0.001: a slide just under the
-    limit is not failed by the luck of the sample). Returns the counts for slides/{id}.json."""
-    from scipy.stats import binom
-
+    limit is not failed by the luck of the sample). Returns the counts for slides/{id}.json.
+    ``reader``: QC's open OpenSlideReader of ``path`` (its handle is reused, and reopened after
+    a decode error); None opens one here."""
     from .wsi import OpenSlideReader, best_level_for_mpp
 
     mpp = float(tile_check.get("mpp") or mpp0)
@@ -143,14 +156,14 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
     read_px = max(1, int(round(tile_px * mpp / choice.mpp)))
     w, h = level_dimensions[choice.level]
     pw, ph = min(w, read_px), min(h, read_px)
-    xs = sorted({int((w - pw) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
-    ys = sorted({int((h - ph) * (i + 0.5) / QC_TILE_GRID) for i in range(QC_TILE_GRID)})
-    failed, first_error, slide = 0, None, None
+    failed, first_error = 0, None
+    slide = reader if reader is not None else OpenSlideReader(path, slide_id, colour_fix)
+    props = slide.properties
+    xs = _grid(w, pw, _number(props.get(f"openslide.level[{choice.level}].tile-width")))
+    ys = _grid(h, ph, _number(props.get(f"openslide.level[{choice.level}].tile-height")))
     try:
         for y in ys:
             for x in xs:
-                if slide is None:
-                    slide = OpenSlideReader(path, slide_id, colour_fix)
                 try:
                     slide.read_rgba(int(x * choice.downsample), int(y * choice.downsample), choice.level, pw, ph)
                 except Exception as err:  # noqa: BLE001 - a decode error; OpenSlide's handle is then unusable
@@ -158,13 +171,16 @@ def check_tiles(path: Path, slide_id: str, level_downsamples, level_dimensions, 
                     # the decoder's words, not the file's name or folder (reasons leave the site)
                     first_error = first_error or (str(err).splitlines() or [type(err).__name__])[0][:200] \
                         .replace(str(path), "<slide>").replace(path.name, "<slide>")
-                    slide.close()
-                    slide = None
+                    slide.reset()          # reopened on the next read
     finally:
-        if slide is not None:
+        if reader is None:
             slide.close()
     n = len(xs) * len(ys)
     result = {"qc_tiles_sampled": n, "qc_tiles_failed": failed, "qc_tile_level": int(choice.level)}
+    if failed:
+        # only a slide with a failed tile needs the test: scipy.stats takes ~1 s to import (the
+        # docstrings of every distribution are parsed), 30x the rest of the step
+        from scipy.stats import binom
     if failed and binom.sf(failed - 1, n, limit) < QC_TILE_P:
         raise SlideError(slide_id, f"{failed} of {n} tiles sampled across level {choice.level} fail to decode "
                                    f"({first_error}), more than features.max_failed_tile_fraction {limit:g} allows; "
@@ -190,7 +206,7 @@ def slide_metadata(slide_id: str, path: str | os.PathLike, sheet_mpp: Any = None
         notes.update(colour)
         if tile_check is not None:
             notes.update(check_tiles(path, slide_id, slide.level_downsamples, slide.level_dimensions, mpp_x,
-                                     tile_check, colour["colour_fix"]))
+                                     tile_check, colour["colour_fix"], reader=slide))
         if abs(mpp_x - mpp_y) / mpp_x > 0.05:
             log.warning("slide %s: anisotropic pixels (%.4g x %.4g µm/px)", slide_id, mpp_x, mpp_y)
         record: dict[str, Any] = {

@@ -124,3 +124,32 @@ def test_checklist_item_6_reports_failed_tiles_per_slide(slides, tmp_path):
     assert item.metrics["n_failed_tiles_total"] == 4.0
     assert item.params["features.max_failed_tile_fraction"] == 0.05
     assert "4 tiles failed to read" in " ".join(item.summary)
+
+
+def test_qc_of_a_healthy_slide_does_not_import_scipy_stats(slides):
+    """The binomial test is needed only when a sampled tile fails; importing scipy.stats costs
+    about a second, dozens of times the rest of a slide's QC (docs/benchmarks.md, ingest)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from histoflow.slide_qc import write_slide_metadata as w; "
+            f"r = w('good', {str(slides / 'good.manifest.json')!r}, {str(slides / 'qc_sub.json')!r}, tile_check={TILE_CHECK!r}); "
+            "assert r['qc_tiles_failed'] == 0; print('scipy.stats' in sys.modules)")
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"
+
+
+def test_qc_reads_start_on_stored_tiles_when_the_sample_stays_as_large():
+    """Each of the 8 x 8 reads decodes one stored tile when it can (a read across a tile corner
+    decodes four); where aligning would merge positions (a level under 8 tiles across) or the
+    read spans tiles, the positions are the evenly spread ones."""
+    from histoflow.slide_qc import QC_TILE_GRID, _grid
+
+    aligned = _grid(50_000, 256, 256)
+    assert len(aligned) == QC_TILE_GRID and all(v % 256 == 0 for v in aligned)
+    assert aligned == sorted(v // 256 * 256 for v in _grid(50_000, 256, None))
+    assert _grid(1_000, 100, 256) == _grid(1_000, 100, None) and len(_grid(1_000, 100, None)) == QC_TILE_GRID
+    assert _grid(50_000, 512, 256) == _grid(50_000, 512, None)

@@ -133,10 +133,11 @@ def test_tissue_outputs_do_not_depend_on_which_reader_ran(tmp_path, jpeg_pyramid
     assert meta["level_dimensions"][3] == [stats["mask_width"], stats["mask_height"]]
 
 
-def test_a_sparse_scan_is_left_to_openslide(tmp_path, jpeg_pyramid):
-    """A tile stored with no bytes is unscanned for OpenSlide (transparent, at every level of an
-    Aperio slide); the tiles' backend would show the lower pages' pixels there, so such files
-    are read by OpenSlide."""
+def test_a_sparse_page_is_left_to_openslide(tmp_path, jpeg_pyramid):
+    """A tile stored with no bytes is unscanned for OpenSlide (transparent; an Aperio level draws
+    it from the finer level); the tiles' backend would decode nothing there, so that page is read
+    by OpenSlide. The other pages hold every tile and are decoded from their tiles with
+    OpenSlide's pixels (each page's own tiles are all OpenSlide reads for its level)."""
     import shutil
     import struct
 
@@ -146,11 +147,14 @@ def test_a_sparse_scan_is_left_to_openslide(tmp_path, jpeg_pyramid):
     with open(sparse, "r+b") as handle:         # level 0, tile 5: no bytes
         handle.seek(where + 5 * struct.calcsize(fmt))
         handle.write(struct.pack(fmt, 0))
-    assert open_slide(jpeg_pyramid).pages
+    assert 0 in open_slide(jpeg_pyramid).pages
     reader = open_slide(sparse)
-    assert reader.pages == {}
+    assert 0 not in reader.pages and not reader._level_ok(0)
     rgb, scanned = reader.read_level(0)
     assert not scanned.all()                    # the missing tile, as OpenSlide shows it
+    for level in range(1, reader.level_count):
+        assert level in reader.pages and reader._level_ok(level)
+        assert np.array_equal(reader.read_level(level)[0], openslide_level(sparse, level))
 
 
 def tile_byte_counts_at(path) -> tuple[int, str]:
@@ -245,3 +249,17 @@ def test_openslide_and_tifffile_are_imported_only_in_histoflow_wsi():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "histoflow").rglob("*.py")
                  if "wsi" not in p.relative_to(REPO / "histoflow").parts and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_a_level_read_parses_only_its_own_page(tmp_path, jpeg_pyramid):
+    """Reading one level (the tissue step's mask level) parses that page alone: tifffile turns a
+    page's tile offsets into Python tuples, and level 0 of a large slide has 10^5 tiles."""
+    from histoflow.wsi.tiff_jpeg import JpegPages
+
+    meta = slide_meta(tmp_path, jpeg_pyramid)
+    reader = open_slide(jpeg_pyramid, record=meta)
+    assert isinstance(reader.pages, JpegPages) and reader.pages._pages == {}
+    level = meta["level_count"] - 2
+    rgb, _ = reader.read_level(level)
+    assert list(reader.pages._pages) == [level] and reader._slide is None
+    assert np.array_equal(rgb, openslide_level(jpeg_pyramid, level))

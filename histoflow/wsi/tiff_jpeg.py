@@ -4,18 +4,20 @@ of JPEG tiles, read straight from the tile bytes.
 Why beside OpenSlide: a region OpenSlide serves goes through its tile cache, cairo compositing
 and ARGB -> RGBA conversion; decoding the stored JPEG tiles that cover it (libjpeg-turbo via
 OpenCV) and cropping gives the same pixels about twice as fast (benchmarks/features.py, tile
-reads; the tissue step's whole level: docs/benchmarks.md). tifffile parses the file's
-directories once, when the reader is made; a forked worker inherits the index and only opens
-the file. Anything else (another compression, a sparse scan whose missing tiles OpenSlide
-shows as unscanned, a level at a fractional position, a colour fix) is read by OpenSlide.
+reads; the tissue step's whole level: docs/benchmarks.md). tifffile parses each page a read
+needs once, on its first use (:class:`JpegPages`); a forked worker inherits the index and only
+opens the file. Anything else (another compression, a sparse page, whose missing tiles OpenSlide
+shows as unscanned or draws from the finer level, a level at a fractional position, a colour
+fix) is read by OpenSlide.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -48,11 +50,37 @@ class JpegPage:
     photometric: int
 
 
-def index_jpeg_pages(path: str, level_dimensions) -> dict[int, JpegPage]:
-    """The levels of ``path`` stored as plain JPEG tile pages, matched to OpenSlide's levels by
-    size; {} when the file has a tile with no bytes on any page (a sparse scan) or tifffile
-    cannot parse it."""
+def _jpeg_page(page, w: int, h: int) -> JpegPage | None:
+    """``page`` (a tifffile page) as the JpegPage of a ``w`` x ``h`` level, or None when it is not
+    that level stored as plain JPEG tiles with every tile's bytes (a sparse page: OpenSlide shows
+    its missing tiles as unscanned, or an Aperio level draws them from the finer level)."""
+    if (not getattr(page, "is_tiled", False) or (page.imagewidth, page.imagelength) != (w, h)
+            or int(page.compression) != JPEG or page.samplesperpixel != 3 or int(page.planarconfig) != 1
+            or page.bitspersample != 8 or int(page.photometric) not in (RGB, YCBCR)):
+        return None
+    tables = page.jpegtables or b""
+    if tables and not (tables.startswith(b"\xff\xd8") and tables.endswith(b"\xff\xd9")):
+        return None
+    across = -(-w // page.tilewidth)
+    offsets = np.asarray(page.dataoffsets, np.int64)
+    counts = np.asarray(page.databytecounts, np.int64)
+    if len(offsets) != across * -(-h // page.tilelength) or not counts.all():
+        return None
+    return JpegPage(int(w), int(h), int(page.tilewidth), int(page.tilelength), across, offsets, counts,
+                    tables[:-2], int(page.photometric))
+
+
+def index_jpeg_pages(path: str, level_dimensions, levels=None) -> dict[int, JpegPage]:
+    """The ``levels`` (default: all) of ``path`` stored as plain JPEG tile pages with every tile's
+    bytes, matched to OpenSlide's levels by size; {} when tifffile cannot parse the file.
+
+    Only the pages asked for are parsed: tifffile turns a page's tile offsets and byte counts
+    into Python tuples, and level 0 of a 100,000 px slide has 122,000 tiles (~25 ms for all ten
+    pages of the ingest benchmark's slide against ~1 ms for its mask level). A level is looked
+    for at its own page index and the next (a generic TIFF's and an Aperio SVS's pyramid order:
+    Aperio's thumbnail is page 1), then in file order."""
     found: dict[int, JpegPage] = {}
+    levels = range(len(level_dimensions)) if levels is None else [int(v) for v in levels]
     try:
         import cv2  # the decoder; without it (or tifffile, or before OpenCV 4.10) OpenSlide reads everything
         import tifffile
@@ -61,30 +89,50 @@ def index_jpeg_pages(path: str, level_dimensions) -> dict[int, JpegPage]:
             return {}
 
         with tifffile.TiffFile(path) as tif:
-            pages = list(tif.pages)
-            for page in pages:
-                if getattr(page, "is_tiled", False) and not np.asarray(page.databytecounts).all():
-                    return {}
-            for level, (w, h) in enumerate(level_dimensions):
-                page = next((p for p in pages if getattr(p, "is_tiled", False)
-                             and (p.imagewidth, p.imagelength) == (w, h)), None)
-                if (page is None or int(page.compression) != JPEG or page.samplesperpixel != 3
-                        or int(page.planarconfig) != 1 or page.bitspersample != 8
-                        or int(page.photometric) not in (RGB, YCBCR)):
-                    continue
-                tables = page.jpegtables or b""
-                if tables and not (tables.startswith(b"\xff\xd8") and tables.endswith(b"\xff\xd9")):
-                    continue
-                across = -(-w // page.tilewidth)
-                offsets = np.asarray(page.dataoffsets, np.int64)
-                if len(offsets) != across * -(-h // page.tilelength):
-                    continue
-                found[level] = JpegPage(int(w), int(h), int(page.tilewidth), int(page.tilelength), across,
-                                        offsets, np.asarray(page.databytecounts, np.int64), tables[:-2],
-                                        int(page.photometric))
+            n_pages = len(tif.pages)
+            for level in levels:
+                w, h = level_dimensions[level]
+                order = [i for i in (level, level + 1) if i < n_pages]
+                for index in order + [i for i in range(n_pages) if i not in order]:
+                    page = tif.pages[index]
+                    if getattr(page, "is_tiled", False) and (page.imagewidth, page.imagelength) == (w, h):
+                        jpeg = _jpeg_page(page, w, h)
+                        if jpeg is not None:
+                            found[level] = jpeg
+                        break
     except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: OpenSlide alone
         return {}
     return found
+
+
+class JpegPages(Mapping):
+    """level -> :class:`JpegPage` of a file, each page parsed on its first use (a tissue step
+    needs one level, feature extraction one or two)."""
+
+    def __init__(self, path: str, level_dimensions):
+        self.path, self.level_dimensions = path, [tuple(d) for d in level_dimensions]
+        self._pages: dict[int, JpegPage | None] = {}
+
+    def load(self, levels) -> None:
+        """Parse the pages of ``levels`` not parsed yet, in one pass over the file."""
+        todo = [int(v) for v in levels if 0 <= int(v) < len(self.level_dimensions) and int(v) not in self._pages]
+        if todo:
+            found = index_jpeg_pages(self.path, self.level_dimensions, todo)
+            self._pages.update({level: found.get(level) for level in todo})
+
+    def __getitem__(self, level) -> JpegPage:
+        self.load([level])
+        page = self._pages.get(int(level))
+        if page is None:
+            raise KeyError(level)
+        return page
+
+    def __iter__(self):
+        self.load(range(len(self.level_dimensions)))
+        return iter(sorted(level for level, page in self._pages.items() if page is not None))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class TiffJpegReader(OpenSlideReader):
@@ -96,7 +144,7 @@ class TiffJpegReader(OpenSlideReader):
     def __init__(self, path: str | os.PathLike, slide_id: str = "?", colour_fix: str | None = None,
                  record: Mapping[str, Any] | None = None):
         super().__init__(path, slide_id, colour_fix, record)
-        self.pages = {} if colour_fix else index_jpeg_pages(self.path, self.level_dimensions)
+        self.pages: Mapping[int, JpegPage] = {} if colour_fix else JpegPages(self.path, self.level_dimensions)
         self._checked: dict[int, bool] = {}
         self._fd: int | None = None
         # decoded tiles shared by neighbouring requests (224-px tiles on 240/256-px stored ones):
@@ -165,6 +213,9 @@ class TiffJpegReader(OpenSlideReader):
     def prepare(self, levels) -> None:
         """Decide now (in the parent process) which of ``levels`` the tiles serve, so that forked
         workers inherit the answer instead of probing again."""
+        levels = [int(level) for level in levels]
+        if isinstance(self.pages, JpegPages):
+            self.pages.load(levels)
         for level in levels:
             self._level_ok(int(level))
 
