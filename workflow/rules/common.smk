@@ -198,7 +198,7 @@ BATCHES = slide_batches(SLIDES, SLIDES_PER_JOB)
 # The per-slide rules that run in slide batches: their folder (under outdir) of per-slide files
 # `<folder>/{slide_id}...` (a folder's wildcards are the batch rule's too), and the minutes a slide
 # may take in a batch job (batch_minutes). Each gets a twin <rule>_batch, generated from the
-# per-slide rule in batches.smk: adding a per-slide stage here is this one line.
+# per-slide rule (batches.smk), so a new per-slide stage adds this one line here.
 SLIDE_RULES = {
     "download_slide": ("downloads", 5),
     "qc_slide": ("slides", 2),
@@ -420,9 +420,9 @@ def batch_minutes(per_slide_minutes, fixed_minutes=10):
 
 
 def batch_twin(rule_name):
-    """What <rule_name>_batch (generated in batches.smk) takes from the per-slide rule as declared
-    in its rule file: its script (run for each slide), threads, resources (runtime: batch_minutes),
-    conda env, and the wildcard constraints of its folder's wildcards."""
+    """What <rule_name>_batch (generated in batches.smk) takes from the per-slide rule, as its rule
+    file declares them (profile overrides name the rule), i.e. its script (run for each slide),
+    threads, resources (the runtime: batch_minutes), conda env, and its folder's wildcard constraints."""
     info = _slide_rule(rule_name).rule.ruleinfo
     folder, minutes = SLIDE_RULES[rule_name]
     _, resources = info.resources or ((), {})
