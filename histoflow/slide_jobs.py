@@ -33,30 +33,6 @@ class SlideJob:
     def slide_id(self) -> str:
         return self.wildcards["slide_id"]
 
-    @classmethod
-    def from_snakemake(cls, snakemake) -> "SlideJob":
-        """The job of a per-slide rule's script (`snakemake` is the object Snakemake injects)."""
-
-        def named(part) -> dict[str, Any]:   # Snakemake's Namedlist, or a plain namespace in tests
-            value = getattr(snakemake, part, None)
-            if value is None:
-                return {}
-            return dict(value.items()) if hasattr(value, "items") else dict(vars(value))
-
-        def plain(files: dict[str, Any]) -> dict[str, Any]:   # IOFile -> str, a list input -> list of str
-            return {name: [str(v) for v in value] if isinstance(value, list) else str(value)
-                    for name, value in files.items()}
-
-        logs = list(getattr(snakemake, "log", []) or [])
-        return cls(
-            wildcards={name: str(value) for name, value in named("wildcards").items()},
-            input=plain(named("input")),
-            output=plain(named("output")),
-            params=named("params"),
-            log=str(logs[0]) if logs else None,
-            threads=int(getattr(snakemake, "threads", 1) or 1),
-        )
-
 
 class _Named(SimpleNamespace):
     """A rule's named inputs/outputs/params/wildcards as a script reads them (``snakemake.input.slide``)."""
