@@ -27,7 +27,6 @@ envvars:
     "HISTOFLOW_EXTRA_SAMPLES",
 
 
-include: "workflow/rules/batches.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/slide_qc.smk"
 include: "workflow/rules/tissue.smk"
@@ -46,6 +45,8 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/mlflow.smk"
 include: "workflow/rules/checklist.smk"
+# last: it generates the per-slide rules' batch twins (<rule>_batch) from the rules above
+include: "workflow/rules/batches.smk"
 
 
 rule all:

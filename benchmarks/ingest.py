@@ -10,9 +10,9 @@
   time apart; peak RSS is the worker's own VmHWM (see own_peak_rss_mb). histoflow runs as the
   workflow runs it (one process per rule: slide_qc, then tissue, then tiles; work adds up, peak
   RSS is the largest process) and, for comparison, with the three stages in one process. Its
-  start-up is what a rule script does before its step (``histoflow.slide_jobs.prepare_step``:
-  the step's declared imports, then process settings); its work is ``run_slide_job``, the
-  rule script's own call, log file included.
+  start-up is what a rule's process does before its step (``histoflow.slide_jobs.prepare_step``:
+  the step's declared imports, then process settings); its work is the rule's own script
+  (``run_slide_script``, as a batch job runs it), log file included.
 * Both tile at 0.5 µm/px, 256 px, no overlap, min tissue coverage 0.1; hs2p segments with HSV.
 * slide_qc runs with the tile check its rule passes (64 tiles decoded at the level features
   read, 0.5 µm/px here); hs2p decodes no tile of that level.
@@ -143,6 +143,8 @@ def histoflow_config(mask_mpp: float | None = None) -> dict:
 
 STAGES = ("slide_qc", "tissue", "tiles")
 RULES = {"slide_qc": "qc_slide", "tissue": "detect_tissue", "tiles": "tile_slide"}
+SCRIPTS = {stage: REPO / "workflow" / "scripts" / f"{name}.py"
+           for stage, name in {"slide_qc": "slide_qc", "tissue": "detect_tissue", "tiles": "tiling"}.items()}
 
 
 def rule_job(stage: str, out: Path, cfg: dict):
@@ -170,7 +172,8 @@ def rule_job(stage: str, out: Path, cfg: dict):
 def worker_histoflow(slide: Path, out: Path, cfg: dict, stages: tuple[str, ...] = STAGES) -> dict:
     """Run ``stages`` in this process, in order, exactly as the rule scripts run them: start-up is
     importing histoflow and :func:`histoflow.slide_jobs.prepare_step` (the imports the step
-    declares), work is :func:`histoflow.slide_jobs.run_slide_job` (logging to the rule's log)."""
+    declares), work is the rule's script run by :func:`histoflow.slide_jobs.run_slide_script`
+    (logging to the rule's log)."""
     t0 = time.perf_counter()
     from histoflow import slide_jobs
     from histoflow.io import write_json
@@ -187,7 +190,7 @@ def worker_histoflow(slide: Path, out: Path, cfg: dict, stages: tuple[str, ...] 
     for stage in stages:
         job = rule_job(stage, out, cfg)
         t = time.perf_counter()
-        slide_jobs.run_slide_job(RULES[stage], job)
+        slide_jobs.run_slide_script(SCRIPTS[stage], job)
         timings[stage] = time.perf_counter() - t
     n_tiles = None
     if "tiles" in stages:

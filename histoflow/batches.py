@@ -2,10 +2,11 @@
 
 Snakemake's planning cost grows with the number of jobs and each SLURM job costs scheduling
 time (figures: docs/benchmarks.md, `dag`), so a 10,000-slide cohort cut into one job per slide
-and step (~70,000 jobs) is slow to plan and floods the queue. With `slides_per_job` > 1 each per-slide rule `<rule>` gets a twin `<rule>_batch`: one job
-per batch of consecutive sheet rows, running the same `histoflow.slide_jobs` step for each slide
-and writing the same per-slide files, plus a manifest `{outdir}/batches/<rule>/.../<batch>.json`
-that downstream rules depend on.
+and step (~70,000 jobs) is slow to plan and floods the queue. With `slides_per_job` > 1 each
+per-slide rule `<rule>` gets a twin `<rule>_batch` (generated in workflow/rules/batches.smk): one
+job per batch of consecutive sheet rows, running the per-slide rule's own script for each slide
+(`histoflow.slide_jobs.run_slide_script`) and writing the same per-slide files, plus a manifest
+`{outdir}/batches/<rule>/.../<batch>.json` that downstream rules depend on.
 
 A rerun of a batch job (a slide failed, the batch's membership or settings changed) redoes only
 the slides whose result is not current: after each slide, a stamp `.../done/<slide_id>.json`
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import InputError
-from .slide_jobs import SLIDE_STEPS, SlideJob, prepare_step
+from .slide_jobs import SlideJob, as_snakemake, prepare_step, run_slide_script
 
 # `slides_per_job: auto`: one job per slide up to this many slides (small cohorts keep per-slide
 # reruns and per-slide report entries), else about AUTO_BATCHES batches per step
@@ -115,9 +116,11 @@ def _remove_outputs(job: SlideJob) -> None:
             safe_remove(path, Path(path).parent)
 
 
-def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: str | os.PathLike,
-                    log_path: str | os.PathLike | None = None, threads: int = 1) -> dict[str, Any]:
-    """Run step `rule` for each slide of a batch job (dicts of SlideJob fields, in sheet order).
+def run_slide_batch(rule: str, script: str | os.PathLike, jobs: Sequence[dict[str, Any]],
+                    manifest_path: str | os.PathLike, log_path: str | os.PathLike | None = None,
+                    threads: int = 1) -> dict[str, Any]:
+    """Run per-slide rule `rule`'s script for each slide of a batch job (dicts of SlideJob fields,
+    in sheet order).
 
     Each slide logs to its own file, as in a per-slide job; the batch log gets the progress and
     one line per slide. A failing slide does not stop the others (with `on_error: skip` the
@@ -127,12 +130,8 @@ def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: st
     from tqdm import tqdm
 
     from .errors import HistoflowError
-    from .io import write_json
-    from .logs import log_to
+    from .io import safe_remove, write_json
 
-    from .io import safe_remove
-
-    step = SLIDE_STEPS[rule]
     prepare_step(rule)
     manifest_path = Path(manifest_path)
     done_dir = manifest_path.parent / "done"
@@ -150,8 +149,7 @@ def run_slide_batch(rule: str, jobs: Sequence[dict[str, Any]], manifest_path: st
                 safe_remove(stamp, done_dir)
                 _remove_outputs(job)
                 try:
-                    with log_to(job.log):
-                        step(job)
+                    run_slide_script(script, as_snakemake(job))   # it logs to job.log itself
                     missing = [p for p in _paths(job.output.values()) if not os.path.exists(p)]
                     if missing:
                         raise HistoflowError(f"slide {job.slide_id!r}: step {rule} did not write {missing[0]}")

@@ -569,8 +569,12 @@ def download_slide(slide_id: str, source: str, dest_dir: str | os.PathLike, mani
 
     ``on_error="fail"`` raises SlideError (one line); ``"skip"`` writes a manifest with status
     ``failed`` and the reason, so that slide_qc marks the slide skipped and the cohort goes on.
-    Returns the manifest.
+    ``source`` may name the sheet cell instead of holding it (common.smk's `sheet_ref`: a signed
+    URL stays out of Snakemake's metadata); it is read from the sheet here. Returns the manifest.
     """
+    from .privacy import resolve_sheet_value
+
+    source = resolve_sheet_value(source, slide_id)
     if on_error not in ("fail", "skip"):
         raise InputError(f"config key 'on_error' is {on_error!r}; use fail or skip")
     if not isinstance(settings, DownloadSettings):

@@ -1,18 +1,20 @@
-"""The per-slide steps of the workflow, each as a function of one `SlideJob`.
-
-A per-slide rule (`snakemake ... results/tiles/S1.parquet`) and a batch rule (`slides_per_job`
-> 1: many slides in one job, see `histoflow.batches`) run the very same function here, so a
-slide's outputs do not depend on how the cohort was cut into jobs. Each function only maps the
-rule's named inputs/params/outputs onto one stage function; stage modules are imported inside
-them, so a tissue job never imports torch.
+"""One slide's step outside its own job: a batch job (`slides_per_job` > 1, `histoflow.batches`)
+runs the per-slide rule's own script for each of its slides (`run_slide_script`), with the
+inputs, outputs and params the per-slide rule would give it (`SlideJob`), so a slide's outputs do
+not depend on how the cohort was cut into jobs and the step lives in the stage's script alone.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-from .logs import log_to      # stdlib only: loaded with the module, not inside a step's timing
+# every script's log_to (stdlib only): loaded with this module, not inside a step's timing
+from . import logs as _logs  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -31,130 +33,33 @@ class SlideJob:
     def slide_id(self) -> str:
         return self.wildcards["slide_id"]
 
-    @classmethod
-    def from_snakemake(cls, snakemake) -> "SlideJob":
-        """The job of a per-slide rule's script (`snakemake` is the object Snakemake injects)."""
 
-        def named(part) -> dict[str, Any]:   # Snakemake's Namedlist, or a plain namespace in tests
-            value = getattr(snakemake, part, None)
-            if value is None:
-                return {}
-            return dict(value.items()) if hasattr(value, "items") else dict(vars(value))
+class _Named(SimpleNamespace):
+    """A rule's named inputs/outputs/params/wildcards as a script reads them (``snakemake.input.slide``)."""
 
-        def plain(files: dict[str, Any]) -> dict[str, Any]:   # IOFile -> str, a list input -> list of str
-            return {name: [str(v) for v in value] if isinstance(value, list) else str(value)
-                    for name, value in files.items()}
-
-        logs = list(getattr(snakemake, "log", []) or [])
-        return cls(
-            wildcards={name: str(value) for name, value in named("wildcards").items()},
-            input=plain(named("input")),
-            output=plain(named("output")),
-            params=named("params"),
-            log=str(logs[0]) if logs else None,
-            threads=int(getattr(snakemake, "threads", 1) or 1),
-        )
+    def items(self):
+        return vars(self).items()
 
 
-def _single(paths: Any) -> str | None:
-    """An optional one-file input (given as a list that is empty or holds one path)."""
-    paths = list(paths or [])
-    return str(paths[0]) if paths else None
+def as_snakemake(job: SlideJob) -> SimpleNamespace:
+    """The ``snakemake`` object a per-slide rule's script gets, rebuilt from a batch's `SlideJob`
+    (named items only: a batch twin refuses rules with unnamed ones, common.smk)."""
+    return SimpleNamespace(wildcards=_Named(**job.wildcards), input=_Named(**job.input),
+                           output=_Named(**job.output), params=_Named(**job.params),
+                           log=[job.log] if job.log else [], threads=job.threads)
 
 
-def download_slide(job: SlideJob) -> None:
-    from .download import download_slide as run
-
-    from .privacy import resolve_sheet_value
-
-    run(slide_id=job.slide_id, source=resolve_sheet_value(job.params["source"], job.slide_id),
-        dest_dir=job.params["dest_dir"],
-        manifest_path=job.output["manifest"], md5=job.params["md5"], settings=job.params["settings"],
-        on_error=job.params["on_error"])
+@functools.lru_cache(maxsize=None)
+def _compiled(script: str):
+    return compile(Path(script).read_text(), script, "exec")
 
 
-def qc_slide(job: SlideJob) -> None:
-    from .slide_qc import write_slide_metadata
-
-    write_slide_metadata(slide_id=job.slide_id, manifest_path=job.input["manifest"],
-                         out_path=job.output["slide"], sheet_mpp=job.params["sheet_mpp"],
-                         default_mpp=job.params["default_mpp"], on_error=job.params["on_error"],
-                         tile_check=job.params.get("tile_check"))
-
-
-def detect_tissue(job: SlideJob) -> None:
-    from .tissue import detect_tissue_for_slide
-
-    detect_tissue_for_slide(slide_json=job.input["slide"], mask_png=job.output["mask"],
-                            geojson_path=job.output["geojson"], overlay_path=job.output["overlay"],
-                            stats_json=job.output["stats"], settings=job.params["settings"],
-                            on_error=job.params["on_error"], threads=job.threads)
-
-
-def tile_slide(job: SlideJob) -> None:
-    from .tiling import tile_slide_with_preview
-
-    tile_slide_with_preview(slide_json=job.input["slide"], mask_png=job.input["mask"],
-                            tissue_json=job.input["stats"], overlay_jpg=job.input["overlay"],
-                            out_path=job.output["tiles"], preview_path=job.output["preview"],
-                            settings=job.params["settings"], seed=job.params["seed"],
-                            on_error=job.params["on_error"])
-
-
-def export_tile_images(job: SlideJob) -> None:
-    from .tiling import export_tile_images as run
-
-    run(slide_json=job.input["slide"], tiles_path=job.input["tiles"], out_dir=job.output["images"],
-        image_format=job.params["image_format"])
-
-
-def extract_features(job: SlideJob) -> None:
-    from .features import extract_slide_features
-
-    extract_slide_features(slide_json=job.input["slide"], tiles_path=job.input["tiles"],
-                           out_path=job.output["features"], encoder_name=job.params["encoder_name"],
-                           settings=job.params["settings"], tiling_mpp=job.params["tiling_mpp"],
-                           stain_json=_single(job.input["stain"]),
-                           ssl_checkpoint=_single(job.input["ssl_checkpoint"]),
-                           seed=job.params["seed"], threads=job.threads,
-                           on_error=job.params.get("on_error", "fail"))
-
-
-def patch_labels(job: SlideJob) -> None:
-    from .patch_labels import patch_labels_for_slide
-
-    patch_labels_for_slide(slide_id=job.slide_id, tiles_path=job.input["tiles"], slide_json=job.input["slide"],
-                           annotations=job.params["annotations"], slide_label=job.params["label"],
-                           positive_label=job.params["positive_label"], settings=job.params["settings"],
-                           out_path=job.output["labels"])
-
-
-def heatmap(job: SlideJob) -> None:
-    from .heatmaps import heatmap_for_slide
-
-    heatmap_for_slide(slide_id=job.slide_id, source=job.wildcards["source"], prob_paths=list(job.input["probs"]),
-                      slide_json=job.input["slide"], tissue_json=job.input["tissue_stats"],
-                      tissue_png=job.input["tissue_mask"], out_png=job.output["png"],
-                      out_geojson=job.output["geojson"], settings=job.params["settings"])
-
-
-def detect_lesions(job: SlideJob) -> None:
-    from .lesions import lesions_for_slide
-
-    lesions_for_slide(slide_id=job.slide_id, source=job.wildcards["source"], prob_paths=list(job.input["probs"]),
-                      slide_json=job.input["slide"], annotations=job.params["annotations"],
-                      slide_label=job.params["label"], positive_label=job.params["positive_label"],
-                      cohort_has_annotations=job.params["cohort_has_annotations"],
-                      settings=job.params["settings"], label_settings=job.params["label_settings"],
-                      out_geojson=job.output["geojson"], out_json=job.output["record"])
-
-
-# rule name -> its step; a batch rule `<name>_batch` runs the same step for each of its slides
-SLIDE_STEPS: dict[str, Callable[[SlideJob], None]] = {
-    step.__name__: step
-    for step in (download_slide, qc_slide, detect_tissue, tile_slide, export_tile_images, extract_features,
-                 patch_labels, heatmap, detect_lesions)
-}
+def run_slide_script(script: str | os.PathLike, snakemake) -> None:
+    """Run a per-slide rule's script (workflow/scripts/<stage>.py) for one slide, in this process,
+    with ``snakemake`` (Snakemake's object, or `as_snakemake` of a batch's job). The script is the
+    slide's step: a batch job runs it for each of its slides, so the outputs do not depend on how
+    the cohort was cut into jobs, and a new per-slide stage writes no step function anywhere."""
+    exec(_compiled(str(script)), {"__name__": "__main__", "__file__": str(script), "snakemake": snakemake})
 
 
 # What a step imports before it starts, per rule: the import is then the process's start-up (paid
@@ -186,11 +91,3 @@ def prepare_step(rule: str) -> None:
     for module in STEP_IMPORTS.get(rule, ()):
         importlib.import_module(module)
     _PREPARED.add(rule)
-
-
-def run_slide_job(rule: str, snakemake) -> None:
-    """Run a per-slide rule's step, logging to the rule's log file."""
-    job = SlideJob.from_snakemake(snakemake)
-    with log_to(job.log):          # an import failure in prepare_step goes to the log too
-        prepare_step(rule)
-        SLIDE_STEPS[rule](job)

@@ -41,8 +41,8 @@ def env_packages(name: str) -> frozenset[str]:
 
 
 def rules() -> list[dict]:
-    """Every rule with a script: name, conda env file name, script path, and the slide step it
-    dispatches by name (``run_slide_job("heatmap", ...)``, or a batch rule's ``params.rule``)."""
+    """Every rule with a script: name, conda env file name and script path. (A batch twin
+    <rule>_batch, generated in batches.smk, runs its per-slide rule's script in that rule's env.)"""
     found = []
     for smk in sorted(RULES.glob("*.smk")):
         text = smk.read_text()
@@ -54,10 +54,8 @@ def rules() -> list[dict]:
                 continue
             conda = re.search(r'conda:\s*\n\s*"([^"]+)"', block)
             path = (smk.parent / script.group(1)).resolve()
-            step = re.search(r'\brule="(\w+)"', block) or re.search(r'run_slide_job\("(\w+)"', path.read_text())
             found.append({"rule": head.group(1), "file": smk.name, "script": path,
-                          "env": Path(conda.group(1)).name if conda else None,
-                          "entries": [f"histoflow.slide_jobs:{step.group(1)}"] if step else []})
+                          "env": Path(conda.group(1)).name if conda else None, "entries": []})
     return found
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,21 +22,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from workflow_run import check, snakemake, workflow_env
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 CHANCE = 0.5
-
-
-def _snakemake(args: list[str], configs: list[Path], timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
-    cmd = [str(BIN / "snakemake"), "--cores", "2", *args, "--configfile", "config.yaml", *map(str, configs)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +43,12 @@ def run(tmp_path_factory):
           "slide_classifier": {"models": ["logreg", "rf"], "n_estimators": 100}}
     (root / "ci.yaml").write_text(yaml.safe_dump(ci))
     configs = [Path(sheet).parent / "config.yaml", root / "ci.yaml"]
-    _check(_snakemake([], configs))
+    check(snakemake([], configs))
     outdir = root / "results"
     # the report as users make it (Makefile `demo`): through histoflow's report plugin
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
-    _check(subprocess.run([sys.executable, "-m", "histoflow.cli", "report", str(outdir / "report.html"),
+    check(subprocess.run([sys.executable, "-m", "histoflow.cli", "report", str(outdir / "report.html"),
                            "--configfile", "config.yaml", *map(str, configs)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+                          cwd=REPO, env=workflow_env(), capture_output=True, text=True, timeout=600))
     return {"root": root, "outdir": outdir, "configs": configs, "sheet": Path(sheet)}
 
 
@@ -195,8 +184,8 @@ def test_no_half_written_file_is_left_and_nothing_is_left_to_do(run):
 
     leftovers = leftover_temporaries(run["outdir"])   # the names histoflow.io really writes
     assert not leftovers, leftovers[:5]
-    dry = _snakemake(["-n"], run["configs"], timeout=300)
-    _check(dry)
+    dry = snakemake(["-n"], run["configs"], timeout=300)
+    check(dry)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
@@ -213,7 +202,7 @@ def test_a_rerun_with_the_same_seed_reproduces_features_splits_and_metrics(run):
         "features": {p.name: pd.read_parquet(p) for p in sorted((outdir / "features").glob("*/*.parquet"))},
         "metrics": _metrics(outdir),
     }
-    _check(_snakemake(["--forcerun", "train_ssl_encoder", "make_splits"], run["configs"]))
+    check(snakemake(["--forcerun", "train_ssl_encoder", "make_splits"], run["configs"]))
     assert _digest(sorted((outdir / "tiles").glob("*.parquet"))) == before["tiles"]
     assert _digest([outdir / "splits" / "splits.tsv"]) == before["splits"]
     for name, frame in before["features"].items():
@@ -230,8 +219,8 @@ def batched_run(run):
     (root / "batched.yaml").write_text(yaml.safe_dump({"outdir": str(root / "results_batched"),
                                                        "slides_per_job": 5}))
     configs = [*run["configs"], root / "batched.yaml"]
-    proc = _snakemake([], configs)
-    _check(proc)
+    proc = snakemake([], configs)
+    check(proc)
     return {"outdir": root / "results_batched", "configs": configs, "proc": proc}
 
 
@@ -258,7 +247,7 @@ def test_snakemake_lint_finds_nothing(run):
     """`snakemake --lint` is how users and reviewers judge a workflow: no lints. (PYTHONPATH,
     which common.smk sets so that jobs import this checkout's histoflow, is declared with
     `envvars:` in the Snakefile, so Snakemake also passes it on to remote jobs.)"""
-    proc = _snakemake(["--lint"], run["configs"], timeout=300)
+    proc = snakemake(["--lint"], run["configs"], timeout=300)
     output = proc.stdout + proc.stderr
     titles = [line.strip() for line in output.splitlines() if line.strip().startswith("* ")]
     assert not titles and "in a good condition" in output, output[-3000:]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from workflow_run import check, snakemake
+
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TILE_COLUMNS = ["slide_id", "x", "y", "read_level", "read_w", "read_h", "target_mpp", "tile_px",
                 "tissue_fraction", "col", "row", "size0"]
 
 
-def snakemake(targets: list[str], configfile: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    exe = BIN / "snakemake"
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
-    cmd = [str(exe) if exe.exists() else "snakemake", "--cores", "2", *targets,
-           "--configfile", "config.yaml", str(configfile), *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+def run_snakemake(targets: list[str], configfile: Path, *extra: str, timeout: int = 900):
+    """The workflow on ``targets`` with the shared run (tests/workflow_run.py)."""
+    return snakemake([*targets, *extra], [configfile], timeout=timeout)
 
 
 def write_config(path: Path, samples: Path, outdir: Path, **over) -> Path:
@@ -58,7 +48,7 @@ def tiled(cohort):
     root, sheet = cohort
     outdir = root / "results"
     configfile = write_config(root / "e2e.yaml", sheet, outdir)
-    proc = snakemake(["tiles"], configfile)
+    proc = run_snakemake(["tiles"], configfile)
     check(proc)
     return outdir, sheet, configfile
 
@@ -86,7 +76,7 @@ def test_every_slide_gets_a_tile_table_with_tiles_and_the_schema(tiled):
 def test_second_run_has_nothing_to_do(tiled):
     outdir, _, configfile = tiled
     before = {p: p.stat().st_mtime_ns for p in (outdir / "tiles").glob("*.parquet")}
-    proc = snakemake(["tiles"], configfile)
+    proc = run_snakemake(["tiles"], configfile)
     check(proc)
     assert "Nothing to be done" in proc.stdout + proc.stderr
     assert before == {p: p.stat().st_mtime_ns for p in (outdir / "tiles").glob("*.parquet")}
@@ -94,7 +84,7 @@ def test_second_run_has_nothing_to_do(tiled):
 
 def test_qc_target_writes_the_cohort_table(tiled):
     outdir, sheet, configfile = tiled
-    check(snakemake(["qc"], configfile))
+    check(run_snakemake(["qc"], configfile))
     qc = pd.read_csv(outdir / "qc" / "slides.tsv", sep="\t")
     slides = pd.read_csv(sheet, sep="\t", dtype=str)["slide_id"].tolist()
     assert sorted(qc["slide_id"]) == sorted(slides)
@@ -117,7 +107,7 @@ def test_corrupt_slide_is_skipped_with_a_reason_and_the_rest_goes_on(cohort, tmp
     frame.to_csv(bad_sheet, sep="\t", index=False)
     outdir = tmp_path / "results"
     configfile = write_config(tmp_path / "skip.yaml", bad_sheet, outdir, on_error="skip")
-    check(snakemake(["qc"], configfile))
+    check(run_snakemake(["qc"], configfile))
     qc = pd.read_csv(outdir / "qc" / "slides.tsv", sep="\t", keep_default_na=False).set_index("slide_id")
     assert qc.loc["broken-01", "status"] == "skipped"
     assert len(str(qc.loc["broken-01", "reason"])) > 0
@@ -132,7 +122,7 @@ def batched(cohort, tiled):
     root, sheet = cohort
     outdir = root / "results_batched"
     configfile = write_config(root / "batched.yaml", sheet, outdir, slides_per_job=2)
-    proc = snakemake(["qc"], configfile)
+    proc = run_snakemake(["qc"], configfile)
     check(proc)
     return outdir, configfile, proc
 
@@ -163,7 +153,7 @@ def test_a_deleted_per_slide_file_is_redone_by_its_batch_alone(batched):
     keep = {p.name: p.stat().st_mtime_ns for p in (outdir / "tiles").glob("*.parquet")}
     victim = sorted(keep)[0]
     (outdir / "tiles" / victim).unlink()
-    proc = snakemake(["qc"], configfile)
+    proc = run_snakemake(["qc"], configfile)
     check(proc)
     assert re.search(r"^tile_slide_batch\s+1$", proc.stdout + proc.stderr, flags=re.M)
     assert (outdir / "tiles" / victim).is_file()
@@ -173,14 +163,14 @@ def test_a_deleted_per_slide_file_is_redone_by_its_batch_alone(batched):
     manifest = json.loads((outdir / "batches" / "tile_slide" / "b00000.json").read_text())
     assert [(s["slide_id"], s["reused"]) for s in manifest["slides"]] == [
         (Path(victim).stem, False), (Path(sorted(keep)[1]).stem, True)]
-    proc = snakemake(["qc"], configfile)
+    proc = run_snakemake(["qc"], configfile)
     check(proc)
     assert "Nothing to be done" in proc.stdout + proc.stderr
     # and again: a second deletion of the same file is noticed too
     (outdir / "tiles" / victim).unlink()
-    check(snakemake(["qc"], configfile))
+    check(run_snakemake(["qc"], configfile))
     assert (outdir / "tiles" / victim).is_file()
-    proc = snakemake(["qc"], configfile)
+    proc = run_snakemake(["qc"], configfile)
     check(proc)
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
@@ -189,7 +179,7 @@ def test_a_batch_job_never_asks_for_more_time_than_batch_max_runtime(batched):
     """Partitions cap time limits: a batch asks for at most batch_max_runtime minutes (and resumes
     after its last finished slide when it runs out)."""
     _, configfile, _ = batched
-    proc = snakemake(["qc"], configfile, "-n", "--forceall", "--config", "batch_max_runtime=11")
+    proc = run_snakemake(["qc"], configfile, "-n", "--forceall", "--config", "batch_max_runtime=11")
     check(proc)
     jobs = [(m.group(1), m.group(2)) for block in (proc.stdout + proc.stderr).split("\n\n")
             if (m := re.search(r"rule (\w+_batch):(?s:.*?)runtime=(\d+)", block))]

@@ -171,3 +171,55 @@ def test_deprecated_target_names_plan_the_same_jobs_as_the_new_ones(tmp_path, sn
     old_jobs = {row for row in planned("tiles") if row[0] != "tiles"}
     new_jobs = {row for row in planned("tiling") if row[0] != "tiling"}
     assert old_jobs == new_jobs and len(old_jobs) > 3, sorted(old_jobs ^ new_jobs)
+
+
+def _per_slide_rules() -> set[str]:
+    """The rules whose outputs are per slide (an output path with {slide_id}), from the rule files."""
+    found = set()
+    for smk in sorted(RULES.glob("*.smk")):
+        for m in re.finditer(r"^rule (\w+):\n((?:    .*\n|\n)*)", smk.read_text(), flags=re.M):
+            output = re.search(r"^    output:\n((?:        .*\n)+)", m.group(2), flags=re.M)
+            if output and re.search(r'out\("[^"]*\{slide_id\}', output.group(1)):
+                found.add(m.group(1))
+    return found
+
+
+def test_a_per_slide_stage_is_its_own_files_and_its_batch_twin_is_generated(tmp_path, snakemake_exe):
+    """A per-slide rule is written once: its batch twin <rule>_batch is generated from it
+    (batches.smk, from the one SLIDE_RULES line in common.smk), and the batch job runs the rule's
+    own script for each slide, so no step function lives outside the stage's files
+    (docs/adding-a-stage.md)."""
+    import subprocess
+
+    common = (RULES / "common.smk").read_text()
+    block = re.search(r"^SLIDE_RULES = \{\n((?:    .*\n)+)\}", common, flags=re.M)
+    assert block, "no SLIDE_RULES in common.smk"
+    registered = set(re.findall(r'^    "(\w+)": ', block.group(1), flags=re.M))
+    per_slide = _per_slide_rules()
+    assert per_slide == registered, f"per-slide rules {sorted(per_slide)} vs SLIDE_RULES {sorted(registered)}"
+    for smk in sorted(RULES.glob("*.smk")):      # no copied twins
+        copied = set(re.findall(r"^rule (\w+)_batch:", smk.read_text(), flags=re.M)) & per_slide
+        assert not copied, f"{smk.name} copies the batch twin of {sorted(copied)}"
+    # the per-slide rule's script is the step: it calls its stage function, not a shared step table
+    scripts = _rules_with_scripts()
+    for rule in per_slide:
+        text = (RULES / scripts[rule][0]).resolve().read_text()
+        assert "slide_jobs" not in text and "snakemake.params.rule" not in text, rule
+    # the generic batch code names no per-slide rule (STEP_IMPORTS, a table of imports, aside)
+    for module in ("slide_jobs", "batches"):
+        source = (REPO / "histoflow" / f"{module}.py").read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef):
+                body = ast.get_source_segment(source, node)
+                named = [r for r in per_slide if re.search(rf"\b{r}\b", body)]
+                assert not named, f"histoflow/{module}.py:{node.name} is a step of {named}"
+    # and Snakemake sees a twin of each (slides_per_job > 1 asks for them)
+    (tmp_path / "samples.tsv").write_text("slide_id\tpatient_id\tlabel\tsource\n" + "".join(
+        f"S{i}\tP{i}\t{'tumor' if i % 2 else 'normal'}\thttp://127.0.0.1:9/S{i}.svs\n" for i in range(6)))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"samples: {tmp_path / 'samples.tsv'}\noutdir: {tmp_path / 'out'}\nslides_per_job: 2\n")
+    proc = subprocess.run([snakemake_exe, "--list-rules", "--configfile", str(REPO / "config.yaml"), str(cfg)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = set(proc.stdout.split())
+    assert {f"{r}_batch" for r in per_slide} <= listed, sorted({f"{r}_batch" for r in per_slide} - listed)

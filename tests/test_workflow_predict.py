@@ -19,9 +19,6 @@ About 5 minutes on 2 idle cores (22 on a shared, loaded machine).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +26,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from workflow_run import check, snakemake
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def _snakemake(args: list[str], configs: list[Path], timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
-    cmd = [str(BIN / "snakemake"), "--cores", "2", *args, "--configfile", "config.yaml", *map(str, configs)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
 
 
 def _official_split(sheet: pd.DataFrame) -> pd.Series:
@@ -91,7 +79,7 @@ def run(tmp_path_factory):
           "predict": {"samples": str(predict_sheet), "name": "new", "model": "mil-abmil"}}
     (root / "ci.yaml").write_text(yaml.safe_dump(ci))
     configs = [dev_sheet.parent / "config.yaml", root / "ci.yaml"]
-    _check(_snakemake(["models", "predict", "metrics"], configs))
+    check(snakemake(["models", "predict", "metrics"], configs))
     return {"root": root, "outdir": outdir, "configs": configs, "dev": dev, "ext": ext, "new": new,
             "dev_test": list(dev_test["slide_id"])}
 
@@ -159,9 +147,9 @@ def test_extra_slides_never_reach_cohort_fits(run):
     normalisation switched on): development slides only."""
     stain = run["root"] / "stain.yaml"
     stain.write_text(yaml.safe_dump({"stain": {"method": "macenko"}}))
-    proc = _snakemake(["--forceall", "--dag", "dot", str(run["outdir"] / "stain" / "stain.json"),
+    proc = snakemake(["--forceall", "--dag", "dot", str(run["outdir"] / "stain" / "stain.json"),
                        str(run["outdir"] / "ssl" / "resnet-tiny" / "encoder.pt")], [*run["configs"], stain], timeout=300)
-    _check(proc)
+    check(proc)
     dag = proc.stdout
     assert all(s in dag for s in run["dev"]["slide_id"])
     extra = [*run["ext"]["slide_id"], *run["new"]["slide_id"]]
@@ -175,12 +163,12 @@ def test_a_bundle_of_another_run_predicts_only_with_matching_settings(run):
              "predict": {"samples": str(run["root"] / "new.tsv"), "name": "new", "model": str(bundle)}}
     same = run["root"] / "other_same.yaml"
     same.write_text(yaml.safe_dump(other))
-    proc = _snakemake(["-n", "predict"], [*run["configs"], same], timeout=300)
-    _check(proc)
+    proc = snakemake(["-n", "predict"], [*run["configs"], same], timeout=300)
+    check(proc)
     assert "predict_slides" in proc.stdout
     differ = run["root"] / "other_differ.yaml"
     differ.write_text(yaml.safe_dump({**other, "tiling": {"tile_px": 224}}))
-    proc = _snakemake(["-n", "predict"], [*run["configs"], differ], timeout=300)
+    proc = snakemake(["-n", "predict"], [*run["configs"], differ], timeout=300)
     assert proc.returncode != 0
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("histoflow:")]
     assert line and "tiling.tile_px=112" in line[0], proc.stderr[-2000:]

@@ -26,9 +26,6 @@ slides, 0.89 on the patients; wall 892 s).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,10 +34,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from workflow_run import check, snakemake
+
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 SCORES = {"multiclass": ["prob_lymphoid", "prob_normal", "prob_tumor"], "survival": ["risk"], "regression": ["value"]}
 
 
@@ -68,13 +65,10 @@ def _run_task(root: Path, task: str, heatmap_slides: tuple[int, ...] = ()) -> di
           "external": [{"name": "ext", "samples": str(root / "external.tsv")}],
           "predict": {"samples": str(root / "new.tsv"), "name": "new", "model": "mil-abmil"}}
     (root / "ci.yaml").write_text(yaml.safe_dump(ci))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONHASHSEED="0")
     heatmaps = [str(outdir / "heatmaps" / "mil-abmil" / f"{dev['slide_id'][i]}.png") for i in heatmap_slides]
-    cmd = [str(BIN / "snakemake"), "--cores", "2", "metrics", "checklist", "predict", *heatmaps,
-           "--configfile", "config.yaml", str(sheet.parent / "config.yaml"), str(root / "ci.yaml")]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    check(snakemake(["metrics", "checklist", "predict", *heatmaps], [sheet.parent / "config.yaml", root / "ci.yaml"],
+                    timeout=2400))
     return {"outdir": outdir, "sheet": sheet, "dev": dev, "ext": ext, "new": new, "task": task,
             "wall_s": time.perf_counter() - t0,
             "metrics": json.loads((outdir / "metrics" / "metrics.json").read_text())}

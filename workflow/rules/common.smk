@@ -195,18 +195,20 @@ def per_slide(pattern):
 BATCHED = SLIDES_PER_JOB > 1
 BATCHES = slide_batches(SLIDES, SLIDES_PER_JOB)
 
-# The per-slide rules that have a batch twin, and the folder (under outdir) of their per-slide
-# files `<folder>/{slide_id}...`; a folder's wildcards are the batch rule's too.
+# The per-slide rules that run in slide batches: their folder (under outdir) of per-slide files
+# `<folder>/{slide_id}...` (a folder's wildcards are the batch rule's too), and the minutes a slide
+# may take in a batch job (batch_minutes). Each gets a twin <rule>_batch, generated from the
+# per-slide rule (batches.smk), so a new per-slide stage adds this one line here.
 SLIDE_RULES = {
-    "download_slide": "downloads",
-    "qc_slide": "slides",
-    "detect_tissue": "tissue",
-    "tile_slide": "tiles",
-    "export_tile_images": "tile_images",
-    "extract_features": "features/{encoder}",
-    "patch_labels": "patch_labels",
-    "heatmap": "heatmaps/{source}",
-    "detect_lesions": "lesions/{source}",
+    "download_slide": ("downloads", 5),
+    "qc_slide": ("slides", 2),
+    "detect_tissue": ("tissue", 3),
+    "tile_slide": ("tiles", 2),
+    "export_tile_images": ("tile_images", 20),
+    "extract_features": ("features/{encoder}", config["features"]["runtime"]),
+    "patch_labels": ("patch_labels", 2),
+    "heatmap": ("heatmaps/{source}", 5),
+    "detect_lesions": ("lesions/{source}", 5),
 }
 
 wildcard_constraints:
@@ -215,7 +217,7 @@ wildcard_constraints:
 
 def batch_manifest(rule_name):
     """The manifest pattern of <rule_name>_batch: {outdir}/batches/<rule>/[<wildcard>/]{batch}.json."""
-    extra = "".join(f"{{{name}}}/" for name in re.findall(r"\{(\w+)\}", SLIDE_RULES[rule_name]))
+    extra = "".join(f"{{{name}}}/" for name in re.findall(r"\{(\w+)\}", SLIDE_RULES[rule_name][0]))
     return out(f"batches/{rule_name}/{extra}{{batch}}.json")
 
 
@@ -226,7 +228,7 @@ def _folder_regex(folder):
     return re.compile(f"{re.escape(out(''))}{groups}[/]{slide}[^/]*$")
 
 
-_SLIDE_FOLDERS = [(_folder_regex(folder), rule_name) for rule_name, folder in SLIDE_RULES.items()]
+_SLIDE_FOLDERS = [(_folder_regex(folder), rule_name) for rule_name, (folder, _) in SLIDE_RULES.items()]
 
 
 def _producer(path_pattern):
@@ -415,6 +417,26 @@ def batch_minutes(per_slide_minutes, fixed_minutes=10):
         return min(wanted, config["batch_max_runtime"])
 
     return runtime
+
+
+def batch_twin(rule_name):
+    """What <rule_name>_batch (generated in batches.smk) takes from the per-slide rule, as its rule
+    file declares them (profile overrides name the rule), i.e. its script (run for each slide),
+    threads, resources (the runtime: batch_minutes), conda env, and its folder's wildcard constraints."""
+    info = _slide_rule(rule_name).rule.ruleinfo
+    folder, minutes = SLIDE_RULES[rule_name]
+    _, resources = info.resources or ((), {})
+    _, constraints = info.wildcard_constraints or ((), {})
+    folder_wildcards = set(re.findall(r"\{(\w+)\}", folder))
+    extra = "".join(f"{{{name}}}/" for name in re.findall(r"\{(\w+)\}", folder))
+    return {
+        "script": Path(info.script).name,
+        "log": log_path(f"{rule_name}_batch", f"{extra}{{batch}}"),
+        "threads": info.threads if info.threads is not None else 1,
+        "resources": {**resources, "runtime": batch_minutes(minutes)},
+        "conda": info.conda_env,
+        "wildcard_constraints": {k: v for k, v in constraints.items() if k in folder_wildcards},
+    }
 
 
 # ------------------------------------------------------------------------------------------------

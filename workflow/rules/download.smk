@@ -31,28 +31,6 @@ rule download_slide:
         "../scripts/download_slide.py"
 
 
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule download_slide_batch:
-    input:
-        batch_input("download_slide"),
-    output:
-        manifest=batch_manifest("download_slide"),
-    params:
-        rule="download_slide",
-        jobs=batch_jobs("download_slide"),
-    log:
-        log_path("download_slide_batch", "{batch}"),
-    threads: 1
-    resources:
-        mem_mb=512,
-        runtime=batch_minutes(5),
-        downloads=1,
-    conda:
-        "../../envs/report.yaml"
-    script:
-        "../scripts/slide_batch.py"
-
-
 rule download:
     input:
         stage_targets("download"),

@@ -33,31 +33,6 @@ rule extract_features:
         "../scripts/extract_features.py"
 
 
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-# The encoder loads once per batch job instead of once per slide.
-rule extract_features_batch:
-    input:
-        batch_input("extract_features"),
-    output:
-        manifest=batch_manifest("extract_features"),
-    params:
-        rule="extract_features",
-        jobs=batch_jobs("extract_features"),
-    wildcard_constraints:
-        encoder="|".join(map(re.escape, FEATURE_ENCODERS)),
-    log:
-        log_path("extract_features_batch", "{encoder}/{batch}"),
-    threads: config["features"]["num_workers"] + 1
-    resources:
-        mem_mb=config["features"]["mem_mb"],
-        runtime=batch_minutes(config["features"]["runtime"]),
-        gpu=config["features"]["gpu"],
-    conda:
-        "../../envs/torch.yaml"
-    script:
-        "../scripts/slide_batch.py"
-
-
 rule features:
     input:
         stage_targets("features"),

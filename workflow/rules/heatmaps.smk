@@ -27,28 +27,6 @@ rule heatmap:
         "../scripts/heatmap.py"
 
 
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule heatmap_batch:
-    input:
-        batch_input("heatmap"),
-    output:
-        manifest=batch_manifest("heatmap"),
-    params:
-        rule="heatmap",
-        jobs=batch_jobs("heatmap"),
-    wildcard_constraints:
-        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
-    log:
-        log_path("heatmap_batch", "{source}/{batch}"),
-    resources:
-        mem_mb=4000,
-        runtime=batch_minutes(5),
-    conda:
-        "../../envs/slides.yaml"
-    script:
-        "../scripts/slide_batch.py"
-
-
 # The report shows the heatmaps of the first heatmaps.report_slides slides of the sheet
 # (REPORT_HEATMAP_SLIDES, common.smk); all of them stay in heatmaps/{source}/.
 

@@ -33,28 +33,6 @@ rule detect_lesions:
         "../scripts/detect_lesions.py"
 
 
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule detect_lesions_batch:
-    input:
-        batch_input("detect_lesions"),
-    output:
-        manifest=batch_manifest("detect_lesions"),
-    params:
-        rule="detect_lesions",
-        jobs=batch_jobs("detect_lesions"),
-    wildcard_constraints:
-        source="|".join(map(re.escape, TILE_PROB_SOURCES)) or "no-source",
-    log:
-        log_path("detect_lesions_batch", "{source}/{batch}"),
-    resources:
-        mem_mb=4000,
-        runtime=batch_minutes(5),
-    conda:
-        "../../envs/report.yaml"
-    script:
-        "../scripts/slide_batch.py"
-
-
 rule lesion_metrics:
     input:
         records=lambda wc: slide_inputs(f"lesions/{wc.source}/{{slide_id}}.json"),

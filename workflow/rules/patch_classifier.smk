@@ -21,31 +21,13 @@ rule patch_labels:
         settings=config["patch_labels"],
     log:
         log_path("patch_labels"),
+    threads: 1
+    resources:
+        mem_mb=2000,
     conda:
         "../../envs/report.yaml"
     script:
         "../scripts/patch_labels.py"
-
-
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule patch_labels_batch:
-    input:
-        batch_input("patch_labels"),
-    output:
-        manifest=batch_manifest("patch_labels"),
-    params:
-        rule="patch_labels",
-        jobs=batch_jobs("patch_labels"),
-    log:
-        log_path("patch_labels_batch", "{batch}"),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=batch_minutes(2),
-    conda:
-        "../../envs/report.yaml"
-    script:
-        "../scripts/slide_batch.py"
 
 
 rule patch_label_counts:

@@ -16,31 +16,15 @@ rule qc_slide:
                     "max_failed_tile_fraction": config["features"]["max_failed_tile_fraction"]},
     log:
         log_path("qc_slide"),
+    # the header and a grid of tiles: small and short (a batch twin asks the same per job)
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../../envs/slides.yaml"
     script:
         "../scripts/slide_qc.py"
-
-
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule qc_slide_batch:
-    input:
-        batch_input("qc_slide"),
-    output:
-        manifest=batch_manifest("qc_slide"),
-    params:
-        rule="qc_slide",
-        jobs=batch_jobs("qc_slide"),
-    log:
-        log_path("qc_slide_batch", "{batch}"),
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=batch_minutes(2),
-    conda:
-        "../../envs/slides.yaml"
-    script:
-        "../scripts/slide_batch.py"
 
 
 rule qc_table:

@@ -37,27 +37,6 @@ rule tile_slide:
         "../scripts/tiling.py"
 
 
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule tile_slide_batch:
-    input:
-        batch_input("tile_slide"),
-    output:
-        manifest=batch_manifest("tile_slide"),
-    params:
-        rule="tile_slide",
-        jobs=batch_jobs("tile_slide"),
-    log:
-        log_path("tile_slide_batch", "{batch}"),
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=batch_minutes(2),
-    conda:
-        "../../envs/report.yaml"
-    script:
-        "../scripts/slide_batch.py"
-
-
 rule export_tile_images:
     input:
         slide=out("slides/{slide_id}.json"),
@@ -77,27 +56,6 @@ rule export_tile_images:
         "../../envs/slides.yaml"
     script:
         "../scripts/export_tile_images.py"
-
-
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule export_tile_images_batch:
-    input:
-        batch_input("export_tile_images"),
-    output:
-        manifest=batch_manifest("export_tile_images"),
-    params:
-        rule="export_tile_images",
-        jobs=batch_jobs("export_tile_images"),
-    log:
-        log_path("export_tile_images_batch", "{batch}"),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=batch_minutes(20),
-    conda:
-        "../../envs/slides.yaml"
-    script:
-        "../scripts/slide_batch.py"
 
 
 rule tiling:

@@ -20,31 +20,15 @@ rule detect_tissue:
         on_error=config["on_error"],
     log:
         log_path("detect_tissue"),
+    # a low-resolution level only (a batch twin asks the same per job)
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
     conda:
         "../../envs/slides.yaml"
     script:
         "../scripts/detect_tissue.py"
-
-
-# Slide batches (config slides_per_job > 1, see common.smk): the same step, a batch of slides per job.
-rule detect_tissue_batch:
-    input:
-        batch_input("detect_tissue"),
-    output:
-        manifest=batch_manifest("detect_tissue"),
-    params:
-        rule="detect_tissue",
-        jobs=batch_jobs("detect_tissue"),
-    log:
-        log_path("detect_tissue_batch", "{batch}"),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=batch_minutes(3),
-    conda:
-        "../../envs/slides.yaml"
-    script:
-        "../scripts/slide_batch.py"
 
 
 rule tissue:
