@@ -417,11 +417,12 @@ def _small_regions(mask: np.ndarray, min_px: int, open_sides: tuple[bool, bool, 
         return None
     if found.size > 4:                  # several: one gather over the whole image
         return small[labels]
-    # one to four: a comparison per region (a pass each) beats the gather
-    out = cv2.compare(labels, float(found[0]), cv2.CMP_EQ)
+    # one to four: a comparison per region (a pass each) beats the gather. numpy, not
+    # cv2.compare: OpenCV reads a 1 x 1 image against a scalar as array-op-array and fails
+    out = labels == found[0]
     for i in found[1:]:
-        cv2.bitwise_or(out, cv2.compare(labels, float(i), cv2.CMP_EQ), dst=out)
-    return np.greater(out, 0, out=out).view(bool)
+        out |= labels == i
+    return out
 
 
 def _labels_and_areas(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

@@ -121,6 +121,14 @@ def test_small_objects_and_holes_are_removed_by_area_in_um2():
     assert not out7[20:50, 20:50].any() and not out7[140:150, 140:150].any()
 
 
+def test_a_one_pixel_mask_is_cleaned():
+    # a tiny slide's thumbnail at the mask resolution can be 1 x 1 px (OpenSlide's small.svs)
+    speck = clean_mask(np.ones((1, 1), bool), 8.0, 0, min_object_um2=50_000, min_hole_um2=0)
+    assert speck.shape == (1, 1) and not speck.any()
+    kept = clean_mask(np.ones((1, 1), bool), 8.0, 0, min_object_um2=0, min_hole_um2=20_000)
+    assert kept.shape == (1, 1) and kept.all()
+
+
 def test_fluorescence_is_detected_and_bright_signal_is_tissue():
     truth = ellipse((200, 300), 110, 160, 60, 100)
     rng = np.random.default_rng(1)
