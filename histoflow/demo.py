@@ -54,6 +54,9 @@ from .io import atomic_path, file_md5, safe_remove, write_json, write_text, writ
 log = logging.getLogger("histoflow.demo")
 
 SMALL_SIZE = (3000, 2400)       # 1.5 x 1.2 mm, for CI tests
+MAX_LESION_FRACTION = 0.5       # --lesion-fraction HIGH: lesions must leave normal tissue around them
+SMALL_LESION_MAX_FOCI = 4
+MPP_40X = 0.25                  # --mixed-mpp: level-0 µm/px of the 40x slides
 TUMOR, NORMAL = "tumor", "normal"
 TASKS = ("binary", "multiclass", "survival", "regression")
 # survival/regression: lesion-size factors dealt over patients (0 = no lesion)
@@ -80,11 +83,44 @@ class SlidePlan:
     nuisances: list = field(default_factory=list)
     lesion: bool | None = None      # draw lesions; None = on tumor-labelled slides only
     lesion_scale: float = 1.0       # lesion diameters times this
-    max_lesions: int = 3
+    max_lesions: int = 3            # with lesion_fraction: the most foci
+    lesion_fraction: tuple[float, float] | None = None   # small-lesion cohorts: (low, high) of the tissue
+    mpp: float = MPP                # level-0 µm/px: 0.25 = a 40x scan (mixed-magnification cohorts)
 
     @property
     def has_lesion(self) -> bool:
         return self.label in (TUMOR, LYMPHOID) if self.lesion is None else self.lesion
+
+
+def parse_lesion_fraction(text: str) -> tuple[float, float]:
+    """``LOW-HIGH`` (fractions of the tissue area, e.g. ``0.005-0.03``) -> (low, high)."""
+    parts = str(text).split("-")
+    try:
+        low, high = (float(parts[0]), float(parts[1])) if len(parts) == 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not (0 < low <= high <= MAX_LESION_FRACTION):
+        raise InputError(f"demo cohort: --lesion-fraction {text!r} must be LOW-HIGH with "
+                         f"0 < LOW <= HIGH <= {MAX_LESION_FRACTION} (fractions of the tissue), e.g. 0.005-0.03")
+    return low, high
+
+
+def small_lesion_plan(plans: list[SlidePlan], seed: int, lesion_fraction: tuple[float, float] | None,
+                      mixed_mpp: bool) -> list[SlidePlan]:
+    """Small-lesion and mixed-magnification variants of a binary plan (in place): every tumor
+    slide's lesion covers a fraction of its tissue drawn in ``lesion_fraction`` as 1-4 foci
+    (:func:`histoflow.demo_slides.lesion_field_fraction`); with ``mixed_mpp``, half the slides of
+    each label (a seeded choice, its own stream) are 40x scans at 0.25 µm/px."""
+    if lesion_fraction is not None:
+        for p in plans:
+            p.lesion_fraction, p.max_lesions = tuple(lesion_fraction), SMALL_LESION_MAX_FOCI
+    if mixed_mpp:
+        rng = np.random.default_rng([seed, 30_000])
+        for label in (TUMOR, NORMAL):
+            group = [p for p in plans if p.label == label]
+            for k in rng.permutation(len(group))[: len(group) // 2]:
+                group[k].mpp = MPP_40X
+    return plans
 
 
 def plan_cohort(n_slides: int, seed: int, null_labels: bool = False, task: str = "binary") -> list[SlidePlan]:
@@ -203,7 +239,7 @@ def _plan_task(n_slides: int, seed: int, task: str) -> list[SlidePlan]:
 # Annotations, truth, sheet
 # --------------------------------------------------------------------------------------------
 
-def lesion_geojson(slide_id: str, polygons: list, seed: int) -> dict:
+def lesion_geojson(slide_id: str, polygons: list, seed: int, mpp: float = MPP) -> dict:
     """QuPath GeoJSON (File > Import objects): one 'Tumor' annotation per lesion, level-0 px."""
     feats = []
     for i, p in enumerate(polygons):
@@ -217,7 +253,7 @@ def lesion_geojson(slide_id: str, polygons: list, seed: int) -> dict:
                 "name": f"lesion {i + 1}",
                 "classification": {"name": POSITIVE_CLASS, "color": list(TUMOR_COLOR)},
                 "isLocked": False,
-                "measurements": {"Area µm^2": round(p.area * MPP * MPP, 1)},
+                "measurements": {"Area µm^2": round(p.area * mpp * mpp, 1)},
             },
         })
     return {"type": "FeatureCollection", "features": feats}
@@ -274,7 +310,8 @@ def demo_config(samples_path: Path, task: str = "binary") -> dict:
 def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int = 7,
                      width: int | None = None, height: int | None = None,
                      annotations: bool = True, small: bool = False,
-                     progress: bool = True, null_labels: bool = False, task: str = "binary") -> Path:
+                     progress: bool = True, null_labels: bool = False, task: str = "binary",
+                     lesion_fraction: tuple[float, float] | str | None = None, mixed_mpp: bool = False) -> Path:
     """Write the demo cohort to ``out_dir`` and return the samples sheet path.
 
     ``small`` gives ~3000 x 2400 px slides (CI), otherwise ~8000 x 6000 px; ``width``/``height``
@@ -282,9 +319,19 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     ``null_labels``: the null cohort (:func:`null_plan`): lesions on every slide, labels by a
     seeded permutation of the patients, annotations on tumor-labelled slides only.
     ``task``: binary | multiclass | survival | regression (module docstring); non-binary
-    cohorts have no annotations.
+    cohorts have no annotations. ``lesion_fraction`` (``(low, high)`` or ``"LOW-HIGH"``): each
+    tumor slide's lesion covers a fraction of its tissue drawn log-uniform in the range, as 1-4
+    small foci (:func:`small_lesion_plan`); ``mixed_mpp``: half the slides at 0.25 µm/px (40x).
     """
     from tqdm import tqdm
+
+    if isinstance(lesion_fraction, str):
+        lesion_fraction = parse_lesion_fraction(lesion_fraction)
+    elif lesion_fraction is not None:
+        lesion_fraction = parse_lesion_fraction(f"{lesion_fraction[0]}-{lesion_fraction[1]}")
+    if (lesion_fraction is not None or mixed_mpp) and (task != "binary" or null_labels):
+        raise InputError("demo cohort: --lesion-fraction and --mixed-mpp make a binary cohort; "
+                         "leave --task at binary and drop --null-labels")
 
     dw, dh = SMALL_SIZE if small else DEFAULT_SIZE
     width, height = int(width or dw), int(height or dh)
@@ -295,6 +342,8 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     for sub in ("slides", "truth", ".tmp") + (("annotations",) if annotations else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plans = plan_cohort(n_slides, seed, null_labels=null_labels, task=task)
+    if lesion_fraction is not None or mixed_mpp:
+        plans = small_lesion_plan(plans, seed, lesion_fraction, mixed_mpp)
     rows, truths = [], []
     t0 = time.perf_counter()
     for plan in tqdm(plans, desc="demo slides", unit="slide", disable=not progress):
@@ -307,7 +356,7 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
         # the null cohort's negatives carry lesions nobody outlined (as CAMELYON16's sheets do)
         if annotations and not (null_labels and plan.label != TUMOR):
             write_json(out / "annotations" / f"{plan.slide_id}.geojson",
-                       lesion_geojson(plan.slide_id, result.lesion_polygons, seed))
+                       lesion_geojson(plan.slide_id, result.lesion_polygons, seed, plan.mpp))
             write_text(out / "annotations" / f"{plan.slide_id}.xml", lesion_asap_xml(result.lesion_polygons))
             row["annotations"] = f"annotations/{plan.slide_id}.geojson"
         elif annotations:
