@@ -503,10 +503,6 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
     safe_remove(raw, tmp_dir)
 
     polygons = lesion_polygons(lesion)
-    if zoom != 1:
-        from shapely import affinity
-
-        polygons = [affinity.scale(p, zoom, zoom, origin=(0, 0)) for p in polygons]
     truth = {
         "slide_id": plan.slide_id,
         "patient_id": plan.patient_id,
@@ -517,7 +513,7 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
         "tissue_mask_downsample": MASK_DS,
         "tissue_area_mm2": float(tissue.sum() * (MASK_DS * MPP / 1000) ** 2),
         "tissue_pieces": pieces,
-        "lesions": [{"area_um2": float(p.area * plan.mpp * plan.mpp),
+        "lesions": [{"area_um2": float(p.area * MPP * MPP),
                      "centroid_px": [round(p.centroid.x, 1), round(p.centroid.y, 1)],
                      "bbox_px": [round(v, 1) for v in p.bounds]} for p in polygons],
         "lesion_area_fraction_of_tissue": float(lesion.sum() / max(tissue.sum(), 1)),
@@ -532,6 +528,9 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
         truth = _scale_px(truth, zoom)
         truth.update(mpp=plan.mpp, width=out_size[0], height=out_size[1],
                      tissue_mask_downsample=int(MASK_DS * zoom))
+        from shapely import affinity
+
+        polygons = [affinity.scale(p, zoom, zoom, origin=(0, 0)) for p in polygons]
     return SlideTruth(tissue=tissue, lesion_polygons=polygons, truth=truth)
 
 
