@@ -278,7 +278,14 @@ def lesion_asap_xml(polygons: list) -> str:
 DEMO_MIL_MODELS = ("abmil", "mean", "max", "clam_sb", "dsmil", "transmil")
 
 
-def demo_config(samples_path: Path, task: str = "binary") -> dict:
+# Small-lesion cohorts (--lesion-fraction; `make demo-hard`): the SSL encoder trains on crops at
+# the tiles' own 1 µm/px (nuclei 7-17 px across) instead of 224 px tiles shrunk to 64 px
+# (3.5 µm/px: a nucleus is 2-5 px), and sees the whole 224 px tile at feature time; measured in
+# docs/mil.md "Small lesions".
+SMALL_LESION_SSL = {"image_px": 224, "crop_px": 96}
+
+
+def demo_config(samples_path: Path, task: str = "binary", small_lesions: bool = False) -> dict:
     """Snakemake overrides for the demo (layered on config.yaml with a second --configfile).
 
     Tiles of 224 px at 1.0 µm/px keep CPU feature extraction to minutes. The encoder is
@@ -286,6 +293,7 @@ def demo_config(samples_path: Path, task: str = "binary") -> dict:
     pretrained weights and no network, and its features carry the lesions' texture (random
     ImageNet-shaped weights would not). Six MIL aggregators are compared over 4 patient folds.
     Snakemake merges nested dicts key by key, so each section here only lists what changes.
+    ``small_lesions`` (cohorts written with --lesion-fraction): :data:`SMALL_LESION_SSL` too.
     """
     from .config import load_schema
 
@@ -294,7 +302,7 @@ def demo_config(samples_path: Path, task: str = "binary") -> dict:
     tiling.update({"mpp": [1.0], "tile_px": 224, "min_tissue_fraction": 0.5})
     config = {"samples": str(samples_path), "tiling": tiling,
               "features": {"mpp": 1.0, "encoders": ["ssl:resnet-tiny"]},
-              "ssl": {"arch": "resnet-tiny"},
+              "ssl": {"arch": "resnet-tiny", **(SMALL_LESION_SSL if small_lesions else {})},
               "split": {"k": 4},
               "mil": {"models": list(DEMO_MIL_MODELS)}}
     if task == "binary":
@@ -375,7 +383,8 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     write_tsv(sheet, pd.DataFrame(rows))
     write_text(out / "config.yaml",
                "# histoflow demo overrides: snakemake --configfile config.yaml "
-               f"{out / 'config.yaml'}\n" + yaml.safe_dump(demo_config(sheet, task), sort_keys=False))
+               f"{out / 'config.yaml'}\n" + yaml.safe_dump(demo_config(sheet, task, lesion_fraction is not None),
+                                                        sort_keys=False))
     log.info("demo cohort: %d slides (%d x %d px) in %s in %.1f s", n_slides, width, height, out,
              time.perf_counter() - t0)
     return sheet
