@@ -92,8 +92,12 @@ def test_cohort_truth_records_the_realised_fraction_and_the_pixels_show_it(cohor
             area_um2 = sum(shape(f["geometry"]).area for f in geo["features"]) * mpp * mpp
             tissue_um2 = truth["tissue_area_mm2"] * 1e6
             assert area_um2 / tissue_um2 == pytest.approx(truth["lesion_area_fraction_of_tissue"], rel=0.35)
-            for lesion in truth["lesions"]:   # centroids inside the slide at its own mpp
-                assert 0 < lesion["centroid_px"][0] < truth["width"] and 0 < lesion["centroid_px"][1] < truth["height"]
+            # truth and polygons agree, both in the slide's own level-0 px (40x slides: twice the 20x px)
+            centroids = sorted((round(shape(f["geometry"]).centroid.x), round(shape(f["geometry"]).centroid.y))
+                               for f in geo["features"])
+            assert len(centroids) == len(truth["lesions"])
+            for (x, y), lesion in zip(centroids, sorted(truth["lesions"], key=lambda l: l["centroid_px"])):
+                assert lesion["centroid_px"] == pytest.approx([x, y], abs=2 / mpp)
         else:
             assert truth["lesion_area_fraction_of_tissue"] == 0 and truth["lesions"] == []
     assert mpps == {0.25, 0.5}
