@@ -6,8 +6,13 @@ only, no slide classifier; rule target ``metrics``.
 
 The margin above chance is stated from the label-permutation null of the run's own
 out-of-fold predictions (2000 permutations; tests/test_workflow_targets.py's helper): the AUC
-must beat the null's 99th percentile (one-sided p < 0.01). Cost: see the module's
-``CI_COST`` note in docs/mil.md "Small lesions".
+must beat the null's 99th percentile (one-sided p < 0.01).
+
+Status (2026-12-03): written but NOT yet run to completion: the shared machine's heavy lock gave
+no slot for it before the deadline, so neither its wall time (target <= ~200 s) nor its margin on
+this cohort is measured, and it is marked ``slow`` (out of CI) until it is. To validate: run it
+(``pytest -m slow tests/test_workflow_small_lesions.py -s``), then with ``shuffle_labels=True``
+in the fixture (it must fail), then drop the ``slow`` mark if it fits CI.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import yaml
 
 from test_workflow_targets import _null_quantile, _test_rows
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]   # slow: unvalidated (module docstring)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
