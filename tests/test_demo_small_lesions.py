@@ -110,3 +110,19 @@ def test_same_seed_gives_identical_pixels(cohort, tmp_path):
     a = pd.read_csv(cohort / "samples.tsv", sep="\t", dtype=str)
     b = pd.read_csv(again / "samples.tsv", sep="\t", dtype=str)
     assert a["md5"].tolist() == b["md5"].tolist()
+
+
+def test_small_lesion_config_trains_ssl_at_the_tiles_resolution_and_the_plain_demo_is_unchanged(cohort, repo_root):
+    import yaml
+    from snakemake.utils import update_config
+
+    from histoflow.config import validate_config
+    from histoflow.demo import demo_config
+
+    demo = yaml.safe_load((cohort / "config.yaml").read_text())
+    assert demo["ssl"] == {"arch": "resnet-tiny", "image_px": 224, "crop_px": 96}
+    assert demo["ssl"]["image_px"] == demo["tiling"]["tile_px"]        # no shrinking of the tile
+    merged = yaml.safe_load((repo_root / "config.yaml").read_text())
+    update_config(merged, demo)
+    validate_config(merged)
+    assert demo_config(cohort / "samples.tsv")["ssl"] == {"arch": "resnet-tiny"}   # make demo: as before
