@@ -126,3 +126,12 @@ def test_small_lesion_config_trains_ssl_at_the_tiles_resolution_and_the_plain_de
     update_config(merged, demo)
     validate_config(merged)
     assert demo_config(cohort / "samples.tsv")["ssl"] == {"arch": "resnet-tiny"}   # make demo: as before
+
+
+def test_cli_bad_lesion_fraction_is_one_actionable_line(tmp_path, capsys):
+    from histoflow.cli import main
+
+    assert main(["demo-cohort", "--out", str(tmp_path), "--slides", "2", "--lesion-fraction", "3-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lesion-fraction" in err and "0.005-0.03" in err
+    assert not (tmp_path / "slides").exists()      # refused before anything is written
