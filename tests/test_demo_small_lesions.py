@@ -122,10 +122,12 @@ def test_small_lesion_config_trains_ssl_at_the_tiles_resolution_and_the_plain_de
     demo = yaml.safe_load((cohort / "config.yaml").read_text())
     assert demo["ssl"] == {"arch": "resnet-tiny", "image_px": 224, "crop_px": 96}
     assert demo["ssl"]["image_px"] == demo["tiling"]["tile_px"]        # no shrinking of the tile
+    assert demo["patch_labels"] == {"positive_overlap": 0.1}             # foci are smaller than a tile
     merged = yaml.safe_load((repo_root / "config.yaml").read_text())
     update_config(merged, demo)
     validate_config(merged)
-    assert demo_config(cohort / "samples.tsv")["ssl"] == {"arch": "resnet-tiny"}   # make demo: as before
+    plain = demo_config(cohort / "samples.tsv")
+    assert plain["ssl"] == {"arch": "resnet-tiny"} and "patch_labels" not in plain   # make demo: as before
 
 
 def test_cli_bad_lesion_fraction_is_one_actionable_line(tmp_path, capsys):
