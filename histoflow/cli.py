@@ -20,7 +20,8 @@ def _demo_cohort(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     sheet = make_demo_cohort(args.out, n_slides=args.slides, seed=args.seed, small=args.small,
-                             annotations=not args.no_annotations, null_labels=args.null_labels, task=args.task)
+                             annotations=not args.no_annotations, null_labels=args.null_labels, task=args.task,
+                             lesion_fraction=args.lesion_fraction, mixed_mpp=args.mixed_mpp)
     out = sheet.parent
     print(f"demo cohort: {args.slides} slides in {time.perf_counter() - t0:.1f} s")
     print(f"  samples sheet : {sheet}")
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--null-labels", action="store_true",
                       help="null cohort: lesions on every slide, labels by a seeded permutation of the patients "
                            "(half tumor), polygons on tumor-labelled slides only (the permutation guard's cohort)")
+    demo.add_argument("--lesion-fraction", metavar="LOW-HIGH", default=None,
+                      help="small-lesion cohort: each tumor slide's lesion covers a fraction of its tissue drawn "
+                           "log-uniform in [LOW, HIGH] (e.g. 0.005-0.03), as 1-4 small foci; truth/ records it")
+    demo.add_argument("--mixed-mpp", action="store_true",
+                      help="half the slides of each label scanned at 40x (0.25 um/px level 0), the others at 20x")
     demo.set_defaults(func=_demo_cohort)
 
     where = sub.add_parser("where", help="where a run's report, checklist, QC table and MLflow store are")

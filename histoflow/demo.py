@@ -54,6 +54,9 @@ from .io import atomic_path, file_md5, safe_remove, write_json, write_text, writ
 log = logging.getLogger("histoflow.demo")
 
 SMALL_SIZE = (3000, 2400)       # 1.5 x 1.2 mm, for CI tests
+MAX_LESION_FRACTION = 0.5       # --lesion-fraction HIGH: lesions must leave normal tissue around them
+SMALL_LESION_MAX_FOCI = 4
+MPP_40X = 0.25                  # --mixed-mpp: level-0 µm/px of the 40x slides
 TUMOR, NORMAL = "tumor", "normal"
 TASKS = ("binary", "multiclass", "survival", "regression")
 # survival/regression: lesion-size factors dealt over patients (0 = no lesion)
@@ -80,11 +83,44 @@ class SlidePlan:
     nuisances: list = field(default_factory=list)
     lesion: bool | None = None      # draw lesions; None = on tumor-labelled slides only
     lesion_scale: float = 1.0       # lesion diameters times this
-    max_lesions: int = 3
+    max_lesions: int = 3            # with lesion_fraction: the most foci
+    lesion_fraction: tuple[float, float] | None = None   # small-lesion cohorts: (low, high) of the tissue
+    mpp: float = MPP                # level-0 µm/px: 0.25 = a 40x scan (mixed-magnification cohorts)
 
     @property
     def has_lesion(self) -> bool:
         return self.label in (TUMOR, LYMPHOID) if self.lesion is None else self.lesion
+
+
+def parse_lesion_fraction(text: str) -> tuple[float, float]:
+    """``LOW-HIGH`` (fractions of the tissue area, e.g. ``0.005-0.03``) -> (low, high)."""
+    parts = str(text).split("-")
+    try:
+        low, high = (float(parts[0]), float(parts[1])) if len(parts) == 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not (0 < low <= high <= MAX_LESION_FRACTION):
+        raise InputError(f"demo cohort: --lesion-fraction {text!r} must be LOW-HIGH with "
+                         f"0 < LOW <= HIGH <= {MAX_LESION_FRACTION} (fractions of the tissue), e.g. 0.005-0.03")
+    return low, high
+
+
+def small_lesion_plan(plans: list[SlidePlan], seed: int, lesion_fraction: tuple[float, float] | None,
+                      mixed_mpp: bool) -> list[SlidePlan]:
+    """Small-lesion and mixed-magnification variants of a binary plan (in place): every tumor
+    slide's lesion covers a fraction of its tissue drawn in ``lesion_fraction`` as 1-4 foci
+    (:func:`histoflow.demo_slides.lesion_field_fraction`); with ``mixed_mpp``, half the slides of
+    each label (a seeded choice, its own stream) are 40x scans at 0.25 µm/px."""
+    if lesion_fraction is not None:
+        for p in plans:
+            p.lesion_fraction, p.max_lesions = tuple(lesion_fraction), SMALL_LESION_MAX_FOCI
+    if mixed_mpp:
+        rng = np.random.default_rng([seed, 30_000])
+        for label in (TUMOR, NORMAL):
+            group = [p for p in plans if p.label == label]
+            for k in rng.permutation(len(group))[: len(group) // 2]:
+                group[k].mpp = MPP_40X
+    return plans
 
 
 def plan_cohort(n_slides: int, seed: int, null_labels: bool = False, task: str = "binary") -> list[SlidePlan]:
@@ -203,7 +239,7 @@ def _plan_task(n_slides: int, seed: int, task: str) -> list[SlidePlan]:
 # Annotations, truth, sheet
 # --------------------------------------------------------------------------------------------
 
-def lesion_geojson(slide_id: str, polygons: list, seed: int) -> dict:
+def lesion_geojson(slide_id: str, polygons: list, seed: int, mpp: float = MPP) -> dict:
     """QuPath GeoJSON (File > Import objects): one 'Tumor' annotation per lesion, level-0 px."""
     feats = []
     for i, p in enumerate(polygons):
@@ -217,7 +253,7 @@ def lesion_geojson(slide_id: str, polygons: list, seed: int) -> dict:
                 "name": f"lesion {i + 1}",
                 "classification": {"name": POSITIVE_CLASS, "color": list(TUMOR_COLOR)},
                 "isLocked": False,
-                "measurements": {"Area µm^2": round(p.area * MPP * MPP, 1)},
+                "measurements": {"Area µm^2": round(p.area * mpp * mpp, 1)},
             },
         })
     return {"type": "FeatureCollection", "features": feats}
@@ -242,7 +278,18 @@ def lesion_asap_xml(polygons: list) -> str:
 DEMO_MIL_MODELS = ("abmil", "mean", "max", "clam_sb", "dsmil", "transmil")
 
 
-def demo_config(samples_path: Path, task: str = "binary") -> dict:
+# Small-lesion cohorts (--lesion-fraction; `make demo-hard`): the SSL encoder trains on crops at
+# the tiles' own 1 µm/px (nuclei 7-17 px across) instead of 224 px tiles shrunk to 64 px
+# (3.5 µm/px: a nucleus is 2-5 px), and sees the whole 224 px tile at feature time; measured in
+# docs/mil.md "Small lesions".
+SMALL_LESION_SSL = {"image_px": 224, "crop_px": 96}
+# A focus is smaller than a 224 µm tile: at the default positive_overlap 0.5 the 24-slide cohort
+# had 4 positive tiles in all (run of 2026-12-03) and the patch classifier of an inner fold had
+# none and stopped the DAG; tiles >= 10 % lesion are positive instead (not yet re-run).
+SMALL_LESION_PATCH_LABELS = {"positive_overlap": 0.1}
+
+
+def demo_config(samples_path: Path, task: str = "binary", small_lesions: bool = False) -> dict:
     """Snakemake overrides for the demo (layered on config.yaml with a second --configfile).
 
     Tiles of 224 px at 1.0 µm/px keep CPU feature extraction to minutes. The encoder is
@@ -250,6 +297,7 @@ def demo_config(samples_path: Path, task: str = "binary") -> dict:
     pretrained weights and no network, and its features carry the lesions' texture (random
     ImageNet-shaped weights would not). Six MIL aggregators are compared over 4 patient folds.
     Snakemake merges nested dicts key by key, so each section here only lists what changes.
+    ``small_lesions`` (cohorts written with --lesion-fraction): :data:`SMALL_LESION_SSL` too.
     """
     from .config import load_schema
 
@@ -258,9 +306,11 @@ def demo_config(samples_path: Path, task: str = "binary") -> dict:
     tiling.update({"mpp": [1.0], "tile_px": 224, "min_tissue_fraction": 0.5})
     config = {"samples": str(samples_path), "tiling": tiling,
               "features": {"mpp": 1.0, "encoders": ["ssl:resnet-tiny"]},
-              "ssl": {"arch": "resnet-tiny"},
+              "ssl": {"arch": "resnet-tiny", **(SMALL_LESION_SSL if small_lesions else {})},
               "split": {"k": 4},
               "mil": {"models": list(DEMO_MIL_MODELS)}}
+    if small_lesions:
+        config["patch_labels"] = dict(SMALL_LESION_PATCH_LABELS)
     if task == "binary":
         return config
     from .targets import UNSUPPORTED_MIL
@@ -274,7 +324,8 @@ def demo_config(samples_path: Path, task: str = "binary") -> dict:
 def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int = 7,
                      width: int | None = None, height: int | None = None,
                      annotations: bool = True, small: bool = False,
-                     progress: bool = True, null_labels: bool = False, task: str = "binary") -> Path:
+                     progress: bool = True, null_labels: bool = False, task: str = "binary",
+                     lesion_fraction: tuple[float, float] | str | None = None, mixed_mpp: bool = False) -> Path:
     """Write the demo cohort to ``out_dir`` and return the samples sheet path.
 
     ``small`` gives ~3000 x 2400 px slides (CI), otherwise ~8000 x 6000 px; ``width``/``height``
@@ -282,9 +333,19 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     ``null_labels``: the null cohort (:func:`null_plan`): lesions on every slide, labels by a
     seeded permutation of the patients, annotations on tumor-labelled slides only.
     ``task``: binary | multiclass | survival | regression (module docstring); non-binary
-    cohorts have no annotations.
+    cohorts have no annotations. ``lesion_fraction`` (``(low, high)`` or ``"LOW-HIGH"``): each
+    tumor slide's lesion covers a fraction of its tissue drawn log-uniform in the range, as 1-4
+    small foci (:func:`small_lesion_plan`); ``mixed_mpp``: half the slides at 0.25 µm/px (40x).
     """
     from tqdm import tqdm
+
+    if isinstance(lesion_fraction, str):
+        lesion_fraction = parse_lesion_fraction(lesion_fraction)
+    elif lesion_fraction is not None:
+        lesion_fraction = parse_lesion_fraction(f"{lesion_fraction[0]}-{lesion_fraction[1]}")
+    if (lesion_fraction is not None or mixed_mpp) and (task != "binary" or null_labels):
+        raise InputError("demo cohort: --lesion-fraction and --mixed-mpp make a binary cohort; "
+                         "leave --task at binary and drop --null-labels")
 
     dw, dh = SMALL_SIZE if small else DEFAULT_SIZE
     width, height = int(width or dw), int(height or dh)
@@ -295,6 +356,8 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     for sub in ("slides", "truth", ".tmp") + (("annotations",) if annotations else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plans = plan_cohort(n_slides, seed, null_labels=null_labels, task=task)
+    if lesion_fraction is not None or mixed_mpp:
+        plans = small_lesion_plan(plans, seed, lesion_fraction, mixed_mpp)
     rows, truths = [], []
     t0 = time.perf_counter()
     for plan in tqdm(plans, desc="demo slides", unit="slide", disable=not progress):
@@ -307,7 +370,7 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
         # the null cohort's negatives carry lesions nobody outlined (as CAMELYON16's sheets do)
         if annotations and not (null_labels and plan.label != TUMOR):
             write_json(out / "annotations" / f"{plan.slide_id}.geojson",
-                       lesion_geojson(plan.slide_id, result.lesion_polygons, seed))
+                       lesion_geojson(plan.slide_id, result.lesion_polygons, seed, plan.mpp))
             write_text(out / "annotations" / f"{plan.slide_id}.xml", lesion_asap_xml(result.lesion_polygons))
             row["annotations"] = f"annotations/{plan.slide_id}.geojson"
         elif annotations:
@@ -326,7 +389,8 @@ def make_demo_cohort(out_dir: str | os.PathLike, n_slides: int = 16, seed: int =
     write_tsv(sheet, pd.DataFrame(rows))
     write_text(out / "config.yaml",
                "# histoflow demo overrides: snakemake --configfile config.yaml "
-               f"{out / 'config.yaml'}\n" + yaml.safe_dump(demo_config(sheet, task), sort_keys=False))
+               f"{out / 'config.yaml'}\n" + yaml.safe_dump(demo_config(sheet, task, lesion_fraction is not None),
+                                                        sort_keys=False))
     log.info("demo cohort: %d slides (%d x %d px) in %s in %.1f s", n_slides, width, height, out,
              time.perf_counter() - t0)
     return sheet

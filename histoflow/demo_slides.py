@@ -138,6 +138,63 @@ def lesion_field(rng: np.random.Generator, tissue: np.ndarray, scale: float, max
     return out
 
 
+def lesion_field_fraction(rng: np.random.Generator, tissue: np.ndarray, low: float, high: float,
+                          max_foci: int = 4) -> tuple[np.ndarray, float]:
+    """Binary lesion mask (low-res) covering a given fraction of the tissue, as small foci
+    (micro-metastasis-like): the fraction is drawn log-uniform in [low, high] (small burdens as
+    likely per decade as large ones), split over 1-``max_foci`` foci by a Dirichlet(2) draw, each
+    focus an irregular blob grown to its exact pixel count inside the tissue (with a margin) and
+    apart from the others. Returns the mask and the target fraction; the realised fraction is
+    within one low-res px per focus of it and inside [low, high] (whole px are rounded inward)."""
+    h, w = tissue.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    inner = ndi.binary_erosion(tissue, iterations=3)
+    n_tissue = int(tissue.sum())
+    target = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    # whole low-res px, kept inside [low, high] of the tissue
+    total = int(np.clip(round(target * n_tissue), np.ceil(low * n_tissue), np.floor(high * n_tissue)))
+    n = int(rng.integers(1, max_foci + 1))
+    n = max(1, min(n, total // 12))            # a focus is at least ~12 px (~100 µm across)
+    shares = rng.dirichlet(np.full(n, 2.0))
+    sizes = np.floor(shares * total).astype(int)
+    sizes[np.argsort(-(shares * total - sizes))[: total - sizes.sum()]] += 1   # largest remainders
+    free = ndi.distance_transform_edt(inner)
+    out = np.zeros(tissue.shape, bool)
+    for size in sorted(sizes, reverse=True):
+        r = float(np.sqrt(size / np.pi))
+        if free.max() < 2:
+            break
+        cand = np.argwhere(free >= min(r * 1.3, free.max()) - 1e-3)
+        cy, cx = cand[rng.integers(len(cand))]
+        a, b = rng.uniform(0.8, 1.25), rng.uniform(0.7, 1.1)
+        theta = rng.uniform(0, np.pi)
+        dx, dy = xx - cx, yy - cy
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / a
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / b
+        val = -np.hypot(u, v) / max(r, 1.0) + 0.25 * smooth_noise(rng, tissue.shape, max(1.5, r / 3))
+        allowed = inner & (free > 0)
+        val[~allowed] = -np.inf
+        order = np.argsort(-val, axis=None, kind="stable")
+        want = size
+        blob = np.zeros_like(out)
+        for _ in range(12):   # grow (or trim) until the one connected, hole-free focus has `size` px
+            blob = np.zeros_like(out)
+            blob.flat[order[:want]] = True
+            blob &= allowed
+            lab, k = ndi.label(blob)
+            if k == 0:
+                break
+            keep = ndi.sum(blob, lab, index=np.arange(1, k + 1))
+            blob = ndi.binary_fill_holes(lab == (1 + int(np.argmax(keep)))) & allowed
+            got = int(blob.sum())
+            if got == size:
+                break
+            want = max(1, want + size - got)
+        out |= blob
+        free[ndi.binary_dilation(blob, iterations=int(r) + 4)] = 0
+    return out, target
+
+
 def stroke_field(shape: tuple[int, int], points: np.ndarray, width: float) -> np.ndarray:
     """Soft low-res mask of a polyline stroke of the given width (low-res px)."""
     h, w = shape
@@ -346,8 +403,13 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
     lr_shape = (height // MASK_DS, width // MASK_DS)
     scale = min(width, height) / min(DEFAULT_SIZE)
     tissue, pieces = tissue_field(rng, lr_shape, plan.almost_empty)
+    fraction_target = None
     if plan.burden is not None:  # survival/regression: the lesion size factor sets the burden
         lesion = lesion_field(rng, tissue, min(1.0, scale) * plan.burden) if plan.burden > 0 else np.zeros(lr_shape, bool)
+    elif plan.lesion_fraction is not None:   # small-lesion cohorts: foci covering a drawn fraction
+        lesion = np.zeros(lr_shape, bool)
+        if plan.has_lesion:
+            lesion, fraction_target = lesion_field_fraction(rng, tissue, *plan.lesion_fraction, plan.max_lesions)
     else:
         lesion = lesion_field(rng, tissue, min(1.0, scale) * plan.lesion_scale, plan.max_lesions) if plan.has_lesion else np.zeros(lr_shape, bool)
 
@@ -425,12 +487,18 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
                                    tex_blur, blur_lr, banks, ink, ink_od, bubble, noise_tile, od_h, od_e).tobytes())
         fh.flush()
     img = pyvips.Image.rawload(str(raw), width, height, 3).copy(interpretation="srgb")
-    px_per_mm = 1000.0 / MPP
+    # a 40x scan (plan.mpp 0.25): the 0.5 µm/px rendering upsampled 2x (a scanner's optics add
+    # no detail either at this scale; what matters here is that the pipeline sees another mpp)
+    zoom = MPP / plan.mpp
+    if zoom != 1:
+        img = img.resize(zoom, kernel="linear")
+    px_per_mm = 1000.0 / plan.mpp
     with atomic_path(tiff_path) as tmp:
         # resunit cm: OpenSlide 4 reports openslide.mpp-x/y from TIFF resolution in cm/inch only
         img.tiffsave(str(tmp), tile=True, pyramid=True, compression="jpeg", Q=JPEG_Q,
                      tile_width=256, tile_height=256, xres=px_per_mm, yres=px_per_mm,
                      resunit="cm", strip=True)
+    out_size = (int(img.width), int(img.height))
     del img
     safe_remove(raw, tmp_dir)
 
@@ -452,7 +520,31 @@ def render_slide(plan: SlidePlan, width: int, height: int, seed: int, tiff_path:
         "nuisances": nuisances,
         "seed": seed,
     }
+    if plan.lesion_fraction is not None:
+        truth["lesion_fraction_range"] = list(plan.lesion_fraction)
+        truth["lesion_fraction_target"] = fraction_target
+        truth["lesion_fraction_draw"] = "log-uniform in the range, 1-max_foci foci (Dirichlet(2) shares)"
+    if zoom != 1:   # level-0 px of the upsampled slide
+        truth = _scale_px(truth, zoom)
+        truth.update(mpp=plan.mpp, width=out_size[0], height=out_size[1],
+                     tissue_mask_downsample=int(MASK_DS * zoom))
+        from shapely import affinity
+
+        polygons = [affinity.scale(p, zoom, zoom, origin=(0, 0)) for p in polygons]
     return SlideTruth(tissue=tissue, lesion_polygons=polygons, truth=truth)
+
+
+def _scale_px(obj, factor: float):
+    """A truth dict with every ``*_px`` value (level-0 px coordinates, radii) times ``factor``."""
+    def scale(v):
+        if isinstance(v, (list, tuple)):
+            return [scale(x) for x in v]
+        return round(float(v) * factor, 1) if isinstance(v, (int, float)) else v
+    if isinstance(obj, dict):
+        return {k: (scale(v) if k.endswith("_px") else _scale_px(v, factor)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scale_px(v, factor) for v in obj]
+    return obj
 
 
 def _render_strip(y0, y1, width, up, alpha, emod, les, fib_w, tex_a, tex_b, tex_blur, blur_lr,

@@ -60,6 +60,7 @@ class SSLSettings:
     max_tiles: int
     image_px: int
     mpp: float | None  # tiles at this target_mpp; None = features.mpp
+    crop_px: int | None  # training views: crops of this side at the tile's resolution; None = image_px
     lr: float
     weight_decay: float
     temperature: float
@@ -93,6 +94,9 @@ class SSLSettings:
             raise InputError(f"config key 'ssl.method': {self.method!r} is not supported (use simclr)")
         if self.image_px < 32:
             raise InputError(f"config key 'ssl.image_px': {self.image_px} is too small (use >= 32)")
+        if self.crop_px is not None and not 32 <= self.crop_px <= self.image_px:
+            raise InputError(f"config key 'ssl.crop_px': {self.crop_px} must be between 32 and ssl.image_px "
+                             f"({self.image_px}), or null (views of the whole tile)")
         if self.batch_size < 2:
             raise InputError("config key 'ssl.batch_size': needs at least 2 (contrastive pairs)")
         if self.fit_on not in ("all", "train_only"):
@@ -186,15 +190,17 @@ def hed_jitter_batch(x, a, b):
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def _geometry(n: int, gen, scale_min: float, device):
-    """Affine matrices (N x 2 x 3) for a random resized crop + flip + 90-degree rotation."""
+def _geometry(n: int, gen, scale_min: float, device, window: float = 1.0):
+    """Affine matrices (N x 2 x 3) for a random resized crop + flip + 90-degree rotation.
+    ``window`` < 1: the crop is that fraction of the tile's side before the random scale (a
+    crop at the tile's own resolution when the output is ``window`` times the input's side)."""
     import torch
 
     area = torch.empty(n).uniform_(scale_min, 1.0, generator=gen)
     log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
     ratio = torch.exp(log_r)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    w = (torch.sqrt(area * ratio) * window).clamp(max=1.0)
+    h = (torch.sqrt(area / ratio) * window).clamp(max=1.0)
     cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
     k = torch.randint(0, 4, (n,), generator=gen)
@@ -233,14 +239,16 @@ def _blur(x, sigma):
 
 
 def augment(x, gen, settings: SSLSettings):
-    """One random view of a batch ``x`` (N x 3 x H x W float in [0, 1]); same size out."""
+    """One random view of a batch ``x`` (N x 3 x H x W float in [0, 1]): H x W out, or
+    ``settings.crop_px`` square crops at the input's resolution (random scale as usual)."""
     import torch
     import torch.nn.functional as F
 
     n = x.shape[0]
     dev = x.device
-    theta = _geometry(n, gen, settings.crop_scale_min, dev)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out_px = settings.crop_px or x.shape[-1]
+    theta = _geometry(n, gen, settings.crop_scale_min, dev, window=out_px / x.shape[-1])
+    grid = F.affine_grid(theta, [n, x.shape[1], out_px, out_px], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     sig = settings.hed_sigma
@@ -317,7 +325,9 @@ def channel_stats(tiles: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ..
 
 def pretrain(tiles: np.ndarray, settings: SSLSettings, seed: int, *, device: str | None = None,
              progress: bool = True):
-    """Train ``settings.arch`` with SimCLR on ``tiles`` (N x S x S x 3 uint8, S = ``image_px``).
+    """Train ``settings.arch`` with SimCLR on ``tiles`` (N x S x S x 3 uint8, S = ``image_px``;
+    views of ``crop_px`` when set: the encoder is fully convolutional, so features are still
+    taken on the whole S-px tile).
 
     Returns ``(backbone in eval mode on CPU, history DataFrame, (mean, std))``. History columns:
     ``epoch, loss, lr, pos_cosine`` (mean cosine of the two views' embeddings), ``feature_std``
@@ -552,8 +562,8 @@ def run_ssl_pretrain(slide_jsons: Sequence[str], tiles_paths: Sequence[str], che
         available = sorted({float(m) for t in tables for m in t["target_mpp"].unique()}) if tables else []
         raise InputError(f"ssl_pretrain found {len(chosen)} tile(s) at {mpp} µm/px (tiles exist at {available}); "
                          "set ssl.mpp (or features.mpp) to one of tiling.mpp")
-    log.info("ssl: %d tiles from %d slides at %g µm/px, %s px (fit_on: %s)", len(chosen), chosen["slide_id"].nunique(),
-             mpp, cfg.image_px, cfg.fit_on)
+    log.info("ssl: %d tiles from %d slides at %g µm/px, %s px, views %s px (fit_on: %s)", len(chosen),
+             chosen["slide_id"].nunique(), mpp, cfg.image_px, cfg.crop_px or cfg.image_px, cfg.fit_on)
     tiles = read_training_tiles(chosen, paths, cfg.image_px, colour_fixes=fixes)
     t_read = time.perf_counter() - t0
     backbone, history, (mean, std) = pretrain(tiles, cfg, seed)

@@ -120,3 +120,33 @@ def test_tiles_are_shared_evenly_between_slides():
     assert counts == {"a": 5, "b": 30, "c": 30}      # a's unused share goes to the others
     again = choose_tiles([table("a", 5), table("b", 100), table("c", 100)], max_tiles=65, mpp=1.0, seed=0)
     assert chosen.equals(again)
+
+
+def test_crop_px_views_are_crops_at_the_tiles_own_resolution():
+    """ssl.crop_px: views are crop_px squares cut from the tile at its resolution (not the whole
+    tile shrunk): the affine crop spans crop_px / image_px of the tile's side."""
+    from histoflow.errors import InputError
+
+    px, crop = 64, 32
+    stripes = ((np.arange(px) // 2) % 2).astype(np.float32)       # period 4 px
+    x = torch.from_numpy(np.broadcast_to(stripes, (4, 3, px, px)).copy())
+    s = SSLSettings(image_px=px, crop_px=crop, crop_scale_min=1.0, hed_sigma=0.0)
+    from histoflow import ssl as ssl_mod
+
+    theta = ssl_mod._geometry(4, torch.Generator().manual_seed(0), 1.0, "cpu", window=crop / px)
+    # the crop spans crop/px of the tile per side (times the aspect jitter of at most sqrt(4/3))
+    assert (theta[:, :2, :2].abs().amax(dim=(1, 2)) <= crop / px * np.sqrt(4 / 3) + 1e-6).all()
+    v = augment(x, torch.Generator().manual_seed(0), s)
+    assert v.shape == (4, 3, crop, crop)
+    whole = augment(x, torch.Generator().manual_seed(0), SSLSettings(image_px=px, crop_scale_min=1.0, hed_sigma=0.0))
+    assert whole.shape == x.shape
+    with pytest.raises(InputError, match="ssl.crop_px"):
+        SSLSettings(image_px=64, crop_px=128).check()
+
+
+def test_crop_px_training_gives_an_encoder_for_whole_tiles():
+    tiles, _ = synth_set(32, 2, 64)
+    s = SSLSettings(arch="resnet-tiny", image_px=64, crop_px=32, epochs=1, batch_size=16)
+    net, hist, (mean, std) = pretrain(tiles, s, seed=3, progress=False)
+    assert np.isfinite(hist["loss"]).all()
+    assert embed(net, tiles[:3], mean, std).shape == (3, 128)     # features on the whole 64 px tile
