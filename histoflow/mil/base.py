@@ -74,6 +74,11 @@ class MILModel(nn.Module):
         """Tile logits -> [0, 1]: sigmoid (one output), softmax over classes (multi-class)."""
         return torch.sigmoid(logits) if self.n_out == 1 else torch.softmax(logits, dim=-1)
 
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Per-tile logits on the slide logit's scale, [n] (multi-class: [n, classes]): what the
+        top-k instance loss (config ``mil.topk_weight``) trains; each model's own tile head."""
+        raise NotImplementedError
+
     def training_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The slide outputs the task loss is applied to (averaged); DSMIL has two streams."""
         return [self(x)]
@@ -128,6 +133,10 @@ class AttentionPoolMIL(MILModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, a = self.embed(x)
         return self.head(self.classifier(a @ h))
+
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # the slide head is linear, so the slide logit is the attention-weighted mean of these
+        return self.head(self.classifier(self.embed_tiles(x)))
 
     def tile_scores(self, x: torch.Tensor) -> TileScores:
         h, a = self.embed(x)
