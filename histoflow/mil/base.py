@@ -48,12 +48,22 @@ class MILModel(nn.Module):
         # differ in feature scale by orders of magnitude, standardising makes lr defaults portable
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
+        # 1: subtract each bag's own mean feature first (config mil.bag_center): a slide-wide
+        # shift (stain, scanner) moves every tile alike, a lesion moves only its tiles
+        self.register_buffer("bag_center", torch.zeros(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints and bundles written before mil.bag_center existed: not centred
+        state_dict.setdefault(prefix + "bag_center", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(self.bag_center) and x.shape[0]:
+            x = x - x.mean(0) + self.feature_mean  # the bag's mean moved onto the training tiles' mean
         return (x - self.feature_mean) / self.feature_std
 
     def embed_tiles(self, x: torch.Tensor) -> torch.Tensor:

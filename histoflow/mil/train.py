@@ -66,6 +66,7 @@ class MILSettings:
     topk: int  # tiles whose instance logits are averaged for the top-k instance loss
     tile_dropout: float  # share of a training bag's tiles dropped at random each step
     feature_noise: float  # SD of Gaussian noise added to training tiles, in units of each feature's SD
+    bag_center: bool  # subtract each bag's own mean feature before the model (training and inference)
     device: str
     gpu: int
     threads: int
@@ -177,11 +178,16 @@ def tile_scores(model: MILModel, bag: np.ndarray, device: torch.device | str = "
     return att / max(att.sum(), 1e-300), scores.instance_prob.double().clamp(0, 1).cpu().numpy()
 
 
-def feature_stats(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std over every tile of ``bags`` (streamed in float64)."""
+def feature_stats(bags: Sequence[np.ndarray], center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std over every tile of ``bags`` (streamed in float64); ``center``:
+    of the tiles after each bag's own mean is moved onto the overall mean (mil.bag_center)."""
     total, sq, n = 0.0, 0.0, 0
+    if center:
+        overall = sum(np.asarray(b, dtype=np.float64).sum(0) for b in bags) / sum(len(b) for b in bags)
     for bag in bags:
         b = np.asarray(bag, dtype=np.float64)
+        if center:
+            b = b - b.mean(0) + overall
         total = total + b.sum(0)
         sq = sq + np.square(b).sum(0)
         n += len(b)
@@ -292,7 +298,8 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
                         n_out=target.n_out)
     if not target.binary and not survival:
         model.task_loss = target.bag_loss()
-    model.set_feature_stats(*feature_stats(train_bags))
+    model.set_feature_stats(*feature_stats(train_bags, center=settings.bag_center))
+    model.bag_center.fill_(float(settings.bag_center))
     model = model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     batch = max(1, min(target.survival_batch, len(train_bags))) if survival else 1
