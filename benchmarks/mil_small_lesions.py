@@ -7,6 +7,10 @@ the fold's test slides, and reports the out-of-fold (pooled) slide AUC with its 
 95 % CI per model and variant. A variant is a set of ``mil:`` overrides, e.g.
 ``--variant base= --variant topk='{"topk_weight": 0.5}'`` (JSON; empty = the config's settings).
 ``--permute`` shuffles the labels within the training/validation slides of every fold (the null).
+``--thin-lesions ANNOTATIONS_DIR:N`` makes a small-lesion proxy from a large-lesion run: each
+positive slide keeps at most N of its tiles that overlap its lesion polygons (geojson, level-0
+px; seeded random choice) and all its lesion-free tiles (a quick stand-in while a small-lesion
+cohort's features are not there; the issue's figures are on a real small-lesion cohort).
 
     flock /work/wt/heavy.lock nice python benchmarks/mil_small_lesions.py --outdir runs/demo16 \
         --models mean max abmil --variant base= --variant aug='{"tile_dropout": 0.5}' --jobs 2
@@ -65,12 +69,37 @@ def _job(args: tuple) -> dict:
             "epochs_run": len(result.history), "seconds": time.time() - t0}
 
 
-def _init(outdir: str, encoder: str | None) -> None:
+def thin_lesions(bags: dict, splits: pd.DataFrame, annotations: Path, keep: int, seed: int = 0) -> dict:
+    """Positive slides keep at most ``keep`` lesion-overlapping tiles (see the module doc)."""
+    import shapely
+    from shapely.geometry import box, shape
+
+    positive = set(splits.loc[splits["y"] == 1, "slide_id"])
+    out = {}
+    for sid, bag in bags.items():
+        path = annotations / f"{sid}.geojson"
+        if sid not in positive or not path.exists():
+            out[sid] = bag
+            continue
+        lesion = shapely.union_all([shape(f["geometry"]) for f in json.loads(path.read_text())["features"]])
+        c = bag.coords
+        hit = np.array([lesion.intersects(box(x, y, x + s, y + s)) for x, y, s in zip(c["x"], c["y"], c["size0"])])
+        rng = np.random.default_rng([seed, int.from_bytes(sid.encode()[-4:], "little")])
+        chosen = rng.permutation(np.flatnonzero(hit))[:keep]
+        rows = np.sort(np.concatenate([np.flatnonzero(~hit), chosen]))
+        out[sid] = type(bag)(slide_id=sid, coords=c.iloc[rows].reset_index(drop=True), features=bag.features[rows])
+    return out
+
+
+def _init(outdir: str, encoder: str | None, thin: str | None = None) -> None:
     global _BAGS, _SPLITS
     _SPLITS = read_splits(Path(outdir) / "splits" / "splits.tsv")
     feat_root = Path(outdir) / "features"
     slug = feature_slug(encoder) if encoder else sorted(p.name for p in feat_root.iterdir() if p.is_dir())[0]
     _BAGS = load_bags(sorted((feat_root / slug).glob("*.parquet")))
+    if thin:
+        folder, _, n = thin.rpartition(":")
+        _BAGS = thin_lesions(_BAGS, _SPLITS, Path(folder), int(n))
 
 
 def summarise(rows: list[dict], n_boot: int = 1000) -> pd.DataFrame:
@@ -107,6 +136,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1])
     ap.add_argument("--folds", nargs="+", type=int, default=None)
     ap.add_argument("--permute", action="store_true", help="label-permutation null (train/val labels shuffled per fold)")
+    ap.add_argument("--thin-lesions", default=None, metavar="ANNOTATIONS_DIR:N")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -115,7 +145,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         name, _, js = spec.partition("=")
         variants.append((name, json.loads(js) if js.strip() else {}))
     base = json.loads(args.base)
-    _init(args.outdir, args.encoder)
+    _init(args.outdir, args.encoder, args.thin_lesions)
     folds = args.folds if args.folds is not None else sorted(_SPLITS["fold"].unique())
     jobs = [(v, o, m, f, s, base, args.permute) for v, o in variants for m in args.models for s in args.seeds for f in folds]
     t0 = time.time()
