@@ -321,3 +321,31 @@ def test_monitor_none_trains_every_epoch_and_keeps_the_last(data):
     assert result.history["val_loss"].notna().all()  # still reported for the curves
     again = fit("abmil", data["train"], data["train_y"], [], [], settings, 0, progress=False)
     np.testing.assert_array_equal(predict_proba(result.model, data["test"]), predict_proba(again.model, data["test"]))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bag_center_makes_every_model_blind_to_a_slide_wide_shift(name, data):
+    """mil.bag_center: a shift of every tile of a slide (stain drift, scanner) changes nothing."""
+    settings = quick_settings(name, epochs=2, bag_center=True)
+    model = fit(name, data["train"], data["train_y"], [], [], settings, 0, progress=False).model
+    bags = data["test"][:6]
+    shift = np.random.default_rng(0).normal(0, 3, DIM)
+    shifted = [(b.astype(np.float32) + shift).astype(np.float32) for b in bags]
+    clean = [b.astype(np.float32) for b in bags]
+    np.testing.assert_allclose(predict_proba(model, shifted), predict_proba(model, clean), atol=1e-4)
+    np.testing.assert_allclose(tile_scores(model, shifted[0])[1], tile_scores(model, clean[0])[1], atol=1e-4)
+
+
+def test_bag_center_survives_the_checkpoint_and_old_checkpoints_load_uncentred(data, tmp_path):
+    from histoflow.mil.train import save_checkpoint
+
+    settings = quick_settings("abmil", epochs=1, bag_center=True)
+    result = fit("abmil", data["train"], data["train_y"], [], [], settings, 0, progress=False)
+    save_checkpoint(tmp_path / "c.pt", result, "abmil", settings, {})
+    model, _ = load_checkpoint(tmp_path / "c.pt")
+    assert bool(model.bag_center)
+    np.testing.assert_allclose(predict_proba(model, data["test"][:4]), predict_proba(result.model, data["test"][:4]))
+    old = {k: v for k, v in result.model.state_dict().items() if k != "bag_center"}
+    fresh = build_model("abmil", DIM, DIM, 0.1)
+    fresh.load_state_dict(old)  # a checkpoint from before mil.bag_center: strict load still works
+    assert not bool(fresh.bag_center)
