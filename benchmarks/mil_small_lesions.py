@@ -128,7 +128,8 @@ def summarise(rows: list[dict], n_boot: int = 1000) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--outdir", required=True)
+    ap.add_argument("--outdir", default=os.environ.get("HISTOFLOW_MIL_BENCH_OUTDIR"),
+                    help="a finished run's outdir (default $HISTOFLOW_MIL_BENCH_OUTDIR; none: skipped, as in `make bench`)")
     ap.add_argument("--encoder", default=None, help="features slug source (default: the first features/ folder)")
     ap.add_argument("--models", nargs="+", default=["mean", "max", "abmil", "clam_sb", "transmil", "dsmil"])
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON of mil overrides (repeatable)")
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if not args.outdir or not (Path(args.outdir) / "splits" / "splits.tsv").exists():
+        print("mil_small_lesions: skipped (no --outdir with splits/splits.tsv and features/)")
+        return pd.DataFrame()
     variants = []
     for spec in args.variant or ["base="]:
         name, _, js = spec.partition("=")
