@@ -249,6 +249,7 @@ def test_demo_config_layers_on_the_main_config(cohort, repo_root):
     # the demo runs offline with no pretrained weights: its encoder is trained on its own tiles
     assert demo["features"]["encoders"] == ["ssl:resnet-tiny"]
     assert "abmil" in demo["mil"]["models"]    # gated attention MIL (Ilse et al.) is compared
+    assert demo["mil"]["bag_center"] is True   # lesion detection under stain drift (issue 23)
     from snakemake.utils import update_config
 
     merged = dict(main)

@@ -235,3 +235,117 @@ def test_train_fold_and_collect_write_complete_outputs(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 5000
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_test_slides"] == 14 and set(summary["auc_per_fold"]) == {"0", "1"}
+
+
+# ------------------------------------------------------------------ small-lesion training options (issue 23)
+
+def _spy_training_bags(monkeypatch, model: str) -> list[torch.Tensor]:
+    seen = []
+    original = MODELS[model].training_loss
+
+    def spy(self, x, y, w):
+        seen.append(x.detach().clone())
+        return original(self, x, y, w)
+
+    monkeypatch.setattr(MODELS[model], "training_loss", spy)
+    return seen
+
+
+def test_tile_dropout_drops_that_share_of_each_training_bag(data, monkeypatch):
+    seen = _spy_training_bags(monkeypatch, "mean")
+    fit("mean", data["train"], data["train_y"], [], [], quick_settings("mean", epochs=2, tile_dropout=0.5), 0, progress=False)
+    sizes = {len(b) for b in data["train"]}
+    kept = sum(len(x) for x in seen) / (2 * sum(len(b) for b in data["train"]))
+    assert 0.4 < kept < 0.6 and not {len(x) for x in seen} <= sizes  # about half the tiles, bags not whole
+
+
+def test_feature_noise_perturbs_training_tiles_by_that_many_feature_sds(data, monkeypatch):
+    seen = _spy_training_bags(monkeypatch, "mean")
+    bags = [b[:50 + 10 * i] for i, b in enumerate(data["train"][:4])]  # one length each: the spy matches by length
+    fit("mean", bags, data["train_y"][:4], [], [], quick_settings("mean", epochs=1, feature_noise=0.5), 0, progress=False)
+    by_size = {len(b): torch.as_tensor(b.astype(np.float32)) for b in bags}
+    diffs = torch.cat([(x - by_size[len(x)]).flatten() for x in seen])
+    # the synthetic features have SD ~1, so the added noise has SD ~0.5
+    assert 0.4 < float(diffs.std()) < 0.6
+
+
+def test_augmentation_is_training_only_and_deterministic(data):
+    settings = quick_settings("abmil", epochs=2, tile_dropout=0.3, feature_noise=0.2)
+    a, b = (fit("abmil", data["train"], data["train_y"], [], [], settings, 5, progress=False) for _ in range(2))
+    pa_, pb = predict_proba(a.model, data["test"]), predict_proba(b.model, data["test"])
+    np.testing.assert_array_equal(pa_, pb)
+    np.testing.assert_array_equal(pa_, predict_proba(a.model, data["test"]))  # inference sees the full, clean bag
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_instance_logits_are_one_per_tile_on_the_slide_scale(name):
+    torch.manual_seed(0)
+    model = build_model(name, DIM, 32, 0.0, {"attention": "full", "heads": 4} if name == "transmil" else None).eval()
+    x = torch.randn(37, DIM)
+    with torch.no_grad():
+        logits = model.instance_logits(x)
+    assert logits.shape == (37,) and torch.isfinite(logits).all()
+    if name in ("mean", "abmil", "clam_sb"):  # a linear slide head: the slide logit is a weighted mean of these
+        assert float(logits.min()) - 1e-5 <= float(model(x).detach()) <= float(logits.max()) + 1e-5
+    if name == "max":
+        assert float(model(x).detach()) == pytest.approx(float(logits.max()), abs=1e-6)
+    multi = build_model(name, DIM, 32, 0.0, {"attention": "full", "heads": 4} if name == "transmil" else None, n_out=3).eval()
+    assert multi.instance_logits(x).shape == (37, 3)
+
+
+def test_topk_instance_loss_is_the_task_loss_of_the_k_largest_instance_logits():
+    from histoflow.mil.train import topk_instance_loss
+
+    model = MODELS["max"](DIM, 16, 0.0).eval()
+    x = torch.randn(20, DIM)
+    top3 = torch.topk(model.instance_logits(x), 3).values.mean()
+    for y in (0.0, 1.0):
+        expect = torch.nn.functional.binary_cross_entropy_with_logits(top3, torch.tensor(y))
+        torch.testing.assert_close(topk_instance_loss(model, x, torch.tensor(y), 3), expect)
+    assert torch.isfinite(topk_instance_loss(model, x[:2], torch.tensor(1.0), 3))  # k > n tiles: all tiles
+
+
+def test_topk_weight_adds_the_instance_loss_to_training(data):
+    """With the same seed, the first epoch's training loss grows by topk_weight x the instance loss."""
+    def first_loss(weight):
+        s = quick_settings("abmil", epochs=1, lr=1e-9, dropout=0.0, topk_weight=weight)
+        return fit("abmil", data["train"], data["train_y"], [], [], s, 0, progress=False).history["train_loss"][0]
+    base, with_topk = first_loss(0.0), first_loss(1.0)
+    assert with_topk > base + 0.1  # a positive BCE per bag (and class weights of ~1)
+
+
+def test_monitor_none_trains_every_epoch_and_keeps_the_last(data):
+    settings = quick_settings("abmil", epochs=12, lr=5e-2, patience=2, min_epochs=1, monitor="none")
+    result = fit("abmil", data["train"], data["train_y"], data["val"], data["val_y"], settings, 0, progress=False)
+    assert len(result.history) == 12 and result.best_epoch == 12
+    assert result.history["val_loss"].notna().all()  # still reported for the curves
+    again = fit("abmil", data["train"], data["train_y"], [], [], settings, 0, progress=False)
+    np.testing.assert_array_equal(predict_proba(result.model, data["test"]), predict_proba(again.model, data["test"]))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bag_center_makes_every_model_blind_to_a_slide_wide_shift(name, data):
+    """mil.bag_center: a shift of every tile of a slide (stain drift, scanner) changes nothing."""
+    settings = quick_settings(name, epochs=2, bag_center=True)
+    model = fit(name, data["train"], data["train_y"], [], [], settings, 0, progress=False).model
+    bags = data["test"][:6]
+    shift = np.random.default_rng(0).normal(0, 3, DIM)
+    shifted = [(b.astype(np.float32) + shift).astype(np.float32) for b in bags]
+    clean = [b.astype(np.float32) for b in bags]
+    np.testing.assert_allclose(predict_proba(model, shifted), predict_proba(model, clean), atol=1e-4)
+    np.testing.assert_allclose(tile_scores(model, shifted[0])[1], tile_scores(model, clean[0])[1], atol=1e-4)
+
+
+def test_bag_center_survives_the_checkpoint_and_old_checkpoints_load_uncentred(data, tmp_path):
+    from histoflow.mil.train import save_checkpoint
+
+    settings = quick_settings("abmil", epochs=1, bag_center=True)
+    result = fit("abmil", data["train"], data["train_y"], [], [], settings, 0, progress=False)
+    save_checkpoint(tmp_path / "c.pt", result, "abmil", settings, {})
+    model, _ = load_checkpoint(tmp_path / "c.pt")
+    assert bool(model.bag_center)
+    np.testing.assert_allclose(predict_proba(model, data["test"][:4]), predict_proba(result.model, data["test"][:4]))
+    old = {k: v for k, v in result.model.state_dict().items() if k != "bag_center"}
+    fresh = build_model("abmil", DIM, DIM, 0.1)
+    fresh.load_state_dict(old)  # a checkpoint from before mil.bag_center: strict load still works
+    assert not bool(fresh.bag_center)

@@ -48,12 +48,22 @@ class MILModel(nn.Module):
         # differ in feature scale by orders of magnitude, standardising makes lr defaults portable
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
+        # 1: subtract each bag's own mean feature first (config mil.bag_center): a slide-wide
+        # shift (stain, scanner) moves every tile alike, a lesion moves only its tiles
+        self.register_buffer("bag_center", torch.zeros(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints and bundles written before mil.bag_center existed: not centred
+        state_dict.setdefault(prefix + "bag_center", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(self.bag_center) and x.shape[0]:
+            x = x - x.mean(0) + self.feature_mean  # the bag's mean moved onto the training tiles' mean
         return (x - self.feature_mean) / self.feature_std
 
     def embed_tiles(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +83,11 @@ class MILModel(nn.Module):
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Tile logits -> [0, 1]: sigmoid (one output), softmax over classes (multi-class)."""
         return torch.sigmoid(logits) if self.n_out == 1 else torch.softmax(logits, dim=-1)
+
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Per-tile logits on the slide logit's scale, [n] (multi-class: [n, classes]): what the
+        top-k instance loss (config ``mil.topk_weight``) trains; each model's own tile head."""
+        raise NotImplementedError
 
     def training_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The slide outputs the task loss is applied to (averaged); DSMIL has two streams."""
@@ -128,6 +143,10 @@ class AttentionPoolMIL(MILModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, a = self.embed(x)
         return self.head(self.classifier(a @ h))
+
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # the slide head is linear, so the slide logit is the attention-weighted mean of these
+        return self.head(self.classifier(self.embed_tiles(x)))
 
     def tile_scores(self, x: torch.Tensor) -> TileScores:
         h, a = self.embed(x)

@@ -47,6 +47,9 @@ class DSMIL(MILModel):
         bag = self.bag_classifier(attn @ self.value(h)).squeeze(-1)
         return inst, attn, bag
 
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.instance_classifier(self.embed_tiles(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inst, _, bag = self.streams(x)
         return 0.5 * (inst.max(dim=0).values + bag)

@@ -19,6 +19,9 @@ class MeanPoolMIL(MILModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.classifier(self.embed_tiles(x).mean(0)))
 
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.classifier(self.embed_tiles(x)))
+
     def tile_scores(self, x: torch.Tensor) -> TileScores:
         h = self.embed_tiles(x)
         n = h.shape[0]

@@ -57,11 +57,16 @@ class MILSettings:
     weight_decay: float
     patience: int
     min_epochs: int
-    monitor: str  # loss | auc (validation metric for early stopping)
+    monitor: str  # loss | auc (validation metric for early stopping) | none (train all epochs, keep the last)
     max_tiles_per_slide: int
     hidden_dim: int
     dropout: float
     balance: str  # weights | sampler
+    topk_weight: float  # weight of the top-k instance loss added to each bag's loss (0 = off)
+    topk: int  # tiles whose instance logits are averaged for the top-k instance loss
+    tile_dropout: float  # share of a training bag's tiles dropped at random each step
+    feature_noise: float  # SD of Gaussian noise added to training tiles, in units of each feature's SD
+    bag_center: bool  # subtract each bag's own mean feature before the model (training and inference)
     device: str
     gpu: int
     threads: int
@@ -86,8 +91,8 @@ class MILSettings:
                 raise InputError(f"config key 'mil.models': unknown model {name!r}; choose from {', '.join(MODELS)}")
         if self.balance not in ("weights", "sampler"):
             raise InputError(f"config key 'mil.balance': {self.balance!r} is not weights or sampler")
-        if self.monitor not in ("loss", "auc"):
-            raise InputError(f"config key 'mil.monitor': {self.monitor!r} is not loss or auc")
+        if self.monitor not in ("loss", "auc", "none"):
+            raise InputError(f"config key 'mil.monitor': {self.monitor!r} is not loss, auc or none")
 
     def model_options(self, name: str) -> dict[str, Any]:
         return dict(getattr(self, name, {}) or {})
@@ -173,11 +178,16 @@ def tile_scores(model: MILModel, bag: np.ndarray, device: torch.device | str = "
     return att / max(att.sum(), 1e-300), scores.instance_prob.double().clamp(0, 1).cpu().numpy()
 
 
-def feature_stats(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std over every tile of ``bags`` (streamed in float64)."""
+def feature_stats(bags: Sequence[np.ndarray], center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std over every tile of ``bags`` (streamed in float64); ``center``:
+    of the tiles after each bag's own mean is moved onto the overall mean (mil.bag_center)."""
     total, sq, n = 0.0, 0.0, 0
+    if center:
+        overall = sum(np.asarray(b, dtype=np.float64).sum(0) for b in bags) / sum(len(b) for b in bags)
     for bag in bags:
         b = np.asarray(bag, dtype=np.float64)
+        if center:
+            b = b - b.mean(0) + overall
         total = total + b.sum(0)
         sq = sq + np.square(b).sum(0)
         n += len(b)
@@ -212,6 +222,32 @@ def _validation(model: MILModel, target: Target, val_bags, val_y, device) -> tup
         return val_loss, T.harrell_c(val_y[:, 0], val_y[:, 1], out)
     val_loss = float(target.bag_loss()(torch.tensor(out), torch.tensor(val_y, dtype=torch.float64)))
     return val_loss, T.regression_metrics(val_y, out)["r2"]
+
+
+def topk_instance_loss(model: MILModel, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The task loss of the mean of the ``k`` largest instance logits (per class for
+    multi-class): a positive slide must hold k clearly positive tiles, a negative slide none.
+    An instance-level signal for attention models (mi-Net / DSMIL's max stream, CLAM's top-k),
+    which small lesions need: the bag loss alone is dominated by the 97-99 % benign tiles."""
+    logits = model.instance_logits(x)
+    top = torch.topk(logits, min(int(k), logits.shape[0]), dim=0).values.mean(0)
+    if model.n_out > 1:
+        return F.cross_entropy(top[None], y.reshape(1).long())
+    return F.binary_cross_entropy_with_logits(top, y)
+
+
+def augment_bag(bag: torch.Tensor, settings: "MILSettings", feature_std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Training-time bag augmentation: drop a random ``tile_dropout`` share of the tiles (at least
+    one is kept) and add Gaussian noise of ``feature_noise`` feature SDs (seeded generator)."""
+    if settings.tile_dropout > 0 and bag.shape[0] > 1:
+        keep = torch.rand(bag.shape[0], generator=gen) >= settings.tile_dropout
+        if not bool(keep.any()):
+            keep[torch.randint(bag.shape[0], (1,), generator=gen)] = True
+        bag = bag[keep.to(bag.device)]
+    if settings.feature_noise > 0:
+        noise = torch.randn(bag.shape, generator=gen).to(bag.device)
+        bag = bag + settings.feature_noise * feature_std.to(bag.device) * noise
+    return bag
 
 
 def _cox_informative(y: np.ndarray) -> bool:
@@ -262,7 +298,8 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
                         n_out=target.n_out)
     if not target.binary and not survival:
         model.task_loss = target.bag_loss()
-    model.set_feature_stats(*feature_stats(train_bags))
+    model.set_feature_stats(*feature_stats(train_bags, center=settings.bag_center))
+    model.bag_center.fill_(float(settings.bag_center))
     model = model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     batch = max(1, min(target.survival_batch, len(train_bags))) if survival else 1
@@ -295,7 +332,7 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
             if len(bag) > settings.max_tiles_per_slide:
                 pick = torch.randperm(len(bag), generator=gen)[: settings.max_tiles_per_slide].sort().values.numpy()
                 bag = np.asarray(bag)[pick]
-            return _as_tensor(bag, device)
+            return augment_bag(_as_tensor(bag, device), settings, model.feature_std, gen)
 
         if survival:
             order_list = order.tolist()
@@ -320,6 +357,8 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
                     y = torch.tensor(int(train_y[i]), device=device)
                 w = torch.tensor(float(class_weight[train_y[i]]) if class_weight is not None else 1.0, device=device)
                 loss, _ = model.training_loss(x, y, w)
+                if settings.topk_weight > 0 and target.type == "classification":
+                    loss = loss + settings.topk_weight * w * topk_instance_loss(model, x, y, settings.topk)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -330,7 +369,7 @@ def fit(model_name: str, train_bags: Sequence[np.ndarray], train_y: Sequence[int
             val_loss, val_auc = _validation(model, target, val_bags, val_y, device)
         rows.append((epoch, float(np.mean(losses)), val_loss, val_auc, optimiser.param_groups[0]["lr"]))
         epochs.set_postfix(train_loss=f"{rows[-1][1]:.3f}", val_loss=f"{val_loss:.3f}", val_auc=f"{val_auc:.3f}")
-        if not len(val_bags):
+        if not len(val_bags) or settings.monitor == "none":
             continue
         # lower is better; AUC ties (frequent on small validation sets) are broken by the loss
         use_auc = settings.monitor == "auc" and not np.isnan(val_auc)

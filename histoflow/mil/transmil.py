@@ -146,6 +146,11 @@ class TransMIL(MILModel):
         tokens, _ = self._encode(x)
         return self.head(self.classifier(tokens[0]))
 
+    def instance_logits(self, x: torch.Tensor) -> torch.Tensor:
+        # the slide classifier on each tile's output token (padding copies dropped)
+        tokens, _ = self._encode(x)
+        return self.head(self.classifier(tokens[1:x.shape[0] + 1]))
+
     def tile_scores(self, x: torch.Tensor) -> TileScores:
         n = x.shape[0]
         tokens, before_last = self._encode(x)
