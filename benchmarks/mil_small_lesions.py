@@ -12,7 +12,7 @@ positive slide keeps at most N of its tiles that overlap its lesion polygons (ge
 px; seeded random choice) and all its lesion-free tiles (a quick stand-in while a small-lesion
 cohort's features are not there; the issue's figures are on a real small-lesion cohort).
 
-    flock /work/wt/heavy.lock nice python benchmarks/mil_small_lesions.py --outdir runs/demo16 \
+    python benchmarks/mil_small_lesions.py --outdir results \
         --models mean max abmil --variant base= --variant aug='{"tile_dropout": 0.5}' --jobs 2
 
 Writes a TSV (one row per variant x model) to ``--out`` when given. Bounded memory: the bags of
