@@ -8,7 +8,7 @@ probabilities into the slide's features (the run's thresholds and mode bins), an
 classifier scores those. So the bundle holds both fold models of every fold:
 
 * ``fold{k}.skops``: the fold's fitted scikit-learn / scikit-survival pipeline (skops format:
-  loaded by :func:`load_estimator`, which refuses any type outside :data:`TRUSTED_MODULES` before
+  loaded by :func:`load_estimator`, which refuses any type outside :data:`TRUSTED_TYPES` before
   anything is built, so loading runs no pickle and no foreign code);
 * ``source_fold{k}.safetensors``: the fold's tile model (patch classifier: its safetensors file as
   written by histoflow.patch_classifier; MIL: the fold model's state dict);
@@ -38,9 +38,20 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-# The only modules whose types a slide-classifier file may hold (skops lists every other one as
-# untrusted; one outside these is refused before loading)
-TRUSTED_MODULES = ("sklearn.", "sksurv.", "numpy.", "scipy.")
+# The types beyond skops' own defaults (scikit-learn estimators, numpy arrays) that the
+# pipelines of histoflow.slide_classifier hold, listed exactly: a module prefix would also trust
+# e.g. numpy.save inside a FunctionTransformer. Anything else is refused before loading.
+TRUSTED_TYPES = frozenset({
+    "numpy.dtype",
+    "sklearn.tree._tree.Tree",
+    "sksurv.ensemble.boosting.GradientBoostingSurvivalAnalysis",
+    "sksurv.ensemble.forest.RandomSurvivalForest",
+    "sksurv.ensemble.survival_loss.CoxPH",
+    "sksurv.functions.StepFunction",
+    "sksurv.linear_model.coxph.BreslowEstimator",
+    "sksurv.linear_model.coxph.CoxPHSurvivalAnalysis",
+    "sksurv.tree.tree.SurvivalTree",
+})
 
 
 def dump_estimator(model, path: str | os.PathLike) -> None:
@@ -55,7 +66,7 @@ def dump_estimator(model, path: str | os.PathLike) -> None:
 
 def load_estimator(path: str | os.PathLike):
     """The pipeline of :func:`dump_estimator`; InputError, before anything is built, when the
-    file holds a type outside :data:`TRUSTED_MODULES` (a tampered or foreign file)."""
+    file holds a type outside :data:`TRUSTED_TYPES` (a tampered or foreign file)."""
     import skops.io as sio
 
     data = Path(path).read_bytes()
@@ -63,10 +74,10 @@ def load_estimator(path: str | os.PathLike):
         untrusted = sio.get_untrusted_types(data=data)
     except Exception as err:   # not a skops file (zip + schema): skops raises several types
         raise InputError(f"{str(path)!r} is not a skops model file ({err}); copy the bundle again") from None
-    refused = [t for t in untrusted if not t.startswith(TRUSTED_MODULES)]
+    refused = [t for t in untrusted if t not in TRUSTED_TYPES]
     if refused:
-        raise InputError(f"{str(path)!r} holds the untrusted type {refused[0]!r} (only scikit-learn, scikit-survival, "
-                         "numpy and scipy types are loaded); use a bundle written by histoflow")
+        raise InputError(f"{str(path)!r} holds the untrusted type {refused[0]!r} (only the estimator types of "
+                         "histoflow's slide classifiers are loaded); use a bundle written by histoflow")
     return sio.loads(data, trusted=untrusted)
 
 
@@ -162,7 +173,7 @@ def _checked(folder: Path, name: str, sha256: str) -> Path:
 def load_slide_classifier_bundle(path: str | os.PathLike) -> tuple[dict, list[tuple[Any, Any]]]:
     """(manifest, per fold: (tile model, slide pipeline)). Tile models: a PatchClassifier or a MIL
     model in eval mode; every file is checked against its sha256, the pipelines' types against
-    :data:`TRUSTED_MODULES`."""
+    :data:`TRUSTED_TYPES`."""
     from .bundle import read_manifest
 
     manifest = read_manifest(path)

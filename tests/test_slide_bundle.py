@@ -195,6 +195,21 @@ def test_a_skops_file_with_an_untrusted_type_is_refused(dev, tmp_path):
         load_slide_classifier_bundle(out)
 
 
+def test_a_function_of_a_trusted_package_is_refused_too(tmp_path):
+    """numpy.save in a FunctionTransformer: a type from numpy, yet no estimator histoflow writes."""
+    import skops.io as sio
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from histoflow.slide_bundle import load_estimator
+
+    evil = make_pipeline(FunctionTransformer(func=np.save, kw_args={"arr": np.zeros(1)}), LogisticRegression())
+    (tmp_path / "fold0.skops").write_bytes(sio.dumps(evil))
+    with pytest.raises(InputError, match="untrusted type 'numpy.save'"):
+        load_estimator(tmp_path / "fold0.skops")
+
+
 def test_a_tampered_slide_classifier_file_is_refused(dev, tmp_path):
     from histoflow.slide_bundle import load_slide_classifier_bundle
 
