@@ -249,7 +249,8 @@ def test_demo_config_layers_on_the_main_config(cohort, repo_root):
     # the demo runs offline with no pretrained weights: its encoder is trained on its own tiles
     assert demo["features"]["encoders"] == ["ssl:resnet-tiny"]
     assert "abmil" in demo["mil"]["models"]    # gated attention MIL (Ilse et al.) is compared
-    assert demo["mil"]["bag_center"] is True   # lesion detection under stain drift (issue 23)
+    # explored on this cohort's own test folds (docs/mil.md): not a setting the demo may report
+    assert "bag_center" not in demo["mil"]
     from snakemake.utils import update_config
 
     merged = dict(main)
