@@ -73,13 +73,17 @@ def patient_hash(patient_id: Any, salt: bytes) -> str:
     return "pt_" + hmac.new(salt, str(patient_id).encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def file_name_of(cell: str) -> str | None:
+def file_name_of(cell: str, slide_id: str | None = None) -> str | None:
     """The file name of a sheet cell (a path or a URL's path), when it looks like one (a dot,
-    4+ characters): slide file names often carry a case or patient id (TCGA-AB-1234-01Z.svs)."""
+    4+ characters): slide file names often carry a case or patient id (TCGA-AB-1234-01Z.svs).
+    None when the name is the row's ``slide_id`` plus an extension: it tells nothing the slide id
+    (exported anyway) does not, and the workflow's own outputs are named so (tissue/<id>.geojson)."""
     from urllib.parse import urlsplit
 
     path = urlsplit(cell).path if "://" in cell else cell
     name = os.path.basename(path.rstrip("/"))
+    if slide_id and name.split(".", 1)[0] == str(slide_id):
+        return None
     return name if len(name) >= 4 and "." in name.strip(".") else None
 
 
@@ -164,8 +168,9 @@ class Exporter:
                             literal[host] = "<host>"
             tokens = [(re.compile(re.escape(k)), v) for k, v in sorted(literal.items(), key=lambda kv: -len(kv[0]))]
             # a source's file name alone ("x.svs" of "slides/x.svs"), as a whole token
-            names = {file_name_of(str(v)): f"<{col}>" for col in ("source", "annotations")
-                     for v in sheet.get(col, pd.Series(dtype=str)).astype(str) if v}
+            ids = sheet["slide_id"].astype(str) if "slide_id" in sheet else pd.Series([None] * len(sheet))
+            names = {file_name_of(str(v), sid): f"<{col}>" for col in ("source", "annotations")
+                     for v, sid in zip(sheet.get(col, pd.Series([""] * len(sheet))).astype(str), ids) if v}
             names.pop(None, None)
             tokens += [(re.compile(rf"(?<![A-Za-z0-9_.-]){re.escape(k)}(?![A-Za-z0-9_-])"), v)
                        for k, v in sorted(names.items(), key=lambda kv: -len(kv[0]))]

@@ -94,13 +94,16 @@ def redactions(config: dict, base: Path | None = None) -> list[tuple[str, str]]:
                 pairs.setdefault(v, "{" + key + "}/" if v.endswith("/") and not value.endswith("/") else "{" + key + "}")
         if key in SHEET_KEYS and os.path.isfile(value):
             sheet = pd.read_csv(value, sep=None, engine="python", dtype=str, keep_default_na=False)
+            ids = sheet["slide_id"] if "slide_id" in sheet else pd.Series([None] * len(sheet), index=sheet.index)
             for column in sheet.columns.intersection(PATH_COLUMNS):
-                for cell in filter(None, sheet[column]):
+                for cell, slide_id in zip(sheet[column], ids):
+                    if not cell:
+                        continue
                     for v in _variants(cell, Path(value).resolve().parent):
                         if v.endswith("/") and not cell.endswith("/"):
                             continue      # a bare file name: as a whole token (below)
                         pairs.setdefault(v, "{" + column + "}")
-                    name = file_name_of(cell)
+                    name = file_name_of(cell, slide_id)
                     if name:
                         names.setdefault(name, "{" + column + "}")
     outdir = str(config.get("outdir") or "")

@@ -81,6 +81,22 @@ def test_a_sources_file_name_alone_is_redacted_as_a_whole_token(tmp_path, monkey
     assert "TCGA-AB-1234" not in exporter.value(f"slide {name} read"), exporter.value(f"slide {name} read")
 
 
+def test_a_file_named_after_its_slide_id_leaves_the_outputs_alone(tmp_path, monkeypatch):
+    """annotations/demo_001.geojson names nothing beyond the slide id (exported anyway): the
+    workflow's own tissue/demo_001.geojson must not turn into {outdir}/tissue/{annotations}."""
+    from histoflow.privacy import Exporter
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples.tsv").write_text("slide_id\tpatient_id\tlabel\tsource\tannotations\n"
+                                          "demo_001\tP1\ta\tslides/demo_001.tiff\tannotations/demo_001.geojson\n")
+    page = "results/tissue/demo_001.geojson results/lesions/mil-abmil/demo_001.geojson read slides/demo_001.tiff"
+    text = redact_text(page, redactions({"outdir": "results", "samples": "samples.tsv"}))
+    assert text == ("{outdir}/tissue/demo_001.geojson {outdir}/lesions/mil-abmil/demo_001.geojson "
+                    "read {source}"), text
+    exporter = Exporter(tmp_path / "results", {"privacy": {"export": "deidentified"}}, tmp_path / "samples.tsv")
+    assert "tissue/demo_001.geojson" in exporter.value("tissue/demo_001.geojson")
+
+
 def test_redactions_cover_outdir_sheet_sources_and_urls(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "slides").mkdir()
