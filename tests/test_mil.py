@@ -336,6 +336,19 @@ def test_bag_center_makes_every_model_blind_to_a_slide_wide_shift(name, data):
     np.testing.assert_allclose(tile_scores(model, shifted[0])[1], tile_scores(model, clean[0])[1], atol=1e-4)
 
 
+def test_bag_center_standardises_by_the_within_slide_spread(data):
+    """With mil.bag_center the features are scaled by the spread of tiles around their own
+    slide's mean: slide-wide shifts of SD 10 must not inflate the scale (without centring they do)."""
+    rng = np.random.default_rng(3)
+    bags = [(b.astype(np.float64) + rng.normal(0, 10, DIM)).astype(np.float32) for b in data["train"]]
+    within = np.sqrt(np.mean(np.concatenate([np.square(b - b.mean(0)) for b in bags]), axis=0))
+    centred = fit("mean", bags, data["train_y"], [], [], quick_settings("mean", epochs=1, bag_center=True), 0,
+                  progress=False).model
+    np.testing.assert_allclose(centred.feature_std.numpy(), within, rtol=1e-3)
+    plain = fit("mean", bags, data["train_y"], [], [], quick_settings("mean", epochs=1), 0, progress=False).model
+    assert float(plain.feature_std.mean()) > 3 * float(within.mean())
+
+
 def test_bag_center_survives_the_checkpoint_and_old_checkpoints_load_uncentred(data, tmp_path):
     from histoflow.mil.train import save_checkpoint
 
