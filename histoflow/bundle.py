@@ -209,15 +209,7 @@ def write_mil_bundle(model_name: str, checkpoint_paths: Sequence[str], predictio
         if "y_mean" in payload:   # regression: the fold model outputs (value - y_mean) / y_std
             entry.update(y_mean=float(payload["y_mean"]), y_std=float(payload["y_std"]))
         folds.append(entry)
-    cfg = MetricsSettings.from_config(metrics_settings, seed)
-    task = task_of(target)
-    if task.binary:
-        per_fold, pooled = choose_thresholds(load_predictions(list(prediction_paths)), cfg)
-        pooled = {**pooled, "method": cfg.threshold_method,
-                  "note": "the ensemble's operating point: chosen on the development run's validation "
-                          "predictions of all folds pooled (or fixed); never on predicted slides"}
-    else:
-        pooled, per_fold = _operating_point(task, prediction_paths, metrics_settings, seed)
+    task, pooled, per_fold = bundle_operating_point(target, prediction_paths, metrics_settings, seed)
     manifest = {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "histoflow_version": __version__,
         "model": model_name, "kind": "mil", "architecture": arch,
@@ -532,3 +524,20 @@ def predict_slides(bundle_json: str, slide_ids: Sequence[str], feature_paths: Se
                           heatmap_settings or {}, target=task.kind if manifest.get("kind") == "mil" else "binary")
     log.info("%s: %d slides predicted (%d skipped)", manifest["model"], len(ids), int((table["status"] != "ok").sum()))
     return table
+
+
+def bundle_operating_point(target: dict, prediction_paths, metrics_settings: dict | None, seed: int):
+    """(task, pooled, per_fold): a bundle's operating point from the development run's
+    validation predictions (binary: thresholds; other tasks: :func:`_operating_point`)."""
+    from .metrics import MetricsSettings, choose_thresholds, load_predictions
+
+    task = task_of(target)
+    if task.binary:
+        cfg = MetricsSettings.from_config(metrics_settings, seed)
+        per_fold, pooled = choose_thresholds(load_predictions(list(prediction_paths)), cfg)
+        pooled = {**pooled, "method": cfg.threshold_method,
+                  "note": "the ensemble's operating point: chosen on the development run's validation "
+                          "predictions of all folds pooled (or fixed); never on predicted slides"}
+    else:
+        pooled, per_fold = _operating_point(task, prediction_paths, metrics_settings, seed)
+    return task, pooled, per_fold

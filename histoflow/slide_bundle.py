@@ -97,10 +97,9 @@ def write_slide_classifier_bundle(model_name: str, classifier: str, source: str,
     import pyarrow.parquet as pq
 
     from . import __version__
-    from .bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, _encoder_weights, _operating_point, _stain_reference,
-                         sha256_of, task_of)
+    from .bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, _encoder_weights, _stain_reference, bundle_operating_point,
+                         sha256_of)
     from .io import atomic_path, read_json, write_json
-    from .metrics import MetricsSettings, choose_thresholds, load_predictions
     from .slide_classifier import feature_columns
     from .slide_features import SlideFeatureSettings
 
@@ -126,15 +125,7 @@ def write_slide_classifier_bundle(model_name: str, classifier: str, source: str,
             entries[role], entries[role.replace("weights", "sha256")] = name, sha256_of(out_dir / name)
         folds.append({"fold": fold, **entries})
     columns = feature_columns(pq.read_schema(features_table).empty_table().to_pandas())
-    cfg = MetricsSettings.from_config(metrics_settings, seed)
-    task = task_of(target)
-    if task.binary:
-        per_fold, pooled = choose_thresholds(load_predictions(list(prediction_paths)), cfg)
-        pooled = {**pooled, "method": cfg.threshold_method,
-                  "note": "the ensemble's operating point: chosen on the development run's validation "
-                          "predictions of all folds pooled (or fixed); never on predicted slides"}
-    else:
-        pooled, per_fold = _operating_point(task, prediction_paths, metrics_settings, seed)
+    task, pooled, per_fold = bundle_operating_point(target, prediction_paths, metrics_settings, seed)
     sf = SlideFeatureSettings.from_config(slide_feature_settings)
     manifest = {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "histoflow_version": __version__,
