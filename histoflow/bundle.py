@@ -186,7 +186,6 @@ def write_mil_bundle(model_name: str, checkpoint_paths: Sequence[str], predictio
 
     from . import __version__
     from .io import atomic_path, read_json, write_json
-    from .metrics import MetricsSettings, choose_thresholds, load_predictions
 
     out_dir = Path(out_json).parent
     out_dir.mkdir(parents=True, exist_ok=True)
